@@ -1,0 +1,46 @@
+"""Caching for diffusion transformers, with state that belongs to the request.
+
+``CacheEngine(transformer)`` installs its dispatchers once; ``with engine.session(config):`` runs one
+generation under that config. The reference API (``apply_*``, ``enable_cache``, ``disable_cache``,
+``cache_context``) is provided for code written against diffusers' caching hooks.
+"""
+
+from .engine import CacheEngine, engine_of
+from .errors import UnsupportedMethodError
+from .faster_cache import FasterCacheConfig
+from .first_block_cache import FirstBlockCacheConfig
+from .methods import METHOD_NAMES, CacheConfig, method_name
+from .pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
+from .reference_api import (
+    apply_faster_cache,
+    apply_first_block_cache,
+    apply_pyramid_attention_broadcast,
+    apply_taylorseer_cache,
+    cache_context,
+    disable_cache,
+    enable_cache,
+)
+from .session import CacheSession, SessionStats
+from .taylorseer_cache import TaylorSeerCacheConfig
+
+__all__ = [
+    "METHOD_NAMES",
+    "CacheConfig",
+    "CacheEngine",
+    "CacheSession",
+    "FasterCacheConfig",
+    "FirstBlockCacheConfig",
+    "PyramidAttentionBroadcastConfig",
+    "SessionStats",
+    "TaylorSeerCacheConfig",
+    "UnsupportedMethodError",
+    "apply_faster_cache",
+    "apply_first_block_cache",
+    "apply_pyramid_attention_broadcast",
+    "apply_taylorseer_cache",
+    "cache_context",
+    "disable_cache",
+    "enable_cache",
+    "engine_of",
+    "method_name",
+]

@@ -1,0 +1,61 @@
+"""Checks shared by the method configs; each raises ValueError naming the offending field."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+
+def positive_int(name: str, value: Any, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def non_negative_int(name: str, value: Any, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def number(name: str, value: Any, *, minimum: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def timestep_range(name: str, value: Any) -> tuple[float, float]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a (low, high) pair, got {value!r}")
+    low, high = value
+    for bound in (low, high):
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+            raise ValueError(f"{name} bounds must be numbers, got {value!r}")
+    if low > high:
+        raise ValueError(f"{name} must have low <= high, got {value!r}")
+    return (low, high)
+
+
+def patterns(name: str, value: Any, *, optional: bool = False) -> tuple[str, ...] | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be a list of regular expressions, got {value!r}")
+    result = tuple(value)
+    for pattern in result:
+        if not isinstance(pattern, str):
+            raise ValueError(f"{name} must contain strings, got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"{name} has an invalid regular expression {pattern!r}: {error}") from None
+    return result
+
+
+def callback(name: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise ValueError(f"{name} must be callable or None, got {value!r}")

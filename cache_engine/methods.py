@@ -1,0 +1,58 @@
+"""The method registry: which config class is which method, and how to plan it on a model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Union
+
+from . import faster_cache, first_block_cache, pyramid_attention_broadcast, taylorseer_cache
+from .faster_cache import FasterCacheConfig
+from .first_block_cache import FirstBlockCacheConfig
+from .pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
+from .session import Plan
+from .targets import ModelLayout
+from .taylorseer_cache import TaylorSeerCacheConfig
+
+CacheConfig = Union[  # noqa: UP007 (a runtime alias used in isinstance-free annotations)
+    PyramidAttentionBroadcastConfig, FasterCacheConfig, FirstBlockCacheConfig, TaylorSeerCacheConfig
+]
+
+_PLANNERS: dict[type, tuple[str, Callable[[Any, ModelLayout], Plan]]] = {
+    PyramidAttentionBroadcastConfig: (pyramid_attention_broadcast.NAME, pyramid_attention_broadcast.plan),
+    FasterCacheConfig: (faster_cache.NAME, faster_cache.plan),
+    FirstBlockCacheConfig: (first_block_cache.NAME, first_block_cache.plan),
+    TaylorSeerCacheConfig: (taylorseer_cache.NAME, taylorseer_cache.plan),
+}
+
+METHOD_NAMES: tuple[str, ...] = tuple(name for name, _ in _PLANNERS.values())
+CONFIG_CLASSES: dict[str, type] = {name: cls for cls, (name, _) in _PLANNERS.items()}
+
+
+def method_name(config: object) -> str:
+    entry = _PLANNERS.get(type(config))
+    if entry is None:
+        raise ValueError(
+            f"unknown cache config {type(config).__name__}; expected one of {list(METHOD_NAMES)}"
+        )
+    return entry[0]
+
+
+def plan_for(config: object, layout: ModelLayout) -> Plan:
+    entry = _PLANNERS.get(type(config))
+    if entry is None:
+        raise ValueError(
+            f"unknown cache config {type(config).__name__}; expected one of {list(METHOD_NAMES)}"
+        )
+    return entry[1](config, layout)
+
+
+def supported_methods(layout: ModelLayout) -> tuple[str, ...]:
+    """The methods whose default config plans something on this model."""
+    supported = []
+    for config_class, (name, planner) in _PLANNERS.items():
+        try:
+            planner(config_class(), layout)
+        except ValueError:
+            continue
+        supported.append(name)
+    return tuple(supported)

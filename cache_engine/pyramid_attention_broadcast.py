@@ -1,0 +1,149 @@
+"""Pyramid Attention Broadcast: reuse an attention module's output for a few calls in a timestep range.
+
+Departure from the reference: its state is kept per branch. The reference keeps one state per
+attention module, so when a pipeline makes the cond and uncond passes as separate calls, the uncond
+pass is served the cond pass's attention output. Here each pass reuses only its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from . import _validation as check
+from .errors import UnsupportedMethodError
+from .session import Handler, ModuleCall, Plan
+from .targets import AttentionSite, ModelLayout
+
+NAME = "pyramid_attention_broadcast"
+logger = logging.getLogger(__name__)
+
+_DEFAULT_SKIP_RANGE = 2
+
+
+@dataclass(frozen=True)
+class PyramidAttentionBroadcastConfig:
+    spatial_attention_block_skip_range: int | None = None
+    temporal_attention_block_skip_range: int | None = None
+    cross_attention_block_skip_range: int | None = None
+    spatial_attention_timestep_skip_range: tuple[float, float] = (100, 800)
+    temporal_attention_timestep_skip_range: tuple[float, float] = (100, 800)
+    cross_attention_timestep_skip_range: tuple[float, float] = (100, 800)
+    spatial_attention_block_identifiers: tuple[str, ...] = (
+        "blocks",
+        "transformer_blocks",
+        "single_transformer_blocks",
+        "layers",
+    )
+    temporal_attention_block_identifiers: tuple[str, ...] = ("temporal_transformer_blocks",)
+    cross_attention_block_identifiers: tuple[str, ...] = ("blocks", "transformer_blocks", "layers")
+    # Accepted for API compatibility; without it the timestep is read from the denoiser's arguments.
+    current_timestep_callback: Callable[[], Any] | None = None
+
+    def __post_init__(self) -> None:
+        for kind in ("spatial", "temporal", "cross"):
+            check.positive_int(
+                f"{kind}_attention_block_skip_range",
+                getattr(self, f"{kind}_attention_block_skip_range"),
+                optional=True,
+            )
+            field = f"{kind}_attention_timestep_skip_range"
+            object.__setattr__(self, field, check.timestep_range(field, getattr(self, field)))
+            field = f"{kind}_attention_block_identifiers"
+            object.__setattr__(self, field, check.patterns(field, getattr(self, field)))
+        check.callback("current_timestep_callback", self.current_timestep_callback)
+
+
+class _State:
+    __slots__ = ("cache", "iteration")
+
+    def __init__(self) -> None:
+        self.iteration = 0
+        self.cache: Any = None
+
+
+class _BroadcastHandler:
+    def __init__(
+        self, block_skip_range: int, timestep_skip_range: tuple[float, float], timestep: Callable[..., Any]
+    ):
+        self.block_skip_range = block_skip_range
+        self.low, self.high = timestep_skip_range
+        self.timestep = timestep
+
+    def __call__(self, call: ModuleCall) -> Any:
+        state = call.session.state(self, _State)
+        timestep = self.timestep(call)
+        in_range = timestep is not None and self.low < timestep < self.high
+        if (
+            state.cache is None
+            or state.iteration == 0
+            or not in_range
+            or state.iteration % self.block_skip_range == 0
+        ):
+            output = call.run()
+        else:
+            output = state.cache
+        state.cache = output
+        state.iteration += 1
+        return output
+
+
+def _matches(identifiers: tuple[str, ...], name: str) -> bool:
+    return any(re.search(identifier, name) is not None for identifier in identifiers)
+
+
+def _classify(
+    config: PyramidAttentionBroadcastConfig, spatial_range: int | None, site: AttentionSite
+) -> tuple[int, tuple[float, float]] | None:
+    is_cross = site.kind == "cross"
+    if (
+        not is_cross
+        and spatial_range is not None
+        and _matches(config.spatial_attention_block_identifiers, site.name)
+    ):
+        return spatial_range, config.spatial_attention_timestep_skip_range
+    if (
+        not is_cross
+        and config.temporal_attention_block_skip_range is not None
+        and _matches(config.temporal_attention_block_identifiers, site.name)
+    ):
+        return config.temporal_attention_block_skip_range, config.temporal_attention_timestep_skip_range
+    if (
+        is_cross
+        and config.cross_attention_block_skip_range is not None
+        and _matches(config.cross_attention_block_identifiers, site.name)
+    ):
+        return config.cross_attention_block_skip_range, config.cross_attention_timestep_skip_range
+    return None
+
+
+def timestep_reader(callback: Callable[[], Any] | None) -> Callable[[ModuleCall], Any]:
+    if callback is None:
+        return lambda call: call.session.current_timestep
+    return lambda call: callback()
+
+
+def plan(config: PyramidAttentionBroadcastConfig, layout: ModelLayout) -> Plan:
+    spatial_range = config.spatial_attention_block_skip_range
+    if (
+        spatial_range is None
+        and config.temporal_attention_block_skip_range is None
+        and config.cross_attention_block_skip_range is None
+    ):
+        # The reference falls back to this too, rather than doing nothing.
+        logger.info("no attention skip range set; using spatial_attention_block_skip_range=2")
+        spatial_range = _DEFAULT_SKIP_RANGE
+    timestep = timestep_reader(config.current_timestep_callback)
+    handlers: dict[nn.Module, Handler] = {}
+    for site in layout.attention:
+        found = _classify(config, spatial_range, site)
+        if found is not None:
+            handlers[site.module] = _BroadcastHandler(found[0], found[1], timestep)
+    if not handlers:
+        raise UnsupportedMethodError(NAME, layout, "no attention module matches the configured identifiers")
+    return Plan(method=NAME, handlers=handlers)

@@ -1,0 +1,281 @@
+"""Session: everything one request's caching needs, owned by that request alone.
+
+A :class:`CacheSession` holds the request's policy (a plan of handlers), its state keyed by
+``(owner, branch)``, its counters and its stats. It is bound through a ``ContextVar``, so each
+thread or task sees only its own session; with none bound, every dispatcher is a pass-through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from torch import nn
+
+from .targets import ModelLayout
+
+DEFAULT_BRANCH = "default"
+
+_ACTIVE_SESSION: ContextVar[CacheSession | None] = ContextVar("cache_engine_session", default=None)
+_BRANCH: ContextVar[str | None] = ContextVar("cache_engine_branch", default=None)
+
+S = TypeVar("S")
+
+
+class Role(enum.Enum):
+    DENOISER = "denoiser"
+    BLOCK = "block"
+    ATTENTION = "attention"
+    OTHER = "other"
+
+
+class ModuleCall:
+    """One intercepted forward call, handed to a method's handler."""
+
+    __slots__ = ("args", "computed", "forward", "kwargs", "module", "session")
+
+    def __init__(
+        self,
+        session: CacheSession,
+        module: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.session = session
+        self.module = module
+        self.forward = forward
+        self.args = args
+        self.kwargs = kwargs
+        self.computed = False
+
+    def compute(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the real forward with the given arguments (the handler may have changed them)."""
+        self.computed = True
+        return self.forward(*args, **kwargs)
+
+    def run(self) -> Any:
+        """Run the real forward with the call's own arguments."""
+        return self.compute(*self.args, **self.kwargs)
+
+
+class Handler(Protocol):
+    def __call__(self, call: ModuleCall) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one method does on one model: a handler per module it acts on."""
+
+    method: str | None
+    handlers: Mapping[nn.Module, Handler]
+
+    @classmethod
+    def empty(cls) -> Plan:
+        return cls(method=None, handlers={})
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    """What the cache did during one session. Counted per denoiser call (two per step with separate CFG).
+
+    ``*_computed`` are real executions of the module's forward; ``*_reused`` are the executions the
+    uncached model would have made that the cache replaced. ``steps_cached`` counts denoiser calls in
+    which anything was reused.
+    """
+
+    method: str | None
+    denoiser_calls: int
+    steps_computed: int
+    steps_cached: int
+    blocks_computed: int
+    blocks_reused: int
+    attention_computed: int
+    attention_reused: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class CacheSession:
+    """One request's caching: its plan, its state, its counters."""
+
+    def __init__(
+        self,
+        owner: object,
+        layout: ModelLayout,
+        plan: Plan,
+        config: object | None,
+        request_id: str | None = None,
+    ) -> None:
+        self.owner = owner
+        self.layout = layout
+        self.plan = plan
+        self.config = config
+        self.request_id = request_id
+        self._handlers = plan.handlers
+        self._state: dict[tuple[object, str], Any] = {}
+        self._raw_timestep: Any = None
+        self._timestep: float | None = None
+        self._timestep_ready = False
+        self._in_call_reuse = False
+        self._denoiser_calls = 0
+        self._calls_with_reuse = 0
+        self._blocks_computed = 0
+        self._attention_computed = 0
+        self._closed = False
+
+    # -- state ------------------------------------------------------------------------------------
+
+    @property
+    def branch(self) -> str:
+        return _BRANCH.get() or DEFAULT_BRANCH
+
+    def state(self, owner: object, factory: Callable[[], S]) -> S:
+        """The state ``owner`` keeps for the current branch (cond, uncond, ...), made on first use."""
+        key = (owner, self.branch)
+        found = self._state.get(key)
+        if found is None:
+            found = factory()
+            self._state[key] = found
+        return found
+
+    def shared_state(self, owner: object, factory: Callable[[], S]) -> S:
+        """State shared by every branch; for methods whose reference keeps one state for all passes."""
+        key = (owner, "")
+        found = self._state.get(key)
+        if found is None:
+            found = factory()
+            self._state[key] = found
+        return found
+
+    @property
+    def state_size(self) -> int:
+        return len(self._state)
+
+    def reset(self) -> None:
+        """Forget all cached state; the plan stays. Used between pipeline calls of the reference API."""
+        self._state.clear()
+        self._raw_timestep = None
+        self._timestep_ready = False
+
+    def close(self) -> None:
+        self.reset()
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- the denoiser call in progress ----------------------------------------------------------
+
+    @property
+    def current_timestep(self) -> float | None:
+        """The denoising timestep (0..1000 scale) of the denoiser call in progress, read from its arguments."""
+        if not self._timestep_ready:
+            self._timestep = self.layout.to_denoising_timestep(self._raw_timestep)
+            self._timestep_ready = True
+        return self._timestep
+
+    def note_reuse(self) -> None:
+        """Mark the current denoiser call as served partly from cache (beyond skipped modules)."""
+        self._in_call_reuse = True
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def dispatch(
+        self,
+        role: Role,
+        module: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if role is Role.DENOISER:
+            return self._dispatch_denoiser(module, forward, args, kwargs)
+        handler = self._handlers.get(module)
+        if handler is None:
+            output = forward(*args, **kwargs)
+            computed = True
+        else:
+            call = ModuleCall(self, module, forward, args, kwargs)
+            output = handler(call)
+            computed = call.computed
+        if role is Role.BLOCK:
+            self._blocks_computed += computed
+        elif role is Role.ATTENTION:
+            self._attention_computed += computed
+        if not computed:
+            self._in_call_reuse = True
+        return output
+
+    def _dispatch_denoiser(
+        self,
+        module: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        self._raw_timestep = self.layout.timestep_from_call(args, kwargs)
+        self._timestep_ready = False
+        self._in_call_reuse = False
+        blocks_before = self._blocks_computed
+        attention_before = self._attention_computed
+        handler = self._handlers.get(module)
+        if handler is None:
+            output = forward(*args, **kwargs)
+        else:
+            output = handler(ModuleCall(self, module, forward, args, kwargs))
+        self._denoiser_calls += 1
+        full = (
+            not self._in_call_reuse
+            and self._blocks_computed - blocks_before == len(self.layout.blocks)
+            and self._attention_computed - attention_before == len(self.layout.attention)
+        )
+        if not full:
+            self._calls_with_reuse += 1
+        return output
+
+    @property
+    def stats(self) -> SessionStats:
+        calls = self._denoiser_calls
+        return SessionStats(
+            method=self.plan.method,
+            denoiser_calls=calls,
+            steps_computed=calls - self._calls_with_reuse,
+            steps_cached=self._calls_with_reuse,
+            blocks_computed=self._blocks_computed,
+            blocks_reused=calls * len(self.layout.blocks) - self._blocks_computed,
+            attention_computed=self._attention_computed,
+            attention_reused=calls * len(self.layout.attention) - self._attention_computed,
+        )
+
+
+def active_session() -> CacheSession | None:
+    return _ACTIVE_SESSION.get()
+
+
+@contextmanager
+def bound(session: CacheSession) -> Iterator[CacheSession]:
+    """Bind ``session`` for the current thread or task, and discard its state whatever happens."""
+    token = _ACTIVE_SESSION.set(session)
+    try:
+        yield session
+    finally:
+        _ACTIVE_SESSION.reset(token)
+        session.close()
+
+
+@contextmanager
+def branch(name: str) -> Iterator[None]:
+    """Name the denoiser pass in progress (``cond``, ``uncond``, ``cond_uncond``) for this thread."""
+    token = _BRANCH.set(name)
+    try:
+        yield
+    finally:
+        _BRANCH.reset(token)

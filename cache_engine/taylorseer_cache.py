@@ -1,0 +1,185 @@
+"""TaylorSeer: between full computations, predict module outputs from a Taylor series in the step.
+
+Modules in "cache" mode store finite-difference factors at each full computation and extrapolate on
+the steps in between; modules in "skip" mode return zeros of the recorded shape instead (their
+output is overwritten downstream by a cached module, as in lite mode: blocks skipped, ``proj_out``
+cached).
+
+Departure from the reference: its default patterns (``^transformer_blocks.*attn`` and friends,
+matched with ``re.fullmatch``) match no module of families that name attention ``attn1``/``attn2``
+(CogVideoX, Wan, LTX, ...), so it silently does nothing there. With no identifiers given and no
+match, this implementation caches every attention module of the transformer's blocks instead.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _validation as check
+from .errors import UnsupportedMethodError
+from .session import Handler, ModuleCall, Plan
+from .targets import ModelLayout
+
+NAME = "taylorseer"
+
+_ATTENTION_PATTERNS = (
+    "^blocks.*attn",
+    "^transformer_blocks.*attn",
+    "^single_transformer_blocks.*attn",
+    "^temporal_transformer_blocks.*attn",
+)
+_LITE_SKIP_PATTERNS = ("^[^.]*block[^.]*\\.[^.]+$",)
+_LITE_CACHE_PATTERNS = ("^proj_out$",)
+
+
+@dataclass(frozen=True)
+class TaylorSeerCacheConfig:
+    cache_interval: int = 5
+    disable_cache_before_step: int = 3
+    disable_cache_after_step: int | None = None
+    max_order: int = 1
+    taylor_factors_dtype: torch.dtype | None = torch.bfloat16
+    skip_predict_identifiers: tuple[str, ...] | None = None
+    cache_identifiers: tuple[str, ...] | None = None
+    use_lite_mode: bool = False
+
+    def __post_init__(self) -> None:
+        check.positive_int("cache_interval", self.cache_interval)
+        check.non_negative_int("disable_cache_before_step", self.disable_cache_before_step)
+        check.non_negative_int("disable_cache_after_step", self.disable_cache_after_step, optional=True)
+        check.non_negative_int("max_order", self.max_order)
+        if self.taylor_factors_dtype is not None and not isinstance(self.taylor_factors_dtype, torch.dtype):
+            raise ValueError(
+                f"taylor_factors_dtype must be a torch.dtype or None, got {self.taylor_factors_dtype!r}"
+            )
+        for field in ("skip_predict_identifiers", "cache_identifiers"):
+            object.__setattr__(self, field, check.patterns(field, getattr(self, field), optional=True))
+        if not isinstance(self.use_lite_mode, bool):
+            raise ValueError(f"use_lite_mode must be a boolean, got {self.use_lite_mode!r}")
+
+
+class _State:
+    __slots__ = (
+        "current_step",
+        "device",
+        "factors",
+        "inactive_shapes",
+        "is_inactive",
+        "last_update_step",
+        "max_order",
+        "module_dtypes",
+        "taylor_factors_dtype",
+    )
+
+    def __init__(self, taylor_factors_dtype: torch.dtype | None, max_order: int, is_inactive: bool) -> None:
+        self.taylor_factors_dtype = taylor_factors_dtype
+        self.max_order = max_order
+        self.is_inactive = is_inactive
+        self.module_dtypes: tuple[torch.dtype, ...] = ()
+        self.last_update_step: int | None = None
+        self.factors: dict[int, dict[int, torch.Tensor]] = {}
+        self.inactive_shapes: tuple[torch.Size, ...] | None = None
+        self.device: torch.device | None = None
+        self.current_step = -1
+
+    def update(self, outputs: tuple[torch.Tensor, ...]) -> None:
+        self.module_dtypes = tuple(output.dtype for output in outputs)
+        self.device = outputs[0].device
+        if self.is_inactive:
+            self.inactive_shapes = tuple(output.shape for output in outputs)
+        else:
+            for index, features in enumerate(outputs):
+                new: dict[int, torch.Tensor] = {0: features}
+                if self.last_update_step is not None:
+                    delta = self.current_step - self.last_update_step
+                    previous = self.factors.get(index, {})
+                    for order in range(self.max_order):
+                        prior = previous.get(order)
+                        if prior is None or prior.shape != new[order].shape:
+                            break
+                        new[order + 1] = (new[order] - prior.to(features.dtype)) / delta
+                self.factors[index] = {
+                    order: factor.to(self.taylor_factors_dtype) for order, factor in new.items()
+                }
+        self.last_update_step = self.current_step
+
+    def predict(self) -> list[torch.Tensor]:
+        assert self.last_update_step is not None
+        offset = self.current_step - self.last_update_step
+        if self.is_inactive:
+            assert self.inactive_shapes is not None
+            return [
+                torch.zeros(shape, dtype=dtype, device=self.device)
+                for shape, dtype in zip(self.inactive_shapes, self.module_dtypes, strict=True)
+            ]
+        outputs = []
+        for index in range(len(self.factors)):
+            dtype = self.module_dtypes[index]
+            factors = self.factors[index]
+            output = torch.zeros_like(factors[0], dtype=dtype)
+            for order in range(len(factors)):
+                output = output + factors[order].to(dtype) * ((offset**order) / math.factorial(order))
+            outputs.append(output)
+        return outputs
+
+
+class _TaylorSeerHandler:
+    def __init__(self, config: TaylorSeerCacheConfig, is_inactive: bool) -> None:
+        self.config = config
+        self.is_inactive = is_inactive
+
+    def _new_state(self) -> _State:
+        return _State(self.config.taylor_factors_dtype, self.config.max_order, self.is_inactive)
+
+    def __call__(self, call: ModuleCall) -> Any:
+        config = self.config
+        state = call.session.state(self, self._new_state)
+        state.current_step += 1
+        step = state.current_step
+        should_compute = (
+            step < config.disable_cache_before_step
+            or (step - config.disable_cache_before_step - 1) % config.cache_interval == 0
+            or (config.disable_cache_after_step is not None and step >= config.disable_cache_after_step)
+        )
+        if should_compute:
+            outputs = call.run()
+            state.update((outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs))
+            return outputs
+        predicted = state.predict()
+        return predicted[0] if len(predicted) == 1 else tuple(predicted)
+
+
+def _resolve_patterns(config: TaylorSeerCacheConfig) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    """(skip patterns, cache patterns, whether the cache patterns are the defaults)."""
+    if config.use_lite_mode:
+        return _LITE_SKIP_PATTERNS, _LITE_CACHE_PATTERNS, False
+    skip = config.skip_predict_identifiers or ()
+    cache = config.cache_identifiers or ()
+    return skip, cache or _ATTENTION_PATTERNS, not cache
+
+
+def plan(config: TaylorSeerCacheConfig, layout: ModelLayout) -> Plan:
+    skip_patterns, cache_patterns, default_cache = _resolve_patterns(config)
+    handlers: dict[nn.Module, Handler] = {}
+    for name, module in layout.modules.items():
+        is_skip = any(re.fullmatch(pattern, name) for pattern in skip_patterns)
+        is_cache = any(re.fullmatch(pattern, name) for pattern in cache_patterns)
+        if is_skip or is_cache:
+            handlers[module] = _TaylorSeerHandler(config, is_inactive=is_skip)
+    has_cached = any(not handler.is_inactive for handler in handlers.values())  # type: ignore[attr-defined]
+    if default_cache and not has_cached:
+        block_names = {site.name for site in layout.blocks}
+        for site in layout.attention:
+            if site.name.rsplit(".", 1)[0] in block_names or any(
+                site.name.startswith(f"{block}.") for block in block_names
+            ):
+                handlers.setdefault(site.module, _TaylorSeerHandler(config, is_inactive=False))
+    if not handlers:
+        raise UnsupportedMethodError(NAME, layout, "no module matches the configured identifiers")
+    return Plan(method=NAME, handlers=handlers)
