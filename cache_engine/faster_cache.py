@@ -231,9 +231,16 @@ class _SeparateState:
 
 
 class _DenoiserHandler:
-    def __init__(self, config: FasterCacheConfig, layout: TensorFormat, flags_key: object) -> None:
+    def __init__(
+        self,
+        config: FasterCacheConfig,
+        layout: TensorFormat,
+        flags_key: object,
+        extra_batched: tuple[str, ...],
+    ) -> None:
         self.config = config
         self.layout = layout
+        self.batched_arguments = config._unconditional_conditional_input_kwargs_identifiers + extra_batched
         self.flags_key = flags_key
         self.timestep = timestep_reader(config.current_timestep_callback)
         self.low_weight, self.high_weight = _frequency_weights(config, self.timestep)
@@ -269,7 +276,7 @@ class _DenoiserHandler:
         skip_uncond = self._should_skip_uncond(state.iteration, call)
         args, kwargs = call.args, call.kwargs
         if skip_uncond:
-            identifiers = config._unconditional_conditional_input_kwargs_identifiers
+            identifiers = self.batched_arguments
             if any(name in identifiers for name in kwargs):
                 args = tuple(_cond_half(arg) if torch.is_tensor(arg) else arg for arg in args)
                 kwargs = {k: _cond_half(v) if k in identifiers else v for k, v in kwargs.items()}
@@ -463,7 +470,11 @@ def plan(config: FasterCacheConfig, layout: ModelLayout) -> Plan:
         config.tensor_format if layout.family is GENERIC_FAMILY else layout.family.output_format  # type: ignore[assignment]
     )
     flags_key = object()
-    handlers: dict[nn.Module, Handler] = {layout.denoiser: _DenoiserHandler(config, tensor_format, flags_key)}
+    handlers: dict[nn.Module, Handler] = {
+        layout.denoiser: _DenoiserHandler(
+            config, tensor_format, flags_key, layout.family.cfg_batched_arguments
+        )
+    }
     attention_count = 0
     for site in layout.attention:
         if site.kind == "cross" or not _matches(_ATTENTION_PATTERNS, site.name):

@@ -68,9 +68,10 @@ class _HeadBlockHandler:
                 return hidden
             result: list[Any] = [None] * len(output)
             result[site.hidden_states_index or 0] = hidden
-            if site.encoder_hidden_states_index is not None:
+            encoder_residual = state.tail_block_residuals[1]
+            if site.encoder_hidden_states_index is not None and encoder_residual is not None:
                 result[site.encoder_hidden_states_index] = (
-                    state.tail_block_residuals[1] + output[site.encoder_hidden_states_index]
+                    encoder_residual + output[site.encoder_hidden_states_index]
                 )
             return tuple(result)
         if is_tuple:
@@ -119,7 +120,9 @@ class _FollowerBlockHandler:
         if isinstance(output, tuple):
             site = self.site
             encoder_index = site.encoder_hidden_states_index
-            encoder_residual = None if encoder_index is None else output[encoder_index] - head[1]
+            # SD3's last block returns no text stream (context_pre_only): nothing to carry over then.
+            encoder_out = None if encoder_index is None else output[encoder_index]
+            encoder_residual = None if encoder_out is None or head[1] is None else encoder_out - head[1]
             state.tail_block_residuals = (output[site.hidden_states_index or 0] - head[0], encoder_residual)
         else:
             state.tail_block_residuals = (output - head, None)

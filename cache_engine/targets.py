@@ -43,13 +43,15 @@ class FamilySpec:
     timestep_argument: str = "timestep"
     output_format: TensorFormat = "BCHW"
     kind: Literal["image", "video"] = "image"
+    # Arguments besides the usual ones that carry the CFG batch (uncond half, then cond half).
+    cfg_batched_arguments: tuple[str, ...] = ()
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("flux", ("FluxTransformer2DModel",), timestep_scale=1000.0, output_format="BSC"),
     FamilySpec("flux2", ("Flux2Transformer2DModel",), timestep_scale=1000.0, output_format="BSC"),
     FamilySpec("qwenimage", ("QwenImageTransformer2DModel",), timestep_scale=1000.0, output_format="BSC"),
-    FamilySpec("sd3", ("SD3Transformer2DModel",)),
+    FamilySpec("sd3", ("SD3Transformer2DModel",), cfg_batched_arguments=("pooled_projections",)),
     FamilySpec("cogview4", ("CogView4Transformer2DModel",)),
     FamilySpec("pixart", ("PixArtTransformer2DModel",)),
     FamilySpec("cogvideox", ("CogVideoXTransformer3DModel",), output_format="BFCHW", kind="video"),

@@ -81,20 +81,24 @@ class _State:
         self.taylor_factors_dtype = taylor_factors_dtype
         self.max_order = max_order
         self.is_inactive = is_inactive
-        self.module_dtypes: tuple[torch.dtype, ...] = ()
+        self.module_dtypes: tuple[torch.dtype | None, ...] = ()
         self.last_update_step: int | None = None
         self.factors: dict[int, dict[int, torch.Tensor]] = {}
-        self.inactive_shapes: tuple[torch.Size, ...] | None = None
+        self.inactive_shapes: tuple[torch.Size | None, ...] | None = None
         self.device: torch.device | None = None
         self.current_step = -1
 
-    def update(self, outputs: tuple[torch.Tensor, ...]) -> None:
-        self.module_dtypes = tuple(output.dtype for output in outputs)
-        self.device = outputs[0].device
+    def update(self, outputs: tuple[torch.Tensor | None, ...]) -> None:
+        # Some modules return None in a slot (SD3's last block has no text stream): keep the slot empty.
+        self.module_dtypes = tuple(None if output is None else output.dtype for output in outputs)
+        self.device = next(output.device for output in outputs if output is not None)
         if self.is_inactive:
-            self.inactive_shapes = tuple(output.shape for output in outputs)
+            self.inactive_shapes = tuple(None if output is None else output.shape for output in outputs)
         else:
             for index, features in enumerate(outputs):
+                if features is None:
+                    self.factors.pop(index, None)
+                    continue
                 new: dict[int, torch.Tensor] = {0: features}
                 if self.last_update_step is not None:
                     delta = self.current_step - self.last_update_step
@@ -109,19 +113,23 @@ class _State:
                 }
         self.last_update_step = self.current_step
 
-    def predict(self) -> list[torch.Tensor]:
+    def predict(self) -> list[torch.Tensor | None]:
         assert self.last_update_step is not None
         offset = self.current_step - self.last_update_step
+        outputs: list[torch.Tensor | None] = []
         if self.is_inactive:
             assert self.inactive_shapes is not None
-            return [
-                torch.zeros(shape, dtype=dtype, device=self.device)
-                for shape, dtype in zip(self.inactive_shapes, self.module_dtypes, strict=True)
-            ]
-        outputs = []
-        for index in range(len(self.factors)):
-            dtype = self.module_dtypes[index]
-            factors = self.factors[index]
+            for shape, dtype in zip(self.inactive_shapes, self.module_dtypes, strict=True):
+                if shape is None or dtype is None:
+                    outputs.append(None)
+                else:
+                    outputs.append(torch.zeros(shape, dtype=dtype, device=self.device))
+            return outputs
+        for index, dtype in enumerate(self.module_dtypes):
+            factors = self.factors.get(index)
+            if factors is None or dtype is None:
+                outputs.append(None)
+                continue
             output = torch.zeros_like(factors[0], dtype=dtype)
             for order in range(len(factors)):
                 output = output + factors[order].to(dtype) * ((offset**order) / math.factorial(order))
