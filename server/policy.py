@@ -1,0 +1,70 @@
+"""A request's cache policy ⇄ the engine's frozen config.
+
+``to_engine_config`` is the one place a body's ``cache`` becomes what the engine runs; ``describe``
+goes the other way, to show presets and the applied policy in the wire vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from cache_engine import (
+    CacheConfig,
+    FasterCacheConfig,
+    FirstBlockCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    TaylorSeerCacheConfig,
+    method_name,
+)
+
+from .errors import InvalidRequest
+from .protocol import POLICY_CLASSES, CachePreset, CacheSpec, NoCache
+
+ENGINE_CLASSES: Mapping[str, type[Any]] = {
+    "pyramid_attention_broadcast": PyramidAttentionBroadcastConfig,
+    "faster_cache": FasterCacheConfig,
+    "first_block_cache": FirstBlockCacheConfig,
+    "taylorseer": TaylorSeerCacheConfig,
+}
+
+
+def to_engine_config(spec: CacheSpec | None, presets: Mapping[str, CacheConfig | None]) -> CacheConfig | None:
+    """The engine config for ``spec`` (None: no caching); a preset is looked up in ``presets``.
+
+    Raises InvalidRequest naming ``cache.<field>`` when the engine refuses a value.
+    """
+    if spec is None or isinstance(spec, NoCache):
+        return None
+    if isinstance(spec, CachePreset):
+        if spec.preset not in presets:
+            raise InvalidRequest(f"this model has no preset {spec.preset!r}", param="cache.preset")
+        return presets[spec.preset]
+    values = spec.model_dump(exclude={"method"})
+    try:
+        config: CacheConfig = ENGINE_CLASSES[spec.method](**values)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param=blame(exc, values)) from exc
+    return config
+
+
+def method_of(config: CacheConfig | None) -> str:
+    return "none" if config is None else method_name(config)
+
+
+def describe(config: CacheConfig | None) -> dict[str, Any]:
+    """``config`` as a request body's ``cache`` would write it (fields clients cannot set left out)."""
+    method = method_of(config)
+    wire = POLICY_CLASSES[method]
+    values = {name: getattr(config, name) for name in wire.model_fields if name != "method"}
+    return wire.model_validate({"method": method, **values}).model_dump(mode="json")
+
+
+def blame(exc: ValueError, fields: Mapping[str, Any]) -> str:
+    """``cache.<field>`` for the field an engine ValueError names, or ``cache`` if it names none."""
+    message = str(exc)
+    # Longest first, so that a name that contains another is not mistaken for it.
+    for name in sorted(fields, key=len, reverse=True):
+        if name in message:
+            return f"cache.{name}"
+    return "cache"

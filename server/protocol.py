@@ -1,0 +1,382 @@
+"""Wire models: what clients send and what they get back.
+
+Requests are strict (no "5" for 5), forbid unknown keys and bound every field, so a request that
+reaches the worker is well formed; what depends on the model (its limits, its cache methods) is
+checked in ``service.py``. Cache policies carry the reference config's parameter names; callbacks,
+dtypes and the model-structure fields (block identifiers, tensor format, guidance distillation) are
+left out because the engine knows them per model family and a client should not have to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+PresetName = Literal["fast", "balanced", "quality"]
+PRESET_NAMES: tuple[str, ...] = ("fast", "balanced", "quality")
+CACHE_METHODS: tuple[str, ...] = (
+    "none",
+    "pyramid_attention_broadcast",
+    "faster_cache",
+    "first_block_cache",
+    "taylorseer",
+)
+ImageFormat = Literal["png", "jpeg", "webp"]
+OutputFormat = Literal["png", "jpeg", "webp", "mp4", "gif"]
+Kind = Literal["image", "video"]
+
+MAX_PROMPT_CHARS = 10_000
+MAX_SEED = 2**63 - 1
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- cache policies ----------------------------------------------------------------------------------
+
+
+def _list_to_tuple(value: Any) -> Any:
+    # JSON has no tuples, and strict validation of a parsed body would refuse the list.
+    return tuple(value) if isinstance(value, list) else value
+
+
+# A (low, high) pair of timesteps on the 0..1000 scale; a 2-element list in JSON.
+TimestepRange = Annotated[tuple[float, float], BeforeValidator(_list_to_tuple)]
+SkipRange = Annotated[int, Field(ge=1, le=1000)]
+
+
+class NoCache(Request):
+    method: Literal["none"]
+
+
+class PyramidAttentionBroadcast(Request):
+    method: Literal["pyramid_attention_broadcast"]
+    spatial_attention_block_skip_range: SkipRange | None = None
+    temporal_attention_block_skip_range: SkipRange | None = None
+    cross_attention_block_skip_range: SkipRange | None = None
+    spatial_attention_timestep_skip_range: TimestepRange = (100, 800)
+    temporal_attention_timestep_skip_range: TimestepRange = (100, 800)
+    cross_attention_timestep_skip_range: TimestepRange = (100, 800)
+
+
+class FasterCache(Request):
+    method: Literal["faster_cache"]
+    spatial_attention_block_skip_range: SkipRange = 2
+    temporal_attention_block_skip_range: SkipRange | None = None
+    spatial_attention_timestep_skip_range: TimestepRange = (-1, 681)
+    temporal_attention_timestep_skip_range: TimestepRange = (-1, 681)
+    low_frequency_weight_update_timestep_range: TimestepRange = (99, 901)
+    high_frequency_weight_update_timestep_range: TimestepRange = (-1, 301)
+    alpha_low_frequency: float = Field(default=1.1, ge=0, le=10)
+    alpha_high_frequency: float = Field(default=1.1, ge=0, le=10)
+    unconditional_batch_skip_range: SkipRange = 5
+    unconditional_batch_timestep_skip_range: TimestepRange = (-1, 641)
+
+
+class FirstBlockCache(Request):
+    method: Literal["first_block_cache"]
+    threshold: float = Field(default=0.05, ge=0, le=10)
+
+
+class TaylorSeer(Request):
+    method: Literal["taylorseer"]
+    cache_interval: SkipRange = 5
+    disable_cache_before_step: int = Field(default=3, ge=0, le=1000)
+    disable_cache_after_step: int | None = Field(default=None, ge=0, le=1000)
+    max_order: int = Field(default=1, ge=0, le=4)
+    use_lite_mode: bool = False
+
+
+class CachePreset(Request):
+    preset: PresetName
+
+
+CachePolicy = NoCache | PyramidAttentionBroadcast | FasterCache | FirstBlockCache | TaylorSeer
+POLICY_CLASSES: dict[str, type[CachePolicy]] = {
+    "none": NoCache,
+    "pyramid_attention_broadcast": PyramidAttentionBroadcast,
+    "faster_cache": FasterCache,
+    "first_block_cache": FirstBlockCache,
+    "taylorseer": TaylorSeer,
+}
+_PRESET_TAG = "preset"
+
+
+def _check_cache_selector(value: Any) -> Any:
+    # Runs before the union so that a missing or unknown method gets a message naming it instead of
+    # pydantic's generic "unable to extract tag".
+    if not isinstance(value, dict):
+        return value
+    if "method" in value and "preset" in value:
+        raise PydanticCustomError("cache_selector", "give either 'method' or 'preset', not both")
+    if "method" not in value and "preset" not in value:
+        raise PydanticCustomError(
+            "cache_selector",
+            "cache needs a 'method' ({methods}) or a 'preset' ({presets})",
+            {"methods": ", ".join(CACHE_METHODS), "presets": ", ".join(PRESET_NAMES)},
+        )
+    if "method" in value and value["method"] not in CACHE_METHODS:
+        raise PydanticCustomError(
+            "unknown_cache_method",
+            "unknown cache method '{method}'; expected one of: {methods}",
+            {"method": value["method"], "methods": ", ".join(CACHE_METHODS)},
+        )
+    return value
+
+
+def _cache_tag(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("method", _PRESET_TAG))
+    return str(getattr(value, "method", _PRESET_TAG))
+
+
+CacheSpec = Annotated[
+    Annotated[NoCache, Tag("none")]
+    | Annotated[PyramidAttentionBroadcast, Tag("pyramid_attention_broadcast")]
+    | Annotated[FasterCache, Tag("faster_cache")]
+    | Annotated[FirstBlockCache, Tag("first_block_cache")]
+    | Annotated[TaylorSeer, Tag("taylorseer")]
+    | Annotated[CachePreset, Tag(_PRESET_TAG)],
+    Discriminator(_cache_tag),
+    BeforeValidator(_check_cache_selector),
+]
+
+# Validation errors whose location is the cache object but whose culprit is one key inside it.
+_ERROR_KEY: dict[str, str] = {"unknown_cache_method": "method"}
+
+
+def field_path(loc: Sequence[int | str], error_type: str = "") -> str:
+    """``("body", "cache", "taylorseer", "max_order")`` → ``"cache.max_order"``.
+
+    Drops the request part and the union tags pydantic inserts, which are not keys the client wrote.
+    """
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    kept: list[str] = []
+    for i, part in enumerate(parts):
+        if i > 0 and parts[i - 1] == "cache" and (part in POLICY_CLASSES or part == _PRESET_TAG):
+            continue
+        kept.append(part)
+    if error_type in _ERROR_KEY:
+        kept.append(_ERROR_KEY[error_type])
+    return ".".join(kept)
+
+
+# -- generation requests -----------------------------------------------------------------------------
+
+
+class _GenerationFields(Request):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(
+        default=None, min_length=1, max_length=256, description="default: first resident"
+    )
+    n: int = Field(default=1, ge=1, le=16)
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="default: drawn at random, returned"
+    )
+    steps: int | None = Field(default=None, ge=1, le=1000)
+    guidance_scale: float | None = Field(default=None, ge=0, le=100)
+    cache: CacheSpec | None = Field(default=None, description="default: no caching")
+
+
+class GenerationRequest(_GenerationFields):
+    """``POST /v1/generations`` and ``POST /v1/jobs``: images and videos."""
+
+    width: int | None = Field(default=None, ge=8, le=8192)
+    height: int | None = Field(default=None, ge=8, le=8192)
+    num_frames: int | None = Field(default=None, ge=1, le=1024, description="videos only")
+    fps: int | None = Field(default=None, ge=1, le=120, description="videos only")
+    output_format: OutputFormat | None = Field(
+        default=None,
+        description="images: png, jpeg, webp (default png); videos: mp4, gif, webp (default mp4)",
+    )
+
+
+class ImageGenerationRequest(_GenerationFields):
+    """``POST /v1/images/generations``: the OpenAI Images request, plus our fields."""
+
+    size: str | None = Field(
+        default=None, pattern=r"^([1-9][0-9]{0,4}x[1-9][0-9]{0,4}|auto)$", examples=["64x64"]
+    )
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: ImageFormat = "png"
+
+    @field_validator("response_format")
+    @classmethod
+    def _only_b64(cls, value: str) -> str:
+        if value != "b64_json":
+            raise PydanticCustomError(
+                "unsupported_response_format",
+                "response_format 'url' is not supported: this server keeps no images to link to; "
+                "use 'b64_json'",
+            )
+        return value
+
+    def to_native(self) -> GenerationRequest:
+        """The same request in the native shape (``size`` split into width and height)."""
+        width = height = None
+        if self.size is not None and self.size != "auto":
+            width, height = (int(side) for side in self.size.split("x"))
+        # Every field here was validated by the definitions the two requests share; the size is
+        # checked against the model, blaming ``size``, when the request is prepared.
+        shared = {name: getattr(self, name) for name in _GenerationFields.model_fields}
+        return GenerationRequest.model_construct(
+            **shared, width=width, height=height, output_format=self.output_format
+        )
+
+
+# -- responses ---------------------------------------------------------------------------------------
+
+
+class Timings(Response):
+    """Milliseconds per stage; ``denoising_steps`` has one entry per denoising step."""
+
+    queue_wait: float
+    text_encoding: float
+    denoising: float
+    denoising_steps: list[float]
+    decoding: float
+    encoding: float
+    total: float
+
+
+class CacheStats(Response):
+    """What the cache did in this request's session."""
+
+    method: str
+    denoiser_calls: int
+    steps_computed: int
+    steps_cached: int
+    blocks_computed: int
+    blocks_reused: int
+    attention_computed: int
+    attention_reused: int
+
+
+class MediaItem(Response):
+    b64_json: str
+
+
+class _ResultFields(Response):
+    model: str
+    seed: int
+    request_id: str
+    timings: Timings
+    cache: CacheStats | None = Field(description="null when the server runs without cache hooks")
+    cache_policy: dict[str, Any] = Field(description="the policy applied, presets expanded")
+
+
+class GenerationResponse(_ResultFields):
+    object: Literal["generation"] = "generation"
+    created: int
+    kind: Kind
+    output_format: OutputFormat
+    media_type: str
+    width: int
+    height: int
+    num_frames: int | None
+    fps: int | None
+    steps: int
+    guidance_scale: float
+    data: list[MediaItem]
+
+
+class ImagesResponse(_ResultFields):
+    """The OpenAI Images response, plus our keys."""
+
+    created: int
+    data: list[MediaItem]
+    output_format: ImageFormat
+    size: str
+
+
+# -- models ------------------------------------------------------------------------------------------
+
+
+class ModelDefaults(Response):
+    width: int
+    height: int
+    num_frames: int | None
+    steps: int
+    guidance_scale: float
+    fps: int | None
+
+
+class ModelLimits(Response):
+    max_width: int
+    max_height: int
+    max_pixels: int
+    max_frames: int
+    max_steps: int
+    max_n: int
+    max_prompt_chars: int
+
+
+class ModelCard(Response):
+    id: str
+    object: Literal["model"] = "model"
+    kind: Kind
+    family: str
+    source: str
+    cache_methods: list[str]
+    output_formats: list[str]
+    defaults: ModelDefaults
+    limits: ModelLimits
+    size_multiple: int = Field(description="width and height must be multiples of this")
+    frame_step: int = Field(description="videos: num_frames - 1 must be a multiple of this")
+    presets: dict[str, dict[str, Any]]
+
+
+class ModelList(Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# -- jobs --------------------------------------------------------------------------------------------
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobProgress(Response):
+    step: int
+    total_steps: int
+
+
+class ErrorDetail(Response):
+    code: str
+    message: str
+    request_id: str | None
+    param: str | None = None
+
+
+class JobView(Response):
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    model: str
+    request_id: str
+    created: float
+    started: float | None
+    finished: float | None
+    queue_position: int | None = Field(description="0: next to run; null unless queued")
+    progress: JobProgress
+    result: GenerationResponse | None
+    error: ErrorDetail | None

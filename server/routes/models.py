@@ -1,0 +1,20 @@
+"""The resident models: kind, cache methods, defaults, limits, presets."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from ..deps import GenerationsDep
+from ..protocol import ModelCard, ModelList
+
+router = APIRouter(tags=["models"])
+
+
+@router.get("/v1/models")
+async def list_models(generations: GenerationsDep) -> ModelList:
+    return ModelList(data=[generations.card(model) for model in generations.models.values()])
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, generations: GenerationsDep) -> ModelCard:
+    return generations.card(generations.resolve_model(model_id))

@@ -1,0 +1,80 @@
+"""What the lifespan builds and the routes reach through ``app.state.runtime``.
+
+Models load in a background thread after start-up, so ``/health`` answers at once and ``/ready``
+says 503 until every model is resident (or says why loading failed).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import NotReady
+from .jobs import Jobs
+from .metrics import Metrics
+from .service import Generations
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+State = Literal["loading", "ready", "failed", "stopping"]
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    state: State = "loading"
+    error: str | None = None
+    generations: Generations | None = None
+    jobs: Jobs | None = None
+
+    def require_generations(self) -> Generations:
+        if self.state != "ready" or self.generations is None:
+            raise NotReady(self.not_ready_reason())
+        return self.generations
+
+    def require_jobs(self) -> Jobs:
+        self.require_generations()
+        assert self.jobs is not None
+        return self.jobs
+
+    def not_ready_reason(self) -> str:
+        if self.state == "failed":
+            return f"models failed to load: {self.error}"
+        if self.state == "stopping":
+            return "the server is shutting down"
+        if self.state == "ready" and self.generations is not None and not self.generations.ready:
+            return "a model worker has stopped"
+        return "models are loading"
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready" and self.generations is not None and self.generations.ready
+
+
+def load_generations(settings: Settings, metrics: Metrics) -> Generations:
+    """Load every model in ``settings`` and give each a worker (not started). Blocking."""
+    import torch
+
+    from .models import load_model
+    from .worker import Worker
+
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    models = {}
+    for spec in settings.models:
+        logger.info("loading model %s on %s (%s)", spec, settings.device, settings.dtype)
+        model = load_model(spec, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
+        if model.name in models:
+            raise ValueError(f"two model specs resolve to the same name {model.name!r}")
+        if not settings.install_cache_hooks:
+            # The pipeline then runs exactly as diffusers ships it: the reference for "no caching".
+            model.engine.close()
+        models[model.name] = model
+    workers = {
+        name: Worker(model, max_queue=settings.queue_size, use_sessions=settings.install_cache_hooks)
+        for name, model in models.items()
+    }
+    return Generations(models, workers, cache_hooks=settings.install_cache_hooks, metrics=metrics)

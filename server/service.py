@@ -1,0 +1,309 @@
+"""Generations: from a validated body to encoded media, through the model's worker.
+
+``prepare`` checks what depends on the model (limits, formats, cache methods) and fixes every
+default, so that what is queued is complete; ``submit`` queues it; ``finish`` waits for the worker
+and encodes the media off the event loop. Routes and jobs share these three steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio.to_thread
+
+from cache_engine import CacheConfig, UnsupportedMethodError
+
+from . import media, policy
+from .errors import InvalidRequest, NotReady, UnknownModel, UnsupportedCacheMethod
+from .generation import GenerationParams, InvalidGenerationParams, check_params
+from .metrics import Metrics
+from .models import ResidentModel
+from .protocol import CacheStats, GenerationRequest, Kind, ModelCard, Timings
+from .protocol import ModelDefaults as ModelDefaultsView
+from .protocol import ModelLimits as ModelLimitsView
+from .worker import Outcome, Task, Worker
+
+T = TypeVar("T")
+
+# Seeds drawn for requests without one stay below 2**32 so that any client can store them.
+_SEED_BOUND = 2**32
+# For a video model whose defaults do not say: the rate most video models are trained at.
+_FALLBACK_FPS = 16
+# How often a waiting request checks whether its client has gone.
+_DISCONNECT_POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request with every default filled in, checked against its model."""
+
+    request_id: str
+    model: ResidentModel
+    params: GenerationParams
+    config: CacheConfig | None
+    output_format: str
+    fps: int | None
+    received_at: float
+    created: int
+
+    @property
+    def kind(self) -> Kind:
+        return self.model.kind
+
+    @property
+    def media_type(self) -> str:
+        return media.media_type(self.model.kind, self.output_format)
+
+
+@dataclass(frozen=True)
+class Finished:
+    prepared: Prepared
+    media: list[bytes]
+    timings: Timings
+    stats: CacheStats | None
+
+
+class Generations:
+    """The resident models, their workers, and the three steps of a generation."""
+
+    def __init__(
+        self,
+        models: Mapping[str, ResidentModel],
+        workers: Mapping[str, Worker],
+        *,
+        cache_hooks: bool,
+        metrics: Metrics,
+    ) -> None:
+        self.models = dict(models)
+        self.workers = dict(workers)
+        self.cache_hooks = cache_hooks
+        self.metrics = metrics
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.workers) and all(worker.alive for worker in self.workers.values())
+
+    def supported_methods(self, model: ResidentModel) -> tuple[str, ...]:
+        return ("none", *model.supported_methods) if self.cache_hooks else ("none",)
+
+    def resolve_model(self, name: str | None, kind: Kind | None = None) -> ResidentModel:
+        if name is None:
+            for model in self.models.values():
+                if kind is None or model.kind == kind:
+                    return model
+            raise InvalidRequest(f"no {kind} model is resident; name one in 'model'", param="model")
+        if name not in self.models:
+            raise UnknownModel(name, tuple(self.models))
+        model = self.models[name]
+        if kind is not None and model.kind != kind:
+            raise InvalidRequest(
+                f"model {name!r} makes {model.kind}s; this endpoint needs a {kind} model", param="model"
+            )
+        return model
+
+    # -- step 1 -----------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        body: GenerationRequest,
+        request_id: str,
+        *,
+        kind: Kind | None = None,
+        size_param: str | None = None,
+    ) -> Prepared:
+        """Check ``body`` against its model and fill in the defaults; raises InvalidRequest.
+
+        ``size_param`` names the field to blame for a bad width or height (``size`` in the OpenAI
+        request, which has no width and height of its own).
+        """
+        received_at = time.perf_counter()
+        model = self.resolve_model(body.model, kind)
+        defaults = model.defaults
+        video = model.kind == "video"
+        if not video:
+            for field in ("num_frames", "fps"):
+                if getattr(body, field) is not None:
+                    raise InvalidRequest(f"{field} applies to video models only", param=field)
+        params = GenerationParams(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            width=_or(body.width, defaults.width),
+            height=_or(body.height, defaults.height),
+            num_frames=_or(body.num_frames, defaults.num_frames) if video else None,
+            steps=_or(body.steps, defaults.steps),
+            guidance_scale=_or(body.guidance_scale, defaults.guidance_scale),
+            seed=_or(body.seed, secrets.randbelow(_SEED_BOUND)),
+            n=body.n,
+        )
+        try:
+            check_params(model, params)
+        except InvalidGenerationParams as exc:
+            param = size_param if size_param and exc.param in ("width", "height") else exc.param
+            raise InvalidRequest(str(exc), param=param) from exc
+
+        output_format = body.output_format or media.DEFAULT_FORMAT[model.kind]
+        formats = media.MEDIA_TYPES[model.kind]
+        if output_format not in formats:
+            raise InvalidRequest(
+                f"{model.kind} models write {', '.join(formats)}, not {output_format!r}",
+                param="output_format",
+            )
+        if output_format == "mp4" and not media.mp4_size_ok(params.width, params.height):
+            raise InvalidRequest("mp4 needs an even width and height", param=size_param or "width")
+
+        return Prepared(
+            request_id=request_id,
+            model=model,
+            params=params,
+            config=self._cache_config(body, model),
+            output_format=output_format,
+            fps=_or(body.fps, defaults.fps or _FALLBACK_FPS) if video else None,
+            received_at=received_at,
+            created=int(time.time()),
+        )
+
+    def _cache_config(self, body: GenerationRequest, model: ResidentModel) -> CacheConfig | None:
+        config = policy.to_engine_config(body.cache, model.presets)
+        if config is None:
+            return None
+        method = policy.method_of(config)
+        supported = self.supported_methods(model)
+        if method not in supported:
+            why = "" if self.cache_hooks else " (the server runs without cache hooks)"
+            raise UnsupportedCacheMethod(
+                f"model {model.name!r} does not support cache method {method!r}{why}; "
+                f"supported: {', '.join(supported)}"
+            )
+        try:
+            model.engine.check(config)
+        except UnsupportedMethodError as exc:
+            raise UnsupportedCacheMethod(str(exc)) from exc
+        except ValueError as exc:
+            fields = body.cache.model_dump(exclude={"method"}) if body.cache is not None else {}
+            raise InvalidRequest(str(exc), param=policy.blame(exc, fields)) from exc
+        return config
+
+    # -- step 2 -----------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prepared: Prepared,
+        *,
+        on_start: Callable[[], None] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> Task:
+        """Queue ``prepared`` on its model's worker; raises QueueFull. Callbacks run on the worker."""
+        worker = self.workers.get(prepared.model.name)
+        if worker is None or not worker.alive:
+            raise NotReady(f"the worker for {prepared.model.name!r} is not running")
+        task = Task(
+            request_id=prepared.request_id,
+            params=prepared.params,
+            config=prepared.config,
+            on_start=on_start,
+            on_step=on_step,
+        )
+        worker.submit(task)
+        return task
+
+    def position(self, prepared: Prepared, task: Task) -> int | None:
+        return self.workers[prepared.model.name].position(task)
+
+    def cancel(self, prepared: Prepared, task: Task) -> bool:
+        """True if ``task`` was still queued and is now dropped; False if it will stop at a step."""
+        return self.workers[prepared.model.name].cancel(task)
+
+    # -- step 3 -----------------------------------------------------------------------------------
+
+    async def finish(self, prepared: Prepared, task: Task) -> Finished:
+        """Wait for ``task`` and encode its media; raises what the worker raised."""
+        method = policy.method_of(prepared.config)
+        try:
+            outcome = await asyncio.wrap_future(task.future)
+            encode_started = time.perf_counter()
+            encoded = await anyio.to_thread.run_sync(_encode_all, prepared, outcome)
+        except Exception as exc:
+            self.metrics.generation_done(prepared.model.name, method, type(exc).__name__, None)
+            raise
+        done = time.perf_counter()
+        result = outcome.result
+        timings = Timings(
+            queue_wait=outcome.queue_wait_ms,
+            text_encoding=result.timings_ms.get("text_encoding", 0.0),
+            denoising=result.timings_ms.get("denoising", 0.0),
+            denoising_steps=list(result.step_times_ms),
+            decoding=result.timings_ms.get("decoding", 0.0),
+            encoding=(done - encode_started) * 1000,
+            total=(done - prepared.received_at) * 1000,
+        )
+        stats = None if outcome.stats is None else _stats(outcome.stats.as_dict())
+        self.metrics.generation_done(prepared.model.name, method, "ok", timings)
+        return Finished(prepared=prepared, media=encoded, timings=timings, stats=stats)
+
+    async def run(self, prepared: Prepared, is_disconnected: Callable[[], Awaitable[bool]]) -> Finished:
+        """All three steps for a client that waits; cancels the generation if the client goes away."""
+        task = self.submit(prepared)
+        finishing = asyncio.ensure_future(self.finish(prepared, task))
+        try:
+            while True:
+                done, _ = await asyncio.wait({finishing}, timeout=_DISCONNECT_POLL_S)
+                if done:
+                    return finishing.result()
+                if await is_disconnected():
+                    self.cancel(prepared, task)
+                    # The worker stops within a step; what finishing raises then is the answer.
+                    return await finishing
+        except asyncio.CancelledError:
+            self.cancel(prepared, task)
+            raise
+
+    def card(self, model: ResidentModel) -> ModelCard:
+        methods = self.supported_methods(model)
+        presets = {
+            name: policy.describe(config)
+            for name, config in model.presets.items()
+            if policy.method_of(config) in methods
+        }
+        return ModelCard(
+            id=model.name,
+            kind=model.kind,
+            family=model.family,
+            source=model.source,
+            cache_methods=list(methods),
+            output_formats=list(media.MEDIA_TYPES[model.kind]),
+            defaults=ModelDefaultsView(**dataclasses.asdict(model.defaults)),
+            limits=ModelLimitsView(**dataclasses.asdict(model.limits)),
+            size_multiple=model.size_multiple,
+            frame_step=model.frame_step,
+            presets=presets,
+        )
+
+    def start(self) -> None:
+        for worker in self.workers.values():
+            worker.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        for worker in self.workers.values():
+            worker.stop(timeout)
+
+
+def _or(value: T | None, default: T) -> T:
+    return default if value is None else value
+
+
+def _stats(values: Mapping[str, Any]) -> CacheStats:
+    fields = {name: values[name] for name in CacheStats.model_fields}
+    fields["method"] = fields["method"] or "none"
+    return CacheStats(**fields)
+
+
+def _encode_all(prepared: Prepared, outcome: Outcome) -> list[bytes]:
+    result = outcome.result
+    items = (result.images if prepared.kind == "image" else result.videos) or []
+    return [media.encode(prepared.kind, prepared.output_format, item, prepared.fps) for item in items]

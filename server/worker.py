@@ -1,0 +1,162 @@
+"""One worker thread per resident model, fed by a bounded queue.
+
+The worker is the only code that runs its model's pipeline, so the text encoding, denoising and
+decoding of one request never interleave with another's. Cancellation is a flag the step callback
+checks between denoising steps; raising from that callback stops the pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from cache_engine import CacheConfig, SessionStats
+
+from .errors import GenerationCancelled, GenerationFailed, QueueFull
+from .generation import GenerationParams, GenerationResult, generate
+from .models import ResidentModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: GenerationResult
+    stats: SessionStats | None
+    queue_wait_ms: float
+
+
+class _StopRequested(Exception):
+    """Raised from the step callback to unwind the pipeline; never leaves the worker."""
+
+
+@dataclass(eq=False)
+class Task:
+    """One generation waiting for, or running on, a worker. Callbacks run on the worker thread."""
+
+    request_id: str
+    params: GenerationParams
+    config: CacheConfig | None
+    on_start: Callable[[], None] | None = None
+    on_step: Callable[[int, int], None] | None = None
+    future: Future[Outcome] = field(default_factory=Future)
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+class Worker:
+    def __init__(self, model: ResidentModel, *, max_queue: int, use_sessions: bool = True) -> None:
+        self.model = model
+        self.max_queue = max_queue
+        # False when the server runs without cache hooks: the pipeline is called bare.
+        self.use_sessions = use_sessions
+        self._queue: deque[Task] = deque()
+        self._running: Task | None = None
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"worker-{model.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        with self._condition:
+            return len(self._queue)
+
+    def submit(self, task: Task) -> None:
+        with self._condition:
+            if self._stopping:
+                raise GenerationCancelled("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(self.model.name, len(self._queue))
+            self._queue.append(task)
+            self._condition.notify()
+
+    def position(self, task: Task) -> int | None:
+        """0 for the next task to run; None once it has left the queue."""
+        with self._condition:
+            try:
+                return self._queue.index(task)
+            except ValueError:
+                return None
+
+    def cancel(self, task: Task) -> bool:
+        """A queued task is dropped at once (returns True); a running one stops at its next step."""
+        task.cancel_requested.set()
+        with self._condition:
+            try:
+                self._queue.remove(task)
+            except ValueError:
+                return False
+        task.future.set_exception(GenerationCancelled("cancelled before it started"))
+        return True
+
+    def stop(self, timeout: float | None = None) -> None:
+        with self._condition:
+            self._stopping = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            if self._running is not None:
+                self._running.cancel_requested.set()
+            self._condition.notify_all()
+        for task in waiting:
+            task.future.set_exception(GenerationCancelled("the server is shutting down"))
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._condition:
+                while not self._queue and not self._stopping:
+                    self._condition.wait()
+                if self._stopping:
+                    return
+                task = self._queue.popleft()
+                self._running = task
+            try:
+                self._run(task)
+            finally:
+                with self._condition:
+                    self._running = None
+
+    def _run(self, task: Task) -> None:
+        queue_wait_ms = (time.perf_counter() - task.enqueued_at) * 1000
+        if task.cancel_requested.is_set():
+            task.future.set_exception(GenerationCancelled("cancelled before it started"))
+            return
+        total_steps = task.params.steps
+
+        def on_step_end(step: int) -> None:
+            if task.cancel_requested.is_set():
+                raise _StopRequested
+            if task.on_step is not None:
+                task.on_step(step + 1, total_steps)
+
+        try:
+            if task.on_start is not None:
+                task.on_start()
+            stats: SessionStats | None = None
+            if self.use_sessions:
+                with self.model.engine.session(task.config, request_id=task.request_id) as session:
+                    result = generate(self.model, task.params, on_step_end=on_step_end)
+                stats = session.stats
+            else:
+                result = generate(self.model, task.params, on_step_end=on_step_end)
+        except Exception as exc:
+            # The pipeline may wrap what the callback raised, so the flag decides, not the type.
+            if task.cancel_requested.is_set():
+                task.future.set_exception(GenerationCancelled("cancelled during denoising"))
+            else:
+                logger.exception("generation %s on %s failed", task.request_id, self.model.name)
+                task.future.set_exception(GenerationFailed(f"generation failed: {type(exc).__name__}"))
+            return
+        task.future.set_result(Outcome(result=result, stats=stats, queue_wait_ms=queue_wait_ms))
