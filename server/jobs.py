@@ -34,7 +34,6 @@ class Job:
     prepared: Prepared
     created: float = field(default_factory=time.time)
     status: JobStatus = "queued"
-    step: int = 0
     started: float | None = None
     finished: float | None = None
     result: GenerationResponse | None = None
@@ -42,6 +41,11 @@ class Job:
     task: Task | None = None
     runner: asyncio.Task[None] | None = None
     watchers: set[asyncio.Event] = field(default_factory=set)
+
+    @property
+    def step(self) -> int:
+        # Read from the worker's own count, so that a view taken right after a cancel is exact.
+        return 0 if self.task is None else self.task.steps_done
 
     def changed(self) -> None:
         for watcher in self.watchers:
@@ -66,7 +70,7 @@ class Jobs:
             loop.call_soon_threadsafe(self._started, job)
 
         def on_step(step: int, total: int) -> None:
-            loop.call_soon_threadsafe(self._stepped, job, step)
+            loop.call_soon_threadsafe(job.changed)
 
         job.task = self.generations.submit(prepared, on_start=on_start, on_step=on_step)
         self._jobs[job.id] = job
@@ -153,11 +157,6 @@ class Jobs:
         if job.status == "queued":
             job.status = "running"
             job.started = time.time()
-            job.changed()
-
-    def _stepped(self, job: Job, step: int) -> None:
-        if job.status == "running":
-            job.step = step
             job.changed()
 
     async def _run(self, job: Job) -> None:

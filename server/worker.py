@@ -44,6 +44,8 @@ class Task:
     config: CacheConfig | None
     on_start: Callable[[], None] | None = None
     on_step: Callable[[int, int], None] | None = None
+    # Written by the worker thread only: denoising steps finished so far.
+    steps_done: int = 0
     future: Future[Outcome] = field(default_factory=Future)
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
@@ -136,6 +138,7 @@ class Worker:
         total_steps = task.params.steps
 
         def on_step_end(step: int) -> None:
+            task.steps_done = step + 1
             if task.cancel_requested.is_set():
                 raise _StopRequested
             if task.on_step is not None:

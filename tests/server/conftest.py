@@ -1,0 +1,137 @@
+"""A real server for the HTTP tests: uvicorn on a loopback port, the app started with its lifespan.
+
+Each test module that needs one builds it once (module scope); the built-in models are built once
+per session into a shared folder, so a module only pays for loading them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import imageio_ffmpeg
+import pytest
+import uvicorn
+from PIL import Image
+
+from server.app import create_app
+from server.runtime import Runtime
+from server.settings import Settings
+
+_READY_TIMEOUT_S = 300.0
+
+
+class LiveServer:
+    """The app behind uvicorn in a thread; ``client()`` talks to it over real HTTP."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.bind(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
+
+    @property
+    def runtime(self) -> Runtime:
+        runtime: Runtime = self.app.state.runtime
+        return runtime
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=120.0, **kwargs)
+
+    def start(self) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        with self.client() as client:
+            while time.monotonic() < deadline:
+                try:
+                    if client.get("/ready").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if self.runtime.state == "failed":
+                    raise RuntimeError(f"the server failed to load its models: {self.runtime.error}")
+                time.sleep(0.05)
+        raise TimeoutError("the server did not become ready")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(60)
+
+    def queue_depths(self) -> dict[str, int]:
+        generations = self.runtime.generations
+        assert generations is not None
+        return {name: worker.queue_depth for name, worker in generations.workers.items()}
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def live_server(model_cache: Path, **settings: Any) -> Iterator[LiveServer]:
+    """Body of a module-scoped fixture: a started server, stopped afterwards."""
+    server = LiveServer(Settings(cache_dir=model_cache, **settings))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(model_cache: Path) -> Iterator[LiveServer]:
+    yield from live_server(model_cache)
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.client() as client:
+        yield client
+
+
+# -- decoding what came back ---------------------------------------------------------------------------
+
+
+def b64_items(body: dict[str, Any]) -> list[bytes]:
+    return [base64.b64decode(item["b64_json"]) for item in body["data"]]
+
+
+def decode_image(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def decode_video(data: bytes, fmt: str) -> tuple[tuple[int, int], int]:
+    """((width, height), frame count) of an encoded video."""
+    if fmt == "mp4":
+        with tempfile.NamedTemporaryFile(suffix=".mp4") as file:
+            file.write(data)
+            file.flush()
+            frames = imageio_ffmpeg.read_frames(file.name)
+            meta = next(frames)
+            return tuple(meta["size"]), sum(1 for _ in frames)  # type: ignore[return-value]
+    image = Image.open(io.BytesIO(data))
+    return image.size, getattr(image, "n_frames", 1)
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    """The error envelope, after checking it has exactly the documented shape."""
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error: dict[str, Any] = body["error"]
+    assert {"code", "message", "request_id"} <= set(error) <= {"code", "message", "request_id", "param"}
+    assert error["request_id"] == response.headers["x-request-id"]
+    return error

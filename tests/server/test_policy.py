@@ -1,0 +1,91 @@
+"""body.cache → the engine's frozen config, and back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from cache_engine import (
+    CacheConfig,
+    FasterCacheConfig,
+    FirstBlockCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    TaylorSeerCacheConfig,
+)
+from server import policy
+from server.errors import InvalidRequest
+from server.protocol import GenerationRequest
+
+PRESETS: Mapping[str, CacheConfig | None] = {
+    "fast": FirstBlockCacheConfig(threshold=0.2),
+    "quality": None,
+}
+
+
+def _config(cache: dict[str, Any] | None, presets: Mapping[str, CacheConfig | None] = PRESETS) -> Any:
+    body = GenerationRequest.model_validate({"prompt": "p", "cache": cache})
+    return policy.to_engine_config(body.cache, presets)
+
+
+def test_none_and_absent_mean_no_config() -> None:
+    assert _config(None) is None
+    assert _config({"method": "none"}) is None
+
+
+def test_each_method_builds_its_engine_config_with_the_given_values() -> None:
+    assert _config({"method": "first_block_cache", "threshold": 0.3}) == FirstBlockCacheConfig(threshold=0.3)
+    assert _config(
+        {"method": "taylorseer", "cache_interval": 2, "disable_cache_before_step": 1, "use_lite_mode": True}
+    ) == TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, use_lite_mode=True)
+    pab = _config(
+        {
+            "method": "pyramid_attention_broadcast",
+            "spatial_attention_block_skip_range": 3,
+            "spatial_attention_timestep_skip_range": [0, 1000],
+        }
+    )
+    assert pab == PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=3, spatial_attention_timestep_skip_range=(0, 1000)
+    )
+    assert _config({"method": "faster_cache", "alpha_low_frequency": 1.3}) == FasterCacheConfig(
+        alpha_low_frequency=1.3
+    )
+
+
+def test_presets_come_from_the_model() -> None:
+    assert _config({"preset": "fast"}) is PRESETS["fast"]
+    assert _config({"preset": "quality"}) is None
+    with pytest.raises(InvalidRequest) as caught:
+        _config({"preset": "balanced"})
+    assert caught.value.param == "cache.preset"
+
+
+def test_engine_refusal_names_the_field() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        _config({"method": "pyramid_attention_broadcast", "cross_attention_timestep_skip_range": [900, 100]})
+    assert caught.value.param == "cache.cross_attention_timestep_skip_range"
+    assert "900" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        None,
+        FirstBlockCacheConfig(threshold=0.2),
+        TaylorSeerCacheConfig(cache_interval=3, use_lite_mode=True),
+        PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2),
+        FasterCacheConfig(unconditional_batch_skip_range=3),
+    ],
+)
+def test_describe_round_trips(config: CacheConfig | None) -> None:
+    described = policy.describe(config)
+    assert _config(described) == config
+
+
+def test_blame_prefers_the_longest_name() -> None:
+    fields = {"spatial_attention_block_skip_range": 1, "spatial_attention_timestep_skip_range": 1}
+    error = ValueError("spatial_attention_timestep_skip_range must have low <= high")
+    assert policy.blame(error, fields) == "cache.spatial_attention_timestep_skip_range"
+    assert policy.blame(ValueError("something else"), fields) == "cache"
