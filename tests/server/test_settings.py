@@ -25,7 +25,12 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_defaults_serve_the_builtin_models_on_cpu() -> None:
     settings = load_settings()
     assert tuple(settings.models) == DEFAULT_MODELS == BUILTIN_MODEL_NAMES
-    assert (settings.device, settings.dtype, settings.host, settings.port) == ("cpu", "float32", "127.0.0.1", 8000)
+    assert (settings.device, settings.dtype, settings.host, settings.port) == (
+        "cpu",
+        "float32",
+        "127.0.0.1",
+        8000,
+    )
     assert settings.install_cache_hooks
 
 
@@ -64,7 +69,7 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         load_settings(tmp_path / "missing.toml")
     (tmp_path / "settings.yaml").write_text("port: 1\n")
-    with pytest.raises(ValueError, match="toml or .json"):
+    with pytest.raises(ValueError, match=r"toml or \.json"):
         load_settings(tmp_path / "settings.yaml")
 
 
