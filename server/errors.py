@@ -8,7 +8,8 @@ and an ``X-Request-Id`` header. The tree, with the HTTP status and ``code`` each
     ├── RequestError                     400 invalid_request     the client can fix the request
     │   ├── InvalidRequest               422 invalid_request     a field is wrong; ``param`` names it
     │   │   ├── UnknownModel             422 model_not_found     param "model"
-    │   │   └── UnsupportedCacheMethod   422 unsupported_cache_method   param "cache.method"
+    │   │   └── UnsupportedCacheMethod   422 unsupported_cache_method   param "cache.method" (or
+    │   │                                                                 "cache.preset")
     │   ├── NotAcceptable                406 not_acceptable      the Accept header cannot be met
     │   ├── NotFound                     404 not_found           e.g. an unknown job id
     │   └── Conflict                     409 conflict            e.g. cancelling a finished job
@@ -67,8 +68,8 @@ class UnknownModel(InvalidRequest):
 class UnsupportedCacheMethod(InvalidRequest):
     code = "unsupported_cache_method"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, param="cache.method")
+    def __init__(self, message: str, *, param: str = "cache.method") -> None:
+        super().__init__(message, param=param)
 
 
 class NotAcceptable(RequestError):

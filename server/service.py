@@ -24,7 +24,7 @@ from .errors import InvalidRequest, NotReady, UnknownModel, UnsupportedCacheMeth
 from .generation import GenerationParams, InvalidGenerationParams, check_params
 from .metrics import Metrics
 from .models import ResidentModel
-from .protocol import CacheStats, GenerationRequest, Kind, ModelCard, Timings
+from .protocol import CachePreset, CacheStats, GenerationRequest, Kind, ModelCard, Timings
 from .protocol import ModelDefaults as ModelDefaultsView
 from .protocol import ModelLimits as ModelLimitsView
 from .worker import Outcome, Task, Worker
@@ -174,16 +174,18 @@ class Generations:
             return None
         method = policy.method_of(config)
         supported = self.supported_methods(model)
+        param = "cache.preset" if isinstance(body.cache, CachePreset) else "cache.method"
         if method not in supported:
             why = "" if self.cache_hooks else " (the server runs without cache hooks)"
             raise UnsupportedCacheMethod(
                 f"model {model.name!r} does not support cache method {method!r}{why}; "
-                f"supported: {', '.join(supported)}"
+                f"supported: {', '.join(supported)}",
+                param=param,
             )
         try:
             model.engine.check(config)
         except UnsupportedMethodError as exc:
-            raise UnsupportedCacheMethod(str(exc)) from exc
+            raise UnsupportedCacheMethod(str(exc), param=param) from exc
         except ValueError as exc:
             fields = body.cache.model_dump(exclude={"method"}) if body.cache is not None else {}
             raise InvalidRequest(str(exc), param=policy.blame(exc, fields)) from exc

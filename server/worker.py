@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from cache_engine import CacheConfig, SessionStats
 
-from .errors import GenerationCancelled, GenerationFailed, QueueFull
+from .errors import GenerationCancelled, GenerationFailed, QueueFull, Unavailable
 from .generation import GenerationParams, GenerationResult, generate
 from .models import ResidentModel
 
@@ -78,7 +78,7 @@ class Worker:
     def submit(self, task: Task) -> None:
         with self._condition:
             if self._stopping:
-                raise GenerationCancelled("the server is shutting down")
+                raise Unavailable("the server is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(self.model.name, len(self._queue))
             self._queue.append(task)
@@ -112,7 +112,7 @@ class Worker:
                 self._running.cancel_requested.set()
             self._condition.notify_all()
         for task in waiting:
-            task.future.set_exception(GenerationCancelled("the server is shutting down"))
+            task.future.set_exception(Unavailable("the server is shutting down"))
         self._thread.join(timeout)
 
     def _loop(self) -> None:

@@ -122,7 +122,8 @@ def decode_video(data: bytes, fmt: str) -> tuple[tuple[int, int], int]:
             file.flush()
             frames = imageio_ffmpeg.read_frames(file.name)
             meta = next(frames)
-            return tuple(meta["size"]), sum(1 for _ in frames)  # type: ignore[return-value]
+            width, height = meta["size"]
+            return (width, height), sum(1 for _ in frames)
     image = Image.open(io.BytesIO(data))
     return image.size, getattr(image, "n_frames", 1)
 

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from server import policy
 from server.protocol import (
@@ -22,7 +22,7 @@ from server.protocol import (
 )
 
 
-def _errors(body: dict[str, Any], model: type = GenerationRequest) -> list[tuple[str, str]]:
+def _errors(body: dict[str, Any], model: type[BaseModel] = GenerationRequest) -> list[tuple[str, str]]:
     with pytest.raises(ValidationError) as caught:
         model.model_validate(body)
     return [(field_path(e["loc"], e["type"]), e["type"]) for e in caught.value.errors()]
@@ -154,6 +154,6 @@ def test_field_path_drops_request_and_union_tags() -> None:
 def test_models_are_frozen() -> None:
     spec = FirstBlockCache(method="first_block_cache")
     with pytest.raises(ValidationError):
-        spec.threshold = 1.0  # type: ignore[misc]
+        spec.threshold = 1.0
     assert NoCache(method="none") == NoCache(method="none")
     assert TaylorSeer(method="taylorseer").cache_interval == 5
