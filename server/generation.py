@@ -189,6 +189,13 @@ class _Clock:
 _Media: TypeAlias = "tuple[list[Image.Image] | None, list[list[Image.Image]] | None]"
 
 
+def _max_sequence_length(pipe: Any, call_kwargs: dict[str, Any]) -> int:
+    """The text length the pipeline's own call would encode with."""
+    if "max_sequence_length" in call_kwargs:
+        return int(call_kwargs["max_sequence_length"])
+    return int(inspect.signature(pipe.__call__).parameters["max_sequence_length"].default)
+
+
 def _cfg_negative(params: GenerationParams) -> str | None:
     """The negative prompt when guidance runs, else None."""
     if params.guidance_scale > 1:
@@ -202,7 +209,7 @@ def _generate_flux(model: ResidentModel, params: GenerationParams, clock: _Clock
     encode_kwargs = {
         "device": pipe._execution_device,
         "num_images_per_prompt": params.n,
-        "max_sequence_length": call_kwargs.get("max_sequence_length", 512),
+        "max_sequence_length": _max_sequence_length(pipe, call_kwargs),
     }
     distilled = bool(pipe.transformer.config.guidance_embeds)
     negative_prompt = None if distilled else _cfg_negative(params)
@@ -251,7 +258,7 @@ def _generate_wan(model: ResidentModel, params: GenerationParams, clock: _Clock)
             negative_prompt=negative_prompt,
             do_classifier_free_guidance=negative_prompt is not None,
             num_videos_per_prompt=params.n,
-            max_sequence_length=call_kwargs.get("max_sequence_length", 512),
+            max_sequence_length=_max_sequence_length(pipe, call_kwargs),
             device=pipe._execution_device,
         )
     with clock.stage("denoising"):

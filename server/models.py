@@ -226,11 +226,12 @@ def _frame_step(pipeline: DiffusionPipeline) -> int:
 # -- loading --------------------------------------------------------------------------------------------
 
 
-def _from_pretrained(source: str, torch_dtype: torch.dtype) -> DiffusionPipeline:
+def _from_pretrained(source: str, torch_dtype: torch.dtype, *, local: bool) -> DiffusionPipeline:
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.from_pretrained(source, dtype=torch_dtype)
+        # local_files_only: a folder must never turn into a download when a file is missing.
+        return DiffusionPipeline.from_pretrained(source, dtype=torch_dtype, local_files_only=local)
     except Exception as exc:
         raise ModelLoadError(f"could not load a diffusers pipeline from {source!r}: {exc}") from exc
 
@@ -241,13 +242,13 @@ def _resolve(
     """(name, source, pipeline) for ``spec``."""
     if builtin is not None:
         folder = materialize(builtin, cache_dir)
-        return builtin.name, f"builtin:{folder}", _from_pretrained(str(folder), torch_dtype)
+        return builtin.name, f"builtin:{folder}", _from_pretrained(str(folder), torch_dtype, local=True)
     folder = Path(spec).expanduser()
     if folder.is_dir():
         folder = folder.resolve()
-        return folder.name, f"local:{folder}", _from_pretrained(str(folder), torch_dtype)
+        return folder.name, f"local:{folder}", _from_pretrained(str(folder), torch_dtype, local=True)
     if _HUB_ID.fullmatch(spec):
-        return spec, f"hub:{spec}", _from_pretrained(spec, torch_dtype)
+        return spec, f"hub:{spec}", _from_pretrained(spec, torch_dtype, local=False)
     raise ModelLoadError(
         f"{spec!r} is not a built-in model ({', '.join(BUILTIN_MODEL_NAMES)}), "
         "an existing folder or a hub id (org/name)"
