@@ -1,0 +1,164 @@
+"""Asynchronous jobs: queued, running with progress events, done with a result; cancel; bounds."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import LiveServer, b64_items, decode_image, error_of, live_server
+
+# Long enough that it is still running when the test cancels it; cancelling makes it cheap.
+LONG = {"model": "tiny-flux", "prompt": "a slow one", "width": 256, "height": 256, "steps": 100, "seed": 1}
+SHORT = {"model": "tiny-flux", "prompt": "a red circle", "steps": 4, "seed": 2}
+QUEUE_SIZE = 2
+MAX_FINISHED = 4
+
+
+@pytest.fixture(scope="module")
+def server(model_cache: Path) -> Iterator[LiveServer]:
+    yield from live_server(
+        model_cache, models=["tiny-flux"], queue_size=QUEUE_SIZE, max_finished_jobs=MAX_FINISHED
+    )
+
+
+def events(client: httpx.Client, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event name, job) for each server-sent event, until the stream ends."""
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        name = ""
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                yield name, json.loads(line.removeprefix("data: "))
+
+
+def wait_final(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    while True:
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.02)
+
+
+def test_lifecycle_progress_and_cancel(server: LiveServer, client: httpx.Client) -> None:
+    created = client.post("/v1/jobs", json=LONG)
+    assert created.status_code == 202
+    long_id = created.json()["id"]
+    assert created.headers["location"] == f"/v1/jobs/{long_id}"
+    assert created.json()["request_id"] == created.headers["x-request-id"]
+
+    long_events = events(server.client(), long_id)
+    for name, job in long_events:
+        if name == "progress" and job["progress"]["step"] >= 1:
+            break
+    assert job["status"] == "running" and job["progress"]["total_steps"] == 100
+
+    # The worker is busy: the next two wait in the queue, in order; the queue then is full.
+    queued = client.post("/v1/jobs", json=SHORT).json()
+    dropped = client.post("/v1/jobs", json={**SHORT, "seed": 3}).json()
+    assert (queued["status"], queued["queue_position"]) == ("queued", 0)
+    assert (dropped["status"], dropped["queue_position"]) == ("queued", 1)
+    full = client.post("/v1/jobs", json=SHORT)
+    assert full.status_code == 503 and error_of(full)["code"] == "queue_full"
+    assert full.headers["retry-after"] == "1"
+
+    # A queued job is cancelled at once, and the one behind it moves up.
+    cancelled = client.delete(f"/v1/jobs/{dropped['id']}")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert client.get(f"/v1/jobs/{queued['id']}").json()["queue_position"] == 0
+
+    seen: list[tuple[str, dict[str, Any]]] = []
+    first_seen = threading.Event()
+
+    def watch() -> None:
+        with server.client() as watcher:
+            for item in events(watcher, queued["id"]):
+                seen.append(item)
+                first_seen.set()
+
+    watching = threading.Thread(target=watch)
+    watching.start()
+    assert first_seen.wait(60)
+
+    # A running job stops within one step of the cancel.
+    stop = client.delete(f"/v1/jobs/{long_id}")
+    assert stop.status_code == 202
+    steps_at_cancel = stop.json()["progress"]["step"]
+    name, job = list(long_events)[-1]
+    assert name == "cancelled" and job["status"] == "cancelled"
+    assert job["error"]["code"] == "cancelled" and job["result"] is None
+    assert steps_at_cancel <= job["progress"]["step"] <= steps_at_cancel + 1 < 100
+
+    # ... and the worker takes the next job.
+    watching.join(120)
+    names = [name for name, _ in seen]
+    assert names[0] == "queued" and names[1] == "running" and names[-1] == "succeeded"
+    assert set(names[2:-1]) == {"progress"}
+    steps = [job["progress"]["step"] for name, job in seen if name == "progress"]
+    assert steps == sorted(set(steps)) and steps[0] >= 1 and steps[-1] <= 4
+    done = seen[-1][1]
+    assert done["progress"] == {"step": 4, "total_steps": 4} and done["queue_position"] is None
+    (image,) = b64_items(done["result"])
+    assert decode_image(image).size == (64, 64)
+    # The cancelled job left nothing behind: the same body run now gives the same bytes.
+    assert b64_items(client.post("/v1/generations", json=SHORT).json()) == [image]
+    assert client.get(f"/v1/jobs/{queued['id']}").json() == done
+
+    finished = client.delete(f"/v1/jobs/{queued['id']}")
+    assert finished.status_code == 409 and error_of(finished)["code"] == "conflict"
+    assert server.queue_depths() == {"tiny-flux": 0}
+
+
+def test_events_of_a_finished_job_end_at_once(client: httpx.Client) -> None:
+    job_id = client.post("/v1/jobs", json=SHORT).json()["id"]
+    final = wait_final(client, job_id)
+    assert list(events(client, job_id)) == [("succeeded", final)]
+
+
+def test_unknown_jobs_are_404(client: httpx.Client) -> None:
+    for response in (
+        client.get("/v1/jobs/job_missing"),
+        client.get("/v1/jobs/job_missing/events"),
+        client.delete("/v1/jobs/job_missing"),
+    ):
+        assert response.status_code == 404 and error_of(response)["code"] == "not_found"
+
+
+def test_finished_jobs_are_kept_up_to_the_bound(client: httpx.Client) -> None:
+    ids = []
+    for seed in range(MAX_FINISHED + 2):
+        job_id = client.post("/v1/jobs", json={**SHORT, "steps": 1, "seed": seed}).json()["id"]
+        assert wait_final(client, job_id)["status"] == "succeeded"
+        ids.append(job_id)
+    client.post("/v1/jobs", json={**SHORT, "steps": 1}).raise_for_status()
+    kept = [client.get(f"/v1/jobs/{job_id}").status_code for job_id in ids]
+    assert kept[:2] == [404, 404] and set(kept[2:]) == {200}
+
+
+def test_a_failed_job_reports_the_error(server: LiveServer, client: httpx.Client) -> None:
+    # A fake, because nothing a client can send makes the pipeline raise: the VAE decode fails as
+    # an out-of-memory would.
+    generations = server.runtime.generations
+    assert generations is not None
+    vae = generations.models["tiny-flux"].pipeline.vae
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    vae.decode = out_of_memory
+    try:
+        job = wait_final(client, client.post("/v1/jobs", json=SHORT).json()["id"])
+    finally:
+        del vae.decode
+    assert job["status"] == "failed" and job["result"] is None
+    assert job["error"]["code"] == "generation_failed"
+    assert wait_final(client, client.post("/v1/jobs", json=SHORT).json()["id"])["status"] == "succeeded"
