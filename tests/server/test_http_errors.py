@@ -39,7 +39,10 @@ BAD_BODIES: list[tuple[dict[str, Any], str]] = [
     (
         {
             **GOOD,
-            "cache": {"method": "pyramid_attention_broadcast", "spatial_attention_timestep_skip_range": [1, 2, 3]},
+            "cache": {
+                "method": "pyramid_attention_broadcast",
+                "spatial_attention_timestep_skip_range": [1, 2, 3],
+            },
         },
         "cache.spatial_attention_timestep_skip_range",
     ),
