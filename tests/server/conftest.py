@@ -48,7 +48,8 @@ class LiveServer:
         return runtime
 
     def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=120.0, **kwargs)
+        kwargs.setdefault("timeout", 120.0)
+        return httpx.Client(base_url=self.base_url, **kwargs)
 
     def start(self) -> None:
         self._thread.start()

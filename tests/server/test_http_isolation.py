@@ -119,9 +119,9 @@ def test_same_body_same_bytes_before_and_alongside_other_policies(server: LiveSe
     with ThreadPoolExecutor(max_workers=6) as pool:
         results = list(pool.map(submit, order))
     checked = 0
-    for name, outcome in results:
-        if name is not None:
-            assert outcome == reference[name], f"{name} changed when run alongside other requests"
+    for watched, outcome in results:
+        if watched is not None:
+            assert outcome == reference[watched], f"{watched} changed when run alongside other requests"
             checked += 1
     assert checked == 2 * len(WATCHED)
     assert server.queue_depths() == {"tiny-flux": 0, "tiny-wan": 0}

@@ -162,3 +162,24 @@ def test_a_failed_job_reports_the_error(server: LiveServer, client: httpx.Client
     assert job["status"] == "failed" and job["result"] is None
     assert job["error"]["code"] == "generation_failed"
     assert wait_final(client, client.post("/v1/jobs", json=SHORT).json()["id"])["status"] == "succeeded"
+
+
+def test_a_client_that_goes_away_cancels_its_generation(server: LiveServer, client: httpx.Client) -> None:
+    generations = server.runtime.generations
+    assert generations is not None
+    cancelled = ("tiny-flux", "none", "GenerationCancelled")
+
+    def count() -> int:
+        counts = generations.metrics.snapshot()["generations"]
+        assert isinstance(counts, dict)
+        return int(counts.get("/".join(cancelled), 0))
+
+    before = count()
+    with server.client(timeout=httpx.Timeout(120.0, read=0.5)) as impatient, pytest.raises(httpx.ReadTimeout):
+        impatient.post("/v1/generations", json=LONG)
+    deadline = time.monotonic() + 120
+    while count() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert count() == before + 1
+    assert server.queue_depths() == {"tiny-flux": 0}
+    assert client.post("/v1/generations", json=SHORT).status_code == 200
