@@ -1,1 +1,1 @@
-"""The HTTP server: see app.py for the application and DESIGN.md for how a request travels."""
+"""The HTTP server: ``server.app.create_app`` builds the application, ``ditcache serve`` runs it."""
