@@ -8,6 +8,7 @@ on an ``asyncio.Event`` each. Finished jobs are kept for ``ttl_s`` seconds, at m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 FINAL: frozenset[JobStatus] = frozenset({"succeeded", "failed", "cancelled"})
 # Comment lines keep proxies from closing a stream that has been quiet this long.
 _KEEPALIVE_S = 15.0
+_QUEUED_POLL_S = 0.5
 
 
 @dataclass(eq=False)
@@ -97,6 +99,7 @@ class Jobs:
             )
             job.finished = time.time()
             job.changed()
+            self._queue_moved()
         return job
 
     def view(self, job: Job, *, with_result: bool = True) -> JobView:
@@ -118,30 +121,37 @@ class Jobs:
         )
 
     async def events(self, job: Job) -> AsyncIterator[str]:
-        """Server-sent events: ``queued``, ``running``, ``progress`` per step, then the final status.
+        """Server-sent events: ``queued`` (again whenever the position changes), ``running``,
+        ``progress`` per step, then the final status.
 
         Each carries the job as JSON; only the final one carries the result.
         """
         watcher = asyncio.Event()
         job.watchers.add(watcher)
-        sent_status: str | None = None
-        sent_step = 0
+        sent: tuple[str, int | None, int] | None = None
+        last_sent = time.monotonic()
         try:
             while True:
                 watcher.clear()
-                if job.status != sent_status and job.status not in FINAL:
-                    sent_status = job.status
-                    yield _event(job.status, self.view(job, with_result=False))
-                if job.status == "running" and job.step != sent_step:
-                    sent_step = job.step
-                    yield _event("progress", self.view(job, with_result=False))
                 if job.status in FINAL:
                     yield _event(job.status, self.view(job))
                     return
-                try:
-                    await asyncio.wait_for(watcher.wait(), _KEEPALIVE_S)
-                except TimeoutError:
+                view = self.view(job, with_result=False)
+                state = (view.status, view.queue_position, view.progress.step)
+                if state != sent:
+                    name = (
+                        "progress" if sent is not None and state[0] == sent[0] == "running" else view.status
+                    )
+                    sent, last_sent = state, time.monotonic()
+                    yield _event(name, view)
+                elif time.monotonic() - last_sent >= _KEEPALIVE_S:
+                    last_sent = time.monotonic()
                     yield ": keep-alive\n\n"
+                # A queued job's position also moves when requests that are not jobs leave the
+                # queue, which wakes no watcher: look again now and then.
+                timeout = _QUEUED_POLL_S if job.status == "queued" else _KEEPALIVE_S
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(watcher.wait(), timeout)
         finally:
             job.watchers.discard(watcher)
 
@@ -158,6 +168,13 @@ class Jobs:
             job.status = "running"
             job.started = time.time()
             job.changed()
+            self._queue_moved()
+
+    def _queue_moved(self) -> None:
+        """Wake the watchers of every queued job: their positions may have changed."""
+        for other in self._jobs.values():
+            if other.status == "queued":
+                other.changed()
 
     async def _run(self, job: Job) -> None:
         assert job.task is not None

@@ -63,7 +63,9 @@ def test_lifecycle_progress_and_cancel(server: LiveServer, client: httpx.Client)
     assert job["status"] == "running" and job["progress"]["total_steps"] == 100
 
     # The worker is busy: the next two wait in the queue, in order; the queue then is full.
-    queued = client.post("/v1/jobs", json=SHORT).json()
+    # Long enough that the job behind it is seen at position 0 before it starts in turn.
+    first = {**SHORT, "steps": 12}
+    queued = client.post("/v1/jobs", json=first).json()
     dropped = client.post("/v1/jobs", json={**SHORT, "seed": 3}).json()
     assert (queued["status"], queued["queue_position"]) == ("queued", 0)
     assert (dropped["status"], dropped["queue_position"]) == ("queued", 1)
@@ -71,23 +73,26 @@ def test_lifecycle_progress_and_cancel(server: LiveServer, client: httpx.Client)
     assert full.status_code == 503 and error_of(full)["code"] == "queue_full"
     assert full.headers["retry-after"] == "1"
 
-    # A queued job is cancelled at once, and the one behind it moves up.
+    # A queued job is cancelled at once, and its place is free again.
     cancelled = client.delete(f"/v1/jobs/{dropped['id']}")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     assert client.get(f"/v1/jobs/{queued['id']}").json()["queue_position"] == 0
+    behind = client.post("/v1/jobs", json={**SHORT, "seed": 4}).json()
+    assert behind["queue_position"] == 1
 
-    seen: list[tuple[str, dict[str, Any]]] = []
-    first_seen = threading.Event()
+    seen: dict[str, list[tuple[str, dict[str, Any]]]] = {queued["id"]: [], behind["id"]: []}
+    first_seen = {job_id: threading.Event() for job_id in seen}
 
-    def watch() -> None:
+    def watch(job_id: str) -> None:
         with server.client() as watcher:
-            for item in events(watcher, queued["id"]):
-                seen.append(item)
-                first_seen.set()
+            for item in events(watcher, job_id):
+                seen[job_id].append(item)
+                first_seen[job_id].set()
 
-    watching = threading.Thread(target=watch)
-    watching.start()
-    assert first_seen.wait(60)
+    watching = [threading.Thread(target=watch, args=(job_id,)) for job_id in seen]
+    for thread in watching:
+        thread.start()
+    assert all(event.wait(60) for event in first_seen.values())
 
     # A running job stops within one step of the cancel.
     stop = client.delete(f"/v1/jobs/{long_id}")
@@ -98,20 +103,31 @@ def test_lifecycle_progress_and_cancel(server: LiveServer, client: httpx.Client)
     assert job["error"]["code"] == "cancelled" and job["result"] is None
     assert steps_at_cancel <= job["progress"]["step"] <= steps_at_cancel + 1 < 100
 
-    # ... and the worker takes the next job.
-    watching.join(120)
-    names = [name for name, _ in seen]
-    assert names[0] == "queued" and names[1] == "running" and names[-1] == "succeeded"
-    assert set(names[2:-1]) == {"progress"}
-    steps = [job["progress"]["step"] for name, job in seen if name == "progress"]
-    assert steps == sorted(set(steps)) and steps[0] >= 1 and steps[-1] <= 4
-    done = seen[-1][1]
-    assert done["progress"] == {"step": 4, "total_steps": 4} and done["queue_position"] is None
-    (image,) = b64_items(done["result"])
-    assert decode_image(image).size == (64, 64)
+    # ... and the worker takes the next jobs, in order.
+    for thread in watching:
+        thread.join(120)
+    results = []
+    for job_id, stream in seen.items():
+        names = [name for name, _ in stream]
+        assert names[0] == "queued" and names[-1] == "succeeded"
+        assert names.count("running") == 1
+        running_at = names.index("running")
+        assert set(names[:running_at]) == {"queued"} and set(names[running_at + 1 : -1]) <= {"progress"}
+        # Steps only go up; events may merge steps that came faster than the stream was read.
+        total = first["steps"] if job_id == queued["id"] else SHORT["steps"]
+        steps = [job["progress"]["step"] for _, job in stream[running_at:-1]]
+        assert steps == sorted(set(steps)) and steps[-1] <= total
+        done = stream[-1][1]
+        assert done["progress"] == {"step": total, "total_steps": total} and done["queue_position"] is None
+        assert client.get(f"/v1/jobs/{job_id}").json() == done
+        (image,) = b64_items(done["result"])
+        assert decode_image(image).size == (64, 64)
+        results.append((done["started"], image))
+    positions = [job["queue_position"] for name, job in seen[behind["id"]] if name == "queued"]
+    assert positions == [1, 0], "the job behind moved up when the one ahead started"
+    assert results[0][0] < results[1][0]
     # The cancelled job left nothing behind: the same body run now gives the same bytes.
-    assert b64_items(client.post("/v1/generations", json=SHORT).json()) == [image]
-    assert client.get(f"/v1/jobs/{queued['id']}").json() == done
+    assert b64_items(client.post("/v1/generations", json=first).json()) == [results[0][1]]
 
     finished = client.delete(f"/v1/jobs/{queued['id']}")
     assert finished.status_code == 409 and error_of(finished)["code"] == "conflict"
