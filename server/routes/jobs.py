@@ -28,7 +28,7 @@ async def get_job(job_id: str, jobs: JobsDep) -> JobView:
 
 @router.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse)
 async def job_events(job_id: str, jobs: JobsDep) -> StreamingResponse:
-    """Server-sent events: ``queued``, ``running``, ``progress`` (one per step), then the final status."""
+    """Server-sent events: ``queued`` (again as the position changes), ``running``, ``progress``, final status."""
     job = jobs.get(job_id)
     return StreamingResponse(
         jobs.events(job),
