@@ -111,6 +111,7 @@ class Jobs:
             status=job.status,
             model=job.prepared.model.name,
             request_id=job.prepared.request_id,
+            seed=job.prepared.params.seed,
             created=job.created,
             started=job.started,
             finished=job.finished,

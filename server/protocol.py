@@ -373,6 +373,7 @@ class JobView(Response):
     status: JobStatus
     model: str
     request_id: str
+    seed: int
     created: float
     started: float | None
     finished: float | None

@@ -55,6 +55,7 @@ def test_lifecycle_progress_and_cancel(server: LiveServer, client: httpx.Client)
     long_id = created.json()["id"]
     assert created.headers["location"] == f"/v1/jobs/{long_id}"
     assert created.json()["request_id"] == created.headers["x-request-id"]
+    assert created.json()["seed"] == LONG["seed"]
 
     long_events = events(server.client(), long_id)
     for name, job in long_events:
