@@ -1,34 +1,46 @@
 """The application: ``create_app(settings)``, its lifespan, and every exception handler.
 
 Nothing is loaded when this module is imported or when ``create_app`` runs; the lifespan starts the
-model loading and stops the workers.
+model loading and, at shutdown, drains: running and queued work gets what is left of
+``shutdown_grace_s`` to finish, then whatever remains is cancelled and the workers stop.
+
+Middleware, outermost first: request id (and its log context), access log and request metrics,
+CORS (only with ``cors_origins``), the body size limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from . import errors
+from .access import AccessMiddleware
+from .auth import require_api_key
+from .body_limit import BodySizeLimitMiddleware
 from .jobs import Jobs
+from .openapi import errors as error_responses
 from .protocol import field_path
+from .request_id import HEADER as REQUEST_ID_HEADER
 from .request_id import RequestIdMiddleware, request_id_of
-from .routes import ROUTERS
+from .routes import OPEN_ROUTERS, V1_ROUTERS
 from .runtime import Runtime, load_generations
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# How long shutdown waits for each worker to finish the step it is in.
+# After the grace period, how long shutdown waits for each worker to finish the step it is in.
 _STOP_TIMEOUT_S = 30.0
+_DRAIN_POLL_S = 0.05
 _HTTP_CODES = {
     400: "invalid_request",
     401: "unauthorized",
@@ -41,16 +53,32 @@ _HTTP_CODES = {
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
     app = FastAPI(
         title="ditcache",
         summary="Diffusion transformers over HTTP, with a caching policy per request",
         version="0.1.0",
         lifespan=_lifespan,
+        # Any route can fail unexpectedly; the envelope is the same everywhere.
+        responses=error_responses(500),
     )
-    app.state.runtime = Runtime(settings or Settings())
+    runtime = Runtime(settings)
+    app.state.runtime = runtime
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Accept", REQUEST_ID_HEADER, "X-Request-Timeout"],
+            expose_headers=[REQUEST_ID_HEADER, "Server-Timing", "X-Seed", "X-Cache-Stats", "Retry-After"],
+        )
+    app.add_middleware(AccessMiddleware, metrics=runtime.metrics)
     app.add_middleware(RequestIdMiddleware)
-    for router in ROUTERS:
+    for router in OPEN_ROUTERS:
         app.include_router(router)
+    for router in V1_ROUTERS:
+        app.include_router(router, dependencies=[Depends(require_api_key)])
     _install_handlers(app)
     return app
 
@@ -63,13 +91,28 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        runtime.state = "stopping"
+        runtime.begin_drain()
         loader.cancel()
         await asyncio.gather(loader, return_exceptions=True)
+        await _drain(runtime)
+        runtime.state = "stopping"
         if runtime.jobs is not None:
             await runtime.jobs.close()
         if runtime.generations is not None:
             await anyio.to_thread.run_sync(runtime.generations.stop, _STOP_TIMEOUT_S)
+
+
+async def _drain(runtime: Runtime) -> None:
+    """Wait, within what is left of the grace period, for every worker to run out of work."""
+    generations = runtime.generations
+    if generations is None:
+        return
+    assert runtime.drain_started is not None
+    deadline = runtime.drain_started + runtime.settings.shutdown_grace_s
+    while not generations.idle() and time.monotonic() < deadline:
+        await asyncio.sleep(_DRAIN_POLL_S)
+    if not generations.idle():
+        logger.warning("grace period over: cancelling what is still queued or running")
 
 
 async def _load(runtime: Runtime) -> None:

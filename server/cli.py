@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +44,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-finished-jobs", type=int, help="finished jobs kept (default: 256)")
     serve.add_argument("--torch-threads", type=int, help="torch intra-op threads")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--log-format", choices=["json", "text"], help="(default: json)")
+    serve.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default: 1 MiB)")
+    serve.add_argument("--request-timeout-s", type=float, help="the longest a request may run (default: 600)")
+    serve.add_argument(
+        "--shutdown-grace-s", type=float, help="on SIGTERM, time for running work to finish (default: 30)"
+    )
+    serve.add_argument(
+        "--cors-origin",
+        dest="cors_origins",
+        action="append",
+        metavar="ORIGIN",
+        help="allow this origin by CORS; repeat for several (default: no CORS)",
+    )
+    # No --api-key flag: a key on the command line shows in the process list. Use DITCACHE_API_KEY.
     return parser
 
 
@@ -63,14 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValidationError, OSError, ValueError) as exc:
         print(f"ditcache: invalid settings: {exc}", file=sys.stderr)
         return 2
-    import uvicorn
-
+    from . import logs
     from .app import create_app
+    from .serving import serve
 
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; with this handler in place,
+    # that ends nothing, and a drained server exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    serve(create_app(settings), settings)
     return 0
 
 

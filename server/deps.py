@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
+from .errors import InvalidRequest
 from .jobs import Jobs
 from .request_id import request_id_of
 from .runtime import Runtime
 from .service import Generations
+
+TIMEOUT_HEADER = "X-Request-Timeout"
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -25,7 +28,32 @@ def get_jobs(request: Request) -> Jobs:
     return get_runtime(request).require_jobs()
 
 
+def get_timeout(
+    request: Request,
+    timeout: Annotated[
+        float | None,
+        Header(
+            alias=TIMEOUT_HEADER,
+            gt=0,
+            description="seconds this request may take, at most the server's request_timeout_s; "
+            "past it the generation stops at its next step and the answer is 504",
+        ),
+    ] = None,
+) -> float:
+    """The request's time budget: what the client asks for, bounded by the server's."""
+    bound = get_runtime(request).settings.request_timeout_s
+    if timeout is None:
+        return bound
+    if timeout > bound:
+        raise InvalidRequest(
+            f"{TIMEOUT_HEADER} is over the server's limit of {bound:g} s, got {timeout:g}",
+            param=TIMEOUT_HEADER,
+        )
+    return timeout
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 GenerationsDep = Annotated[Generations, Depends(get_generations)]
 JobsDep = Annotated[Jobs, Depends(get_jobs)]
 RequestIdDep = Annotated[str, Depends(request_id_of)]
+TimeoutDep = Annotated[float, Depends(get_timeout)]

@@ -12,10 +12,16 @@ and an ``X-Request-Id`` header. The tree, with the HTTP status and ``code`` each
     │   │                                                                 "cache.preset")
     │   ├── NotAcceptable                406 not_acceptable      the Accept header cannot be met
     │   ├── NotFound                     404 not_found           e.g. an unknown job id
-    │   └── Conflict                     409 conflict            e.g. cancelling a finished job
+    │   ├── Conflict                     409 conflict            e.g. cancelling a finished job
+    │   ├── Unauthorized                 401 unauthorized        a missing or wrong API key
+    │   └── PayloadTooLarge              413 payload_too_large   the body is over ``max_body_bytes``
+    ├── QueueFull                        429 queue_full          the model's queue is at its bound;
+    │                                                             ``Retry-After`` says when to retry
     ├── Unavailable                      503 unavailable         retry later
-    │   ├── NotReady                     503 not_ready           models are still loading (or failed to)
-    │   └── QueueFull                    503 queue_full          the model's queue is at its bound
+    │   ├── NotReady                     503 not_ready           models are loading, or the server drains
+    │   └── OutOfMemory                  503 out_of_memory       the device ran out of memory mid-run
+    ├── DeadlineExceeded                 504 deadline_exceeded   the request's timeout passed; the job
+    │                                                             stopped at its next step
     ├── GenerationCancelled              499 cancelled           the job was cancelled (never sent to the
     │                                                             client that cancelled; stored on the job)
     └── GenerationFailed                 500 generation_failed   the pipeline raised; details stay in logs
@@ -87,6 +93,34 @@ class Conflict(RequestError):
     code = "conflict"
 
 
+class Unauthorized(RequestError):
+    status_code = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class PayloadTooLarge(RequestError):
+    status_code = 413
+    code = "payload_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is over the limit of {limit} bytes", param="body")
+
+
+class QueueFull(ServerError):
+    # 429 rather than 503: the server is healthy, this client should slow down (as TGI and vLLM do).
+    status_code = 429
+    code = "queue_full"
+
+    def __init__(self, model: str, size: int, retry_after_s: int = 1) -> None:
+        super().__init__(
+            f"the queue for model {model!r} is full ({size} waiting); retry later",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+
+
 class Unavailable(ServerError):
     status_code = 503
     code = "unavailable"
@@ -96,14 +130,13 @@ class NotReady(Unavailable):
     code = "not_ready"
 
 
-class QueueFull(Unavailable):
-    code = "queue_full"
+class OutOfMemory(Unavailable):
+    code = "out_of_memory"
 
-    def __init__(self, model: str, size: int) -> None:
-        super().__init__(
-            f"the queue for model {model!r} is full ({size} waiting); retry later",
-            headers={"Retry-After": "1"},
-        )
+
+class DeadlineExceeded(ServerError):
+    status_code = 504
+    code = "deadline_exceeded"
 
 
 class GenerationCancelled(ServerError):

@@ -61,10 +61,10 @@ class Jobs:
         self.max_finished = max_finished
         self._jobs: dict[str, Job] = {}
 
-    def create(self, body: GenerationRequest, request_id: str) -> Job:
+    def create(self, body: GenerationRequest, request_id: str, *, timeout_s: float | None = None) -> Job:
         """Queue ``body``; raises InvalidRequest or QueueFull without leaving a job behind."""
         self._evict()
-        prepared = self.generations.prepare(body, request_id)
+        prepared = self.generations.prepare(body, request_id, timeout_s=timeout_s)
         job = Job(id=f"job_{uuid.uuid4().hex}", prepared=prepared)
         loop = asyncio.get_running_loop()
 

@@ -1,25 +1,127 @@
-"""Counters of what the server did; a place for the Prometheus exporter to plug into.
+"""Prometheus metrics, in a registry of the app's own (never the process-global one), so that
+several apps in one process (the tests) count apart.
 
-For now the counts stay in memory (``snapshot`` reads them); exporting them is a later change that
-only this module needs.
+``Metrics.render()`` is what ``GET /metrics`` answers. Names, with their labels::
+
+    ditcache_http_requests_total{route,method,status}          requests answered
+    ditcache_http_request_duration_seconds{route,method}       latency of whole requests
+    ditcache_generations_total{model,method,outcome}           outcome: ok or the exception's name
+    ditcache_generation_stage_seconds{model,stage}             queue_wait, text_encoding, denoising,
+                                                                decoding, encoding, total
+    ditcache_denoising_steps_total{model,method,result}        result: computed or cached
+    ditcache_transformer_blocks_total{model,method,result}     result: computed or reused
+    ditcache_attention_total{model,method,result}              result: computed or reused
+    ditcache_queue_depth{model}                                requests waiting
+    ditcache_jobs_in_flight{model}                             generations running (0 or 1)
 """
 
 from __future__ import annotations
 
 import threading
-from collections import Counter, defaultdict
+from collections import Counter as Tally
+from collections import defaultdict
+from typing import Protocol
 
-from .protocol import Timings
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from .protocol import CacheStats, Timings
+
+_STAGES = ("queue_wait", "text_encoding", "denoising", "decoding", "encoding", "total")
+# From a tiny model on a CPU (milliseconds) to a large video model on a GPU (many minutes).
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class Watched(Protocol):
+    """What the gauges read from a worker."""
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    @property
+    def busy(self) -> int: ...
 
 
 class Metrics:
     def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter(
+            "ditcache_http_requests",
+            "HTTP requests answered",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "ditcache_http_request_duration_seconds",
+            "Time from a request's arrival to the end of its response",
+            ["route", "method"],
+            buckets=_SECONDS,
+            registry=registry,
+        )
+        self.generations = Counter(
+            "ditcache_generations", "Generations ended", ["model", "method", "outcome"], registry=registry
+        )
+        self.stage_seconds = Histogram(
+            "ditcache_generation_stage_seconds",
+            "Time per stage of a successful generation",
+            ["model", "stage"],
+            buckets=_SECONDS,
+            registry=registry,
+        )
+        self.steps = Counter(
+            "ditcache_denoising_steps", "Denoising steps", ["model", "method", "result"], registry=registry
+        )
+        self.blocks = Counter(
+            "ditcache_transformer_blocks",
+            "Transformer block calls computed or answered from the cache",
+            ["model", "method", "result"],
+            registry=registry,
+        )
+        self.attention = Counter(
+            "ditcache_attention",
+            "Attention calls computed or answered from the cache",
+            ["model", "method", "result"],
+            registry=registry,
+        )
+        self.queue_depth = Gauge("ditcache_queue_depth", "Requests waiting", ["model"], registry=registry)
+        self.in_flight = Gauge("ditcache_jobs_in_flight", "Generations running", ["model"], registry=registry)
+        # In-memory tallies kept alongside, for code that wants the numbers without parsing text.
         self._lock = threading.Lock()
-        self._generations: Counter[tuple[str, str, str]] = Counter()
+        self._generations: Tally[tuple[str, str, str]] = Tally()
         self._denoising_ms: defaultdict[str, float] = defaultdict(float)
 
-    def generation_done(self, model: str, method: str, outcome: str, timings: Timings | None) -> None:
+    def watch_worker(self, model: str, worker: Watched) -> None:
+        """Gauges read from the worker when scraped, so they can never drift from it."""
+        self.queue_depth.labels(model).set_function(lambda: worker.queue_depth)
+        self.in_flight.labels(model).set_function(lambda: worker.busy)
+
+    def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.request_seconds.labels(route, method).observe(seconds)
+
+    def generation_done(
+        self, model: str, method: str, outcome: str, timings: Timings | None, stats: CacheStats | None
+    ) -> None:
         """``outcome`` is "ok" or the name of the exception that ended the generation."""
+        self.generations.labels(model, method, outcome).inc()
+        if timings is not None:
+            for stage in _STAGES:
+                self.stage_seconds.labels(model, stage).observe(getattr(timings, stage) / 1000)
+        if stats is not None:
+            for counter, computed, reused, reused_name in (
+                (self.steps, stats.steps_computed, stats.steps_cached, "cached"),
+                (self.blocks, stats.blocks_computed, stats.blocks_reused, "reused"),
+                (self.attention, stats.attention_computed, stats.attention_reused, "reused"),
+            ):
+                counter.labels(model, method, "computed").inc(computed)
+                counter.labels(model, method, reused_name).inc(reused)
         with self._lock:
             self._generations[(model, method, outcome)] += 1
             if timings is not None:
@@ -31,3 +133,7 @@ class Metrics:
                 "generations": {"/".join(key): count for key, count in self._generations.items()},
                 "denoising_ms": dict(self._denoising_ms),
             }
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition format and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

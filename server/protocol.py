@@ -367,6 +367,12 @@ class ErrorDetail(Response):
     param: str | None = None
 
 
+class ErrorResponse(Response):
+    """Every error answer: one envelope, whatever raised it."""
+
+    error: ErrorDetail
+
+
 class JobView(Response):
     id: str
     object: Literal["job"] = "job"

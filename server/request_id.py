@@ -1,7 +1,8 @@
 """Every request gets an id: the client's ``X-Request-Id`` when it is sane, a fresh one otherwise.
 
 The id is put on ``request.state.request_id`` before anything else runs and echoed in the response's
-``X-Request-Id`` header. Error responses built outside this middleware (the catch-all 500) add the
+``X-Request-Id`` header, and bound to ``logs.request_id_var`` so that every log line of the request
+carries it. Error responses built outside this middleware (the catch-all 500) add the
 header themselves from the same state.
 """
 
@@ -13,6 +14,8 @@ import uuid
 from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .logs import bound_request_id
 
 HEADER = "X-Request-Id"
 # Ids end up in logs and headers: keep them short and free of anything that could forge a line.
@@ -45,4 +48,5 @@ class RequestIdMiddleware:
                 MutableHeaders(scope=message)[HEADER] = request_id
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        with bound_request_id(request_id):
+            await self.app(scope, receive, send_with_id)

@@ -6,19 +6,23 @@ says 503 until every model is resident (or says why loading failed).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import NotReady
 from .jobs import Jobs
 from .metrics import Metrics
+from .model_settings import ModelLimits
 from .service import Generations
-from .settings import Settings
+from .settings import LimitOverrides, Settings
 
 logger = logging.getLogger(__name__)
 
-State = Literal["loading", "ready", "failed", "stopping"]
+# draining: a shutdown was asked for; running work may finish, new requests get 503.
+State = Literal["loading", "ready", "failed", "draining", "stopping"]
 
 
 @dataclass
@@ -29,6 +33,15 @@ class Runtime:
     error: str | None = None
     generations: Generations | None = None
     jobs: Jobs | None = None
+    # time.monotonic() when draining began; the grace period counts from here.
+    drain_started: float | None = None
+
+    def begin_drain(self) -> None:
+        """Refuse new work from now on (503); what runs may finish. Safe to call twice."""
+        if self.drain_started is None:
+            self.drain_started = time.monotonic()
+        if self.state in ("loading", "ready"):
+            self.state = "draining"
 
     def require_generations(self) -> Generations:
         if self.state != "ready" or self.generations is None:
@@ -43,7 +56,7 @@ class Runtime:
     def not_ready_reason(self) -> str:
         if self.state == "failed":
             return f"models failed to load: {self.error}"
-        if self.state == "stopping":
+        if self.state in ("draining", "stopping"):
             return "the server is shutting down"
         if self.state == "ready" and self.generations is not None and not self.generations.ready:
             return "a model worker has stopped"
@@ -73,8 +86,24 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
             # The pipeline then runs exactly as diffusers ships it: the reference for "no caching".
             model.engine.close()
         models[model.name] = model
+    unknown = sorted(set(settings.model_limits) - set(models))
+    if unknown:
+        raise ValueError(f"model_limits names models that are not served: {', '.join(unknown)}")
+    for name, overrides in settings.model_limits.items():
+        models[name].limits = _with_overrides(models[name].limits, overrides)
     workers = {
-        name: Worker(model, max_queue=settings.queue_size, use_sessions=settings.install_cache_hooks)
+        name: Worker(
+            model,
+            max_queue=settings.queue_size,
+            use_sessions=settings.install_cache_hooks,
+            retry_after_s=settings.retry_after_s,
+        )
         for name, model in models.items()
     }
+    for name, worker in workers.items():
+        metrics.watch_worker(name, worker)
     return Generations(models, workers, cache_hooks=settings.install_cache_hooks, metrics=metrics)
+
+
+def _with_overrides(limits: ModelLimits, overrides: LimitOverrides) -> ModelLimits:
+    return dataclasses.replace(limits, **overrides.model_dump(exclude_none=True))

@@ -20,7 +20,14 @@ import anyio.to_thread
 from cache_engine import CacheConfig, UnsupportedMethodError
 
 from . import media, policy
-from .errors import InvalidRequest, NotReady, UnknownModel, UnsupportedCacheMethod
+from .errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    NotReady,
+    ServerError,
+    UnknownModel,
+    UnsupportedCacheMethod,
+)
 from .generation import GenerationParams, InvalidGenerationParams, check_params
 from .metrics import Metrics
 from .models import ResidentModel
@@ -51,6 +58,8 @@ class Prepared:
     fps: int | None
     received_at: float
     created: int
+    # time.monotonic() past which the generation stops and answers 504; None: no deadline.
+    deadline: float | None = None
 
     @property
     def kind(self) -> Kind:
@@ -116,13 +125,15 @@ class Generations:
         *,
         kind: Kind | None = None,
         size_param: str | None = None,
+        timeout_s: float | None = None,
     ) -> Prepared:
         """Check ``body`` against its model and fill in the defaults; raises InvalidRequest.
 
         ``size_param`` names the field to blame for a bad width or height (``size`` in the OpenAI
-        request, which has no width and height of its own).
+        request, which has no width and height of its own). ``timeout_s`` starts the deadline now.
         """
         received_at = time.perf_counter()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         model = self.resolve_model(body.model, kind)
         defaults = model.defaults
         video = model.kind == "video"
@@ -166,6 +177,7 @@ class Generations:
             fps=_or(body.fps, defaults.fps or _FALLBACK_FPS) if video else None,
             received_at=received_at,
             created=int(time.time()),
+            deadline=deadline,
         )
 
     def _cache_config(self, body: GenerationRequest, model: ResidentModel) -> CacheConfig | None:
@@ -210,6 +222,7 @@ class Generations:
             config=prepared.config,
             on_start=on_start,
             on_step=on_step,
+            deadline=prepared.deadline,
         )
         worker.submit(task)
         return task
@@ -217,9 +230,13 @@ class Generations:
     def position(self, prepared: Prepared, task: Task) -> int | None:
         return self.workers[prepared.model.name].position(task)
 
-    def cancel(self, prepared: Prepared, task: Task) -> bool:
+    def cancel(self, prepared: Prepared, task: Task, reason: ServerError | None = None) -> bool:
         """True if ``task`` was still queued and is now dropped; False if it will stop at a step."""
-        return self.workers[prepared.model.name].cancel(task)
+        return self.workers[prepared.model.name].cancel(task, reason)
+
+    def idle(self) -> bool:
+        """No worker runs or holds a task."""
+        return all(worker.idle() for worker in self.workers.values())
 
     # -- step 3 -----------------------------------------------------------------------------------
 
@@ -231,7 +248,7 @@ class Generations:
             encode_started = time.perf_counter()
             encoded = await anyio.to_thread.run_sync(_encode_all, prepared, outcome)
         except Exception as exc:
-            self.metrics.generation_done(prepared.model.name, method, type(exc).__name__, None)
+            self.metrics.generation_done(prepared.model.name, method, type(exc).__name__, None, None)
             raise
         done = time.perf_counter()
         result = outcome.result
@@ -245,11 +262,15 @@ class Generations:
             total=(done - prepared.received_at) * 1000,
         )
         stats = None if outcome.stats is None else _stats(outcome.stats.as_dict())
-        self.metrics.generation_done(prepared.model.name, method, "ok", timings)
+        self.metrics.generation_done(prepared.model.name, method, "ok", timings, stats)
         return Finished(prepared=prepared, media=encoded, timings=timings, stats=stats)
 
     async def run(self, prepared: Prepared, is_disconnected: Callable[[], Awaitable[bool]]) -> Finished:
-        """All three steps for a client that waits; cancels the generation if the client goes away."""
+        """All three steps for a client that waits; cancels the generation if the client goes away.
+
+        A task still queued when its deadline passes is dropped here; a running one is stopped by
+        its worker at the next step. Either way the answer is DeadlineExceeded.
+        """
         task = self.submit(prepared)
         finishing = asyncio.ensure_future(self.finish(prepared, task))
         try:
@@ -257,6 +278,9 @@ class Generations:
                 done, _ = await asyncio.wait({finishing}, timeout=_DISCONNECT_POLL_S)
                 if done:
                     return finishing.result()
+                if task.expired():
+                    self.cancel(prepared, task, DeadlineExceeded("the request's timeout passed while queued"))
+                    return await finishing
                 if await is_disconnected():
                     self.cancel(prepared, task)
                     # The worker stops within a step; what finishing raises then is the answer.

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -28,6 +28,20 @@ CONFIG_ENV = ENV_PREFIX + "CONFIG"
 DEFAULT_MODELS = ("tiny-flux", "tiny-wan")
 
 Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+class LimitOverrides(BaseModel):
+    """Per-model replacements for the limits a model declares (``server.model_settings.ModelLimits``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_width: int | None = Field(default=None, ge=1)
+    max_height: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+    max_frames: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    max_n: int | None = Field(default=None, ge=1)
+    max_prompt_chars: int | None = Field(default=None, ge=1)
 
 
 class Settings(BaseSettings):
@@ -55,10 +69,33 @@ class Settings(BaseSettings):
         default=None, ge=1, description="torch intra-op threads (default: torch's)"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one object per line, with the request id"
+    )
+    model_limits: dict[str, LimitOverrides] = Field(
+        default_factory=dict,
+        description='per model name: limits replacing the model\'s own, e.g. {"tiny-flux": {"max_steps": 8}}',
+    )
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="larger bodies are refused (413)")
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="the longest a request may run; X-Request-Timeout may ask for less"
+    )
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with a 429 (queue full)")
+    api_key: SecretStr | None = Field(
+        default=None, description="when set, /v1 routes need 'Authorization: Bearer <key>'"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed by CORS; empty: no CORS headers at all"
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="on SIGTERM, how long running jobs may finish before they are cancelled",
+    )
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "cors_origins", mode="before")
     @classmethod
-    def _split_models(cls, value: Any) -> Any:
+    def _split_lists(cls, value: Any) -> Any:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):

@@ -1,8 +1,11 @@
 """One worker thread per resident model, fed by a bounded queue.
 
 The worker is the only code that runs its model's pipeline, so the text encoding, denoising and
-decoding of one request never interleave with another's. Cancellation is a flag the step callback
-checks between denoising steps; raising from that callback stops the pipeline.
+decoding of one request never interleave with another's. Cancellation and deadlines are checked by
+the step callback between denoising steps; raising from that callback stops the pipeline.
+
+A generation that raises (an out-of-memory error, any exception from the pipeline) fails only its
+own task: the cache session is discarded by its context manager, and the loop takes the next task.
 """
 
 from __future__ import annotations
@@ -15,10 +18,21 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import torch
+
 from cache_engine import CacheConfig, SessionStats
 
-from .errors import GenerationCancelled, GenerationFailed, QueueFull, Unavailable
+from .errors import (
+    DeadlineExceeded,
+    GenerationCancelled,
+    GenerationFailed,
+    OutOfMemory,
+    QueueFull,
+    ServerError,
+    Unavailable,
+)
 from .generation import GenerationParams, GenerationResult, generate
+from .logs import bound_request_id
 from .models import ResidentModel
 
 logger = logging.getLogger(__name__)
@@ -49,12 +63,20 @@ class Task:
     future: Future[Outcome] = field(default_factory=Future)
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
+    # time.monotonic() past which the task stops at its next step (504); None: no deadline.
+    deadline: float | None = None
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
 
 class Worker:
-    def __init__(self, model: ResidentModel, *, max_queue: int, use_sessions: bool = True) -> None:
+    def __init__(
+        self, model: ResidentModel, *, max_queue: int, use_sessions: bool = True, retry_after_s: int = 1
+    ) -> None:
         self.model = model
         self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
         # False when the server runs without cache hooks: the pipeline is called bare.
         self.use_sessions = use_sessions
         self._queue: deque[Task] = deque()
@@ -75,12 +97,22 @@ class Worker:
         with self._condition:
             return len(self._queue)
 
+    @property
+    def busy(self) -> int:
+        """1 while a task runs, else 0."""
+        with self._condition:
+            return int(self._running is not None)
+
+    def idle(self) -> bool:
+        with self._condition:
+            return self._running is None and not self._queue
+
     def submit(self, task: Task) -> None:
         with self._condition:
             if self._stopping:
                 raise Unavailable("the server is shutting down")
             if len(self._queue) >= self.max_queue:
-                raise QueueFull(self.model.name, len(self._queue))
+                raise QueueFull(self.model.name, len(self._queue), self.retry_after_s)
             self._queue.append(task)
             self._condition.notify()
 
@@ -92,15 +124,18 @@ class Worker:
             except ValueError:
                 return None
 
-    def cancel(self, task: Task) -> bool:
-        """A queued task is dropped at once (returns True); a running one stops at its next step."""
+    def cancel(self, task: Task, reason: ServerError | None = None) -> bool:
+        """A queued task is dropped at once (returns True); a running one stops at its next step.
+
+        ``reason`` is what a dropped task's future raises (default: GenerationCancelled).
+        """
         task.cancel_requested.set()
         with self._condition:
             try:
                 self._queue.remove(task)
             except ValueError:
                 return False
-        task.future.set_exception(GenerationCancelled("cancelled before it started"))
+        task.future.set_exception(reason or GenerationCancelled("cancelled before it started"))
         return True
 
     def stop(self, timeout: float | None = None) -> None:
@@ -125,7 +160,8 @@ class Worker:
                 task = self._queue.popleft()
                 self._running = task
             try:
-                self._run(task)
+                with bound_request_id(task.request_id):
+                    self._run(task)
             finally:
                 with self._condition:
                     self._running = None
@@ -135,11 +171,14 @@ class Worker:
         if task.cancel_requested.is_set():
             task.future.set_exception(GenerationCancelled("cancelled before it started"))
             return
+        if task.expired():
+            task.future.set_exception(DeadlineExceeded("the request's timeout passed while it was queued"))
+            return
         total_steps = task.params.steps
 
         def on_step_end(step: int) -> None:
             task.steps_done = step + 1
-            if task.cancel_requested.is_set():
+            if task.cancel_requested.is_set() or task.expired():
                 raise _StopRequested
             if task.on_step is not None:
                 task.on_step(step + 1, total_steps)
@@ -155,11 +194,23 @@ class Worker:
             else:
                 result = generate(self.model, task.params, on_step_end=on_step_end)
         except Exception as exc:
-            # The pipeline may wrap what the callback raised, so the flag decides, not the type.
-            if task.cancel_requested.is_set():
-                task.future.set_exception(GenerationCancelled("cancelled during denoising"))
-            else:
-                logger.exception("generation %s on %s failed", task.request_id, self.model.name)
-                task.future.set_exception(GenerationFailed(f"generation failed: {type(exc).__name__}"))
+            task.future.set_exception(self._failure(task, exc))
             return
         task.future.set_result(Outcome(result=result, stats=stats, queue_wait_ms=queue_wait_ms))
+
+    def _failure(self, task: Task, exc: Exception) -> ServerError:
+        """What the client hears about a generation that raised; the details go to the log only."""
+        # The pipeline may wrap what the callback raised, so the flags decide, not the type. The
+        # deadline comes first: a waiter that sees it pass also cancels the task.
+        if task.expired():
+            return DeadlineExceeded(f"the request's timeout passed after {task.steps_done} steps")
+        if task.cancel_requested.is_set():
+            return GenerationCancelled("cancelled during denoising")
+        if isinstance(exc, torch.OutOfMemoryError):
+            logger.error("generation %s on %s ran out of memory", task.request_id, self.model.name)
+            # Hand the failed run's cached blocks back to the device, so that the next job can fit.
+            if self.model.pipeline.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return OutOfMemory("the device ran out of memory; retry with a smaller request or later")
+        logger.exception("generation %s on %s failed", task.request_id, self.model.name)
+        return GenerationFailed(f"generation failed: {type(exc).__name__}")

@@ -2,4 +2,8 @@
 
 from . import generations, health, images, jobs, models
 
-ROUTERS = (health.router, models.router, images.router, generations.router, jobs.router)
+# Open to all: probes and scrapers.
+OPEN_ROUTERS = (health.router,)
+# Behind the API key when the server has one.
+V1_ROUTERS = (models.router, images.router, generations.router, jobs.router)
+ROUTERS = (*OPEN_ROUTERS, *V1_ROUTERS)

@@ -7,8 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response
 
 from .. import media
-from ..deps import GenerationsDep, RequestIdDep
+from ..deps import GenerationsDep, RequestIdDep, TimeoutDep
 from ..errors import NotAcceptable
+from ..openapi import GENERATION, errors
 from ..protocol import GenerationRequest, GenerationResponse
 from ..responses import generation_response, negotiate, raw_response, server_timing
 
@@ -16,11 +17,12 @@ router = APIRouter(tags=["generations"])
 
 _RAW_TYPES = sorted({t for types in media.MEDIA_TYPES.values() for t in types.values()})
 _RAW: dict[int | str, dict[str, Any]] = {
+    **errors(*GENERATION, 406),
     200: {
         "description": "JSON by default; the media itself when Accept names its type "
         "(timings in Server-Timing, cache stats in X-Cache-Stats)",
         "content": {media_type: {} for media_type in _RAW_TYPES},
-    }
+    },
 }
 
 
@@ -31,6 +33,7 @@ async def create_generation(
     response: Response,
     generations: GenerationsDep,
     request_id: RequestIdDep,
+    timeout_s: TimeoutDep,
     accept: Annotated[str | None, Header()] = None,
 ) -> GenerationResponse | Response:
     model = generations.resolve_model(body.model)
@@ -39,7 +42,7 @@ async def create_generation(
         if body.n != 1:
             raise NotAcceptable("a raw media response holds one item: send n=1, or Accept: application/json")
         body = body.model_copy(update={"output_format": raw_format})
-    prepared = generations.prepare(body, request_id)
+    prepared = generations.prepare(body, request_id, timeout_s=timeout_s)
     finished = await generations.run(prepared, request.is_disconnected)
     if raw_format is not None:
         return raw_response(finished)

@@ -5,28 +5,38 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 
-from ..deps import JobsDep, RequestIdDep
+from ..deps import JobsDep, RequestIdDep, TimeoutDep
 from ..jobs import FINAL
+from ..openapi import V1, errors
 from ..protocol import GenerationRequest, JobView
 
 router = APIRouter(tags=["jobs"])
 
 
-@router.post("/v1/jobs", status_code=202)
+@router.post("/v1/jobs", status_code=202, responses=errors(*V1, 429))
 async def create_job(
-    body: GenerationRequest, response: Response, jobs: JobsDep, request_id: RequestIdDep
+    body: GenerationRequest,
+    response: Response,
+    jobs: JobsDep,
+    request_id: RequestIdDep,
+    timeout_s: TimeoutDep,
 ) -> JobView:
-    job = jobs.create(body, request_id)
+    """Queue a generation; with X-Request-Timeout, the job fails (deadline_exceeded) once it passes."""
+    job = jobs.create(body, request_id, timeout_s=timeout_s)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return jobs.view(job)
 
 
-@router.get("/v1/jobs/{job_id}")
+@router.get("/v1/jobs/{job_id}", responses=errors(*V1, 404))
 async def get_job(job_id: str, jobs: JobsDep) -> JobView:
     return jobs.view(jobs.get(job_id))
 
 
-@router.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse)
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={**errors(*V1, 404), 200: {"content": {"text/event-stream": {}}, "description": "events"}},
+)
 async def job_events(job_id: str, jobs: JobsDep) -> StreamingResponse:
     """Server-sent events: ``queued`` (again as the position changes), ``running``, ``progress``, final status."""
     job = jobs.get(job_id)
@@ -38,7 +48,7 @@ async def job_events(job_id: str, jobs: JobsDep) -> StreamingResponse:
     )
 
 
-@router.delete("/v1/jobs/{job_id}")
+@router.delete("/v1/jobs/{job_id}", responses={**errors(*V1, 404, 409), 202: {"model": JobView}})
 async def cancel_job(job_id: str, response: Response, jobs: JobsDep) -> JobView:
     """Cancel: a queued job at once (200); a running one stops at its next step (202)."""
     job = jobs.cancel(job_id)

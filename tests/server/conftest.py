@@ -83,6 +83,8 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def live_server(model_cache: Path, **settings: Any) -> Iterator[LiveServer]:
     """Body of a module-scoped fixture: a started server, stopped afterwards."""
+    # A short grace: a module's leftover queued jobs should not hold its teardown for long.
+    settings.setdefault("shutdown_grace_s", 2.0)
     server = LiveServer(Settings(cache_dir=model_cache, **settings))
     server.start()
     try:

@@ -71,7 +71,7 @@ def test_lifecycle_progress_and_cancel(server: LiveServer, client: httpx.Client)
     assert (queued["status"], queued["queue_position"]) == ("queued", 0)
     assert (dropped["status"], dropped["queue_position"]) == ("queued", 1)
     full = client.post("/v1/jobs", json=SHORT)
-    assert full.status_code == 503 and error_of(full)["code"] == "queue_full"
+    assert full.status_code == 429 and error_of(full)["code"] == "queue_full"
     assert full.headers["retry-after"] == "1"
 
     # A queued job is cancelled at once, and its place is free again.
