@@ -109,10 +109,10 @@ async def _drain(runtime: Runtime) -> None:
         return
     assert runtime.drain_started is not None
     deadline = runtime.drain_started + runtime.settings.shutdown_grace_s
-    while not generations.idle() and time.monotonic() < deadline:
+    # The runtime's timer cancels what is left when the grace period ends; this waits for the
+    # cancelled work to answer (within a step) before the workers are stopped.
+    while not generations.idle() and time.monotonic() < deadline + _STOP_TIMEOUT_S:
         await asyncio.sleep(_DRAIN_POLL_S)
-    if not generations.idle():
-        logger.warning("grace period over: cancelling what is still queued or running")
 
 
 async def _load(runtime: Runtime) -> None:

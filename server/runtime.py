@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import NotReady
+from .errors import NotReady, Unavailable
 from .jobs import Jobs
 from .metrics import Metrics
 from .model_settings import ModelLimits
@@ -37,11 +38,22 @@ class Runtime:
     drain_started: float | None = None
 
     def begin_drain(self) -> None:
-        """Refuse new work from now on (503); what runs may finish. Safe to call twice."""
-        if self.drain_started is None:
-            self.drain_started = time.monotonic()
+        """Refuse new work from now on (503); what runs may finish within the grace period, after
+        which it is cancelled and answers 503. Safe to call twice."""
         if self.state in ("loading", "ready"):
             self.state = "draining"
+        if self.drain_started is not None:
+            return
+        self.drain_started = time.monotonic()
+        # A timer thread, not the event loop: this is also called from a signal handler.
+        timer = threading.Timer(self.settings.shutdown_grace_s, self._grace_over)
+        timer.daemon = True
+        timer.start()
+
+    def _grace_over(self) -> None:
+        if self.generations is not None and not self.generations.idle():
+            logger.warning("shutdown grace period over: cancelling the work still queued or running")
+            self.generations.cancel_all(Unavailable("the server shut down before this request finished"))
 
     def require_generations(self) -> Generations:
         if self.state != "ready" or self.generations is None:

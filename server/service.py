@@ -234,6 +234,10 @@ class Generations:
         """True if ``task`` was still queued and is now dropped; False if it will stop at a step."""
         return self.workers[prepared.model.name].cancel(task, reason)
 
+    def cancel_all(self, reason: ServerError) -> None:
+        for worker in self.workers.values():
+            worker.cancel_all(reason)
+
     def idle(self) -> bool:
         """No worker runs or holds a task."""
         return all(worker.idle() for worker in self.workers.values())

@@ -13,6 +13,9 @@ from fastapi import FastAPI
 from .runtime import Runtime
 from .settings import Settings
 
+# Time after the grace period for cancelled requests to get their 503 out.
+_ANSWER_S = 10
+
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
@@ -35,6 +38,7 @@ def serve(app: FastAPI, settings: Settings) -> None:
         # Logging is set up by logs.configure; the access log comes from AccessMiddleware.
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+        # The grace period, then time for cancelled work to stop at its next step and answer.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + _ANSWER_S,
     )
     DrainingServer(config, app.state.runtime).run()

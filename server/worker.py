@@ -65,6 +65,8 @@ class Task:
     enqueued_at: float = field(default_factory=time.perf_counter)
     # time.monotonic() past which the task stops at its next step (504); None: no deadline.
     deadline: float | None = None
+    # What a cancelled task answers; None: GenerationCancelled.
+    cancel_reason: ServerError | None = None
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -129,6 +131,8 @@ class Worker:
 
         ``reason`` is what a dropped task's future raises (default: GenerationCancelled).
         """
+        if task.cancel_reason is None:
+            task.cancel_reason = reason
         task.cancel_requested.set()
         with self._condition:
             try:
@@ -137,6 +141,13 @@ class Worker:
                 return False
         task.future.set_exception(reason or GenerationCancelled("cancelled before it started"))
         return True
+
+    def cancel_all(self, reason: ServerError) -> None:
+        """Drop every queued task and stop the running one at its next step, all answering ``reason``."""
+        with self._condition:
+            tasks = [*self._queue, *([self._running] if self._running is not None else [])]
+        for task in tasks:
+            self.cancel(task, reason)
 
     def stop(self, timeout: float | None = None) -> None:
         with self._condition:
@@ -205,7 +216,7 @@ class Worker:
         if task.expired():
             return DeadlineExceeded(f"the request's timeout passed after {task.steps_done} steps")
         if task.cancel_requested.is_set():
-            return GenerationCancelled("cancelled during denoising")
+            return task.cancel_reason or GenerationCancelled("cancelled during denoising")
         if isinstance(exc, torch.OutOfMemoryError):
             logger.error("generation %s on %s ran out of memory", task.request_id, self.model.name)
             # Hand the failed run's cached blocks back to the device, so that the next job can fit.
