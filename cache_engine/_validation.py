@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -24,6 +25,9 @@ def non_negative_int(name: str, value: Any, *, optional: bool = False) -> None:
 def number(name: str, value: Any, *, minimum: float | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
+    # NaN compares false with everything, so a NaN threshold or weight would silently change behaviour.
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
@@ -35,6 +39,8 @@ def timestep_range(name: str, value: Any) -> tuple[float, float]:
     for bound in (low, high):
         if isinstance(bound, bool) or not isinstance(bound, (int, float)):
             raise ValueError(f"{name} bounds must be numbers, got {value!r}")
+        if math.isnan(bound):
+            raise ValueError(f"{name} bounds must not be NaN, got {value!r}")
     if low > high:
         raise ValueError(f"{name} must have low <= high, got {value!r}")
     return (low, high)

@@ -39,6 +39,7 @@ class PyramidAttentionBroadcastConfig:
         "transformer_blocks",
         "single_transformer_blocks",
         "layers",
+        "visual_transformer_blocks",
     )
     temporal_attention_block_identifiers: tuple[str, ...] = ("temporal_transformer_blocks",)
     cross_attention_block_identifiers: tuple[str, ...] = ("blocks", "transformer_blocks", "layers")

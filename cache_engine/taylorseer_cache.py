@@ -151,7 +151,10 @@ class _TaylorSeerHandler:
         state.current_step += 1
         step = state.current_step
         should_compute = (
-            step < config.disable_cache_before_step
+            # Nothing recorded yet to predict from (disable_cache_before_step=0 with an interval above
+            # one): compute. The reference raises here; for every config it accepts, this changes nothing.
+            state.last_update_step is None
+            or step < config.disable_cache_before_step
             or (step - config.disable_cache_before_step - 1) % config.cache_interval == 0
             or (config.disable_cache_after_step is not None and step >= config.disable_cache_after_step)
         )
