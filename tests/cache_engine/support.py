@@ -1,0 +1,247 @@
+"""Helpers shared by the engine's tests: configs at which each method really reuses, runs of the
+reference implementation (diffusers' own hooks), and counters placed under the engine's dispatchers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import diffusers
+import pytest
+import torch
+from torch import nn
+
+import cache_engine as ce
+from tests.cache_engine.pipelines import TinyPipeline, build, run
+
+# Six steps instead of the factory's ten: enough for every method below to compute, reuse and
+# compute again, and it keeps the suite short.
+STEPS = 6
+
+# The families every method is checked on, each in a CFG mode where the reference has no
+# documented departure (true CFG as separate calls is covered by the departure tests).
+PARITY_CASES: tuple[tuple[str, str], ...] = (
+    ("flux", "distilled"),
+    ("cogvideox", "batched"),
+    ("wan", "distilled"),
+)
+
+METHODS: tuple[str, ...] = (
+    "first_block_cache",
+    "taylorseer",
+    "taylorseer_lite",
+    "pyramid_attention_broadcast",
+    "faster_cache",
+)
+
+# The reference's TaylorSeer defaults match only attention named ``attn`` under ``transformer_blocks``
+# and friends; these name the blocks' attention modules of the families that call them attn1/attn2.
+TAYLORSEER_ATTENTION: dict[str, list[str]] = {
+    "cogvideox": [r"transformer_blocks\.\d+\.attn1"],
+    "wan": [r"blocks\.\d+\.attn[12]"],
+    "ltx": [r"transformer_blocks\.\d+\.attn[12]"],
+    "cogview4": [r"transformer_blocks\.\d+\.attn1"],
+}
+
+# The layout the reference's FasterCache needs for its frequency split (ours reads it from the model table).
+REFERENCE_TENSOR_FORMAT = {"cogvideox": "BFCHW", "wan": "BCFHW", "hunyuan_video": "BCFHW"}
+
+
+def tiny(family: str, cfg: str | None = None, *, steps: int = STEPS) -> TinyPipeline:
+    tp = build(family, cfg=cfg)
+    tp.call_kwargs["num_inference_steps"] = steps
+    return tp
+
+
+def method_kwargs(method: str, tp: TinyPipeline, *, explicit_identifiers: bool = True) -> dict[str, Any]:
+    """Arguments, valid for both our config class and the reference's, at which ``method`` reuses."""
+    if method == "first_block_cache":
+        return {"threshold": 0.5}
+    if method in ("taylorseer", "taylorseer_lite"):
+        kwargs: dict[str, Any] = {
+            "cache_interval": 3,
+            "disable_cache_before_step": 2,
+            "taylor_factors_dtype": torch.float32,
+            "use_lite_mode": method == "taylorseer_lite",
+        }
+        if method == "taylorseer" and explicit_identifiers and tp.family in TAYLORSEER_ATTENTION:
+            kwargs["cache_identifiers"] = TAYLORSEER_ATTENTION[tp.family]
+        return kwargs
+    if method == "pyramid_attention_broadcast":
+        return {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (0, 1000)}
+    if method == "faster_cache":
+        return {
+            "spatial_attention_timestep_skip_range": (-1, 1000),
+            "unconditional_batch_timestep_skip_range": (-1, 1000),
+            "unconditional_batch_skip_range": 2,
+            "tensor_format": REFERENCE_TENSOR_FORMAT.get(tp.family, "BCHW"),
+            "is_guidance_distilled": tp.cfg == "distilled",
+        }
+    raise ValueError(method)
+
+
+_CONFIG_CLASS = {
+    "first_block_cache": "FirstBlockCacheConfig",
+    "taylorseer": "TaylorSeerCacheConfig",
+    "taylorseer_lite": "TaylorSeerCacheConfig",
+    "pyramid_attention_broadcast": "PyramidAttentionBroadcastConfig",
+    "faster_cache": "FasterCacheConfig",
+}
+
+
+def our_config(method: str, tp: TinyPipeline, **overrides: Any) -> Any:
+    kwargs = {**method_kwargs(method, tp), **overrides}
+    return getattr(ce, _CONFIG_CLASS[method])(**kwargs)
+
+
+def reference_config(method: str, tp: TinyPipeline, **overrides: Any) -> Any:
+    """The reference's config for the same arguments; PAB and FasterCache need its timestep callback."""
+    kwargs = {**method_kwargs(method, tp), **overrides}
+    if method in ("pyramid_attention_broadcast", "faster_cache"):
+        pipe = tp.pipe
+        kwargs["current_timestep_callback"] = lambda: pipe.current_timestep
+    return getattr(diffusers, _CONFIG_CLASS[method])(**kwargs)
+
+
+def reference_run(tp: TinyPipeline, config: Any) -> torch.Tensor:
+    """Run ``tp`` with diffusers' own hooks enabled, and take them off again whatever happens."""
+    transformer = tp.pipe.transformer
+    transformer.enable_cache(config)
+    try:
+        return run(tp)
+    finally:
+        transformer.disable_cache()
+
+
+def session_run(
+    engine: ce.CacheEngine, tp: TinyPipeline, config: Any
+) -> tuple[torch.Tensor, ce.SessionStats]:
+    with engine.session(config) as session:
+        output = run(tp)
+    return output, session.stats
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@dataclass
+class Rig:
+    """A tiny pipeline with a CacheEngine, and an identically seeded one left to the reference."""
+
+    tp: TinyPipeline
+    engine: ce.CacheEngine
+    _reference: TinyPipeline | None = None
+
+    @property
+    def reference(self) -> TinyPipeline:
+        if self._reference is None:
+            self._reference = tiny(
+                self.tp.family, self.tp.cfg, steps=self.tp.call_kwargs["num_inference_steps"]
+            )
+        return self._reference
+
+
+@contextmanager
+def rigs() -> Iterator[Callable[[str, str | None], Rig]]:
+    """A factory of rigs built on first use and kept until the block ends, then closed."""
+    made: dict[tuple[str, str | None], Rig] = {}
+
+    def get(family: str, cfg: str | None = None) -> Rig:
+        if (family, cfg) not in made:
+            tp = tiny(family, cfg)
+            made[(family, cfg)] = Rig(tp, ce.CacheEngine(tp.pipe.transformer))
+        return made[(family, cfg)]
+
+    try:
+        yield get
+    finally:
+        for rig in made.values():
+            rig.engine.close()
+
+
+@dataclass
+class ForwardCounter:
+    """Counts real executions of a module's forward, per branch if told how to read the branch.
+
+    Installed as the instance's ``forward`` before any CacheEngine exists, so the engine's dispatcher
+    wraps it: a call the cache serves never reaches it.
+    """
+
+    module: nn.Module
+    branch: Callable[[], str | None] = lambda: None
+    calls: int = 0
+    by_branch: dict[str | None, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        original = self.module.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            output = original(*args, **kwargs)
+            name = self.branch()
+            self.calls += 1
+            self.by_branch[name] = self.by_branch.get(name, 0) + 1
+            return output
+
+        functools.update_wrapper(forward, original)
+        self.module.forward = forward
+
+
+class BranchRecorder:
+    """Tracks the pass (``cond``, ``uncond``, ...) the pipeline is in, by wrapping ``cache_context``.
+
+    Installed before the CacheEngine, whose own ``cache_context`` then calls this one inside.
+    """
+
+    def __init__(self, transformer: nn.Module) -> None:
+        self.current: str | None = None
+        original = cast("Callable[..., Any]", transformer.cache_context)
+
+        @contextmanager
+        def cache_context(name: str, **kwargs: Any) -> Iterator[None]:
+            previous, self.current = self.current, name
+            try:
+                with original(name, **kwargs):
+                    yield
+            finally:
+                self.current = previous
+
+        transformer.__dict__["cache_context"] = cache_context
+
+
+def named(transformer: nn.Module, patterns: list[str]) -> dict[str, nn.Module]:
+    return {
+        name: module
+        for name, module in transformer.named_modules()
+        if any(re.fullmatch(pattern, name) for pattern in patterns)
+    }
+
+
+def field_names(config_class: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(config_class)]
+
+
+def assert_default_matches_reference(name: str, field_name: str) -> None:
+    """Our config class ``name`` has the reference's default for ``field_name``."""
+    ours = getattr(ce, name)()
+    theirs = getattr(diffusers, name)()
+    assert getattr(ours, field_name) == getattr(theirs, field_name)
+
+
+def assert_invalid(config_class: type, field_name: str, value: Any) -> None:
+    """Building ``config_class`` with ``field_name=value`` raises a ValueError that names the field."""
+    with pytest.raises(ValueError, match=re.escape(field_name)):
+        config_class(**{field_name: value})
+
+
+def run_with(tp: TinyPipeline, *, seed: int = 0, **extra: Any) -> torch.Tensor:
+    """``run`` with extra pipeline arguments (a step callback); the same latents as ``run`` otherwise."""
+    call = cast("Callable[..., Any]", tp.pipe)
+    output = call(**tp.call_kwargs, generator=torch.Generator("cpu").manual_seed(seed), **extra)
+    return output[0].float()

@@ -1,0 +1,105 @@
+"""FirstBlockCache: its config, where it cannot apply, and its skip decision counted on real runs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from diffusers.models import FluxTransformer2DModel
+
+import cache_engine as ce
+from cache_engine.session import active_session
+from tests.cache_engine.support import (
+    Rig,
+    assert_default_matches_reference,
+    assert_invalid,
+    field_names,
+    rigs,
+    session_run,
+)
+
+RigFactory = Callable[[str, str | None], Rig]
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[RigFactory]:
+    with rigs() as get:
+        yield get
+
+
+def test_fields_in_the_reference_order() -> None:
+    import diffusers
+
+    assert field_names(ce.FirstBlockCacheConfig) == field_names(diffusers.FirstBlockCacheConfig)
+
+
+@pytest.mark.parametrize("field", field_names(ce.FirstBlockCacheConfig))
+def test_default_matches_reference(field: str) -> None:
+    assert_default_matches_reference("FirstBlockCacheConfig", field)
+
+
+@pytest.mark.parametrize("value", [-0.1, "0.1", None, True, float("nan")])
+def test_invalid_threshold(value: object) -> None:
+    assert_invalid(ce.FirstBlockCacheConfig, "threshold", value)
+
+
+def test_config_is_frozen() -> None:
+    config = ce.FirstBlockCacheConfig(threshold=0.2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.threshold = 0.3  # type: ignore[misc]
+
+
+def test_a_single_block_model_is_unsupported() -> None:
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=0,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        axes_dims_rope=(2, 2, 4),
+    )
+    engine = ce.CacheEngine(transformer)
+    try:
+        with pytest.raises(ce.UnsupportedMethodError) as raised, engine.session(ce.FirstBlockCacheConfig()):
+            pass
+        assert "first_block_cache" not in engine.supported_methods
+    finally:
+        engine.close()
+    error = raised.value
+    assert isinstance(error, ValueError)
+    assert (error.method, error.model) == ("first_block_cache", "FluxTransformer2DModel")
+    assert "first_block_cache" in str(error) and "FluxTransformer2DModel" in str(error)
+    # Refused before anything was bound.
+    assert active_session() is None
+
+
+@pytest.mark.parametrize(
+    ("family", "cfg"), [("flux", "distilled"), ("flux", "separate"), ("cogvideox", "batched")]
+)
+def test_after_the_first_call_every_call_runs_only_the_head_block(
+    rig: RigFactory, family: str, cfg: str
+) -> None:
+    """A threshold nothing can exceed: each branch computes all blocks once, then only the first.
+
+    With separate cond/uncond calls the uncond branch must compute all blocks on its own first call;
+    state shared with cond would let it skip there.
+    """
+    r = rig(family, cfg)
+    output, stats = session_run(r.engine, r.tp, ce.FirstBlockCacheConfig(threshold=1e9))
+    blocks = len(r.engine.layout.blocks)
+    branches = 2 if cfg == "separate" else 1
+    assert stats.blocks_computed == branches * blocks + (stats.denoiser_calls - branches)
+    assert stats.steps_cached == stats.denoiser_calls - branches
+    assert torch.isfinite(output).all()
+
+
+def test_threshold_zero_computes_everything(rig: RigFactory) -> None:
+    r = rig("wan", "separate")
+    _, stats = session_run(r.engine, r.tp, ce.FirstBlockCacheConfig(threshold=0.0))
+    assert stats.blocks_reused == 0
+    assert stats.steps_cached == 0
