@@ -16,6 +16,6 @@ async def list_models(generations: GenerationsDep) -> ModelList:
     return ModelList(data=[generations.card(model) for model in generations.models.values()])
 
 
-@router.get("/v1/models/{model_id:path}", responses=errors(*V1, 404))
+@router.get("/v1/models/{model_id:path}", responses=errors(*V1))
 async def get_model(model_id: str, generations: GenerationsDep) -> ModelCard:
     return generations.card(generations.resolve_model(model_id))
