@@ -1,4 +1,4 @@
-"""Checks shared by the method configs; each raises ValueError naming the offending field."""
+"""Config checks shared by the methods (each raises ValueError naming the field), and identifier matching."""
 
 from __future__ import annotations
 
@@ -60,6 +60,11 @@ def patterns(name: str, value: Any, *, optional: bool = False) -> tuple[str, ...
         except re.error as error:
             raise ValueError(f"{name} has an invalid regular expression {pattern!r}: {error}") from None
     return result
+
+
+def search_any(identifiers: tuple[str, ...], name: str) -> bool:
+    """Whether any identifier matches somewhere in ``name`` (the reference's ``re.search`` rule)."""
+    return any(re.search(identifier, name) is not None for identifier in identifiers)
 
 
 def callback(name: str, value: Any) -> None:

@@ -19,7 +19,6 @@ Departures from the reference, each forced by a case where it breaks:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -463,10 +462,6 @@ def _frequency_weights(
     return low, high
 
 
-def _matches(identifiers: tuple[str, ...], name: str) -> bool:
-    return any(re.search(identifier, name) is not None for identifier in identifiers)
-
-
 def plan(config: FasterCacheConfig, layout: ModelLayout) -> Plan:
     tensor_format: TensorFormat = (
         config.tensor_format if layout.family is GENERIC_FAMILY else layout.family.output_format  # type: ignore[assignment]
@@ -479,14 +474,14 @@ def plan(config: FasterCacheConfig, layout: ModelLayout) -> Plan:
     }
     attention_count = 0
     for site in layout.attention:
-        if site.kind == "cross" or not _matches(_ATTENTION_PATTERNS, site.name):
+        if site.kind == "cross" or not check.search_any(_ATTENTION_PATTERNS, site.name):
             continue
-        if _matches(config.spatial_attention_block_identifiers, site.name):
+        if check.search_any(config.spatial_attention_block_identifiers, site.name):
             skip_range, window = (
                 config.spatial_attention_block_skip_range,
                 config.spatial_attention_timestep_skip_range,
             )
-        elif config.temporal_attention_block_skip_range is not None and _matches(
+        elif config.temporal_attention_block_skip_range is not None and check.search_any(
             config.temporal_attention_block_identifiers, site.name
         ):
             skip_range = config.temporal_attention_block_skip_range

@@ -8,7 +8,6 @@ pass is served the cond pass's attention output. Here each pass reuses only its 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -94,10 +93,6 @@ class _BroadcastHandler:
         return output
 
 
-def _matches(identifiers: tuple[str, ...], name: str) -> bool:
-    return any(re.search(identifier, name) is not None for identifier in identifiers)
-
-
 def _classify(
     config: PyramidAttentionBroadcastConfig, spatial_range: int | None, site: AttentionSite
 ) -> tuple[int, tuple[float, float]] | None:
@@ -105,19 +100,19 @@ def _classify(
     if (
         not is_cross
         and spatial_range is not None
-        and _matches(config.spatial_attention_block_identifiers, site.name)
+        and check.search_any(config.spatial_attention_block_identifiers, site.name)
     ):
         return spatial_range, config.spatial_attention_timestep_skip_range
     if (
         not is_cross
         and config.temporal_attention_block_skip_range is not None
-        and _matches(config.temporal_attention_block_identifiers, site.name)
+        and check.search_any(config.temporal_attention_block_identifiers, site.name)
     ):
         return config.temporal_attention_block_skip_range, config.temporal_attention_timestep_skip_range
     if (
         is_cross
         and config.cross_attention_block_skip_range is not None
-        and _matches(config.cross_attention_block_identifiers, site.name)
+        and check.search_any(config.cross_attention_block_identifiers, site.name)
     ):
         return config.cross_attention_block_skip_range, config.cross_attention_timestep_skip_range
     return None

@@ -138,16 +138,13 @@ class CacheSession:
 
     def state(self, owner: object, factory: Callable[[], S]) -> S:
         """The state ``owner`` keeps for the current branch (cond, uncond, ...), made on first use."""
-        key = (owner, self.branch)
-        found = self._state.get(key)
-        if found is None:
-            found = factory()
-            self._state[key] = found
-        return found
+        return self._state_for((owner, self.branch), factory)
 
     def shared_state(self, owner: object, factory: Callable[[], S]) -> S:
         """State shared by every branch; for methods whose reference keeps one state for all passes."""
-        key = (owner, "")
+        return self._state_for((owner, ""), factory)
+
+    def _state_for(self, key: tuple[object, str], factory: Callable[[], S]) -> S:
         found = self._state.get(key)
         if found is None:
             found = factory()

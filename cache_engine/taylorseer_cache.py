@@ -178,18 +178,17 @@ def _resolve_patterns(config: TaylorSeerCacheConfig) -> tuple[tuple[str, ...], t
 def plan(config: TaylorSeerCacheConfig, layout: ModelLayout) -> Plan:
     skip_patterns, cache_patterns, default_cache = _resolve_patterns(config)
     handlers: dict[nn.Module, Handler] = {}
+    cached = 0
     for name, module in layout.modules.items():
         is_skip = any(re.fullmatch(pattern, name) for pattern in skip_patterns)
         is_cache = any(re.fullmatch(pattern, name) for pattern in cache_patterns)
         if is_skip or is_cache:
             handlers[module] = _TaylorSeerHandler(config, is_inactive=is_skip)
-    has_cached = any(not handler.is_inactive for handler in handlers.values())  # type: ignore[attr-defined]
-    if default_cache and not has_cached:
-        block_names = {site.name for site in layout.blocks}
+            cached += not is_skip
+    if default_cache and not cached:
+        block_prefixes = tuple(f"{site.name}." for site in layout.blocks)
         for site in layout.attention:
-            if site.name.rsplit(".", 1)[0] in block_names or any(
-                site.name.startswith(f"{block}.") for block in block_names
-            ):
+            if site.name.startswith(block_prefixes):
                 handlers.setdefault(site.module, _TaylorSeerHandler(config, is_inactive=False))
     if not handlers:
         raise UnsupportedMethodError(NAME, layout, "no module matches the configured identifiers")
