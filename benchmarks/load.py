@@ -1,0 +1,327 @@
+"""The server under concurrent load: ``python -m benchmarks.load``.
+
+Starts ``python -m server serve`` in a subprocess on a free loopback port (the built-in tiny models,
+a short queue so that backpressure shows), then:
+
+1. sends each body of a mix (several cache policies, both models, fixed seeds) once, one at a time:
+   the serial reference;
+2. for each concurrency level, sends ``--requests`` bodies drawn in turn from the mix, at most
+   ``level`` in flight. A 429 is retried after its ``Retry-After``, as a polite client would, up to
+   ``--retries`` times;
+3. reports per level: throughput, p50/p95/p99 latency (from first send to final answer, retries
+   included), the share of answers that were 429, errors (any other non-200, or a transport
+   failure), and mismatches: a 200 whose decoded media differs, byte for byte, from the serial
+   reference for its body and seed.
+
+Exit status 0 when there were no errors and no mismatches. Bounded: ``--time-limit`` seconds in all
+(levels not reached are reported as skipped), loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+_POLICIES: tuple[dict[str, Any] | None, ...] = (
+    None,
+    {"method": "first_block_cache", "threshold": 0.2},
+    {"method": "taylorseer", "cache_interval": 2, "disable_cache_before_step": 1},
+    {"preset": "fast"},
+    {"method": "pyramid_attention_broadcast", "spatial_attention_block_skip_range": 2},
+)
+_READY_TIMEOUT_S = 300.0
+_REQUEST_TIMEOUT_S = 120.0
+
+
+def mix(quick: bool) -> list[dict[str, Any]]:
+    """Bodies of different policies and seeds on both models; every one is deterministic (a seed)."""
+    bodies: list[dict[str, Any]] = []
+    policies = _POLICIES[:3] if quick else _POLICIES
+    for index, policy in enumerate(policies):
+        image: dict[str, Any] = {
+            "model": "tiny-flux",
+            "prompt": f"a red circle {index}",
+            "steps": 6,
+            "seed": index,
+        }
+        video: dict[str, Any] = {
+            "model": "tiny-wan",
+            "prompt": f"waves {index}",
+            "steps": 4,
+            "num_frames": 5,
+            "output_format": "gif",
+            "seed": 100 + index,
+        }
+        for body in (image, video):
+            if policy is not None:
+                body["cache"] = policy
+            bodies.append(body)
+    return bodies
+
+
+@dataclass
+class Level:
+    concurrency: int
+    sent: int = 0
+    ok: int = 0
+    answers_429: int = 0
+    answers: int = 0
+    errors: int = 0
+    mismatches: int = 0
+    wall_s: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+    skipped: bool = False
+
+    @property
+    def throughput(self) -> float:
+        return self.ok / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def share_429(self) -> float:
+        return self.answers_429 / self.answers if self.answers else 0.0
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies_ms:
+            return 0.0
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@dataclass
+class Report:
+    levels: list[Level]
+    references: int
+
+    @property
+    def errors(self) -> int:
+        return sum(level.errors for level in self.levels)
+
+    @property
+    def mismatches(self) -> int:
+        return sum(level.mismatches for level in self.levels)
+
+    def markdown(self) -> str:
+        lines = [
+            "| concurrency | requests | ok | req/s | p50 ms | p95 ms | p99 ms | 429 share | errors | mismatches |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for level in self.levels:
+            if level.skipped:
+                lines.append(f"| {level.concurrency} | skipped (time limit) | | | | | | | | |")
+                continue
+            lines.append(
+                f"| {level.concurrency} | {level.sent} | {level.ok} | {level.throughput:.2f} "
+                f"| {level.percentile(0.5):.0f} | {level.percentile(0.95):.0f} | {level.percentile(0.99):.0f} "
+                f"| {level.share_429:.1%} | {level.errors} | {level.mismatches} |"
+            )
+        return "\n".join(lines)
+
+
+# -- the server -----------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_server(cache_dir: Path, queue_size: int, torch_threads: int) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
+        "--model", "tiny-flux", "--model", "tiny-wan", "--cache-dir", str(cache_dir),
+        "--queue-size", str(queue_size), "--torch-threads", str(torch_threads), "--log-level", "warning",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    with httpx.Client(base_url=base_url, timeout=10) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode} before it was ready")
+            try:
+                if client.get("/ready").status_code == 200:
+                    return process, base_url
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+    process.kill()
+    raise TimeoutError("the server did not become ready")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# -- the clients ----------------------------------------------------------------------------------------
+
+
+def media_of(response: httpx.Response) -> list[bytes]:
+    return [base64.b64decode(item["b64_json"]) for item in response.json()["data"]]
+
+
+async def references(client: httpx.AsyncClient, bodies: Sequence[dict[str, Any]]) -> list[list[bytes]]:
+    out = []
+    for body in bodies:
+        response = await client.post("/v1/generations", json=body)
+        response.raise_for_status()
+        out.append(media_of(response))
+    return out
+
+
+async def run_level(
+    client: httpx.AsyncClient,
+    bodies: Sequence[dict[str, Any]],
+    expected: Sequence[list[bytes]],
+    level: Level,
+    count: int,
+    retries: int,
+    stop_at: float,
+) -> None:
+    semaphore = asyncio.Semaphore(level.concurrency)
+
+    async def one(index: int) -> None:
+        async with semaphore:
+            if time.monotonic() >= stop_at:
+                return
+            which = index % len(bodies)
+            level.sent += 1
+            started = time.perf_counter()
+            try:
+                for attempt in range(retries + 1):
+                    response = await client.post("/v1/generations", json=bodies[which])
+                    level.answers += 1
+                    if response.status_code != 429 or attempt == retries:
+                        break
+                    level.answers_429 += 1
+                    await asyncio.sleep(float(response.headers.get("retry-after", "1")))
+            except httpx.HTTPError as exc:
+                level.errors += 1
+                level.error_samples.append(f"{type(exc).__name__}: {exc}")
+                return
+            if response.status_code == 429:
+                level.answers_429 += 1
+                return
+            if response.status_code != 200:
+                level.errors += 1
+                level.error_samples.append(f"{response.status_code}: {response.text[:200]}")
+                return
+            level.latencies_ms.append((time.perf_counter() - started) * 1000)
+            level.ok += 1
+            if media_of(response) != expected[which]:
+                level.mismatches += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(index) for index in range(count)))
+    level.wall_s = time.perf_counter() - started
+
+
+async def drive(base_url: str, args: argparse.Namespace) -> Report:
+    bodies = mix(args.quick)
+    stop_at = time.monotonic() + args.time_limit
+    limits = httpx.Limits(max_connections=max(args.levels) + 1)
+    async with httpx.AsyncClient(base_url=base_url, timeout=_REQUEST_TIMEOUT_S, limits=limits) as client:
+        expected = await references(client, bodies)
+        levels = []
+        for concurrency in args.levels:
+            level = Level(concurrency)
+            if time.monotonic() >= stop_at:
+                level.skipped = True
+            else:
+                await run_level(client, bodies, expected, level, args.requests, args.retries, stop_at)
+            levels.append(level)
+    return Report(levels=levels, references=len(bodies))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few bodies, levels 1 and 2")
+    parser.add_argument("--levels", type=lambda text: [int(part) for part in text.split(",")], default=None)
+    parser.add_argument("--requests", type=int, default=None, help="requests per level (default 40; quick 6)")
+    parser.add_argument("--queue-size", type=int, default=2, help="the server's queue per model (default 2)")
+    parser.add_argument("--retries", type=int, default=5, help="retries of a 429 (default 5)")
+    parser.add_argument(
+        "--time-limit", type=float, default=600.0, help="seconds for all levels (default 600)"
+    )
+    parser.add_argument("--torch-threads", type=int, default=1, help="the server's torch threads (default 1)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where the built-in models are built")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here as JSON")
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> Report:
+    args = _parser().parse_args(argv)
+    if args.levels is None:
+        args.levels = [1, 2] if args.quick else [1, 4, 8]
+    if args.requests is None:
+        args.requests = 6 if args.quick else 40
+    with tempfile.TemporaryDirectory() as scratch:
+        cache_dir = args.cache_dir or Path(scratch)
+        process, base_url = start_server(cache_dir, args.queue_size, args.torch_threads)
+        try:
+            report = asyncio.run(drive(base_url, args))
+        finally:
+            stop_server(process)
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "levels": [
+                        {
+                            "concurrency": level.concurrency,
+                            "sent": level.sent,
+                            "ok": level.ok,
+                            "throughput": level.throughput,
+                            "p50_ms": level.percentile(0.5),
+                            "p95_ms": level.percentile(0.95),
+                            "p99_ms": level.percentile(0.99),
+                            "share_429": level.share_429,
+                            "errors": level.errors,
+                            "mismatches": level.mismatches,
+                            "skipped": level.skipped,
+                        }
+                        for level in report.levels
+                    ]
+                },
+                indent=2,
+            )
+        )
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    report = run(argv)
+    print(f"serial references: {report.references} bodies")
+    print(report.markdown())
+    for level in report.levels:
+        for sample in level.error_samples[:3]:
+            print(f"concurrency {level.concurrency}: {sample}", file=sys.stderr)
+    print(f"errors: {report.errors}, mismatches: {report.mismatches}")
+    return 0 if report.errors == 0 and report.mismatches == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""Smoke test of ``python -m benchmarks.load --quick``: it runs end to end, every answer is the
+serial reference's, and nothing failed. Timings on a test machine mean nothing; none is checked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks import load
+
+
+@pytest.mark.slow
+def test_quick_load_run_has_no_errors_and_no_mismatches(tmp_path: Path) -> None:
+    model_cache = tmp_path / "models"
+    report = load.run(["--quick", "--cache-dir", str(model_cache), "--queue-size", "1", "--levels", "1,3"])
+    assert [level.concurrency for level in report.levels] == [1, 3]
+    assert not any(level.skipped for level in report.levels)
+    for level in report.levels:
+        # Every request was answered: 200s, or 429s still refused after the retries.
+        assert level.sent == 6 and level.ok + level.errors <= level.sent
+        assert level.ok > 0
+    assert (report.errors, report.mismatches) == (0, 0)
+    table = report.markdown()
+    assert table.count("\n") == 1 + len(report.levels)
+
+
+def test_the_mix_is_deterministic_and_covers_policies_and_models() -> None:
+    bodies = load.mix(quick=False)
+    assert all("seed" in body for body in bodies)
+    assert {body["model"] for body in bodies} == {"tiny-flux", "tiny-wan"}
+    policies = {str(body.get("cache")) for body in bodies}
+    assert len(policies) == len(load._POLICIES)
+    assert load.mix(quick=False) == bodies
