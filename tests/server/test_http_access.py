@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from server.app import create_app
 from server.logs import JsonFormatter, RequestIdFilter, bound_request_id
@@ -67,7 +68,7 @@ def test_cors_origins_come_from_the_environment_as_a_list(monkeypatch: pytest.Mo
     ],
 )
 def test_the_key_is_checked_before_anything_else(headers: dict[str, str], status: int) -> None:
-    response = call(Settings(api_key="s3cret"), "GET", "/v1/models", headers=headers)
+    response = call(Settings(api_key=SecretStr("s3cret")), "GET", "/v1/models", headers=headers)
     assert response.status_code == status
     assert response.json()["error"]["code"] == ("unauthorized" if status == 401 else "not_ready")
 
@@ -78,7 +79,7 @@ def test_without_a_key_nothing_is_asked() -> None:
 
 
 def test_the_key_never_shows_in_settings_output() -> None:
-    assert "s3cret" not in repr(Settings(api_key="s3cret"))
+    assert "s3cret" not in repr(Settings(api_key=SecretStr("s3cret")))
 
 
 def test_json_log_lines_carry_the_bound_request_id() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
@@ -40,12 +41,12 @@ CHECKS = [
 # Cheap enough that an accepted generation costs milliseconds.
 TIGHT = {"max_steps": 2, "max_n": 1, "max_width": 64, "max_height": 64, "max_pixels": 64 * 64}
 
-_NATIVE = [
+_NATIVE: list[dict[str, Any]] = [
     {"prompt": "a red circle", "steps": 1},
     {"prompt": "a red circle", "steps": 2, "cache": {"method": "first_block_cache"}, "output_format": "webp"},
     {"prompt": "waves", "model": "tiny-wan", "steps": 1, "num_frames": 5, "output_format": "gif"},
 ]
-VALID_BODIES: dict[str, list[dict[str, object]]] = {
+VALID_BODIES: dict[str, list[dict[str, Any]]] = {
     "/v1/generations": _NATIVE,
     "/v1/jobs": _NATIVE,
     "/v1/images/generations": [{"prompt": "a red circle", "steps": 1, "size": "64x64"}],
