@@ -19,7 +19,12 @@ from typing import Literal
 request_id_var: ContextVar[str | None] = ContextVar("ditcache_request_id", default=None)
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is logged too.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# uvicorn's color_message repeats the message with terminal escapes.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 @contextmanager
