@@ -1,0 +1,103 @@
+"""Smoke test of ``python -m benchmarks.engine``: it runs end to end and its table has the right shape.
+
+Timings on a test machine mean nothing, so nothing here asserts on them; the executed fractions are
+counts, and those are checked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks import engine
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[engine.Report, str]:
+    markdown = tmp_path_factory.mktemp("bench") / "table.md"
+    report = engine.main(["--quick", "--families", "flux", "--markdown", str(markdown)])
+    return report, markdown.read_text()
+
+
+@pytest.mark.slow
+def test_one_row_per_method(quick_run: tuple[engine.Report, str]) -> None:
+    report, _ = quick_run
+    assert [row.family for row in report.families] == ["flux"]
+    assert [(row.family, row.method) for row in report.methods] == [
+        ("flux", method) for method in engine.METHOD_NAMES
+    ]
+
+
+@pytest.mark.slow
+def test_executed_fractions_are_fractions(quick_run: tuple[engine.Report, str]) -> None:
+    report, _ = quick_run
+    for row in report.methods:
+        for side in (row.ours, row.theirs):
+            if side.error is not None:
+                continue
+            for fraction in (side.block_fraction, side.attention_fraction):
+                assert fraction is not None
+                assert 0.0 < fraction <= 1.0, (row.method, fraction)
+            assert side.ideal is not None and side.ideal >= 1.0
+        # The engine's own counters and the probes under it count the same executions.
+        assert row.ours.stats_agree, row.method
+    # Every method skips something on this model: attention for PAB, FasterCache and TaylorSeer,
+    # blocks for TaylorSeer lite.
+    by_method = {row.method: row.ours for row in report.methods}
+    for method in ("taylorseer", "pyramid_attention_broadcast", "faster_cache"):
+        attention = by_method[method].attention_fraction
+        assert attention is not None and attention < 1.0, method
+    lite_blocks = by_method["taylorseer_lite"].block_fraction
+    assert lite_blocks is not None and lite_blocks < 1.0
+
+
+@pytest.mark.slow
+def test_markdown_table_has_expected_columns_and_rows(quick_run: tuple[engine.Report, str]) -> None:
+    _, markdown = quick_run
+    tables = _markdown_tables(markdown)
+    assert len(tables) == 2
+    family_table, method_table = tables
+    assert family_table[0] == list(engine.FAMILY_COLUMNS)
+    assert len(family_table) == 2  # header and flux
+    assert method_table[0] == list(engine.METHOD_COLUMNS)
+    rows = method_table[1:]
+    assert [row[:2] for row in rows] == [["flux", method] for method in engine.METHOD_NAMES]
+    blocks = engine.METHOD_COLUMNS.index("blocks run (ours)")
+    attention = engine.METHOD_COLUMNS.index("attn run (ours)")
+    for row in rows:
+        assert len(row) == len(engine.METHOD_COLUMNS)
+        for cell in (row[blocks], row[attention]):
+            assert 0.0 < float(cell) <= 1.0
+
+
+def test_plot_is_written(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    report = engine.Report(
+        families=[],
+        methods=[],
+        dispatch=engine.DispatchCost(1.0, 1.1, 1.2, 1.3),
+        steps=2,
+        repeats=1,
+        scale="quick",
+        threads=1,
+        seconds=0.0,
+    )
+    path = tmp_path / "plot.png"
+    engine.plot(report, path)
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def _markdown_tables(text: str) -> list[list[list[str]]]:
+    """Each Markdown table in ``text`` as rows of cells, separator lines dropped."""
+    tables: list[list[list[str]]] = []
+    current: list[list[str]] = []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            if set(line.strip()) <= {"|", "-"}:
+                continue
+            current.append([cell.strip() for cell in line.strip().strip("|").split(" | ")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
