@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import gc
-import os
-import platform
 import random
 import statistics
 import sys
@@ -41,24 +38,26 @@ from typing import Any, Literal
 
 import diffusers
 import torch
-from diffusers.models.attention import AttentionModuleMixin
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 import cache_engine as ce
 
 from . import models
+from .probes import Counts, Probes, Profile, profile
+from .report import (
+    DispatchCost,
+    FamilyRow,
+    MethodRow,
+    Ratio,
+    Report,
+    SideResult,
+    render_markdown,
+    render_text,
+)
+from .report import plot as plot_report
 
 DEFAULT_FAMILIES = ("flux", "cogvideox", "wan")
-WITHIN_IDEAL = 0.97  # the measured speedup should reach 97% of what the executed work allows
-IDLE_BUDGET = 0.03  # installed hooks with no session may cost at most 3% of a run
-SAME_TIME = 0.01  # per-step times closer than this are reported as equal rather than faster or slower
 
-# Block lists of the benchmarked transformers, found here by name rather than through the engine's
-# model table, so the probe counts are independent of what the engine thinks a block is.
-_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
-
-ProbeKind = Literal["denoiser", "block", "attention"]
 Side = Literal["ours", "diffusers"]
 
 
@@ -139,153 +138,6 @@ METHODS: tuple[MethodCase, ...] = (
     ),
 )
 METHOD_NAMES = tuple(case.name for case in METHODS)
-
-
-# -- probes: real executions, counted and optionally timed ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProbeSite:
-    name: str
-    kind: ProbeKind
-    parent: str | None  # the nearest probed ancestor, for exclusive times
-
-
-@dataclass(frozen=True)
-class Counts:
-    """Executions of each probed module during one run, and the batch rows they processed."""
-
-    calls: dict[str, int]
-    rows: dict[str, int]
-
-
-def _batch_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    hidden = kwargs.get("hidden_states")
-    if not isinstance(hidden, torch.Tensor):
-        hidden = next((arg for arg in args if isinstance(arg, torch.Tensor)), None)
-    return int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() else 1
-
-
-class Probes:
-    """Wraps the instance ``forward`` of the denoiser, its blocks and attention modules.
-
-    Installed before any caching hook, so a hook that skips a module never reaches its probe: a probe
-    counts real executions only, whoever decided to skip. Counting costs one Python call per module
-    call and is installed on every pipeline of a comparison alike; timing (two CPU-clock reads more,
-    so that time the process spends descheduled is not charged to a module) is switched on only for
-    the profile runs.
-    """
-
-    def __init__(self, transformer: nn.Module) -> None:
-        self.sites: dict[str, ProbeSite] = {}
-        self.calls: dict[str, int] = {}
-        self.rows: dict[str, int] = {}
-        self.seconds: dict[str, float] = {}
-        self.timing = False
-        self._wrap("", "denoiser", None, transformer)
-        for list_name in _BLOCK_LISTS:
-            container = getattr(transformer, list_name, None)
-            if not isinstance(container, nn.ModuleList):
-                continue
-            for index, block in enumerate(container):
-                block_name = f"{list_name}.{index}"
-                self._wrap(block_name, "block", "", block)
-                for name, module in block.named_modules():
-                    if name and isinstance(module, (Attention, AttentionModuleMixin)):
-                        attention = block.get_submodule(name)
-                        self._wrap(f"{block_name}.{name}", "attention", block_name, attention)
-
-    def names(self, kind: ProbeKind) -> list[str]:
-        return [name for name, site in self.sites.items() if site.kind == kind]
-
-    def reset(self) -> None:
-        for name in self.sites:
-            self.calls[name] = 0
-            self.rows[name] = 0
-            self.seconds[name] = 0.0
-
-    def counts(self) -> Counts:
-        return Counts(dict(self.calls), dict(self.rows))
-
-    def _wrap(self, name: str, kind: ProbeKind, parent: str | None, module: nn.Module) -> None:
-        self.sites[name] = ProbeSite(name, kind, parent)
-        forward = module.forward
-        calls, rows, seconds = self.calls, self.rows, self.seconds
-
-        def probed(*args: Any, **kwargs: Any) -> Any:
-            calls[name] += 1
-            rows[name] += _batch_rows(args, kwargs)
-            if not self.timing:
-                return forward(*args, **kwargs)
-            start = time.process_time()
-            try:
-                return forward(*args, **kwargs)
-            finally:
-                seconds[name] += time.process_time() - start
-
-        # Keep the signature visible: pipelines and hooks inspect ``transformer.forward``.
-        functools.update_wrapper(probed, forward)
-        module.forward = probed
-        self.calls[name] = 0
-        self.rows[name] = 0
-        self.seconds[name] = 0.0
-
-
-@dataclass(frozen=True)
-class Profile:
-    """Where the uncached run spends its time: each probed module's exclusive share of the CPU time."""
-
-    shares: dict[str, float]
-    rest: float  # pipeline code outside the denoiser: scheduler, latents, guidance arithmetic
-    block_share: float  # blocks inclusive of their attention
-    attention_share: float
-
-    def ideal_fraction(self, base: Counts, run: Counts) -> float:
-        """The fraction of the uncached time a run needs if skipped work costs nothing at all.
-
-        Work is counted in batch rows, so a call made on half the batch (FasterCache dropping the
-        unconditional half) counts as half a call; time is assumed linear in the batch.
-        """
-        total = self.rest
-        for name, share in self.shares.items():
-            done = base.rows[name]
-            total += share * (run.rows[name] / done if done else 1.0)
-        return total
-
-
-def profile(probes: Probes, runs: Sequence[Callable[[], Sample]]) -> Profile:
-    """Time the uncached run with the probes' clocks on; shares (of CPU time) are medians over ``runs``."""
-    per_run: list[dict[str, float]] = []
-    totals: list[float] = []
-    probes.timing = True
-    try:
-        for run in runs:
-            probes.reset()
-            totals.append(run().cpu)
-            per_run.append(dict(probes.seconds))
-    finally:
-        probes.timing = False
-    sites = probes.sites
-    exclusive: dict[str, list[float]] = {name: [] for name in sites}
-    inclusive_blocks: list[float] = []
-    inclusive_attention: list[float] = []
-    rest: list[float] = []
-    for seconds, total in zip(per_run, totals, strict=True):
-        children: dict[str, float] = dict.fromkeys(sites, 0.0)
-        for name, site in sites.items():
-            if site.parent is not None:
-                children[site.parent] += seconds[name]
-        for name in sites:
-            exclusive[name].append((seconds[name] - children[name]) / total)
-        inclusive_blocks.append(sum(seconds[n] for n, s in sites.items() if s.kind == "block") / total)
-        inclusive_attention.append(sum(seconds[n] for n, s in sites.items() if s.kind == "attention") / total)
-        rest.append(1.0 - seconds[""] / total)
-    return Profile(
-        shares={name: statistics.median(values) for name, values in exclusive.items()},
-        rest=statistics.median(rest),
-        block_share=statistics.median(inclusive_blocks),
-        attention_share=statistics.median(inclusive_attention),
-    )
 
 
 # -- one family: two pipelines and their configurations ----------------------------------------------
@@ -443,104 +295,12 @@ def _short_error(error: BaseException) -> str:
 # -- results ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Ratio:
-    """The median of a ratio of times taken over runs made back to back, with its range.
-
-    Every ratio in the report compares runs from the same unit of a repeat (see ``bench_family``):
-    load that other processes add drifts over seconds, so it mostly cancels within a unit, where a
-    ratio of two medians taken minutes apart would carry it whole.
-    """
-
-    value: float
-    low: float
-    high: float
-
-    @classmethod
-    def of(cls, ratios: Sequence[float]) -> Ratio:
-        return cls(statistics.median(ratios), min(ratios), max(ratios))
-
-    @classmethod
-    def paired(cls, numerator: Outcome, denominator: Outcome, clock: Clock = "cpu") -> Ratio:
-        bottom = denominator.by_unit(clock)
-        return cls.of(
-            [time / bottom[unit] for unit, time in numerator.by_unit(clock).items() if unit in bottom]
-        )
-
-
-@dataclass(frozen=True)
-class SideResult:
-    """One implementation of one method on one family."""
-
-    block_fraction: float | None
-    attention_fraction: float | None
-    ideal: float | None
-    speedup: Ratio | None  # CPU time
-    wall_speedup: Ratio | None
-    ms_per_step: float | None  # CPU time
-    error: str | None = None
-    no_op: bool = False
-    stats_agree: bool = True  # ours only: probe counts equal session.stats
-
-
-@dataclass(frozen=True)
-class MethodRow:
-    family: str
-    method: str
-    ours: SideResult
-    theirs: SideResult
-    max_abs_diff: float | None  # ours against diffusers' output
-    same_work: bool
-    notes: tuple[str, ...]
-    # Our time per step over diffusers' at the same config, each relative to its own pipeline's
-    # uncached run in the same unit (below 1: ours is faster). Relative, because two identically
-    # built pipelines differ by a few percent on their own ("other instance" in the family table).
-    ours_vs_theirs: Ratio | None = None
-
-    @property
-    def ours_within_ideal(self) -> bool | None:
-        if self.ours.speedup is None or self.ours.ideal is None:
-            return None
-        return self.ours.speedup.value >= WITHIN_IDEAL * self.ours.ideal
-
-
-@dataclass(frozen=True)
-class FamilyRow:
-    family: str
-    label: str
-    calls_per_step: int
-    ms_per_step: float  # CPU time
-    wall_ms_per_step: float
-    idle_overhead: Ratio  # CPU time with the engine installed and no session over none; 1.0 is free
-    wall_idle_overhead: Ratio
-    instance_noise: Ratio  # CPU time of the diffusers pipeline's plain run over ours: same work
-    spread: float  # (max - min) / median of the plain runs' CPU times
-    wall_spread: float
-    block_share: float
-    attention_share: float
-    wrapped_calls_per_step: int
-
-
-@dataclass(frozen=True)
-class DispatchCost:
-    """Microseconds per call of a do-nothing module: bare, through our dispatcher, through diffusers'."""
-
-    bare_us: float
-    engine_idle_us: float
-    engine_session_us: float
-    diffusers_hook_us: float
-
-
-@dataclass(frozen=True)
-class Report:
-    families: list[FamilyRow]
-    methods: list[MethodRow]
-    dispatch: DispatchCost
-    steps: int
-    repeats: int
-    scale: str
-    threads: int
-    seconds: float
+def _paired(numerator: Outcome, denominator: Outcome, clock: Clock = "cpu") -> Ratio:
+    """Numerator over denominator, run by run within each unit; the median over the units."""
+    bottom = denominator.by_unit(clock)
+    return Ratio.of(
+        [time / bottom[unit] for unit, time in numerator.by_unit(clock).items() if unit in bottom]
+    )
 
 
 def _fraction(counts: Counts, base: Counts, names: list[str]) -> float | None:
@@ -562,8 +322,8 @@ def _side(
     attention = _fraction(outcome.counts, base.counts, probes.names("attention"))
     ideal = 1.0 / prof.ideal_fraction(base.counts, outcome.counts)
     timed = bool(outcome.samples)
-    speedup = Ratio.paired(base, outcome) if timed else None
-    wall_speedup = Ratio.paired(base, outcome, "wall") if timed else None
+    speedup = _paired(base, outcome) if timed else None
+    wall_speedup = _paired(base, outcome, "wall") if timed else None
     ms = 1e3 * statistics.median(outcome.times("cpu")) / bench.steps if timed else None
     stats_agree = True
     stats = outcome.stats
@@ -675,7 +435,7 @@ def bench_family(
     assert engine is not None
     dispatchers = 1 + len(engine.layout.blocks) + len(engine.layout.attention)
 
-    prof = profile(bench.probes, [bench.run_plain] * max(1, min(repeats, 3)))
+    prof = profile(bench.probes, [lambda: bench.run_plain().cpu] * max(1, min(repeats, 3)))
 
     # Each repeat runs its units in a fresh random order, and the runs of a unit back to back in a
     # random order. A unit holds what one ratio compares: a method on both sides with both uncached
@@ -705,9 +465,9 @@ def bench_family(
         calls_per_step=calls,
         ms_per_step=1e3 * statistics.median(plain.times("cpu")) / steps,
         wall_ms_per_step=1e3 * statistics.median(plain.times("wall")) / steps,
-        idle_overhead=Ratio.paired(idle, plain),
-        wall_idle_overhead=Ratio.paired(idle, plain, "wall"),
-        instance_noise=Ratio.paired(outcomes[REFERENCE_PLAIN.key], plain),
+        idle_overhead=_paired(idle, plain),
+        wall_idle_overhead=_paired(idle, plain, "wall"),
+        instance_noise=_paired(outcomes[REFERENCE_PLAIN.key], plain),
         spread=_spread(plain.times("cpu")),
         wall_spread=_spread(plain.times("wall")),
         block_share=prof.block_share,
@@ -778,283 +538,6 @@ def dispatch_cost(calls: int = 20_000, depth: int = 50) -> DispatchCost:
     for module in [hooked, *hooked.blocks]:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(ModelHook(), "nop")
     return DispatchCost(bare, idle, in_session, per_call(hooked))
-
-
-# -- formatting ---------------------------------------------------------------------------------------
-
-
-def _f(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _ratio(ratio: Ratio | None) -> str:
-    return "-" if ratio is None else f"{ratio.value:.2f} ({ratio.low:.2f}-{ratio.high:.2f})"
-
-
-def _pct(ratio: Ratio) -> str:
-    return f"{100 * (ratio.value - 1):+.1f}% ({100 * (ratio.low - 1):+.1f} to {100 * (ratio.high - 1):+.1f})"
-
-
-FAMILY_COLUMNS = (
-    "family",
-    "ms/step cpu",
-    "ms/step wall",
-    "idle engine overhead cpu",
-    "idle engine overhead wall",
-    "other instance, same work (cpu)",
-    "spread cpu",
-    "spread wall",
-    "time in blocks",
-    "time in attention",
-)
-
-METHOD_COLUMNS = (
-    "family",
-    "method",
-    "blocks run (ours)",
-    "attn run (ours)",
-    "blocks run (diffusers)",
-    "attn run (diffusers)",
-    "ideal (ours)",
-    "speedup cpu (ours)",
-    "speedup wall (ours)",
-    "within 3% of ideal (cpu)",
-    "ideal (diffusers)",
-    "speedup cpu (diffusers)",
-    "speedup wall (diffusers)",
-    "ms/step ours",
-    "ms/step diffusers",
-    "ours/diffusers",
-    "notes",
-)
-
-
-def family_cells(row: FamilyRow) -> list[str]:
-    return [
-        row.label,
-        _f(row.ms_per_step, 1),
-        _f(row.wall_ms_per_step, 1),
-        _pct(row.idle_overhead),
-        _pct(row.wall_idle_overhead),
-        _pct(row.instance_noise),
-        f"{100 * row.spread:.1f}%",
-        f"{100 * row.wall_spread:.1f}%",
-        f"{100 * row.block_share:.0f}%",
-        f"{100 * row.attention_share:.0f}%",
-    ]
-
-
-def method_cells(row: MethodRow) -> list[str]:
-    ours, theirs = row.ours, row.theirs
-    within = row.ours_within_ideal
-    gap = (
-        ""
-        if ours.speedup is None or ours.ideal is None
-        else f" ({100 * (ours.speedup.value / ours.ideal - 1):+.0f}%)"
-    )
-    vs = row.ours_vs_theirs
-
-    def their(text: str) -> str:
-        return "error" if theirs.error else text
-
-    return [
-        row.family,
-        row.method,
-        _f(ours.block_fraction),
-        _f(ours.attention_fraction),
-        their(_f(theirs.block_fraction)),
-        their(_f(theirs.attention_fraction)),
-        _f(ours.ideal),
-        _ratio(ours.speedup),
-        _ratio(ours.wall_speedup),
-        "-" if within is None else ("yes" if within else "no") + gap,
-        their(_f(theirs.ideal)),
-        their(_ratio(theirs.speedup)),
-        their(_ratio(theirs.wall_speedup)),
-        _f(ours.ms_per_step, 1),
-        their(_f(theirs.ms_per_step, 1)),
-        "-" if vs is None else _ratio(vs) + ("" if row.same_work else "*"),
-        "; ".join(row.notes),
-    ]
-
-
-def _text_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(column), *(len(row[i]) for row in rows)) for i, column in enumerate(columns)]
-    lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths, strict=True))]
-    lines.append("  ".join("-" * width for width in widths))
-    lines.extend(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows
-    )
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines.extend("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows)
-    return "\n".join(lines)
-
-
-def _header(report: Report) -> str:
-    return (
-        f"{report.steps} steps, {report.repeats} repeats, scale {report.scale}, "
-        f"{report.threads} torch thread(s), torch {torch.__version__}, diffusers {diffusers.__version__}, "
-        f"Python {platform.python_version()}, {os.cpu_count()} CPUs; the benchmark took {report.seconds:.0f} s"
-    )
-
-
-def _dispatch_line(report: Report) -> str:
-    d = report.dispatch
-    return (
-        f"per wrapped call of a do-nothing module: bare {d.bare_us:.2f} us; engine installed, no session "
-        f"+{d.engine_idle_us - d.bare_us:.2f} us; engine in a session without a handler "
-        f"+{d.engine_session_us - d.bare_us:.2f} us; one diffusers hook +{d.diffusers_hook_us - d.bare_us:.2f} us"
-    )
-
-
-def _idle_estimates(report: Report) -> list[str]:
-    extra = report.dispatch.engine_idle_us - report.dispatch.bare_us
-    return [
-        f"{row.label}: {row.wrapped_calls_per_step} wrapped calls per step x {extra:.2f} us = "
-        f"{100 * row.wrapped_calls_per_step * extra / (1e3 * row.ms_per_step):.3f}% of a step"
-        for row in report.families
-    ]
-
-
-_NOTES = (
-    "Every ratio is the median over the repeats of a ratio of runs made back to back (range in brackets). "
-    "Speedups: over the same pipeline with no cache. cpu: CPU time of the process, wall: wall-clock time. "
-    "idle engine overhead: time with the engine installed and no session over the same pipeline "
-    "without it, two pairs per repeat. "
-    "ideal: the speedup the executed work allows if skipped work cost nothing, from a CPU-time profile "
-    "of the uncached run. ms/step: CPU time, median. ours/diffusers: our time per step over diffusers', each relative to "
-    "its own pipeline's uncached run (two identically built pipelines differ by a few percent on their "
-    "own); below 1, ours is faster. * marks rows where the two ran "
-    "different work, so the times are not like for like."
-)
-
-
-def verdicts(report: Report) -> list[str]:
-    """The three targets, each against the numbers of this run (CPU time)."""
-    timed = [row for row in report.methods if row.ours_within_ideal is not None]
-    missed = [f"{row.family}/{row.method}" for row in timed if not row.ours_within_ideal]
-    lines = [
-        f"speedup within 3% of what the executed work allows: {len(timed) - len(missed)}/{len(timed)} rows"
-        + (f" (missed: {', '.join(missed)})" if missed else "")
-    ]
-    extra = report.dispatch.engine_idle_us - report.dispatch.bare_us
-    idle = []
-    for row in report.families:
-        predicted = row.wrapped_calls_per_step * extra / (1e3 * row.ms_per_step)
-        measured = row.idle_overhead.value - 1
-        idle.append(
-            f"{row.family} measured {100 * measured:+.1f}% "
-            f"({'within' if measured <= IDLE_BUDGET else 'over'} budget), predicted {100 * predicted:.2f}%"
-        )
-    lines.append(f"idle overhead at most {100 * IDLE_BUDGET:.0f}%: " + "; ".join(idle))
-    like = [row for row in report.methods if row.same_work and row.ours_vs_theirs is not None]
-    faster = [row for row in like if row.ours_vs_theirs and row.ours_vs_theirs.value < 1 - SAME_TIME]
-    slower = [row for row in like if row.ours_vs_theirs and row.ours_vs_theirs.value > 1 + SAME_TIME]
-    lines.append(
-        f"time per step no worse than diffusers' hooks, {len(like)} like-for-like rows: ours faster by more "
-        f"than {100 * SAME_TIME:.0f}% in {len(faster)}, within {100 * SAME_TIME:.0f}% in "
-        f"{len(like) - len(faster) - len(slower)}, slower by more in {len(slower)}"
-        + (
-            ": " + ", ".join(f"{r.family}/{r.method} {_ratio(r.ours_vs_theirs)}" for r in slower)
-            if slower
-            else ""
-        )
-    )
-    return lines
-
-
-def render_text(report: Report) -> str:
-    parts = [
-        _header(report),
-        "",
-        _text_table(FAMILY_COLUMNS, [family_cells(row) for row in report.families]),
-        "",
-        _text_table(METHOD_COLUMNS, [method_cells(row) for row in report.methods]),
-        "",
-        _dispatch_line(report),
-        "idle cost this predicts: " + "; ".join(_idle_estimates(report)),
-        _NOTES,
-        "",
-        *verdicts(report),
-    ]
-    return "\n".join(parts)
-
-
-def render_markdown(report: Report) -> str:
-    legend = "\n".join(f"- `{case.name}`: {case.settings}" for case in METHODS)
-    return "\n".join(
-        [
-            f"Run: {_header(report)}.",
-            "",
-            _markdown_table(FAMILY_COLUMNS, [family_cells(row) for row in report.families]),
-            "",
-            _markdown_table(METHOD_COLUMNS, [method_cells(row) for row in report.methods]),
-            "",
-            _NOTES,
-            "",
-            "Targets, against this run's CPU times:",
-            "",
-            *(f"- {line}" for line in verdicts(report)),
-            "",
-            "Method settings, identical for both implementations:",
-            "",
-            legend,
-            "",
-            f"Dispatcher cost, {_dispatch_line(report)}. Idle cost this predicts: "
-            + "; ".join(_idle_estimates(report))
-            + ".",
-            "",
-        ]
-    )
-
-
-def plot(report: Report, path: Path) -> None:
-    """Measured speedup against the fraction of the uncached time the executed work needs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = dict(zip(METHOD_NAMES, ("C0", "C1", "C2", "C3", "C4"), strict=True))
-    markers = dict(zip([row.family for row in report.families], "osD^v", strict=False))
-    figure, axes = plt.subplots(figsize=(7.5, 5))
-    xs = [i / 100 for i in range(25, 101)]
-    axes.plot(xs, [1 / x for x in xs], color="grey", linestyle="--", label="ideal: 1 / executed fraction")
-    axes.fill_between(
-        xs, [WITHIN_IDEAL / x for x in xs], [1 / x for x in xs], color="grey", alpha=0.15, label="within 3%"
-    )
-    for row in report.methods:
-        for side, result in (("ours", row.ours), ("diffusers", row.theirs)):
-            if result.speedup is None or result.ideal is None or result.no_op:
-                continue
-            axes.plot(
-                1 / result.ideal,
-                result.speedup.value,
-                marker=markers.get(row.family, "o"),
-                color=colours[row.method],
-                markerfacecolor=colours[row.method] if side == "ours" else "none",
-                linestyle="none",
-                markersize=8,
-            )
-    for method, colour in colours.items():
-        axes.plot([], [], color=colour, marker="s", linestyle="none", label=method)
-    for family, marker in markers.items():
-        axes.plot([], [], color="black", marker=marker, linestyle="none", label=family)
-    axes.plot(
-        [], [], color="black", marker="o", markerfacecolor="none", linestyle="none", label="diffusers hooks"
-    )
-    axes.set_xlabel("executed fraction of the uncached run time (from counts x profile)")
-    axes.set_ylabel("measured speedup (median CPU time)")
-    axes.set_title("Speedup against executed work (filled: cache_engine, hollow: diffusers)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="upper right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 # -- entry point --------------------------------------------------------------------------------------
@@ -1134,6 +617,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
             method_rows.extend(rows)
         dispatch = dispatch_cost(calls=2_000 if args.quick else 20_000)
     report = Report(
+        method_settings=tuple((case.name, case.settings) for case in METHODS),
         families=family_rows,
         methods=method_rows,
         dispatch=dispatch,
@@ -1147,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     if args.markdown is not None:
         args.markdown.write_text(render_markdown(report))
     if args.plot is not None:
-        plot(report, args.plot)
+        plot_report(report, args.plot)
     return report
 
 

@@ -10,29 +10,29 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import engine
+from benchmarks import engine, report
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[engine.Report, str]:
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[report.Report, str]:
     markdown = tmp_path_factory.mktemp("bench") / "table.md"
-    report = engine.main(["--quick", "--families", "flux", "--markdown", str(markdown)])
-    return report, markdown.read_text()
+    result = engine.main(["--quick", "--families", "flux", "--markdown", str(markdown)])
+    return result, markdown.read_text()
 
 
 @pytest.mark.slow
-def test_one_row_per_method(quick_run: tuple[engine.Report, str]) -> None:
-    report, _ = quick_run
-    assert [row.family for row in report.families] == ["flux"]
-    assert [(row.family, row.method) for row in report.methods] == [
+def test_one_row_per_method(quick_run: tuple[report.Report, str]) -> None:
+    result, _ = quick_run
+    assert [row.family for row in result.families] == ["flux"]
+    assert [(row.family, row.method) for row in result.methods] == [
         ("flux", method) for method in engine.METHOD_NAMES
     ]
 
 
 @pytest.mark.slow
-def test_executed_fractions_are_fractions(quick_run: tuple[engine.Report, str]) -> None:
-    report, _ = quick_run
-    for row in report.methods:
+def test_executed_fractions_are_fractions(quick_run: tuple[report.Report, str]) -> None:
+    result, _ = quick_run
+    for row in result.methods:
         for side in (row.ours, row.theirs):
             if side.error is not None:
                 continue
@@ -44,7 +44,7 @@ def test_executed_fractions_are_fractions(quick_run: tuple[engine.Report, str]) 
         assert row.ours.stats_agree, row.method
     # Every method skips something on this model: attention for PAB, FasterCache and TaylorSeer,
     # blocks for TaylorSeer lite.
-    by_method = {row.method: row.ours for row in report.methods}
+    by_method = {row.method: row.ours for row in result.methods}
     for method in ("taylorseer", "pyramid_attention_broadcast", "faster_cache"):
         attention = by_method[method].attention_fraction
         assert attention is not None and attention < 1.0, method
@@ -53,30 +53,31 @@ def test_executed_fractions_are_fractions(quick_run: tuple[engine.Report, str]) 
 
 
 @pytest.mark.slow
-def test_markdown_table_has_expected_columns_and_rows(quick_run: tuple[engine.Report, str]) -> None:
+def test_markdown_table_has_expected_columns_and_rows(quick_run: tuple[report.Report, str]) -> None:
     _, markdown = quick_run
     tables = _markdown_tables(markdown)
     assert len(tables) == 2
     family_table, method_table = tables
-    assert family_table[0] == list(engine.FAMILY_COLUMNS)
+    assert family_table[0] == list(report.FAMILY_COLUMNS)
     assert len(family_table) == 2  # header and flux
-    assert method_table[0] == list(engine.METHOD_COLUMNS)
+    assert method_table[0] == list(report.METHOD_COLUMNS)
     rows = method_table[1:]
     assert [row[:2] for row in rows] == [["flux", method] for method in engine.METHOD_NAMES]
-    blocks = engine.METHOD_COLUMNS.index("blocks run (ours)")
-    attention = engine.METHOD_COLUMNS.index("attn run (ours)")
+    blocks = report.METHOD_COLUMNS.index("blocks run (ours)")
+    attention = report.METHOD_COLUMNS.index("attn run (ours)")
     for row in rows:
-        assert len(row) == len(engine.METHOD_COLUMNS)
+        assert len(row) == len(report.METHOD_COLUMNS)
         for cell in (row[blocks], row[attention]):
             assert 0.0 < float(cell) <= 1.0
 
 
 def test_plot_is_written(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    report = engine.Report(
+    empty = report.Report(
+        method_settings=(("first_block_cache", "threshold=0.5"),),
         families=[],
         methods=[],
-        dispatch=engine.DispatchCost(1.0, 1.1, 1.2, 1.3),
+        dispatch=report.DispatchCost(1.0, 1.1, 1.2, 1.3),
         steps=2,
         repeats=1,
         scale="quick",
@@ -84,7 +85,7 @@ def test_plot_is_written(tmp_path: Path) -> None:
         seconds=0.0,
     )
     path = tmp_path / "plot.png"
-    engine.plot(report, path)
+    report.plot(empty, path)
     assert path.read_bytes().startswith(b"\x89PNG")
 
 
