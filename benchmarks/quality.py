@@ -257,7 +257,8 @@ def plot(results: Sequence[Result], path: Path) -> None:
     for ax, cfg in zip(axes[0], cfgs, strict=True):
         rows = [r for r in results if r.cfg == cfg and r.method != "none"]
         for method in dict.fromkeys(r.method for r in rows):
-            mine = sorted((r for r in rows if r.method == method), key=lambda r: r.speedup)
+            # In sweep order, so each curve follows its knob.
+            mine = [r for r in rows if r.method == method]
             # Identical images have infinite PSNR; draw them at the top of the axis.
             ax.plot([r.speedup for r in mine], [min(r.psnr, 80.0) for r in mine], marker="o", label=method)
         for floor in PRESET_FLOORS.values():

@@ -70,6 +70,12 @@ class BuiltinModel:
     defaults: ModelDefaults
     limits: ModelLimits
     call_kwargs: Mapping[str, Any]
+    # A trained model ships as a saved pipeline folder: it is loaded from there, never built.
+    folder: Path | None = None
+    # FluxPipeline's default_sample_size (latent pixels), which save_pretrained does not keep.
+    sample_size: int | None = None
+    # Cache presets measured on this model, replacing its family's (keyed like PRESET_NAMES).
+    presets: Callable[[], Mapping[str, Any]] | None = None
 
     def build(self, seed: int = DEFAULT_SEED) -> DiffusionPipeline:
         """The pipeline in memory, with weights drawn from ``seed`` (same seed, same bits)."""
@@ -98,6 +104,8 @@ def materialize(model: BuiltinModel, cache_dir: Path, *, seed: int = DEFAULT_SEE
     The build goes to a staging folder that is renamed into place, so a crash or a concurrent
     build never leaves a half-written folder where a complete one is expected.
     """
+    if model.folder is not None:
+        return model.folder
     folder = cache_dir / "builtin" / f"{model.name}-{model.fingerprint(seed)}"
     if folder.is_dir():
         return folder
@@ -338,6 +346,37 @@ def _build_wan(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionP
     return WanPipeline(**modules)
 
 
+# -- shapes-flux ---------------------------------------------------------------------------------------
+
+# Trained here on 64x64 renders of coloured shapes (``python -m shapes.train``; docs/shapes-model.md).
+SHAPES_FLUX_FOLDER = Path(__file__).resolve().parent / "assets" / "shapes-flux"
+
+
+def _load_shipped(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeline:
+    """The shipped weights: trained, so the seed has nothing to draw."""
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+    return FluxPipeline.from_pretrained(SHAPES_FLUX_FOLDER, local_files_only=True)
+
+
+def _shapes_flux_presets() -> Mapping[str, Any]:
+    """The fastest point at 30 / 35 / 40 dB PSNR against the uncached image (docs/quality.md)."""
+    import torch
+
+    from cache_engine import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    def lite(interval: int) -> TaylorSeerCacheConfig:
+        return TaylorSeerCacheConfig(
+            cache_interval=interval,
+            disable_cache_before_step=3,
+            max_order=1,
+            taylor_factors_dtype=torch.float32,
+            use_lite_mode=True,
+        )
+
+    return {"fast": lite(5), "balanced": lite(3), "quality": FirstBlockCacheConfig(threshold=0.05)}
+
+
 # -- the table -----------------------------------------------------------------------------------------
 
 # Prompts this short fit T5's 16 tokens loosely; longer ones are truncated by the tokenizer.
@@ -345,6 +384,31 @@ _MAX_PROMPT_CHARS = 1000
 
 BUILTIN_MODELS: Mapping[str, BuiltinModel] = MappingProxyType(
     {
+        # First, so that it answers image requests that name no model.
+        "shapes-flux": BuiltinModel(
+            name="shapes-flux",
+            recipe=MappingProxyType({}),
+            builder=_load_shipped,
+            defaults=ModelDefaults(
+                width=64, height=64, num_frames=None, steps=20, guidance_scale=1.0, fps=None
+            ),
+            # Trained at 64x64 only: larger sizes are allowed but leave its training distribution.
+            limits=ModelLimits(
+                max_width=128,
+                max_height=128,
+                max_pixels=128 * 128,
+                max_frames=1,
+                max_steps=100,
+                max_n=8,
+                max_prompt_chars=_MAX_PROMPT_CHARS,
+            ),
+            # Trained with T5 padded to 16 tokens; the joint attention sees the padding, so a longer
+            # pad is a different input (colour accuracy falls from 0.93 at 16 to 0 at 512).
+            call_kwargs=MappingProxyType({"max_sequence_length": 16}),
+            folder=SHAPES_FLUX_FOLDER,
+            sample_size=16,
+            presets=_shapes_flux_presets,
+        ),
         "tiny-flux": BuiltinModel(
             name="tiny-flux",
             recipe=_FLUX_RECIPE,

@@ -155,9 +155,11 @@ def _presets_table(family: str, kind: Kind) -> dict[str, CacheConfig]:
     }
 
 
-def _presets(family: str, kind: Kind, engine: CacheEngine) -> Mapping[str, CacheConfig | None]:
+def _presets(
+    family: str, kind: Kind, engine: CacheEngine, measured: Mapping[str, CacheConfig] | None = None
+) -> Mapping[str, CacheConfig | None]:
     presets: dict[str, CacheConfig | None] = {}
-    for name, config in _presets_table(family, kind).items():
+    for name, config in (measured or _presets_table(family, kind)).items():
         try:
             engine.check(config)
         except ValueError as exc:
@@ -275,6 +277,8 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32", cache_
     except (RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"could not move {spec!r} to device {device!r}: {exc}") from exc
     pipeline.set_progress_bar_config(disable=True)
+    if builtin is not None and builtin.sample_size is not None:
+        pipeline.default_sample_size = builtin.sample_size
 
     engine = CacheEngine(transformer)
     family = engine.family
@@ -289,7 +293,7 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32", cache_
         engine=engine,
         defaults=defaults,
         limits=builtin.limits if builtin else _hub_limits(defaults, kind),
-        presets=_presets(family, kind, engine),
+        presets=_presets(family, kind, engine, builtin.presets() if builtin and builtin.presets else None),
         call_kwargs=builtin.call_kwargs if builtin else MappingProxyType({}),
         supported_methods=engine.supported_methods,
         size_multiple=_size_multiple(pipeline),

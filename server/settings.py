@@ -25,7 +25,7 @@ ENV_PREFIX = "DITCACHE_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 # Kept equal to server.models.BUILTIN_MODEL_NAMES (a test checks it); spelled out here so that reading
 # the settings does not import diffusers.
-DEFAULT_MODELS = ("tiny-flux", "tiny-wan")
+DEFAULT_MODELS = ("shapes-flux", "tiny-flux", "tiny-wan")
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 

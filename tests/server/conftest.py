@@ -85,6 +85,8 @@ def live_server(model_cache: Path, **settings: Any) -> Iterator[LiveServer]:
     """Body of a module-scoped fixture: a started server, stopped afterwards."""
     # A short grace: a module's leftover queued jobs should not hold its teardown for long.
     settings.setdefault("shutdown_grace_s", 2.0)
+    # The random-weight models: their outputs are pinned bit for bit; the trained default has its own tests.
+    settings.setdefault("models", ["tiny-flux", "tiny-wan"])
     server = LiveServer(Settings(cache_dir=model_cache, **settings))
     server.start()
     try:

@@ -19,7 +19,7 @@ from server.models import (
 
 
 def test_builtin_names() -> None:
-    assert BUILTIN_MODEL_NAMES == ("tiny-flux", "tiny-wan")
+    assert BUILTIN_MODEL_NAMES == ("shapes-flux", "tiny-flux", "tiny-wan")
 
 
 @pytest.mark.parametrize(

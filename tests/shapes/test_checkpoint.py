@@ -1,37 +1,69 @@
-"""The shipped checkpoint loads the way a real model does and still draws what it is asked for."""
+"""The shipped checkpoint loads the way the server loads any model, and still draws what it is asked for."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
-
+import numpy as np
 import pytest
 
+from server.builtin_models import BUILTIN_MODELS, SHAPES_FLUX_FOLDER
+from server.generation import GenerationParams, generate
+from server.models import PRESET_NAMES, ResidentModel, load_model
+from server.settings import DEFAULT_MODELS
 from shapes import detector, evaluate
 
-if TYPE_CHECKING:
-    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
-
-CHECKPOINT = Path(__file__).resolve().parents[2] / "server" / "assets" / "shapes-flux"
 # Well under what the model scores (docs/shapes-model.md), far above what noise or a broken loader
-# gives (a random transformer gets colours right about 2% of the time).
+# gives (a random transformer gets the foreground colour right about 2% of the time).
 FLOORS = {"bg": 0.9, "fg": 0.75, "position": 0.7}
+PROMPTS = 12
 
 
 @pytest.fixture(scope="module")
-def pipe() -> FluxPipeline:
-    return evaluate.load(CHECKPOINT)
+def model(tmp_path_factory: pytest.TempPathFactory) -> ResidentModel:
+    return load_model("shapes-flux", cache_dir=tmp_path_factory.mktemp("cache"))
 
 
-def test_checkpoint_is_small() -> None:
-    size = sum(p.stat().st_size for p in CHECKPOINT.rglob("*") if p.is_file())
-    assert size < 16 * 2**20
+def test_checkpoint_is_a_small_pipeline_folder() -> None:
+    files = [p for p in SHAPES_FLUX_FOLDER.rglob("*") if p.is_file()]
+    assert (SHAPES_FLUX_FOLDER / "model_index.json") in files
+    assert sum(p.stat().st_size for p in files) < 16 * 2**20
+
+
+def test_it_is_the_default_image_model() -> None:
+    images = [name for name in DEFAULT_MODELS if name != "tiny-wan"]
+    assert images[0] == "shapes-flux"
+
+
+def test_loaded_from_its_folder_with_its_call_settings(model: ResidentModel) -> None:
+    assert model.source == f"builtin:{SHAPES_FLUX_FOLDER}"
+    assert (model.kind, model.family, type(model.pipeline).__name__) == ("image", "flux", "FluxPipeline")
+    assert (model.defaults.width, model.defaults.height, model.defaults.steps) == (64, 64, 20)
+    assert dict(model.call_kwargs) == {"max_sequence_length": 16}
+    assert model.pipeline.default_sample_size * model.pipeline.vae_scale_factor == 64
+    assert set(model.presets) == set(PRESET_NAMES)
+    assert model.presets == BUILTIN_MODELS["shapes-flux"].presets()  # type: ignore[misc]
 
 
 @pytest.mark.slow
-def test_generations_follow_their_prompts(pipe: FluxPipeline) -> None:
-    scenes = evaluate.test_scenes(16)
-    images = evaluate.generate(pipe, [s.caption for s in scenes], range(16))
-    scores = evaluate.adherence(images, [detector.scene_attributes(s, all_attributes=True) for s in scenes])
+def test_generations_follow_their_prompts(model: ResidentModel) -> None:
+    scenes = evaluate.test_scenes(PROMPTS)
+    images = []
+    for seed, scene in enumerate(scenes):
+        params = GenerationParams(
+            prompt=scene.caption,
+            negative_prompt=None,
+            width=model.defaults.width,
+            height=model.defaults.height,
+            num_frames=None,
+            steps=model.defaults.steps,
+            guidance_scale=model.defaults.guidance_scale,
+            seed=seed,
+            n=1,
+        )
+        result = generate(model, params)
+        assert result.images is not None
+        images.append(np.asarray(result.images[0].convert("RGB")))
+    scores = evaluate.adherence(
+        np.stack(images), [detector.scene_attributes(s, all_attributes=True) for s in scenes]
+    )
     for name, floor in FLOORS.items():
         assert scores[name] >= floor, scores
