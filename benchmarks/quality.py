@@ -70,7 +70,7 @@ def points() -> list[Point]:
             Point("FirstBlockCache", f"threshold {t:g}", partial(FirstBlockCacheConfig, threshold=t))
         )
     for lite in (False, True):
-        for i in (2, 3, 5):
+        for i in (2, 3, 4, 5):
             sweep.append(
                 Point(
                     "TaylorSeer lite" if lite else "TaylorSeer",

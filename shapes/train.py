@@ -2,10 +2,10 @@
 
     python -m shapes.train --out server/assets/shapes-flux --minutes 38
 
-The budget is wall-clock. The VAE gets a fixed share of it; the latents of the training images are
-encoded once; the transformer trains on the time that is left after a last share is set aside for
-the VAE's decoder alone (the encoder, and so the latent space, frozen); every schedule decays over
-its stage's time rather than over a step count. Progress is kept in a work folder (``--work``,
+The budget is wall-clock. The VAE gets a fixed share of it, then its decoder alone another share
+(the encoder, and so the latent space, frozen); the latents of the training images are encoded
+once; the transformer trains on the time that is left. Every schedule decays over its stage's time
+rather than over a step count. Progress is kept in a work folder (``--work``,
 next to ``--out`` by default): a finished VAE and the encoded latents are reused, and the
 transformer's state is saved every few minutes, so a run that is stopped or killed resumes where it
 was. Every transformer checkpoint also writes the pipeline to ``--out`` (EMA weights), atomically,
@@ -505,17 +505,17 @@ def train(opts: Options) -> None:
     budget = opts.minutes * 60
     with Stop.on_signals():
         vae = train_vae(opts, opts.vae_share * budget)
+        # The decoder stage leaves the latent space alone, so it can come first: then every
+        # checkpoint the transformer writes already decodes with the final decoder.
+        train_decoder(opts, vae, opts.decoder_share * budget)
         data = encode_latents(opts, vae)
         # Checkpoints and the final export take a few seconds each; keep them inside the budget.
         remaining = max(budget - (time.monotonic() - start) - 20, 1.0)
-        decoder_seconds = opts.decoder_share * budget
 
         def export(model: Denoiser) -> None:
             save_atomically(build_pipeline(model, vae), opts.out)
 
-        model = train_transformer(opts, data, max(remaining - decoder_seconds, 1.0), export)
-        train_decoder(opts, vae, decoder_seconds)
-        export(model)
+        train_transformer(opts, data, remaining, export)
     log(f"done in {time.monotonic() - start:.0f}s; pipeline in {opts.out}")
 
 

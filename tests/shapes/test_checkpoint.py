@@ -11,9 +11,10 @@ from server.models import PRESET_NAMES, ResidentModel, load_model
 from server.settings import DEFAULT_MODELS
 from shapes import detector, evaluate
 
-# Well under what the model scores (docs/shapes-model.md), far above what noise or a broken loader
-# gives (a random transformer gets the foreground colour right about 2% of the time).
-FLOORS = {"bg": 0.9, "fg": 0.75, "position": 0.7}
+# Well under what the model scores at its default settings (docs/shapes-model.md), far above what
+# noise or a broken loader gives (a random transformer gets the foreground colour right about 2% of
+# the time; size is a coin toss). Shape and position are too weak in this model to guard anything.
+FLOORS = {"bg": 0.9, "fg": 0.8, "size": 0.65}
 PROMPTS = 12
 
 
