@@ -273,6 +273,17 @@ def plot(results: Sequence[Result], path: Path) -> None:
     plt.close(fig)
 
 
+def _finite(value: Any) -> Any:
+    """Strict JSON has no infinity: identical images (infinite PSNR) are written as null."""
+    if isinstance(value, float) and math.isinf(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0]
@@ -311,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": [asdict(r) for r in results],
         "presets": {k: asdict(v) for k, v in presets.items()},
     }
-    (args.out / "quality.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    (args.out / "quality.json").write_text(json.dumps(_finite(payload), indent=2) + "\n")
     print(markdown(results, presets, meta))
     return 0
 
