@@ -365,23 +365,13 @@ def _shapes_flux_presets() -> Mapping[str, Any]:
     blocks (31.7 dB, 2.3x), at interval 3 45% (35.4 dB, 1.8x); FasterCache skips a fifth of the
     unconditional passes and extrapolates attention (40.4 dB, 1.2x).
     """
-    import torch
+    from cache_engine import FasterCacheConfig
 
-    from cache_engine import FasterCacheConfig, TaylorSeerCacheConfig
-
-    def lite(interval: int) -> TaylorSeerCacheConfig:
-        # float32 factors: bfloat16 ones lose the small step-to-step differences on CPU.
-        return TaylorSeerCacheConfig(
-            cache_interval=interval,
-            disable_cache_before_step=3,
-            max_order=1,
-            taylor_factors_dtype=torch.float32,
-            use_lite_mode=True,
-        )
+    from .presets import taylorseer_lite
 
     return {
-        "fast": lite(4),
-        "balanced": lite(3),
+        "fast": taylorseer_lite(4),
+        "balanced": taylorseer_lite(3),
         "quality": FasterCacheConfig(spatial_attention_block_skip_range=2),
     }
 

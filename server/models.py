@@ -127,20 +127,16 @@ def _presets_table(family: str, kind: Kind) -> dict[str, CacheConfig]:
     middle: its paper's setting (recompute spatial attention every 2nd step, between timesteps
     100 and 800) is what it was designed and evaluated for.
     """
-    from cache_engine import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+    from cache_engine import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+
+    from .presets import taylorseer_lite
 
     if family == "flux":
-        # float32 Taylor factors: bfloat16 ones lose the small step-to-step differences on CPU.
-        def lite(interval: int) -> TaylorSeerCacheConfig:
-            return TaylorSeerCacheConfig(
-                cache_interval=interval,
-                disable_cache_before_step=3,
-                max_order=1,
-                taylor_factors_dtype=torch.float32,
-                use_lite_mode=True,
-            )
-
-        return {"fast": lite(5), "balanced": lite(3), "quality": FirstBlockCacheConfig(threshold=0.05)}
+        return {
+            "fast": taylorseer_lite(5),
+            "balanced": taylorseer_lite(3),
+            "quality": FirstBlockCacheConfig(threshold=0.05),
+        }
     balanced: CacheConfig = (
         PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800)
