@@ -9,7 +9,7 @@ from .engine import CacheEngine, engine_of
 from .errors import UnsupportedMethodError
 from .faster_cache import FasterCacheConfig
 from .first_block_cache import FirstBlockCacheConfig
-from .methods import METHOD_NAMES, CacheConfig, method_name
+from .methods import CONFIG_CLASSES, METHOD_NAMES, CacheConfig, method_name
 from .pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
 from .reference_api import (
     apply_faster_cache,
@@ -24,6 +24,7 @@ from .session import CacheSession, SessionStats
 from .taylorseer_cache import TaylorSeerCacheConfig
 
 __all__ = [
+    "CONFIG_CLASSES",
     "METHOD_NAMES",
     "CacheConfig",
     "CacheEngine",

@@ -25,6 +25,7 @@ _PLANNERS: dict[type, tuple[str, Callable[[Any, ModelLayout], Plan]]] = {
 }
 
 METHOD_NAMES: tuple[str, ...] = tuple(name for name, _ in _PLANNERS.values())
+# Method name -> config class: how a caller turns a method name (e.g. from a request) into a config.
 CONFIG_CLASSES: dict[str, type] = {name: cls for cls, (name, _) in _PLANNERS.items()}
 
 

@@ -9,24 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cache_engine import (
-    CacheConfig,
-    FasterCacheConfig,
-    FirstBlockCacheConfig,
-    PyramidAttentionBroadcastConfig,
-    TaylorSeerCacheConfig,
-    method_name,
-)
+from cache_engine import CONFIG_CLASSES, CacheConfig, method_name
 
 from .errors import InvalidRequest
 from .protocol import POLICY_CLASSES, CachePreset, CacheSpec, NoCache
-
-ENGINE_CLASSES: Mapping[str, type[Any]] = {
-    "pyramid_attention_broadcast": PyramidAttentionBroadcastConfig,
-    "faster_cache": FasterCacheConfig,
-    "first_block_cache": FirstBlockCacheConfig,
-    "taylorseer": TaylorSeerCacheConfig,
-}
 
 
 def to_engine_config(spec: CacheSpec | None, presets: Mapping[str, CacheConfig | None]) -> CacheConfig | None:
@@ -42,7 +28,7 @@ def to_engine_config(spec: CacheSpec | None, presets: Mapping[str, CacheConfig |
         return presets[spec.preset]
     values = spec.model_dump(exclude={"method"})
     try:
-        config: CacheConfig = ENGINE_CLASSES[spec.method](**values)
+        config: CacheConfig = CONFIG_CLASSES[spec.method](**values)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param=blame(exc, values)) from exc
     return config

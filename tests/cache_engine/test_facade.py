@@ -9,6 +9,7 @@ from pathlib import Path
 import cache_engine as ce
 
 EXPECTED_ALL = [
+    "CONFIG_CLASSES",
     "METHOD_NAMES",
     "CacheConfig",
     "CacheEngine",

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from server import policy
+from cache_engine import CONFIG_CLASSES
 from server.protocol import (
     CACHE_METHODS,
     POLICY_CLASSES,
@@ -135,8 +135,8 @@ def test_openai_request_converts_to_native() -> None:
 
 def test_wire_fields_are_the_engine_config_fields() -> None:
     """Every field a client can set is a parameter of the engine's config, with the same default."""
-    assert set(CACHE_METHODS) == {"none", *policy.ENGINE_CLASSES}
-    for method, engine_cls in policy.ENGINE_CLASSES.items():
+    assert set(CACHE_METHODS) == {"none", *CONFIG_CLASSES}
+    for method, engine_cls in CONFIG_CLASSES.items():
         engine_defaults = {f.name: f.default for f in dataclasses.fields(engine_cls)}
         wire = POLICY_CLASSES[method].model_validate({"method": method})
         for name, value in wire.model_dump(exclude={"method"}).items():
