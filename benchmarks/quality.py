@@ -293,7 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=evaluate.STEPS)
     parser.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0], help="true CFG scales (1: none)")
     parser.add_argument(
-        "--preset-cfg", type=float, default=1.0, help="the guidance the presets are chosen for"
+        "--preset-cfg",
+        type=float,
+        default=3.0,
+        help="the guidance the presets are chosen for (shapes-flux's default is true CFG 3)",
     )
     parser.add_argument("--out", type=Path, default=DOCS, help="folder for quality.md / .png / .json")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")

@@ -362,8 +362,8 @@ def _load_shipped(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> Diffusi
 def _shapes_flux_presets() -> Mapping[str, Any]:
     """The fastest point at 30 / 35 / 40 dB PSNR against the uncached image, measured at the default
     true CFG 3 over 50 prompts (docs/quality.md): TaylorSeer lite at interval 4 runs 35% of the
-    blocks (31.7 dB, 2.3x), at interval 3 45% (35.4 dB, 1.8x); FasterCache skips a fifth of the
-    unconditional passes and extrapolates attention (40.4 dB, 1.2x).
+    blocks (32.9 dB, 2.2x), at interval 3 45% (36.7 dB, 1.8x); FasterCache skips a fifth of the
+    unconditional passes and extrapolates attention (41.5 dB, 1.3x).
     """
     from cache_engine import FasterCacheConfig
 
@@ -372,7 +372,7 @@ def _shapes_flux_presets() -> Mapping[str, Any]:
     return {
         "fast": taylorseer_lite(4),
         "balanced": taylorseer_lite(3),
-        "quality": FasterCacheConfig(spatial_attention_block_skip_range=2),
+        "quality": FasterCacheConfig(spatial_attention_block_skip_range=3),
     }
 
 

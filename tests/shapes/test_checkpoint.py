@@ -13,8 +13,9 @@ from shapes import detector, evaluate
 
 # Well under what the model scores at its default settings (docs/shapes-model.md), far above what
 # noise or a broken loader gives (a random transformer gets the foreground colour right about 2% of
-# the time; size is a coin toss). Shape and position are too weak in this model to guard anything.
-FLOORS = {"bg": 0.9, "fg": 0.8, "size": 0.65}
+# the time; size is a coin toss, position one in five). Shape is at chance in this model and guards
+# nothing.
+FLOORS = {"bg": 0.9, "fg": 0.8, "size": 0.75, "position": 0.75}
 PROMPTS = 12
 
 
@@ -63,8 +64,7 @@ def test_generations_follow_their_prompts(model: ResidentModel) -> None:
         result = generate(model, params)
         assert result.images is not None
         images.append(np.asarray(result.images[0].convert("RGB")))
-    scores = evaluate.adherence(
-        np.stack(images), [detector.scene_attributes(s, all_attributes=True) for s in scenes]
-    )
+    # Only what each prompt names: an object whose place the prompt leaves open may be anywhere.
+    scores = evaluate.adherence(np.stack(images), [detector.scene_attributes(s) for s in scenes])
     for name, floor in FLOORS.items():
         assert scores[name] >= floor, scores

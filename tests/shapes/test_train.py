@@ -14,6 +14,7 @@ from shapes import evaluate, train
 def test_a_few_steps_end_to_end(tmp_path: Path) -> None:
     out, work = tmp_path / "pipe", tmp_path / "work"
     args = ["--out", str(out), "--work", str(work), "--minutes", "5", "--images", "16", "--batch", "4"]
+    args += ["--transformer-batch", "4"]
     args += ["--vae-steps", "2", "--steps", "2", "--threads", "1"]
     assert train.main(args) == 0
     assert (out / "model_index.json").is_file()
