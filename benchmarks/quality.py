@@ -36,8 +36,8 @@ from cache_engine import (
     FasterCacheConfig,
     FirstBlockCacheConfig,
     PyramidAttentionBroadcastConfig,
-    TaylorSeerCacheConfig,
 )
+from server.presets import taylorseer
 from shapes import detector, evaluate
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "server" / "assets" / "shapes-flux"
@@ -50,17 +50,6 @@ class Point:
     method: str
     knob: str
     make: Callable[[], CacheConfig | None]
-
-
-def taylorseer(interval: int, *, lite: bool) -> TaylorSeerCacheConfig:
-    # float32 factors: bfloat16 ones lose the small step-to-step differences on CPU.
-    return TaylorSeerCacheConfig(
-        cache_interval=interval,
-        disable_cache_before_step=3,
-        max_order=1,
-        taylor_factors_dtype=torch.float32,
-        use_lite_mode=lite,
-    )
 
 
 def points() -> list[Point]:

@@ -8,8 +8,10 @@ if TYPE_CHECKING:
     from cache_engine import TaylorSeerCacheConfig
 
 
-def taylorseer_lite(interval: int) -> TaylorSeerCacheConfig:
-    """TaylorSeer lite (blocks skipped, ``proj_out`` extrapolated) recomputing every ``interval`` steps."""
+def taylorseer(interval: int, *, lite: bool) -> TaylorSeerCacheConfig:
+    """TaylorSeer recomputing every ``interval`` steps; ``lite`` skips whole blocks and extrapolates
+    ``proj_out`` only. The quality sweep measures exactly these configs, so presets picked from it
+    are what was measured."""
     import torch
 
     from cache_engine import TaylorSeerCacheConfig
@@ -20,5 +22,9 @@ def taylorseer_lite(interval: int) -> TaylorSeerCacheConfig:
         disable_cache_before_step=3,
         max_order=1,
         taylor_factors_dtype=torch.float32,
-        use_lite_mode=True,
+        use_lite_mode=lite,
     )
+
+
+def taylorseer_lite(interval: int) -> TaylorSeerCacheConfig:
+    return taylorseer(interval, lite=True)
