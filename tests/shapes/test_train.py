@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from shapes import evaluate, train
+from shapes import dataset, detector, evaluate, train
 
 
 @pytest.mark.slow
 def test_a_few_steps_end_to_end(tmp_path: Path) -> None:
     out, work = tmp_path / "pipe", tmp_path / "work"
     args = ["--out", str(out), "--work", str(work), "--minutes", "5", "--images", "16", "--batch", "4"]
-    args += ["--transformer-batch", "4"]
+    # Compiling costs more than the whole smoke run; the fallback is tested below.
+    args += ["--transformer-batch", "4", "--no-compile"]
     args += ["--vae-steps", "2", "--steps", "2", "--threads", "1"]
     assert train.main(args) == 0
     assert (out / "model_index.json").is_file()
@@ -26,6 +29,38 @@ def test_a_few_steps_end_to_end(tmp_path: Path) -> None:
 
     # A second run with a higher cap picks up the saved state instead of starting over.
     assert train.main([*args[:-4], "--steps", "3", "--threads", "1"]) == 0
-    import torch
-
     assert torch.load(work / "transformer.pt", weights_only=False)["step"] == 3
+
+
+def test_caption_labels_name_what_each_caption_says() -> None:
+    scenes = dataset.scenes(200, 3)
+    labels = train.caption_labels(scenes)
+    assert labels.shape == (200, len(train.CAPTION_ATTRIBUTES))
+    for scene, row in zip(scenes, labels.tolist(), strict=True):
+        decoded = {
+            name: values[index]
+            for (name, values), index in zip(train.CAPTION_ATTRIBUTES.items(), row, strict=True)
+            if index < len(values)
+        }
+        assert decoded == detector.scene_attributes(scene)
+    # Both "not said" classes occur, and every class index fits its attribute's logits.
+    assert (labels < torch.tensor(train.CAPTION_CLASSES)).all()
+    assert (labels[:, 3] == len(dataset.SIZES)).any() and (labels[:, 4] == len(dataset.POSITIONS)).any()
+
+
+def test_a_failing_compiler_falls_back_to_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fake: a missing C++ compiler cannot be provoked on a machine that has one.
+    def broken(model: torch.nn.Module) -> Callable[..., object]:
+        def call(*args: torch.Tensor) -> object:
+            raise RuntimeError("no C++ compiler")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = train.Denoiser(0).eval()
+    step = train.compiled(model)
+    clip_ids, t5_ids = train.token_ids(["a red circle on a blue background"])
+    x, s = torch.randn(1, train.LATENT_CHANNELS, train.LATENT_SIDE, train.LATENT_SIDE), torch.tensor([0.5])
+    with torch.no_grad():
+        got, want = step(x, s, clip_ids, t5_ids), model(x, s, clip_ids, t5_ids)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
