@@ -52,8 +52,8 @@ TRANSFORMER_LR = 1e-3
 NOISE_MEAN = 0.0
 # Weight of the caption probe's loss (see Denoiser). The pooled CLIP embedding is what the
 # transformer's AdaLN modulation sees, and the diffusion loss alone barely separates the shape
-# words in it (circle against square: cosine 0.98 after a full run), so the transformer drew every
-# shape from the same two templates.
+# words in it (circle against square: cosine 0.98 after a full run without the probe), and the
+# transformer drew circles and squares alike (docs/shapes-model.md).
 CAPTION_LOSS = 0.1
 
 VAE_CONFIG: dict[str, Any] = {
@@ -373,8 +373,8 @@ def new_transformer(seed: int) -> FluxTransformer2DModel:
 class CaptionProbe(torch.nn.Module):
     """A cosine classifier at a fixed scale: logits = 10 cos(embedding, class direction).
 
-    A plain linear probe reaches zero loss by growing its own weights while the embeddings of
-    "circle" and "square" stay nearly parallel (cosine 0.90). With the scale fixed, a confident
+    A plain linear probe reaches a near-zero loss by growing its own weights while the embeddings of
+    "circle" and "square" stay nearly parallel (cosine 0.90 after a full run). With the scale fixed, a confident
     answer for five attributes at once needs each one's classes to point apart in the embedding
     itself, and that embedding is what conditions the transformer.
     """
@@ -392,9 +392,9 @@ class CaptionProbe(torch.nn.Module):
 class Denoiser(torch.nn.Module):
     """The transformer and both text encoders, called as FluxPipeline calls them.
 
-    ``caption_probe`` is a linear classifier of the caption's attributes from the pooled CLIP
-    embedding, used only in training (the pipeline never sees it): its loss makes every attribute
-    linearly separable in the vector that conditions every block, from the first few hundred steps.
+    ``caption_probe`` classifies the caption's attributes from the pooled CLIP embedding. It is used
+    only in training (the pipeline never sees it): its loss makes every attribute point apart in the
+    vector that conditions every block, from the first few hundred steps.
     """
 
     def __init__(self, seed: int) -> None:
