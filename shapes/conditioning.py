@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from shapes import dataset, evaluate
+from shapes.train import to_pixels
 
 if TYPE_CHECKING:
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
@@ -78,25 +79,9 @@ def template(pipe: FluxPipeline, t5: torch.Tensor, pooled: torch.Tensor, noise: 
 def data_template(pipe: FluxPipeline, shape: str, draws: int = 64, seed: int = 0) -> torch.Tensor:
     """The mean normalised latent of ``draws`` renders of the caption, jittered as in training."""
     rng = np.random.default_rng([seed, dataset.SHAPES.index(shape)])
-    (ax, ay), (low, high) = dataset.POSITIONS["center"][1], dataset.SIZES["large"]
-    jitter = dataset.POSITION_JITTER
-    scenes = [
-        dataset.Scene(
-            shape=shape,
-            fg="red",
-            bg="blue",
-            size="large",
-            position="center",
-            fg_rgb=dataset.COLOURS["red"],
-            bg_rgb=dataset.COLOURS["blue"],
-            cx=ax + float(rng.uniform(-jitter, jitter)),
-            cy=ay + float(rng.uniform(-jitter, jitter)),
-            r=float(rng.uniform(low, high)),
-        )
-        for _ in range(draws)
-    ]
-    pixels = torch.from_numpy(dataset.render_batch(scenes)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    latents = pipe.vae.encode(pixels).latent_dist.mode()
+    scene = {"shape": shape, "fg": "red", "bg": "blue", "size": "large", "position": "center"}
+    scenes = [dataset.jittered_scene(rng, **scene) for _ in range(draws)]
+    latents = pipe.vae.encode(to_pixels(dataset.render_batch(scenes))).latent_dist.mode()
     return ((latents - pipe.vae.config["shift_factor"]) * pipe.vae.config["scaling_factor"]).mean(0)
 
 

@@ -92,6 +92,13 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     bg = others[rng.integers(len(others))]
     size = ("small", "large")[rng.integers(2)]
     position = tuple(POSITIONS)[rng.integers(len(POSITIONS))]
+    return jittered_scene(rng, shape=shape, fg=fg, bg=bg, size=size, position=position)
+
+
+def jittered_scene(
+    rng: np.random.Generator, *, shape: str, fg: str, bg: str, size: str, position: str
+) -> Scene:
+    """A scene with these attributes, its colours, place, radius and caption drawn as in training."""
     ax, ay = POSITIONS[position][1]
     low, high = SIZES[size]
     return Scene(

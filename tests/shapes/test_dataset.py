@@ -49,3 +49,16 @@ def test_parse_prompt_reads_free_text() -> None:
         "size": "large",
         "position": "center",
     }
+
+
+def test_a_jittered_scene_keeps_its_attributes_and_stays_near_its_anchor() -> None:
+    rng = np.random.default_rng(0)
+    wanted = {"shape": "star", "fg": "red", "bg": "blue", "size": "large", "position": "left"}
+    scenes = [dataset.jittered_scene(rng, **wanted) for _ in range(50)]
+    (ax, ay), (low, high) = dataset.POSITIONS["left"][1], dataset.SIZES["large"]
+    for scene in scenes:
+        assert {name: getattr(scene, name) for name in wanted} == wanted
+        assert abs(scene.cx - ax) <= dataset.POSITION_JITTER and abs(scene.cy - ay) <= dataset.POSITION_JITTER
+        assert low <= scene.r <= high
+    # The jitter is drawn, not fixed.
+    assert len({(s.cx, s.cy, s.r, s.fg_rgb) for s in scenes}) == len(scenes)
