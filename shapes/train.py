@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shapes import dataset, text
+from shapes import dataset, detector, text
 
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
@@ -328,14 +328,15 @@ CAPTION_CLASSES = [
 
 def caption_labels(scenes: Sequence[dataset.Scene]) -> torch.Tensor:
     """(n, 5) class indices of what each scene's caption names, in ``CAPTION_ATTRIBUTES`` order."""
-    said = {"size": "say_size", "position": "say_position"}
-    rows = [
-        [
-            values.index(getattr(scene, name)) if getattr(scene, said.get(name, ""), True) else len(values)
-            for name, values in CAPTION_ATTRIBUTES.items()
-        ]
-        for scene in scenes
-    ]
+    rows = []
+    for scene in scenes:
+        named = detector.scene_attributes(scene)
+        rows.append(
+            [
+                values.index(named[name]) if name in named else len(values)
+                for name, values in CAPTION_ATTRIBUTES.items()
+            ]
+        )
     return torch.tensor(rows, dtype=torch.long)
 
 
