@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from server.builtin_models import SHAPES_FLUX_FOLDER
 from shapes import dataset, detector, evaluate, train
 
 
@@ -21,7 +22,7 @@ def test_a_few_steps_end_to_end(tmp_path: Path) -> None:
     args += ["--vae-steps", "2", "--steps", "2", "--threads", "1"]
     assert train.main(args) == 0
     assert (out / "model_index.json").is_file()
-    assert {"vae.pt", "latents.pt", "transformer.pt"} <= {p.name for p in work.iterdir()}
+    assert {"vae.pt", "latents.pt", "critic.pt", "transformer.pt"} <= {p.name for p in work.iterdir()}
 
     pipe = evaluate.load(out)
     images = evaluate.generate(pipe, ["a red circle on a blue background"], [0], steps=2)
@@ -64,3 +65,51 @@ def test_a_failing_compiler_falls_back_to_the_model(monkeypatch: pytest.MonkeyPa
     with torch.no_grad():
         got, want = step(x, s, clip_ids, t5_ids), model(x, s, clip_ids, t5_ids)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_clean_estimate_undoes_the_noising() -> None:
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+    generator = torch.Generator().manual_seed(0)
+    shape = (3, train.LATENT_CHANNELS, train.LATENT_SIDE, train.LATENT_SIDE)
+    x0, eps = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    s = torch.tensor([0.1, 0.5, 0.9])
+    noisy = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
+    velocity = FluxPipeline._pack_latents(
+        eps - x0, 3, train.LATENT_CHANNELS, train.LATENT_SIDE, train.LATENT_SIDE
+    )
+    assert torch.allclose(train.clean_estimate(noisy, s, velocity), x0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_critic_reads_shape_and_size_from_latents(tmp_path: Path) -> None:
+    vae = evaluate.load(SHAPES_FLUX_FOLDER).vae
+    scenes = dataset.scenes(2400, 5)
+    scale, shift = vae.config["scaling_factor"], vae.config["shift_factor"]
+    latents = (train.encode_mode(vae, dataset.render_batch(scenes)) - shift) * scale
+    opts = train.Options(out=tmp_path / "pipe", work=tmp_path, minutes=1, critic_steps=500)
+    critic = train.train_critic(opts, latents, train.image_labels(scenes))
+    assert not any(p.requires_grad for p in critic.parameters())
+
+    # The first eighth is held out of its training.
+    held_out, truth = latents[:300], train.image_labels(scenes[:300])
+    with torch.no_grad():
+        shape, size = critic(held_out)
+    assert (shape.argmax(-1) == truth[:, 0]).float().mean() > 0.9
+    assert (size.argmax(-1) == truth[:, 1]).float().mean() > 0.9
+
+    # Its loss tells a latent that shows what the caption asks from one that does not.
+    said = train.caption_labels(scenes[:300])
+    other_shape = said.clone()
+    other_shape[:, 0] = (said[:, 0] + 1) % len(dataset.SHAPES)
+    with torch.no_grad():
+        right, wrong = (
+            train.critic_loss(critic, held_out, said),
+            train.critic_loss(critic, held_out, other_shape),
+        )
+    assert right < 0.5 < wrong
+
+    # A second run reuses the saved critic.
+    again = train.train_critic(opts, latents, train.image_labels(scenes))
+    with torch.no_grad():
+        assert torch.equal(again(held_out)[0], shape)
