@@ -362,17 +362,14 @@ def _load_shipped(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> Diffusi
 def _shapes_flux_presets() -> Mapping[str, Any]:
     """The fastest point at 30 / 35 / 40 dB PSNR against the uncached image, measured at the default
     true CFG 3 over 50 prompts (docs/quality.md): TaylorSeer lite at interval 4 runs 35% of the
-    blocks (32.6 dB, 2.2x), at interval 3 45% (37.1 dB, 1.9x); FasterCache skips a fifth of the
-    unconditional passes and extrapolates attention (40.5 dB, 1.3x).
+    blocks (32.2 dB, 2.2x), at interval 3 45% (36.8 dB, 1.8x), at interval 2 55% (40.3 dB, 1.5x).
     """
-    from cache_engine import FasterCacheConfig
-
     from .presets import taylorseer_lite
 
     return {
         "fast": taylorseer_lite(4),
         "balanced": taylorseer_lite(3),
-        "quality": FasterCacheConfig(spatial_attention_block_skip_range=3),
+        "quality": taylorseer_lite(2),
     }
 
 
