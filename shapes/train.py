@@ -58,13 +58,14 @@ NOISE_MEAN = 0.0
 CAPTION_LOSS = 0.1
 # Weight of the shape critic's loss (see LatentCritic). A circle and a square of one size differ in a
 # few corner pixels, so the flow-matching loss barely tells them apart; the critic's cross-entropy on
-# the transformer's estimate of the clean latent does. Continuing the shipped weights for 2,000 steps
-# with it raised shape from 0.47 to 0.64 against the same continuation without it
+# the transformer's estimate of the clean latent does. Continuing the previous checkpoint for 2,000
+# steps with it raised shape from 0.47 to 0.64 against the same continuation without it
 # (docs/shapes-model.md).
 SHAPE_LOSS = 0.1
-# ...but only over the last part of the transformer's time. On from the first step, it drew textures
-# the critic reads as shapes and set position back to 0.44 (the model has not learnt to draw yet,
-# and the critic is the easier target); on a trained model it sharpens what is drawn.
+# ...but only over the last part of the transformer's time. On from the first step, the model drew
+# textures the critic reads as shapes and never learnt position (0.44; fg 0.87, size 0.76): it had
+# not learnt to draw yet, and the critic was the easier target. On a model that draws, it sharpens
+# what is drawn.
 CRITIC_FROM = 0.7
 CRITIC_STEPS = 800
 
@@ -420,7 +421,7 @@ def image_labels(scenes: Sequence[dataset.Scene]) -> torch.Tensor:
 
 
 def train_critic(opts: Options, latents: torch.Tensor, labels: torch.Tensor) -> LatentCritic:
-    """A few hundred steps on the clean latents, with Gaussian noise of a random strength (up to 0.5)
+    """``critic_steps`` steps on the clean latents, with Gaussian noise of a random strength (up to 0.5)
     so that it also reads the softer latents a half-trained transformer estimates."""
     path = opts.work / "critic.pt"
     torch.manual_seed(opts.seed + 2)

@@ -18,7 +18,8 @@ def test_a_few_steps_end_to_end(tmp_path: Path) -> None:
     out, work = tmp_path / "pipe", tmp_path / "work"
     args = ["--out", str(out), "--work", str(work), "--minutes", "5", "--images", "16", "--batch", "4"]
     # Compiling costs more than the whole smoke run; the fallback is tested below.
-    args += ["--transformer-batch", "4", "--no-compile"]
+    # The critic's loss from the first step, so that its path runs too.
+    args += ["--transformer-batch", "4", "--no-compile", "--critic-from", "0"]
     args += ["--vae-steps", "2", "--steps", "2", "--threads", "1"]
     assert train.main(args) == 0
     assert (out / "model_index.json").is_file()
