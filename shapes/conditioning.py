@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from shapes import dataset, evaluate
-from shapes.train import to_pixels
+from shapes.train import clean_estimate, to_pixels
 
 if TYPE_CHECKING:
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
@@ -70,9 +70,7 @@ def template(pipe: FluxPipeline, t5: torch.Tensor, pooled: torch.Tensor, noise: 
         img_ids=image_ids,
         return_dict=False,
     )[0]
-    size = side * pipe.vae_scale_factor
-    clean = noise - NOISE_LEVEL * FluxPipeline._unpack_latents(velocity, size, size, pipe.vae_scale_factor)
-    return clean.mean(0)
+    return clean_estimate(noise, torch.full((n,), NOISE_LEVEL), velocity).mean(0)
 
 
 @torch.no_grad()
