@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from shapes import dataset, evaluate
-from shapes.train import clean_estimate, to_pixels
+from shapes.train import clean_estimate, normalised_latents
 
 if TYPE_CHECKING:
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
@@ -79,8 +79,7 @@ def data_template(pipe: FluxPipeline, shape: str, draws: int = 64, seed: int = 0
     rng = np.random.default_rng([seed, dataset.SHAPES.index(shape)])
     scene = {"shape": shape, "fg": "red", "bg": "blue", "size": "large", "position": "center"}
     scenes = [dataset.jittered_scene(rng, **scene) for _ in range(draws)]
-    latents = pipe.vae.encode(to_pixels(dataset.render_batch(scenes))).latent_dist.mode()
-    return ((latents - pipe.vae.config["shift_factor"]) * pipe.vae.config["scaling_factor"]).mean(0)
+    return normalised_latents(pipe.vae, dataset.render_batch(scenes)).mean(0)
 
 
 def measure(pipe: FluxPipeline, seed: int = 0) -> Report:

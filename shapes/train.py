@@ -295,6 +295,12 @@ def encode_mode(vae: AutoencoderKL, images: np.ndarray, chunk: int = 250) -> tor
     return torch.cat(parts)
 
 
+def normalised_latents(vae: AutoencoderKL, images: np.ndarray) -> torch.Tensor:
+    """Posterior modes in the transformer's space: (z - shift_factor) * scaling_factor."""
+    z = encode_mode(vae, images)
+    return (z - vae.config["shift_factor"]) * vae.config["scaling_factor"]
+
+
 def latent_stats(vae: AutoencoderKL, images: np.ndarray) -> dict[str, float]:
     """The pipeline decodes ``z / scaling_factor + shift_factor``: shift and scale make z ~ (0, 1)."""
     z = encode_mode(vae, images)
@@ -364,12 +370,10 @@ def encode_latents(opts: Options, vae: AutoencoderKL) -> dict[str, torch.Tensor]
             log(f"latents: reusing {path}")
             return data
     start = time.monotonic()
-    scale, shift = vae.config["scaling_factor"], vae.config["shift_factor"]
     all_scenes = dataset.scenes(opts.images, opts.seed)
     latents = []
     for i in range(0, opts.images, 2000):
-        z = encode_mode(vae, dataset.render_batch(all_scenes[i : i + 2000]))
-        latents.append(((z - shift) * scale).half())
+        latents.append(normalised_latents(vae, dataset.render_batch(all_scenes[i : i + 2000])).half())
     clip_ids, t5_ids = token_ids([s.caption for s in all_scenes])
     data = {"latents": torch.cat(latents), "clip_ids": clip_ids, "t5_ids": t5_ids}
     atomic_save(data, path)

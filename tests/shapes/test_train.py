@@ -86,8 +86,7 @@ def test_clean_estimate_undoes_the_noising() -> None:
 def test_the_critic_reads_shape_and_size_from_latents(tmp_path: Path) -> None:
     vae = evaluate.load(SHAPES_FLUX_FOLDER).vae
     scenes = dataset.scenes(2400, 5)
-    scale, shift = vae.config["scaling_factor"], vae.config["shift_factor"]
-    latents = (train.encode_mode(vae, dataset.render_batch(scenes)) - shift) * scale
+    latents = train.normalised_latents(vae, dataset.render_batch(scenes))
     opts = train.Options(out=tmp_path / "pipe", work=tmp_path, minutes=1, critic_steps=500)
     critic = train.train_critic(opts, latents, train.image_labels(scenes))
     assert not any(p.requires_grad for p in critic.parameters())
