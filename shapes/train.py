@@ -566,6 +566,7 @@ class Denoiser(torch.nn.Module):
 def train_transformer(
     opts: Options,
     data: dict[str, torch.Tensor],
+    labels: torch.Tensor,
     critic: LatentCritic,
     seconds: float,
     export: Callable[[Denoiser], None],
@@ -573,7 +574,8 @@ def train_transformer(
     """Rectified flow as FluxPipeline samples it: x_s = (1 - s) x0 + s eps, target eps - x0.
 
     Besides the flow-matching loss: the caption probe's (``Denoiser``) and the shape critic's on the
-    clean latent the velocity implies, x0 = x_s - s v.
+    clean latent the velocity implies, x0 = x_s - s v. ``labels`` are the ``caption_labels`` of the
+    latents' scenes, row for row.
     """
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
@@ -618,7 +620,6 @@ def train_transformer(
 
     clip_empty, t5_empty = token_ids([""])
     latents, clip_ids, t5_ids = data["latents"], data["clip_ids"], data["t5_ids"]
-    labels = caption_labels(dataset.scenes(len(latents), opts.seed))
     batch = opts.transformer_batch
     last_checkpoint = trained
     model.train()
@@ -745,16 +746,16 @@ def train(opts: Options) -> None:
         # checkpoint the transformer writes already decodes with the final decoder.
         train_decoder(opts, vae, opts.decoder_share * budget)
         data = encode_latents(opts, vae)
-        critic = train_critic(
-            opts, data["latents"], image_labels(dataset.scenes(len(data["latents"]), opts.seed))
-        )
+        # The scenes behind the latents, for the critic's labels and the caption probe's.
+        scenes = dataset.scenes(len(data["latents"]), opts.seed)
+        critic = train_critic(opts, data["latents"], image_labels(scenes))
         # Checkpoints and the final export take a few seconds each; keep them inside the budget.
         remaining = max(budget - (time.monotonic() - start) - 20, 1.0)
 
         def export(model: Denoiser) -> None:
             save_atomically(build_pipeline(model, vae), opts.out)
 
-        train_transformer(opts, data, critic, remaining, export)
+        train_transformer(opts, data, caption_labels(scenes), critic, remaining, export)
     log(f"done in {time.monotonic() - start:.0f}s; pipeline in {opts.out}")
 
 
