@@ -6,4 +6,3 @@ from . import generations, health, images, jobs, models
 OPEN_ROUTERS = (health.router,)
 # Behind the API key when the server has one.
 V1_ROUTERS = (models.router, images.router, generations.router, jobs.router)
-ROUTERS = (*OPEN_ROUTERS, *V1_ROUTERS)
