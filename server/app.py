@@ -71,7 +71,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Accept", REQUEST_ID_HEADER, "X-Request-Timeout"],
-            expose_headers=[REQUEST_ID_HEADER, "Server-Timing", "X-Seed", "X-Cache-Stats", "Retry-After"],
+            expose_headers=[
+                REQUEST_ID_HEADER,
+                "Server-Timing",
+                "X-Seed",
+                "X-Cache-Stats",
+                "X-Denoising-Steps-Ms",
+                "Retry-After",
+            ],
         )
     app.add_middleware(AccessMiddleware, metrics=runtime.metrics)
     app.add_middleware(RequestIdMiddleware)

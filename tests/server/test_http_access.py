@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -17,6 +18,8 @@ from pydantic import SecretStr
 
 from server.app import create_app
 from server.logs import JsonFormatter, RequestIdFilter, bound_request_id
+from server.protocol import Timings
+from server.responses import result_headers
 from server.settings import Settings
 
 ORIGIN = "https://app.example"
@@ -51,6 +54,21 @@ def test_cors_allows_only_the_configured_origins() -> None:
     assert preflight.headers["access-control-allow-origin"] == ORIGIN
     other = call(settings, "GET", "/health", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_cors_exposes_every_header_a_result_carries() -> None:
+    """A browser client reading raw media sees only exposed headers; a result header left out is lost."""
+    finished: Any = SimpleNamespace(
+        timings=Timings(
+            queue_wait=0, text_encoding=0, denoising=1, denoising_steps=[1.0], decoding=0, encoding=0, total=1
+        ),
+        prepared=SimpleNamespace(params=SimpleNamespace(seed=1)),
+        stats=SimpleNamespace(model_dump=dict),
+    )
+    response = call(Settings(cors_origins=[ORIGIN]), "GET", "/health", headers={"Origin": ORIGIN})
+    exposed = {name.strip().lower() for name in response.headers["access-control-expose-headers"].split(",")}
+    assert {name.lower() for name in result_headers(finished)} <= exposed
+    assert {"x-request-id", "retry-after"} <= exposed
 
 
 def test_cors_origins_come_from_the_environment_as_a_list(monkeypatch: pytest.MonkeyPatch) -> None:
