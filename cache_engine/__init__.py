@@ -6,7 +6,7 @@ generation under that config. The reference API (``apply_*``, ``enable_cache``, 
 """
 
 from .engine import CacheEngine, engine_of
-from .errors import UnsupportedMethodError
+from .errors import InvalidConfigValue, UnsupportedMethodError
 from .faster_cache import FasterCacheConfig
 from .first_block_cache import FirstBlockCacheConfig
 from .methods import CONFIG_CLASSES, METHOD_NAMES, CacheConfig, method_name
@@ -31,6 +31,7 @@ __all__ = [
     "CacheSession",
     "FasterCacheConfig",
     "FirstBlockCacheConfig",
+    "InvalidConfigValue",
     "PyramidAttentionBroadcastConfig",
     "SessionStats",
     "TaylorSeerCacheConfig",

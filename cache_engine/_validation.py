@@ -1,4 +1,4 @@
-"""Config checks shared by the methods (each raises ValueError naming the field), and identifier matching."""
+"""Config checks shared by the methods (each raises InvalidConfigValue for its field), and identifier matching."""
 
 from __future__ import annotations
 
@@ -7,42 +7,44 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from .errors import InvalidConfigValue
+
 
 def positive_int(name: str, value: Any, *, optional: bool = False) -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InvalidConfigValue(f"{name} must be a positive integer, got {value!r}", field=name)
 
 
 def non_negative_int(name: str, value: Any, *, optional: bool = False) -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        raise InvalidConfigValue(f"{name} must be a non-negative integer, got {value!r}", field=name)
 
 
 def number(name: str, value: Any, *, minimum: float | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise InvalidConfigValue(f"{name} must be a number, got {value!r}", field=name)
     # NaN compares false with everything, so a NaN threshold or weight would silently change behaviour.
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise InvalidConfigValue(f"{name} must be finite, got {value!r}", field=name)
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise InvalidConfigValue(f"{name} must be >= {minimum}, got {value!r}", field=name)
 
 
 def timestep_range(name: str, value: Any) -> tuple[float, float]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"{name} must be a (low, high) pair, got {value!r}")
+        raise InvalidConfigValue(f"{name} must be a (low, high) pair, got {value!r}", field=name)
     low, high = value
     for bound in (low, high):
         if isinstance(bound, bool) or not isinstance(bound, (int, float)):
-            raise ValueError(f"{name} bounds must be numbers, got {value!r}")
+            raise InvalidConfigValue(f"{name} bounds must be numbers, got {value!r}", field=name)
         if math.isnan(bound):
-            raise ValueError(f"{name} bounds must not be NaN, got {value!r}")
+            raise InvalidConfigValue(f"{name} bounds must not be NaN, got {value!r}", field=name)
     if low > high:
-        raise ValueError(f"{name} must have low <= high, got {value!r}")
+        raise InvalidConfigValue(f"{name} must have low <= high, got {value!r}", field=name)
     return (low, high)
 
 
@@ -50,15 +52,17 @@ def patterns(name: str, value: Any, *, optional: bool = False) -> tuple[str, ...
     if value is None and optional:
         return None
     if isinstance(value, str) or not isinstance(value, Iterable):
-        raise ValueError(f"{name} must be a list of regular expressions, got {value!r}")
+        raise InvalidConfigValue(f"{name} must be a list of regular expressions, got {value!r}", field=name)
     result = tuple(value)
     for pattern in result:
         if not isinstance(pattern, str):
-            raise ValueError(f"{name} must contain strings, got {pattern!r}")
+            raise InvalidConfigValue(f"{name} must contain strings, got {pattern!r}", field=name)
         try:
             re.compile(pattern)
         except re.error as error:
-            raise ValueError(f"{name} has an invalid regular expression {pattern!r}: {error}") from None
+            raise InvalidConfigValue(
+                f"{name} has an invalid regular expression {pattern!r}: {error}", field=name
+            ) from None
     return result
 
 
@@ -69,4 +73,4 @@ def search_any(identifiers: tuple[str, ...], name: str) -> bool:
 
 def callback(name: str, value: Any) -> None:
     if value is not None and not callable(value):
-        raise ValueError(f"{name} must be callable or None, got {value!r}")
+        raise InvalidConfigValue(f"{name} must be callable or None, got {value!r}", field=name)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import _validation as check
-from .errors import UnsupportedMethodError
+from .errors import InvalidConfigValue, UnsupportedMethodError
 from .pyramid_attention_broadcast import timestep_reader
 from .session import Handler, ModuleCall, Plan
 from .targets import GENERIC_FAMILY, ModelLayout, TensorFormat
@@ -106,11 +106,15 @@ class FasterCacheConfig:
         ):
             check.callback(field, getattr(self, field))
         if self.tensor_format not in _TENSOR_FORMATS:
-            raise ValueError(
-                f"tensor_format must be one of {list(_TENSOR_FORMATS)}, got {self.tensor_format!r}"
+            raise InvalidConfigValue(
+                f"tensor_format must be one of {list(_TENSOR_FORMATS)}, got {self.tensor_format!r}",
+                field="tensor_format",
             )
         if not isinstance(self.is_guidance_distilled, bool):
-            raise ValueError(f"is_guidance_distilled must be a boolean, got {self.is_guidance_distilled!r}")
+            raise InvalidConfigValue(
+                f"is_guidance_distilled must be a boolean, got {self.is_guidance_distilled!r}",
+                field="is_guidance_distilled",
+            )
 
 
 # -- frequency split --------------------------------------------------------------------------------

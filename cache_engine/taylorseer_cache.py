@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import _validation as check
-from .errors import UnsupportedMethodError
+from .errors import InvalidConfigValue, UnsupportedMethodError
 from .session import Handler, ModuleCall, Plan
 from .targets import ModelLayout
 
@@ -55,13 +55,16 @@ class TaylorSeerCacheConfig:
         check.non_negative_int("disable_cache_after_step", self.disable_cache_after_step, optional=True)
         check.non_negative_int("max_order", self.max_order)
         if self.taylor_factors_dtype is not None and not isinstance(self.taylor_factors_dtype, torch.dtype):
-            raise ValueError(
-                f"taylor_factors_dtype must be a torch.dtype or None, got {self.taylor_factors_dtype!r}"
+            raise InvalidConfigValue(
+                f"taylor_factors_dtype must be a torch.dtype or None, got {self.taylor_factors_dtype!r}",
+                field="taylor_factors_dtype",
             )
         for field in ("skip_predict_identifiers", "cache_identifiers"):
             object.__setattr__(self, field, check.patterns(field, getattr(self, field), optional=True))
         if not isinstance(self.use_lite_mode, bool):
-            raise ValueError(f"use_lite_mode must be a boolean, got {self.use_lite_mode!r}")
+            raise InvalidConfigValue(
+                f"use_lite_mode must be a boolean, got {self.use_lite_mode!r}", field="use_lite_mode"
+            )
 
 
 class _State:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cache_engine import CONFIG_CLASSES, CacheConfig, method_name
+from cache_engine import CONFIG_CLASSES, CacheConfig, InvalidConfigValue, method_name
 
 from .errors import InvalidRequest
 from .protocol import POLICY_CLASSES, CachePreset, CacheSpec, NoCache
@@ -26,11 +26,10 @@ def to_engine_config(spec: CacheSpec | None, presets: Mapping[str, CacheConfig |
         if spec.preset not in presets:
             raise InvalidRequest(f"this model has no preset {spec.preset!r}", param="cache.preset")
         return presets[spec.preset]
-    values = spec.model_dump(exclude={"method"})
     try:
-        config: CacheConfig = CONFIG_CLASSES[spec.method](**values)
+        config: CacheConfig = CONFIG_CLASSES[spec.method](**spec.model_dump(exclude={"method"}))
     except ValueError as exc:
-        raise InvalidRequest(str(exc), param=blame(exc, values)) from exc
+        raise InvalidRequest(str(exc), param=param_of(exc)) from exc
     return config
 
 
@@ -46,11 +45,6 @@ def describe(config: CacheConfig | None) -> dict[str, Any]:
     return wire.model_validate({"method": method, **values}).model_dump(mode="json")
 
 
-def blame(exc: ValueError, fields: Mapping[str, Any]) -> str:
-    """``cache.<field>`` for the field an engine ValueError names, or ``cache`` if it names none."""
-    message = str(exc)
-    # Longest first, so that a name that contains another is not mistaken for it.
-    for name in sorted(fields, key=len, reverse=True):
-        if name in message:
-            return f"cache.{name}"
-    return "cache"
+def param_of(exc: ValueError) -> str:
+    """``cache.<field>`` for a value the engine's config refused, ``cache`` for any other refusal."""
+    return f"cache.{exc.field}" if isinstance(exc, InvalidConfigValue) else "cache"

@@ -199,8 +199,7 @@ class Generations:
         except UnsupportedMethodError as exc:
             raise UnsupportedCacheMethod(str(exc), param=param) from exc
         except ValueError as exc:
-            fields = body.cache.model_dump(exclude={"method"}) if body.cache is not None else {}
-            raise InvalidRequest(str(exc), param=policy.blame(exc, fields)) from exc
+            raise InvalidRequest(str(exc), param=policy.param_of(exc)) from exc
         return config
 
     # -- step 2 -----------------------------------------------------------------------------------

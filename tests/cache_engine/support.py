@@ -235,9 +235,14 @@ def assert_default_matches_reference(name: str, field_name: str) -> None:
 
 
 def assert_invalid(config_class: type, field_name: str, value: Any) -> None:
-    """Building ``config_class`` with ``field_name=value`` raises a ValueError that names the field."""
-    with pytest.raises(ValueError, match=re.escape(field_name)):
+    """Building ``config_class`` with ``field_name=value`` raises InvalidConfigValue for that field.
+
+    The field travels on the error, where the server reads it; the message names it too, for people.
+    """
+    with pytest.raises(ce.InvalidConfigValue, match=re.escape(field_name)) as raised:
         config_class(**{field_name: value})
+    assert raised.value.field == field_name
+    assert isinstance(raised.value, ValueError)
 
 
 def run_with(tp: TinyPipeline, *, seed: int = 0, **extra: Any) -> torch.Tensor:

@@ -16,6 +16,7 @@ EXPECTED_ALL = [
     "CacheSession",
     "FasterCacheConfig",
     "FirstBlockCacheConfig",
+    "InvalidConfigValue",
     "PyramidAttentionBroadcastConfig",
     "SessionStats",
     "TaylorSeerCacheConfig",

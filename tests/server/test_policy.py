@@ -11,12 +11,13 @@ from cache_engine import (
     CacheConfig,
     FasterCacheConfig,
     FirstBlockCacheConfig,
+    InvalidConfigValue,
     PyramidAttentionBroadcastConfig,
     TaylorSeerCacheConfig,
 )
 from server import policy
 from server.errors import InvalidRequest
-from server.protocol import GenerationRequest
+from server.protocol import POLICY_CLASSES, GenerationRequest
 
 PRESETS: Mapping[str, CacheConfig | None] = {
     "fast": FirstBlockCacheConfig(threshold=0.2),
@@ -84,8 +85,25 @@ def test_describe_round_trips(config: CacheConfig | None) -> None:
     assert _config(described) == config
 
 
-def test_blame_prefers_the_longest_name() -> None:
-    fields = {"spatial_attention_block_skip_range": 1, "spatial_attention_timestep_skip_range": 1}
-    error = ValueError("spatial_attention_timestep_skip_range must have low <= high")
-    assert policy.blame(error, fields) == "cache.spatial_attention_timestep_skip_range"
-    assert policy.blame(ValueError("something else"), fields) == "cache"
+# Every timestep range a body can set: a reversed one passes the wire model and only the engine refuses it.
+_RANGE_FIELDS = [
+    (method, name)
+    for method, wire in POLICY_CLASSES.items()
+    for name, info in wire.model_fields.items()
+    if isinstance(info.default, tuple)
+]
+
+
+@pytest.mark.parametrize(("method", "field"), _RANGE_FIELDS)
+def test_each_engine_refusal_names_its_own_field(method: str, field: str) -> None:
+    # Several of these names contain others' words (spatial_attention_..., temporal_attention_...),
+    # so the field must come from the error, not from a search of its message.
+    with pytest.raises(InvalidRequest) as caught:
+        _config({"method": method, field: [900, 100]})
+    assert caught.value.param == f"cache.{field}"
+
+
+def test_a_refusal_that_names_no_field_blames_the_whole_policy() -> None:
+    message = "spatial_attention_timestep_skip_range is mentioned, but no field was at fault"
+    assert policy.param_of(ValueError(message)) == "cache"
+    assert policy.param_of(InvalidConfigValue(message, field="threshold")) == "cache.threshold"
