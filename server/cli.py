@@ -5,60 +5,90 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from .settings import Settings, load_settings
+
+# Settings with no flag. A key on the command line shows in the process list (use DITCACHE_API_KEY);
+# per-model limits are nested (environment or config file); retry_after_s never had one.
+_NO_FLAG = frozenset({"api_key", "model_limits", "retry_after_s"})
+# Flags not spelled like their field: a list takes one item per (repeated) flag, and the hooks, on by
+# default, can only be turned off.
+_FLAG_NAMES = {
+    "models": "--model",
+    "cors_origins": "--cors-origin",
+    "install_cache_hooks": "--no-cache-hooks",
+}
+_METAVARS = {"models": "SPEC", "cors_origins": "ORIGIN"}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditcache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the resident models over HTTP")
-    serve.add_argument(
-        "--model",
-        dest="models",
-        action="append",
-        metavar="SPEC",
-        help="a built-in name, a hub id or a local folder; repeat to keep several resident "
-        "(default: tiny-flux and tiny-wan)",
-    )
-    serve.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="(default: float32)")
-    serve.add_argument("--host", help="(default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="(default: 8000)")
     serve.add_argument("--config", type=Path, help="a .toml or .json file of settings")
-    serve.add_argument("--cache-dir", type=Path, help="where built and downloaded models are kept")
-    serve.add_argument(
-        "--no-cache-hooks",
-        dest="install_cache_hooks",
-        action="store_const",
-        const=False,
-        help="serve the plain pipelines; only cache method 'none' is accepted",
-    )
-    serve.add_argument("--queue-size", type=int, help="requests waiting per model (default: 16)")
-    serve.add_argument("--job-ttl-s", type=float, help="seconds a finished job is kept (default: 3600)")
-    serve.add_argument("--max-finished-jobs", type=int, help="finished jobs kept (default: 256)")
-    serve.add_argument("--torch-threads", type=int, help="torch intra-op threads")
-    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
-    serve.add_argument("--log-format", choices=["json", "text"], help="(default: json)")
-    serve.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default: 1 MiB)")
-    serve.add_argument("--request-timeout-s", type=float, help="the longest a request may run (default: 600)")
-    serve.add_argument(
-        "--shutdown-grace-s", type=float, help="on SIGTERM, time for running work to finish (default: 30)"
-    )
-    serve.add_argument(
-        "--cors-origin",
-        dest="cors_origins",
-        action="append",
-        metavar="ORIGIN",
-        help="allow this origin by CORS; repeat for several (default: no CORS)",
-    )
-    # No --api-key flag: a key on the command line shows in the process list. Use DITCACHE_API_KEY.
+    for name, field in Settings.model_fields.items():
+        if name not in _NO_FLAG:
+            _add_flag(serve, name, field)
     return parser
+
+
+def _add_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
+    """A flag for setting ``name``; its type, choices and help come from the field, so they cannot drift.
+
+    Flags default to None, not to the setting's default, so that a flag left out leaves the
+    environment and the config file in charge.
+    """
+    flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+    kind = _without_none(field.annotation)
+    default = field.get_default(call_default_factory=True)
+    options: dict[str, Any] = {"dest": name, "help": _help(name, field, default)}
+    if kind is bool:
+        options.update(action="store_const", const=not default)
+    elif get_origin(kind) is list:
+        options.update(action="append", metavar=_METAVARS.get(name))
+    elif get_origin(kind) is Literal:
+        options["choices"] = list(get_args(kind))
+    elif kind in (int, float, Path):
+        options["type"] = kind
+    elif kind is not str:
+        raise TypeError(f"setting {name!r} ({kind}) has no flag form; give it one or add it to _NO_FLAG")
+    parser.add_argument(flag, **options)
+
+
+def _without_none(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        (kind,) = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return kind
+    return annotation
+
+
+def _help(name: str, field: FieldInfo, default: Any) -> str:
+    text = field.description or ""
+    if isinstance(default, bool):
+        # The flag can only ask for the opposite of the default, which the description may explain.
+        value = "true" if not default else "false"
+        if not text.startswith(f"{value}:"):
+            text = f"{value}: {text}" if text else value
+        text = f"sets {name} to {text}"
+    elif default is not None:
+        text += f" (default: {_shown(default)})"
+    # argparse formats help with %, so a literal one must be doubled.
+    return text.strip().replace("%", "%%")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) if value else "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from server.builtin_models import BUILTIN_MODEL_NAMES
-from server.cli import _parser, settings_from_args
-from server.settings import DEFAULT_MODELS, load_settings
+from server.cli import _NO_FLAG, _parser, settings_from_args
+from server.settings import DEFAULT_MODELS, Settings, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -73,26 +73,71 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
         load_settings(tmp_path / "settings.yaml")
 
 
-def test_cli_flags_become_settings() -> None:
+def test_cli_flags_become_settings(tmp_path: Path) -> None:
     args = _parser().parse_args(
         [
             "serve",
-            "--model",
-            "black-forest-labs/FLUX.1-dev",
-            "--model",
-            "tiny-wan",
-            "--device",
-            "cuda",
-            "--dtype",
-            "bfloat16",
-            "--port",
-            "8080",
+            "--model", "black-forest-labs/FLUX.1-dev", "--model", "tiny-wan",
+            "--device", "cuda",
+            "--dtype", "bfloat16",
+            "--host", "0.0.0.0",
+            "--port", "8080",
+            "--cache-dir", str(tmp_path),
             "--no-cache-hooks",
+            "--queue-size", "3",
+            "--job-ttl-s", "5.5",
+            "--max-finished-jobs", "7",
+            "--torch-threads", "2",
+            "--log-level", "debug",
+            "--log-format", "text",
+            "--max-body-bytes", "4096",
+            "--request-timeout-s", "9",
+            "--cors-origin", "https://a.example", "--cors-origin", "https://b.example",
+            "--shutdown-grace-s", "1.5",
         ]
-    )
+    )  # fmt: skip
     settings = settings_from_args(args)
     assert settings.models == ["black-forest-labs/FLUX.1-dev", "tiny-wan"]
-    assert (settings.device, settings.dtype, settings.port) == ("cuda", "bfloat16", 8080)
+    assert (settings.device, settings.dtype, settings.host, settings.port) == (
+        "cuda",
+        "bfloat16",
+        "0.0.0.0",
+        8080,
+    )
+    assert settings.cache_dir == tmp_path
     assert settings.install_cache_hooks is False
+    assert (settings.queue_size, settings.job_ttl_s, settings.max_finished_jobs) == (3, 5.5, 7)
+    assert (settings.torch_threads, settings.log_level, settings.log_format) == (2, "debug", "text")
+    assert (settings.max_body_bytes, settings.request_timeout_s, settings.shutdown_grace_s) == (
+        4096,
+        9.0,
+        1.5,
+    )
+    assert settings.cors_origins == ["https://a.example", "https://b.example"]
     # Flags left out leave the defaults (or the environment) alone.
     assert settings_from_args(_parser().parse_args(["serve"])).models == list(DEFAULT_MODELS)
+
+
+def test_cli_values_are_checked_against_the_setting() -> None:
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--dtype", "float8"])
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--port", "http"])
+    with pytest.raises(ValidationError):
+        settings_from_args(_parser().parse_args(["serve", "--queue-size", "0"]))
+
+
+def test_cli_help_says_what_the_settings_say(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each flag's help carries its setting's description and default, so the two cannot disagree."""
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--help"])
+    # Unwrapped, since argparse breaks lines wherever they are long.
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {', '.join(DEFAULT_MODELS)})" in text
+    for name, field in Settings.model_fields.items():
+        if field.description and name not in _NO_FLAG:
+            assert " ".join(field.description.split()) in text, name
+    defaults = Settings()
+    assert f"(default: {defaults.port})" in text and f"(default: {defaults.dtype})" in text
+    # A key on the command line would show in the process list.
+    assert "--api-key" not in text
