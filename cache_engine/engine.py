@@ -122,8 +122,8 @@ class CacheEngine:
         def dispatch(
             module: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> Any:
-            session = active_session()
-            if session is None or session.owner is not self:
+            session = active_session(self)
+            if session is None:
                 session = self._ambient
                 if session is None:
                     return forward(*args, **kwargs)

@@ -21,7 +21,9 @@ from .targets import ModelLayout
 
 DEFAULT_BRANCH = "default"
 
-_ACTIVE_SESSION: ContextVar[CacheSession | None] = ContextVar("cache_engine_session", default=None)
+# The sessions bound in this thread or task, innermost last: one per engine, so that a pipeline with
+# two transformers (Wan 2.2's experts) runs both under one request's policy.
+_ACTIVE_SESSIONS: ContextVar[tuple[CacheSession, ...]] = ContextVar("cache_engine_sessions", default=())
 _BRANCH: ContextVar[str | None] = ContextVar("cache_engine_branch", default=None)
 
 S = TypeVar("S")
@@ -100,6 +102,15 @@ class SessionStats:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def __add__(self, other: SessionStats) -> SessionStats:
+        """The counts of two sessions of one request (one per transformer), added up."""
+        counts = {
+            field.name: getattr(self, field.name) + getattr(other, field.name)
+            for field in dataclasses.fields(self)
+            if field.name != "method"
+        }
+        return SessionStats(method=self.method or other.method, **counts)
 
 
 class CacheSession:
@@ -253,18 +264,22 @@ class CacheSession:
         )
 
 
-def active_session() -> CacheSession | None:
-    return _ACTIVE_SESSION.get()
+def active_session(owner: object | None = None) -> CacheSession | None:
+    """The innermost bound session, or the innermost one of ``owner`` when it is given."""
+    for session in reversed(_ACTIVE_SESSIONS.get()):
+        if owner is None or session.owner is owner:
+            return session
+    return None
 
 
 @contextmanager
 def bound(session: CacheSession) -> Iterator[CacheSession]:
     """Bind ``session`` for the current thread or task, and discard its state whatever happens."""
-    token = _ACTIVE_SESSION.set(session)
+    token = _ACTIVE_SESSIONS.set((*_ACTIVE_SESSIONS.get(), session))
     try:
         yield session
     finally:
-        _ACTIVE_SESSION.reset(token)
+        _ACTIVE_SESSIONS.reset(token)
         session.close()
 
 

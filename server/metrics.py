@@ -33,7 +33,6 @@ from prometheus_client import (
 
 from .protocol import CacheStats, Timings
 
-_STAGES = ("queue_wait", "text_encoding", "denoising", "decoding", "encoding", "total")
 # From a tiny model on a CPU (milliseconds) to a large video model on a GPU (many minutes).
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -112,8 +111,8 @@ class Metrics:
         """``outcome`` is "ok" or the name of the exception that ended the generation."""
         self.generations.labels(model, method, outcome).inc()
         if timings is not None:
-            for stage in _STAGES:
-                self.stage_seconds.labels(model, stage).observe(getattr(timings, stage) / 1000)
+            for stage, ms in timings.stages().items():
+                self.stage_seconds.labels(model, stage).observe(ms / 1000)
         if stats is not None:
             for counter, computed, reused, reused_name in (
                 (self.steps, stats.steps_computed, stats.steps_cached, "cached"),
@@ -125,7 +124,7 @@ class Metrics:
         with self._lock:
             self._generations[(model, method, outcome)] += 1
             if timings is not None:
-                self._denoising_ms[model] += timings.denoising
+                self._denoising_ms[model] += timings.denoising or 0.0
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:

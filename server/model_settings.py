@@ -7,6 +7,9 @@ without importing the registry that loads them; ``models.py`` re-exports both cl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["image", "video"]
 
 
 @dataclass(frozen=True)

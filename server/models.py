@@ -4,31 +4,37 @@
 ``save_pretrained``, or a hub id (``org/name``). All three go through diffusers' own
 ``DiffusionPipeline.from_pretrained``; built-ins are first built into a folder under ``cache_dir``.
 
-What the server needs to know about a loaded pipeline comes from two tables here, keyed by the
-transformer family that ``cache_engine`` recognises: the family's kind (image or video) and call
-defaults, and its cache presets. Built-in models bring their own defaults, limits and call kwargs.
+How a pipeline is called comes from its call spec (``server.call_specs``), checked at load: a
+pipeline the server cannot call as a text-to-image or text-to-video model is refused here, never
+served wrong. Its geometry and defaults come from the pipeline and its configs (``server.geometry``),
+its cache presets from the table here, keyed by the transformer family that ``cache_engine``
+recognises. Built-in models bring their own defaults, limits, call kwargs and measured presets.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
+from server import geometry
 from server.builtin_models import BUILTIN_MODEL_NAMES, BUILTIN_MODELS, BuiltinModel, materialize
-from server.model_settings import ModelDefaults, ModelLimits
+from server.caching import ModelCache
+from server.call_specs import CallSpec, UnservablePipeline, call_spec
+from server.model_settings import Kind, ModelDefaults, ModelLimits
+from server.stages import StageProbe
 
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-    from cache_engine import CacheConfig, CacheEngine
+    from cache_engine import CacheConfig
 
 __all__ = [
     "BUILTIN_MODEL_NAMES",
@@ -42,7 +48,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["image", "video"]
 PRESET_NAMES: tuple[str, ...] = ("fast", "balanced", "quality")
 
 _DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
@@ -60,9 +65,13 @@ class ResidentModel:
     name: str
     kind: Kind
     family: str
+    # The spec the operator gave (builtin:NAME, local:PATH as given, hub:ID), not where it is kept.
     source: str
     pipeline: DiffusionPipeline
-    engine: CacheEngine
+    call_spec: CallSpec
+    # One cache engine per transformer of the pipeline; none when the server runs without cache hooks.
+    cache: ModelCache
+    stages: StageProbe
     defaults: ModelDefaults
     limits: ModelLimits
     # Keyed by PRESET_NAMES. A preset whose method this model cannot run is left out, so that asking
@@ -70,46 +79,17 @@ class ResidentModel:
     presets: Mapping[str, CacheConfig | None]
     # Fixed extra pipeline kwargs the model needs on every call, e.g. {"max_sequence_length": 16}.
     call_kwargs: Mapping[str, Any]
-    supported_methods: tuple[str, ...]
     # Width and height must be multiples of this (VAE downsampling times the transformer's patch).
     size_multiple: int = 8
     # Videos: num_frames - 1 must be a multiple of this (the VAE's temporal compression).
     frame_step: int = 1
 
+    @property
+    def supported_methods(self) -> tuple[str, ...]:
+        return self.cache.supported_methods
+
 
 # -- per-family knowledge -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Family:
-    kind: Kind
-    defaults: ModelDefaults
-
-
-def _image(width: int, steps: int, guidance: float) -> _Family:
-    return _Family("image", ModelDefaults(width, width, None, steps, guidance, None))
-
-
-def _video(width: int, height: int, frames: int, steps: int, guidance: float, fps: int) -> _Family:
-    return _Family("video", ModelDefaults(width, height, frames, steps, guidance, fps))
-
-
-# Names are cache_engine's family names. Defaults are each model card's recommended call.
-_FAMILIES: Mapping[str, _Family] = MappingProxyType(
-    {
-        "flux": _image(1024, 28, 3.5),
-        "flux2": _image(1024, 28, 4.0),
-        "qwenimage": _image(1024, 50, 4.0),
-        "sd3": _image(1024, 28, 7.0),
-        "cogview4": _image(1024, 50, 3.5),
-        "pixart": _image(1024, 20, 4.5),
-        "cogvideox": _video(720, 480, 49, 50, 6.0, 8),
-        "wan": _video(832, 480, 81, 50, 5.0, 16),
-        "hunyuan_video": _video(1280, 720, 129, 50, 6.0, 24),
-        "ltx": _video(704, 480, 161, 50, 3.0, 24),
-        "mochi": _video(848, 480, 85, 64, 4.5, 30),
-    }
-)
 
 
 def _presets_table(family: str, kind: Kind) -> dict[str, CacheConfig]:
@@ -152,73 +132,17 @@ def _presets_table(family: str, kind: Kind) -> dict[str, CacheConfig]:
 
 
 def _presets(
-    family: str, kind: Kind, engine: CacheEngine, measured: Mapping[str, CacheConfig] | None = None
+    family: str, kind: Kind, cache: ModelCache, measured: Mapping[str, CacheConfig] | None = None
 ) -> Mapping[str, CacheConfig | None]:
     presets: dict[str, CacheConfig | None] = {}
     for name, config in (measured or _presets_table(family, kind)).items():
         try:
-            engine.check(config)
+            cache.check(config)
         except ValueError as exc:
             logger.warning("cache preset %r is unavailable on this %s model: %s", name, family, exc)
         else:
             presets[name] = config
     return MappingProxyType(presets)
-
-
-def _kind(family: str, pipeline: DiffusionPipeline) -> Kind:
-    known = _FAMILIES.get(family)
-    if known is not None:
-        return known.kind
-    return "video" if "num_frames" in inspect.signature(pipeline.__call__).parameters else "image"
-
-
-def _hub_defaults(family: str, kind: Kind, pipeline: DiffusionPipeline) -> ModelDefaults:
-    known = _FAMILIES.get(family)
-    if known is None:
-        known = _video(512, 512, 25, 50, 5.0, 16) if kind == "video" else _image(1024, 30, 5.0)
-    defaults = known.defaults
-    config = getattr(pipeline.transformer, "config", None)
-    if family == "flux" and not getattr(config, "guidance_embeds", True):
-        # A Flux without guidance embedding (schnell) only gets guidance through true CFG, which
-        # doubles the cost of every step; it is off unless asked for.
-        defaults = ModelDefaults(
-            defaults.width, defaults.height, defaults.num_frames, defaults.steps, 1.0, defaults.fps
-        )
-    return defaults
-
-
-def _hub_limits(defaults: ModelDefaults, kind: Kind) -> ModelLimits:
-    """Twice the trained size per side, and the trained clip length: beyond that quality falls."""
-    side = 2 * max(defaults.width, defaults.height)
-    return ModelLimits(
-        max_width=side,
-        max_height=side,
-        max_pixels=4 * defaults.width * defaults.height,
-        max_frames=defaults.num_frames or 1,
-        max_steps=200,
-        max_n=4 if kind == "image" else 1,
-        max_prompt_chars=4000,
-    )
-
-
-def _size_multiple(pipeline: DiffusionPipeline) -> int:
-    processor = getattr(pipeline, "image_processor", None) or getattr(pipeline, "video_processor", None)
-    vae_factor = int(getattr(getattr(processor, "config", None), "vae_scale_factor", 8))
-    patch = getattr(pipeline.transformer.config, "patch_size", 1) or 1
-    spatial_patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
-    return vae_factor * int(spatial_patch)
-
-
-def _frame_step(pipeline: DiffusionPipeline) -> int:
-    for attribute in (
-        "vae_scale_factor_temporal",
-        "vae_temporal_compression_ratio",
-        "vae_temporal_scale_factor",
-    ):
-        value = getattr(pipeline, attribute, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1
 
 
 # -- loading --------------------------------------------------------------------------------------------
@@ -240,11 +164,10 @@ def _resolve(
     """(name, source, pipeline) for ``spec``."""
     if builtin is not None:
         folder = materialize(builtin, cache_dir)
-        return builtin.name, f"builtin:{folder}", _from_pretrained(str(folder), torch_dtype, local=True)
+        return builtin.name, f"builtin:{builtin.name}", _from_pretrained(str(folder), torch_dtype, local=True)
     folder = Path(spec).expanduser()
     if folder.is_dir():
-        folder = folder.resolve()
-        return folder.name, f"local:{folder}", _from_pretrained(str(folder), torch_dtype, local=True)
+        return folder.resolve().name, f"local:{spec}", _from_pretrained(str(folder), torch_dtype, local=True)
     if _HUB_ID.fullmatch(spec):
         return spec, f"hub:{spec}", _from_pretrained(spec, torch_dtype, local=False)
     raise ModelLoadError(
@@ -253,21 +176,40 @@ def _resolve(
     )
 
 
-def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32", cache_dir: Path) -> ResidentModel:
-    """Load ``spec`` onto ``device`` and install its cache engine; raises ModelLoadError."""
+def _denoisers(pipeline: DiffusionPipeline) -> list[nn.Module]:
+    """Every transformer the pipeline holds (``transformer``, and Wan 2.2's ``transformer_2``)."""
+    return [
+        module
+        for name, module in pipeline.components.items()
+        if (name == "transformer" or name.startswith("transformer_")) and isinstance(module, nn.Module)
+    ]
+
+
+def load_model(
+    spec: str, *, device: str = "cpu", dtype: str = "float32", cache_dir: Path, cache_hooks: bool = True
+) -> ResidentModel:
+    """Load ``spec`` onto ``device`` with a cache engine per transformer; raises ModelLoadError.
+
+    ``cache_hooks=False`` serves the pipeline exactly as diffusers ships it (no engine, method "none").
+    """
     from cache_engine import CacheEngine
+    from cache_engine.targets import family_for
 
     torch_dtype = _DTYPES.get(dtype)
     if torch_dtype is None:
         raise ModelLoadError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
     builtin = BUILTIN_MODELS.get(spec)
     name, source, pipeline = _resolve(spec, builtin, torch_dtype, cache_dir)
-    transformer = getattr(pipeline, "transformer", None)
-    if not isinstance(transformer, torch.nn.Module):
+    denoisers = _denoisers(pipeline)
+    if not denoisers or not isinstance(getattr(pipeline, "transformer", None), nn.Module):
         raise ModelLoadError(
             f"{spec!r} loads as {type(pipeline).__name__}, which has no transformer; "
             "only diffusion transformer pipelines are served"
         )
+    try:
+        spec_of_call = call_spec(pipeline)
+    except UnservablePipeline as exc:
+        raise ModelLoadError(f"{spec!r} cannot be served: {exc}") from exc
     try:
         pipeline.to(device)
     except (RuntimeError, ValueError) as exc:
@@ -276,22 +218,23 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32", cache_
     if builtin is not None and builtin.sample_size is not None:
         pipeline.default_sample_size = builtin.sample_size
 
-    engine = CacheEngine(transformer)
-    family = engine.family
-    kind = _kind(family, pipeline)
-    defaults = builtin.defaults if builtin else _hub_defaults(family, kind, pipeline)
+    family = family_for(denoisers[0]).name
+    kind = spec_of_call.kind
+    cache = ModelCache([CacheEngine(denoiser) for denoiser in denoisers] if cache_hooks else [])
+    defaults = builtin.defaults if builtin else geometry.defaults(pipeline, spec_of_call)
     return ResidentModel(
         name=name,
         kind=kind,
         family=family,
         source=source,
         pipeline=pipeline,
-        engine=engine,
+        call_spec=spec_of_call,
+        cache=cache,
+        stages=StageProbe(pipeline, denoisers, spec_of_call.steps_observed_by),
         defaults=defaults,
-        limits=builtin.limits if builtin else _hub_limits(defaults, kind),
-        presets=_presets(family, kind, engine, builtin.presets() if builtin and builtin.presets else None),
+        limits=builtin.limits if builtin else geometry.limits(defaults, kind),
+        presets=_presets(family, kind, cache, builtin.presets() if builtin and builtin.presets else None),
         call_kwargs=builtin.call_kwargs if builtin else MappingProxyType({}),
-        supported_methods=engine.supported_methods,
-        size_multiple=_size_multiple(pipeline),
-        frame_step=_frame_step(pipeline) if kind == "video" else 1,
+        size_multiple=geometry.size_multiple(pipeline, spec_of_call),
+        frame_step=geometry.frame_step(pipeline, spec_of_call) if kind == "video" else 1,
     )

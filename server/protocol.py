@@ -18,10 +18,14 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    SerializerFunctionWrapHandler,
     Tag,
     field_validator,
+    model_serializer,
 )
 from pydantic_core import PydanticCustomError
+
+from .model_settings import Kind
 
 PresetName = Literal["fast", "balanced", "quality"]
 PRESET_NAMES: tuple[str, ...] = ("fast", "balanced", "quality")
@@ -34,7 +38,6 @@ CACHE_METHODS: tuple[str, ...] = (
 )
 ImageFormat = Literal["png", "jpeg", "webp"]
 OutputFormat = Literal["png", "jpeg", "webp", "mp4", "gif"]
-Kind = Literal["image", "video"]
 
 MAX_PROMPT_CHARS = 10_000
 MAX_SEED = 2**63 - 1
@@ -247,15 +250,38 @@ class ImageGenerationRequest(_GenerationFields):
 
 
 class Timings(Response):
-    """Milliseconds per stage; ``denoising_steps`` has one entry per denoising step."""
+    """Milliseconds per stage; ``denoising_steps`` has one entry per denoising step.
+
+    A stage the pipeline does not go through is absent, not 0.
+    """
 
     queue_wait: float
-    text_encoding: float
-    denoising: float
+    text_encoding: float | None = Field(default=None, description="absent when no text encoder ran")
+    denoising: float | None = Field(default=None, description="the denoising steps, summed")
     denoising_steps: list[float]
-    decoding: float
+    decoding: float | None = Field(default=None, description="VAE decoding; absent when nothing was decoded")
     encoding: float
     total: float
+
+    @model_serializer(mode="wrap")
+    def _without_absent_stages(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        fields: dict[str, Any] = handler(self)
+        return {name: value for name, value in fields.items() if value is not None}
+
+    def stages(self) -> dict[str, float]:
+        """The stages present, in the order of a generation, ``total`` last."""
+        return {
+            name: value
+            for name, value in (
+                ("queue_wait", self.queue_wait),
+                ("text_encoding", self.text_encoding),
+                ("denoising", self.denoising),
+                ("decoding", self.decoding),
+                ("encoding", self.encoding),
+                ("total", self.total),
+            )
+            if value is not None
+        }
 
 
 class CacheStats(Response):

@@ -12,13 +12,12 @@ from .errors import NotAcceptable
 from .protocol import GenerationResponse, ImagesResponse, Kind, MediaItem, Timings
 from .service import Finished
 
-_STAGES = ("queue_wait", "text_encoding", "denoising", "decoding", "encoding", "total")
 _JSON_RANGES = frozenset({"*/*", "application/*", "application/json"})
 _EXTENSIONS = {"jpeg": "jpg"}
 
 
 def server_timing(timings: Timings) -> str:
-    return ", ".join(f"{stage};dur={getattr(timings, stage):.1f}" for stage in _STAGES)
+    return ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in timings.stages().items())
 
 
 def result_headers(finished: Finished) -> dict[str, str]:

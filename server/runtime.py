@@ -91,12 +91,15 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
     models = {}
     for spec in settings.models:
         logger.info("loading model %s on %s (%s)", spec, settings.device, settings.dtype)
-        model = load_model(spec, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir)
+        model = load_model(
+            spec,
+            device=settings.device,
+            dtype=settings.dtype,
+            cache_dir=settings.cache_dir,
+            cache_hooks=settings.install_cache_hooks,
+        )
         if model.name in models:
             raise ValueError(f"two model specs resolve to the same name {model.name!r}")
-        if not settings.install_cache_hooks:
-            # The pipeline then runs exactly as diffusers ships it: the reference for "no caching".
-            model.engine.close()
         models[model.name] = model
     unknown = sorted(set(settings.model_limits) - set(models))
     if unknown:
@@ -104,17 +107,12 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
     for name, overrides in settings.model_limits.items():
         models[name].limits = _with_overrides(models[name].limits, overrides)
     workers = {
-        name: Worker(
-            model,
-            max_queue=settings.queue_size,
-            use_sessions=settings.install_cache_hooks,
-            retry_after_s=settings.retry_after_s,
-        )
+        name: Worker(model, max_queue=settings.queue_size, retry_after_s=settings.retry_after_s)
         for name, model in models.items()
     }
     for name, worker in workers.items():
         metrics.watch_worker(name, worker)
-    return Generations(models, workers, cache_hooks=settings.install_cache_hooks, metrics=metrics)
+    return Generations(models, workers, metrics=metrics)
 
 
 def _with_overrides(limits: ModelLimits, overrides: LimitOverrides) -> ModelLimits:

@@ -86,12 +86,10 @@ class Generations:
         models: Mapping[str, ResidentModel],
         workers: Mapping[str, Worker],
         *,
-        cache_hooks: bool,
         metrics: Metrics,
     ) -> None:
         self.models = dict(models)
         self.workers = dict(workers)
-        self.cache_hooks = cache_hooks
         self.metrics = metrics
 
     @property
@@ -99,7 +97,7 @@ class Generations:
         return bool(self.workers) and all(worker.alive for worker in self.workers.values())
 
     def supported_methods(self, model: ResidentModel) -> tuple[str, ...]:
-        return ("none", *model.supported_methods) if self.cache_hooks else ("none",)
+        return ("none", *model.supported_methods)
 
     def resolve_model(self, name: str | None, kind: Kind | None = None) -> ResidentModel:
         if name is None:
@@ -141,6 +139,12 @@ class Generations:
             for field in ("num_frames", "fps"):
                 if getattr(body, field) is not None:
                     raise InvalidRequest(f"{field} applies to video models only", param=field)
+        if body.guidance_scale is not None and model.call_spec.guidance_argument is None:
+            raise InvalidRequest(
+                f"model {model.name!r} ({type(model.pipeline).__name__}) takes no guidance scale",
+                param="guidance_scale",
+            )
+        fps = _or(body.fps, defaults.fps or _FALLBACK_FPS) if video else None
         params = GenerationParams(
             prompt=body.prompt,
             negative_prompt=body.negative_prompt,
@@ -151,6 +155,7 @@ class Generations:
             guidance_scale=_or(body.guidance_scale, defaults.guidance_scale),
             seed=_or(body.seed, secrets.randbelow(_SEED_BOUND)),
             n=body.n,
+            fps=fps,
         )
         try:
             check_params(model, params)
@@ -174,7 +179,7 @@ class Generations:
             params=params,
             config=self._cache_config(body, model),
             output_format=output_format,
-            fps=_or(body.fps, defaults.fps or _FALLBACK_FPS) if video else None,
+            fps=fps,
             received_at=received_at,
             created=int(time.time()),
             deadline=deadline,
@@ -188,14 +193,14 @@ class Generations:
         supported = self.supported_methods(model)
         param = "cache.preset" if isinstance(body.cache, CachePreset) else "cache.method"
         if method not in supported:
-            why = "" if self.cache_hooks else " (the server runs without cache hooks)"
+            why = "" if model.cache.installed else " (the server runs without cache hooks)"
             raise UnsupportedCacheMethod(
                 f"model {model.name!r} does not support cache method {method!r}{why}; "
                 f"supported: {', '.join(supported)}",
                 param=param,
             )
         try:
-            model.engine.check(config)
+            model.cache.check(config)
         except UnsupportedMethodError as exc:
             raise UnsupportedCacheMethod(str(exc), param=param) from exc
         except ValueError as exc:
@@ -257,10 +262,10 @@ class Generations:
         result = outcome.result
         timings = Timings(
             queue_wait=outcome.queue_wait_ms,
-            text_encoding=result.timings_ms.get("text_encoding", 0.0),
-            denoising=result.timings_ms.get("denoising", 0.0),
+            text_encoding=result.timings_ms.get("text_encoding"),
+            denoising=result.timings_ms.get("denoising"),
             denoising_steps=list(result.step_times_ms),
-            decoding=result.timings_ms.get("decoding", 0.0),
+            decoding=result.timings_ms.get("decoding"),
             encoding=(done - encode_started) * 1000,
             total=(done - prepared.received_at) * 1000,
         )

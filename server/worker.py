@@ -73,14 +73,10 @@ class Task:
 
 
 class Worker:
-    def __init__(
-        self, model: ResidentModel, *, max_queue: int, use_sessions: bool = True, retry_after_s: int = 1
-    ) -> None:
+    def __init__(self, model: ResidentModel, *, max_queue: int, retry_after_s: int = 1) -> None:
         self.model = model
         self.max_queue = max_queue
         self.retry_after_s = retry_after_s
-        # False when the server runs without cache hooks: the pipeline is called bare.
-        self.use_sessions = use_sessions
         self._queue: deque[Task] = deque()
         self._running: Task | None = None
         self._condition = threading.Condition()
@@ -197,13 +193,9 @@ class Worker:
         try:
             if task.on_start is not None:
                 task.on_start()
-            stats: SessionStats | None = None
-            if self.use_sessions:
-                with self.model.engine.session(task.config, request_id=task.request_id) as session:
-                    result = generate(self.model, task.params, on_step_end=on_step_end)
-                stats = session.stats
-            else:
+            with self.model.cache.session(task.config, request_id=task.request_id) as run:
                 result = generate(self.model, task.params, on_step_end=on_step_end)
+            stats = run.stats
         except Exception as exc:
             task.future.set_exception(self._failure(task, exc))
             return

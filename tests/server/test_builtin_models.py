@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.builtin_models import BUILTIN_MODELS, DEFAULT_SEED, clip_tokenizer, materialize, t5_tokenizer
+from server.builtin_models import BUILTIN_MODELS, materialize
+from server.tiny import DEFAULT_SEED
+from server.tiny.tokenizers import clip_tokenizer, t5_tokenizer
 
 # Built from a recipe; a shipped model (``folder``) has its own tests in tests/shapes.
 NAMES = tuple(name for name, model in BUILTIN_MODELS.items() if model.folder is None)
@@ -104,7 +106,8 @@ def test_a_fresh_process_imports_lightly_and_loads_builtins_offline(tmp_path: Pa
         heavy = {"diffusers", "transformers"} & set(sys.modules)
         assert not heavy, f"importing the registry imported {heavy}"
 
-        from server.builtin_models import BUILTIN_MODELS, clip_tokenizer, t5_tokenizer
+        from server.builtin_models import BUILTIN_MODELS
+        from server.tiny.tokenizers import clip_tokenizer, t5_tokenizer
 
         expected = {"CLIPTokenizer": clip_tokenizer(), "T5Tokenizer": t5_tokenizer()}
         for name in (name for name, model in BUILTIN_MODELS.items() if model.folder is None):

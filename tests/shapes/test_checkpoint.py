@@ -37,7 +37,7 @@ def test_it_is_the_default_image_model() -> None:
 
 
 def test_loaded_from_its_folder_with_its_call_settings(model: ResidentModel) -> None:
-    assert model.source == f"builtin:{SHAPES_FLUX_FOLDER}"
+    assert model.source == "builtin:shapes-flux"
     assert (model.kind, model.family, type(model.pipeline).__name__) == ("image", "flux", "FluxPipeline")
     assert (model.defaults.width, model.defaults.height, model.defaults.steps) == (64, 64, 20)
     assert dict(model.call_kwargs) == {"max_sequence_length": 16}
