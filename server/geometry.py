@@ -33,7 +33,11 @@ def spatial_factor(pipeline: DiffusionPipeline) -> int:
     """Pixels per latent pixel."""
     return (
         _int_attribute(
-            pipeline, "vae_scale_factor_spatial", "vae_spatial_compression_ratio", "vae_scale_factor"
+            pipeline,
+            "vae_scale_factor_spatial",
+            "vae_spatial_compression_ratio",
+            "vae_spatial_scale_factor",
+            "vae_scale_factor",
         )
         or 8
     )
