@@ -29,6 +29,7 @@ from server.builtin_models import BUILTIN_MODEL_NAMES, BUILTIN_MODELS, BuiltinMo
 from server.caching import ModelCache
 from server.call_specs import CallSpec, UnservablePipeline, call_spec
 from server.model_settings import Kind, ModelDefaults, ModelLimits
+from server.presets import PRESET_NAMES
 from server.stages import StageProbe
 
 if TYPE_CHECKING:
@@ -48,7 +49,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PRESET_NAMES: tuple[str, ...] = ("fast", "balanced", "quality")
 
 _DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
     {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

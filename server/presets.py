@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     from cache_engine import TaylorSeerCacheConfig
+
+# From the fastest to the most faithful; every model's presets are keyed by these names.
+PresetName = Literal["fast", "balanced", "quality"]
+PRESET_NAMES: tuple[str, ...] = get_args(PresetName)
 
 
 def taylorseer(interval: int, *, lite: bool) -> TaylorSeerCacheConfig:

@@ -25,10 +25,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .model_settings import Kind
+from .model_settings import Kind, ModelDefaults, ModelLimits
+from .presets import PRESET_NAMES, PresetName
 
-PresetName = Literal["fast", "balanced", "quality"]
-PRESET_NAMES: tuple[str, ...] = ("fast", "balanced", "quality")
 CACHE_METHODS: tuple[str, ...] = (
     "none",
     "pyramid_attention_broadcast",
@@ -335,25 +334,6 @@ class ImagesResponse(_ResultFields):
 
 
 # -- models ------------------------------------------------------------------------------------------
-
-
-class ModelDefaults(Response):
-    width: int
-    height: int
-    num_frames: int | None
-    steps: int
-    guidance_scale: float
-    fps: int | None
-
-
-class ModelLimits(Response):
-    max_width: int
-    max_height: int
-    max_pixels: int
-    max_frames: int
-    max_steps: int
-    max_n: int
-    max_prompt_chars: int
 
 
 class ModelCard(Response):

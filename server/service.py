@@ -8,7 +8,6 @@ and encodes the media off the event loop. Routes and jobs share these three step
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -32,8 +31,6 @@ from .generation import GenerationParams, InvalidGenerationParams, check_params
 from .metrics import Metrics
 from .models import ResidentModel
 from .protocol import CachePreset, CacheStats, GenerationRequest, Kind, ModelCard, Timings
-from .protocol import ModelDefaults as ModelDefaultsView
-from .protocol import ModelLimits as ModelLimitsView
 from .worker import Outcome, Task, Worker
 
 T = TypeVar("T")
@@ -311,8 +308,8 @@ class Generations:
             source=model.source,
             cache_methods=list(methods),
             output_formats=list(media.MEDIA_TYPES[model.kind]),
-            defaults=ModelDefaultsView(**dataclasses.asdict(model.defaults)),
-            limits=ModelLimitsView(**dataclasses.asdict(model.limits)),
+            defaults=model.defaults,
+            limits=model.limits,
             size_multiple=model.size_multiple,
             frame_step=model.frame_step,
             presets=presets,
