@@ -31,7 +31,9 @@ from prometheus_client import (
     generate_latest,
 )
 
-from .protocol import CacheStats, Timings
+from cache_engine import SessionStats
+
+from .stages import StageTimings
 
 # From a tiny model on a CPU (milliseconds) to a large video model on a GPU (many minutes).
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -106,7 +108,7 @@ class Metrics:
         self.request_seconds.labels(route, method).observe(seconds)
 
     def generation_done(
-        self, model: str, method: str, outcome: str, timings: Timings | None, stats: CacheStats | None
+        self, model: str, method: str, outcome: str, timings: StageTimings | None, stats: SessionStats | None
     ) -> None:
         """``outcome`` is "ok" or the name of the exception that ended the generation."""
         self.generations.labels(model, method, outcome).inc()
@@ -124,7 +126,7 @@ class Metrics:
         with self._lock:
             self._generations[(model, method, outcome)] += 1
             if timings is not None:
-                self._denoising_ms[model] += timings.denoising or 0.0
+                self._denoising_ms[model] += timings.pipeline.get("denoising", 0.0)
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:

@@ -176,6 +176,21 @@ def _resolve(
     )
 
 
+def own_memory(pipeline: DiffusionPipeline) -> None:
+    """Copy weights that still live in the memory-mapped checkpoint into memory of their own.
+
+    CPU kernels round differently on data that is not 64-byte aligned, and a mapped tensor sits where
+    the file put it: two loads of one folder could then differ in the last bit. Copies are aligned.
+    """
+    with torch.no_grad():
+        for module in pipeline.components.values():
+            if not isinstance(module, nn.Module):
+                continue
+            for tensor in [*module.parameters(), *module.buffers()]:
+                if tensor.device.type == "cpu":
+                    tensor.data = tensor.data.clone()
+
+
 def _denoisers(pipeline: DiffusionPipeline) -> list[nn.Module]:
     """Every transformer the pipeline holds (``transformer``, and Wan 2.2's ``transformer_2``)."""
     return [
@@ -214,6 +229,7 @@ def load_model(
         pipeline.to(device)
     except (RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"could not move {spec!r} to device {device!r}: {exc}") from exc
+    own_memory(pipeline)
     pipeline.set_progress_bar_config(disable=True)
     if builtin is not None and builtin.sample_size is not None:
         pipeline.default_sample_size = builtin.sample_size

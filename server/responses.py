@@ -7,17 +7,55 @@ import json
 
 from fastapi.responses import Response
 
+from cache_engine import SessionStats
+
 from . import media, policy
 from .errors import NotAcceptable
-from .protocol import GenerationResponse, ImagesResponse, Kind, MediaItem, Timings
+from .model_settings import Kind
+from .models import ResidentModel
+from .protocol import CacheStats, GenerationResponse, ImagesResponse, MediaItem, ModelCard, Timings
 from .service import Finished
+from .stages import StageTimings
 
 _JSON_RANGES = frozenset({"*/*", "application/*", "application/json"})
 _EXTENSIONS = {"jpeg": "jpg"}
 
 
-def server_timing(timings: Timings) -> str:
+def server_timing(timings: StageTimings) -> str:
     return ", ".join(f"{stage};dur={ms:.1f}" for stage, ms in timings.stages().items())
+
+
+def timings_view(timings: StageTimings) -> Timings:
+    return Timings(**timings.stages(), denoising_steps=timings.denoising_steps)
+
+
+def stats_view(stats: SessionStats | None) -> CacheStats | None:
+    if stats is None:
+        return None
+    values = stats.as_dict()
+    return CacheStats(**{**values, "method": values["method"] or "none"})
+
+
+def model_card(model: ResidentModel, methods: tuple[str, ...]) -> ModelCard:
+    """``model`` on the wire; ``methods`` are the cache methods a request may name for it."""
+    presets = {
+        name: policy.describe(config)
+        for name, config in model.presets.items()
+        if policy.method_of(config) in methods
+    }
+    return ModelCard(
+        id=model.name,
+        kind=model.kind,
+        family=model.family,
+        source=model.source,
+        cache_methods=list(methods),
+        output_formats=list(media.MEDIA_TYPES[model.kind]),
+        defaults=model.defaults,
+        limits=model.limits,
+        size_multiple=model.size_multiple,
+        frame_step=model.frame_step,
+        presets=presets,
+    )
 
 
 def result_headers(finished: Finished) -> dict[str, str]:
@@ -27,8 +65,9 @@ def result_headers(finished: Finished) -> dict[str, str]:
         "X-Seed": str(finished.prepared.params.seed),
         "X-Denoising-Steps-Ms": ",".join(f"{ms:.1f}" for ms in finished.timings.denoising_steps),
     }
-    if finished.stats is not None:
-        headers["X-Cache-Stats"] = json.dumps(finished.stats.model_dump(), separators=(",", ":"))
+    stats = stats_view(finished.stats)
+    if stats is not None:
+        headers["X-Cache-Stats"] = json.dumps(stats.model_dump(), separators=(",", ":"))
     return headers
 
 
@@ -81,8 +120,8 @@ def generation_response(finished: Finished) -> GenerationResponse:
         seed=params.seed,
         request_id=prepared.request_id,
         data=_data(finished),
-        timings=finished.timings,
-        cache=finished.stats,
+        timings=timings_view(finished.timings),
+        cache=stats_view(finished.stats),
         cache_policy=_policy(finished),
     )
 
@@ -97,8 +136,8 @@ def images_response(finished: Finished) -> ImagesResponse:
         model=prepared.model.name,
         seed=params.seed,
         request_id=prepared.request_id,
-        timings=finished.timings,
-        cache=finished.stats,
+        timings=timings_view(finished.timings),
+        cache=stats_view(finished.stats),
         cache_policy=_policy(finished),
     )
 

@@ -12,11 +12,11 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio.to_thread
 
-from cache_engine import CacheConfig, UnsupportedMethodError
+from cache_engine import CacheConfig, SessionStats, UnsupportedMethodError
 
 from . import media, policy
 from .errors import (
@@ -29,8 +29,10 @@ from .errors import (
 )
 from .generation import GenerationParams, InvalidGenerationParams, check_params
 from .metrics import Metrics
+from .model_settings import Kind
 from .models import ResidentModel
-from .protocol import CachePreset, CacheStats, GenerationRequest, Kind, ModelCard, Timings
+from .protocol import CachePreset, GenerationRequest
+from .stages import STAGES, StageTimings
 from .worker import Outcome, Task, Worker
 
 T = TypeVar("T")
@@ -71,8 +73,9 @@ class Prepared:
 class Finished:
     prepared: Prepared
     media: list[bytes]
-    timings: Timings
-    stats: CacheStats | None
+    timings: StageTimings
+    # What the cache did: summed over the model's transformers; None without cache hooks.
+    stats: SessionStats | None
 
 
 class Generations:
@@ -257,18 +260,15 @@ class Generations:
             raise
         done = time.perf_counter()
         result = outcome.result
-        timings = Timings(
+        timings = StageTimings(
             queue_wait=outcome.queue_wait_ms,
-            text_encoding=result.timings_ms.get("text_encoding"),
-            denoising=result.timings_ms.get("denoising"),
+            pipeline={stage: result.timings_ms[stage] for stage in STAGES if stage in result.timings_ms},
             denoising_steps=list(result.step_times_ms),
-            decoding=result.timings_ms.get("decoding"),
             encoding=(done - encode_started) * 1000,
             total=(done - prepared.received_at) * 1000,
         )
-        stats = None if outcome.stats is None else _stats(outcome.stats.as_dict())
-        self.metrics.generation_done(prepared.model.name, method, "ok", timings, stats)
-        return Finished(prepared=prepared, media=encoded, timings=timings, stats=stats)
+        self.metrics.generation_done(prepared.model.name, method, "ok", timings, outcome.stats)
+        return Finished(prepared=prepared, media=encoded, timings=timings, stats=outcome.stats)
 
     async def run(self, prepared: Prepared, is_disconnected: Callable[[], Awaitable[bool]]) -> Finished:
         """All three steps for a client that waits; cancels the generation if the client goes away.
@@ -294,27 +294,6 @@ class Generations:
             self.cancel(prepared, task)
             raise
 
-    def card(self, model: ResidentModel) -> ModelCard:
-        methods = self.supported_methods(model)
-        presets = {
-            name: policy.describe(config)
-            for name, config in model.presets.items()
-            if policy.method_of(config) in methods
-        }
-        return ModelCard(
-            id=model.name,
-            kind=model.kind,
-            family=model.family,
-            source=model.source,
-            cache_methods=list(methods),
-            output_formats=list(media.MEDIA_TYPES[model.kind]),
-            defaults=model.defaults,
-            limits=model.limits,
-            size_multiple=model.size_multiple,
-            frame_step=model.frame_step,
-            presets=presets,
-        )
-
     def start(self) -> None:
         for worker in self.workers.values():
             worker.start()
@@ -326,12 +305,6 @@ class Generations:
 
 def _or(value: T | None, default: T) -> T:
     return default if value is None else value
-
-
-def _stats(values: Mapping[str, Any]) -> CacheStats:
-    fields = {name: values[name] for name in CacheStats.model_fields}
-    fields["method"] = fields["method"] or "none"
-    return CacheStats(**fields)
 
 
 def _encode_all(prepared: Prepared, outcome: Outcome) -> list[bytes]:

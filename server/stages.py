@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -33,13 +33,34 @@ from .call_specs import StepObserver
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-__all__ = ["STAGES", "StageClock", "StageProbe"]
+__all__ = ["STAGES", "StageClock", "StageProbe", "StageTimings"]
 
 STAGES: tuple[str, ...] = ("text_encoding", "denoising", "decoding")
 
 # The clock of the generation being measured and the probe measuring it: a pipeline carries one probe,
 # but a probe's hooks must never feed another probe's clock.
 _ACTIVE: ContextVar[tuple[StageProbe, StageClock] | None] = ContextVar("ditcache_stage_clock", default=None)
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Milliseconds per stage of one request, from the queue to the encoded media."""
+
+    queue_wait: float
+    # The pipeline's own stages (server.stages.STAGES) that it went through.
+    pipeline: Mapping[str, float]
+    denoising_steps: list[float]
+    encoding: float
+    total: float
+
+    def stages(self) -> dict[str, float]:
+        """Every stage present, in the order of a request, ``total`` last."""
+        return {
+            "queue_wait": self.queue_wait,
+            **self.pipeline,
+            "encoding": self.encoding,
+            "total": self.total,
+        }
 
 
 @dataclass

@@ -7,15 +7,21 @@ from fastapi import APIRouter
 from ..deps import GenerationsDep
 from ..openapi import V1, errors
 from ..protocol import ModelCard, ModelList
+from ..responses import model_card
 
 router = APIRouter(tags=["models"])
 
 
 @router.get("/v1/models", responses=errors(*V1))
 async def list_models(generations: GenerationsDep) -> ModelList:
-    return ModelList(data=[generations.card(model) for model in generations.models.values()])
+    return ModelList(
+        data=[
+            model_card(model, generations.supported_methods(model)) for model in generations.models.values()
+        ]
+    )
 
 
 @router.get("/v1/models/{model_id:path}", responses=errors(*V1))
 async def get_model(model_id: str, generations: GenerationsDep) -> ModelCard:
-    return generations.card(generations.resolve_model(model_id))
+    model = generations.resolve_model(model_id)
+    return model_card(model, generations.supported_methods(model))
