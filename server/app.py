@@ -28,12 +28,13 @@ from .access import AccessMiddleware
 from .auth import require_api_key
 from .body_limit import BodySizeLimitMiddleware
 from .jobs import Jobs
+from .loading import load_generations
 from .openapi import errors as error_responses
 from .protocol import field_path
 from .request_id import HEADER as REQUEST_ID_HEADER
 from .request_id import RequestIdMiddleware, request_id_of
 from .routes import OPEN_ROUTERS, V1_ROUTERS
-from .runtime import Runtime, load_generations
+from .runtime import Runtime
 from .settings import Settings
 
 logger = logging.getLogger(__name__)

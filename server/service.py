@@ -124,15 +124,18 @@ class Generations:
         kind: Kind | None = None,
         size_param: str | None = None,
         timeout_s: float | None = None,
+        model: ResidentModel | None = None,
     ) -> Prepared:
         """Check ``body`` against its model and fill in the defaults; raises InvalidRequest.
 
         ``size_param`` names the field to blame for a bad width or height (``size`` in the OpenAI
         request, which has no width and height of its own). ``timeout_s`` starts the deadline now.
+        ``model`` is the body's model when the caller has resolved it already.
         """
         received_at = time.perf_counter()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        model = self.resolve_model(body.model, kind)
+        if model is None:
+            model = self.resolve_model(body.model, kind)
         defaults = model.defaults
         video = model.kind == "video"
         if not video:

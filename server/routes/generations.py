@@ -42,7 +42,7 @@ async def create_generation(
         if body.n != 1:
             raise NotAcceptable("a raw media response holds one item: send n=1, or Accept: application/json")
         body = body.model_copy(update={"output_format": raw_format})
-    prepared = generations.prepare(body, request_id, timeout_s=timeout_s)
+    prepared = generations.prepare(body, request_id, timeout_s=timeout_s, model=model)
     finished = await generations.run(prepared, request.is_disconnected)
     if raw_format is not None:
         return raw_response(finished)
