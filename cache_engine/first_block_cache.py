@@ -124,6 +124,13 @@ class _FollowerBlockHandler:
             encoder_out = None if encoder_index is None else output[encoder_index]
             encoder_residual = None if encoder_out is None or head[1] is None else encoder_out - head[1]
             state.tail_block_residuals = (output[site.hidden_states_index or 0] - head[0], encoder_residual)
+        elif isinstance(head, tuple) and head[1] is not None:
+            # A joint-stream tail (Flux2's single blocks) returns text and image tokens concatenated in
+            # that order, as it received them; the head returned them apart, so the residual is split.
+            hidden, encoder = head
+            text_tokens = encoder.shape[1]
+            joined = output - torch.cat([encoder, hidden], dim=1)
+            state.tail_block_residuals = (joined[:, text_tokens:], joined[:, :text_tokens])
         else:
             state.tail_block_residuals = (output - head, None)
 

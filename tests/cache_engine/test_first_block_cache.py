@@ -103,3 +103,36 @@ def test_threshold_zero_computes_everything(rig: RigFactory) -> None:
     _, stats = session_run(r.engine, r.tp, ce.FirstBlockCacheConfig(threshold=0.0))
     assert stats.blocks_reused == 0
     assert stats.steps_cached == 0
+
+
+def test_a_skipped_call_on_a_joint_stream_tail_reproduces_the_computed_one() -> None:
+    """Flux2's last blocks see text and image as one stream: a call skipped on the same inputs as the
+    computed one must give the same output, text and image residuals split where the stream joined."""
+    from server.tiny import tiny_pipeline
+
+    pipeline = tiny_pipeline("flux2").build()
+    captured: dict[str, object] = {}
+
+    def capture(module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        captured.setdefault("kwargs", dict(kwargs))
+
+    handle = pipeline.transformer.register_forward_pre_hook(capture, with_kwargs=True)
+    pipeline(
+        prompt="a red circle",
+        num_inference_steps=1,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        **tiny_pipeline("flux2").small_call,
+    )
+    handle.remove()
+    kwargs = captured["kwargs"]
+    assert isinstance(kwargs, dict)
+    engine = ce.CacheEngine(pipeline.transformer)
+    try:
+        with torch.no_grad(), engine.session(ce.FirstBlockCacheConfig(threshold=0.5)) as session:
+            computed = pipeline.transformer(**kwargs)[0]
+            reused = pipeline.transformer(**kwargs)[0]
+        assert session.stats.blocks_reused > 0
+        torch.testing.assert_close(reused, computed, rtol=0, atol=1e-5)
+    finally:
+        engine.close()

@@ -123,20 +123,9 @@ POLICIES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
         "taylorseer": {"cache_interval": 2, "disable_cache_before_step": 1},
     }
 )
+
+
 # Server bugs found by this module, keyed (family, cache method).
-KNOWN_FAILURES: Mapping[tuple[str, str], str] = MappingProxyType(
-    {
-        (name, "first_block_cache"): (
-            "server bug (cache_engine.first_block_cache): on Flux2Transformer2DModel the head block "
-            "(Flux2TransformerBlock) returns a tuple and the tail block (Flux2SingleTransformerBlock, on the "
-            "joined text+image stream) one tensor, so _FollowerBlockHandler._record_tail_residuals computes "
-            "`output - head` with head a tuple: TypeError, answered 500 generation_failed"
-        )
-        for name in ("flux2", "flux2_distilled")
-    }
-)
-
-
 def test_the_table_covers_every_tiny_pipeline() -> None:
     assert {family.tiny for family in FAMILIES.values()} == set(TINY_PIPELINE_NAMES)
 
@@ -494,20 +483,7 @@ def test_a_cancelled_job_stops_within_one_step(server: LiveServer, client: httpx
 # -- 5: cache methods -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("name", "method"),
-    [
-        pytest.param(
-            name,
-            method,
-            marks=[pytest.mark.xfail(raises=AssertionError, strict=True, reason=KNOWN_FAILURES[name, method])]
-            if (name, method) in KNOWN_FAILURES
-            else [],
-        )
-        for name in NAMES
-        for method in POLICIES
-    ],
-)
+@pytest.mark.parametrize(("name", "method"), [(name, method) for name in NAMES for method in POLICIES])
 def test_each_cache_method_reuses(
     client: httpx.Client, references: References, name: str, method: str
 ) -> None:
