@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from server.folders import write_folder_atomically
 from server.model_settings import ModelDefaults, ModelLimits
 from server.tiny import DEFAULT_SEED, tiny_pipeline
 from server.tiny.tokenizers import WORDS
@@ -85,21 +83,9 @@ def materialize(model: BuiltinModel, cache_dir: Path, *, seed: int = DEFAULT_SEE
     if model.folder is not None:
         return model.folder
     folder = cache_dir / "builtin" / f"{model.name}-{model.fingerprint(seed)}"
-    if folder.is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        model.build(seed).save_pretrained(staging)
-        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users of the cache
-        try:
-            os.rename(staging, folder)
-        except OSError:
-            # Another process finished the same build first; its folder is as good as ours.
-            if not folder.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if not folder.is_dir():
+        # Not replace: a concurrent build of the same folder that finished first is as good as ours.
+        write_folder_atomically(folder, model.build(seed).save_pretrained)
     return folder
 
 

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from shapes import dataset, evaluate
-from shapes.train import clean_estimate, normalised_latents
+from shapes.denoiser import clean_estimate
+from shapes.vae import normalised_latents
 
 if TYPE_CHECKING:
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
