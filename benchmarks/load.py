@@ -1,7 +1,7 @@
 """The server under concurrent load: ``python -m benchmarks.load``.
 
-Starts ``python -m server serve`` in a subprocess on a free loopback port (the built-in tiny models,
-a short queue so that backpressure shows), then:
+Starts ``python -m server serve`` in a subprocess on a free loopback port (the built-in tiny models by
+default, ``--models`` to choose; a short queue so that backpressure shows), then:
 
 1. sends each body of a mix (several cache policies, both models, fixed seeds) once, one at a time:
    the serial reference;
@@ -13,8 +13,12 @@ a short queue so that backpressure shows), then:
    failure), and mismatches: a 200 whose decoded media differs, byte for byte, from the serial
    reference for its body and seed.
 
-Exit status 0 when there were no errors and no mismatches. Bounded: ``--time-limit`` seconds in all
-(levels not reached are reported as skipped), loopback only.
+With ``--replicas N`` (N > 1) it does all of this twice in one run, against a server with one replica
+per model and against one with N (each replica a worker with ``--torch-threads`` threads), checks both
+against the one-replica server's serial references, and prints the throughput ratio per level.
+
+Exit status 0 when there were no errors and no mismatches. Bounded: ``--time-limit`` seconds per
+server (levels not reached are reported as skipped), loopback only.
 """
 
 from __future__ import annotations
@@ -47,26 +51,28 @@ _READY_TIMEOUT_S = 300.0
 _REQUEST_TIMEOUT_S = 120.0
 
 
-def mix(quick: bool) -> list[dict[str, Any]]:
-    """Bodies of different policies and seeds on both models; every one is deterministic (a seed)."""
+# Per model: the fields every body of the mix has (model, size, steps); the rest of the model's call
+# is its own default (shapes-flux: 20 steps at true CFG 3).
+_BASE_BODIES: dict[str, dict[str, Any]] = {
+    "tiny-flux": {"steps": 6},
+    "tiny-wan": {"steps": 4, "num_frames": 5, "output_format": "gif"},
+    "shapes-flux": {},
+}
+DEFAULT_MODELS = ("tiny-flux", "tiny-wan")
+
+
+def mix(quick: bool, models: Sequence[str] = DEFAULT_MODELS) -> list[dict[str, Any]]:
+    """Bodies of different policies and seeds on each model; every one is deterministic (a seed)."""
     bodies: list[dict[str, Any]] = []
     policies = _POLICIES[:3] if quick else _POLICIES
     for index, policy in enumerate(policies):
-        image: dict[str, Any] = {
-            "model": "tiny-flux",
-            "prompt": f"a red circle {index}",
-            "steps": 6,
-            "seed": index,
-        }
-        video: dict[str, Any] = {
-            "model": "tiny-wan",
-            "prompt": f"waves {index}",
-            "steps": 4,
-            "num_frames": 5,
-            "output_format": "gif",
-            "seed": 100 + index,
-        }
-        for body in (image, video):
+        for offset, model in enumerate(models):
+            body: dict[str, Any] = {
+                "model": model,
+                "prompt": f"a red circle {index}",
+                "seed": 100 * offset + index,
+                **_BASE_BODIES.get(model, {}),
+            }
             if policy is not None:
                 body["cache"] = policy
             bodies.append(body)
@@ -106,30 +112,70 @@ class Level:
 class Report:
     levels: list[Level]
     references: int
+    replicas: int = 1
+    # The same levels against a server with one replica per model, when ``replicas`` > 1.
+    baseline: list[Level] | None = None
+
+    def ratios(self) -> list[float]:
+        """Throughput with ``replicas`` replicas over throughput with one, per level."""
+        if self.baseline is None:
+            return []
+        return [
+            ours.throughput / base.throughput if base.throughput else 0.0
+            for ours, base in zip(self.levels, self.baseline, strict=True)
+        ]
 
     @property
     def errors(self) -> int:
-        return sum(level.errors for level in self.levels)
+        return sum(level.errors for level in [*self.levels, *(self.baseline or [])])
 
     @property
     def mismatches(self) -> int:
-        return sum(level.mismatches for level in self.levels)
+        return sum(level.mismatches for level in [*self.levels, *(self.baseline or [])])
 
     def markdown(self) -> str:
-        lines = [
-            "| concurrency | requests | ok | req/s | p50 ms | p95 ms | p99 ms | 429 share | errors | mismatches |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for level in self.levels:
-            if level.skipped:
-                lines.append(f"| {level.concurrency} | skipped (time limit) | | | | | | | | |")
-                continue
-            lines.append(
-                f"| {level.concurrency} | {level.sent} | {level.ok} | {level.throughput:.2f} "
-                f"| {level.percentile(0.5):.0f} | {level.percentile(0.95):.0f} | {level.percentile(0.99):.0f} "
-                f"| {level.share_429:.1%} | {level.errors} | {level.mismatches} |"
-            )
-        return "\n".join(lines)
+        if self.baseline is None:
+            return _table(self.levels)
+        ratios = " | ".join(
+            f"{level.concurrency}: {ratio:.2f}x"
+            for level, ratio in zip(self.levels, self.ratios(), strict=True)
+        )
+        return "\n\n".join(
+            [
+                f"1 replica per model:\n\n{_table(self.baseline)}",
+                f"{self.replicas} replicas per model:\n\n{_table(self.levels)}",
+                f"throughput, {self.replicas} replicas over 1, by concurrency: {ratios}",
+            ]
+        )
+
+
+def _level_json(level: Level) -> dict[str, Any]:
+    return {
+        "concurrency": level.concurrency,
+        "ok": level.ok,
+        "throughput": level.throughput,
+        "p50_ms": level.percentile(0.5),
+        "p95_ms": level.percentile(0.95),
+        "errors": level.errors,
+        "mismatches": level.mismatches,
+    }
+
+
+def _table(levels: Sequence[Level]) -> str:
+    lines = [
+        "| concurrency | requests | ok | req/s | p50 ms | p95 ms | p99 ms | 429 share | errors | mismatches |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for level in levels:
+        if level.skipped:
+            lines.append(f"| {level.concurrency} | skipped (time limit) | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {level.concurrency} | {level.sent} | {level.ok} | {level.throughput:.2f} "
+            f"| {level.percentile(0.5):.0f} | {level.percentile(0.95):.0f} | {level.percentile(0.99):.0f} "
+            f"| {level.share_429:.1%} | {level.errors} | {level.mismatches} |"
+        )
+    return "\n".join(lines)
 
 
 # -- the server -----------------------------------------------------------------------------------------
@@ -142,12 +188,19 @@ def _free_port() -> int:
         return port
 
 
-def start_server(cache_dir: Path, queue_size: int, torch_threads: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    cache_dir: Path,
+    queue_size: int,
+    torch_threads: int,
+    models: Sequence[str] = DEFAULT_MODELS,
+    replicas: int = 1,
+) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     command = [
         sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
-        "--model", "tiny-flux", "--model", "tiny-wan", "--cache-dir", str(cache_dir),
+        *(arg for model in models for arg in ("--model", model)), "--cache-dir", str(cache_dir),
         "--queue-size", str(queue_size), "--torch-threads", str(torch_threads), "--log-level", "warning",
+        "--replicas", str(replicas),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -239,12 +292,17 @@ async def run_level(
     level.wall_s = time.perf_counter() - started
 
 
-async def drive(base_url: str, args: argparse.Namespace) -> Report:
-    bodies = mix(args.quick)
+async def drive(
+    base_url: str, args: argparse.Namespace, expected: list[list[bytes]] | None = None
+) -> tuple[list[Level], list[list[bytes]]]:
+    """The levels against the server at ``base_url``, and the serial references they were checked
+    against (taken here unless ``expected`` is given)."""
+    bodies = mix(args.quick, args.models)
     stop_at = time.monotonic() + args.time_limit
     limits = httpx.Limits(max_connections=max(args.levels) + 1)
     async with httpx.AsyncClient(base_url=base_url, timeout=_REQUEST_TIMEOUT_S, limits=limits) as client:
-        expected = await references(client, bodies)
+        if expected is None:
+            expected = await references(client, bodies)
         levels = []
         for concurrency in args.levels:
             level = Level(concurrency)
@@ -253,7 +311,7 @@ async def drive(base_url: str, args: argparse.Namespace) -> Report:
             else:
                 await run_level(client, bodies, expected, level, args.requests, args.retries, stop_at)
             levels.append(level)
-    return Report(levels=levels, references=len(bodies))
+    return levels, expected
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -269,6 +327,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--torch-threads", type=int, default=1, help="the server's torch threads (default 1)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the built-in models are built")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here as JSON")
+    parser.add_argument(
+        "--models",
+        type=lambda text: [part for part in text.split(",") if part],
+        default=list(DEFAULT_MODELS),
+        help="models served and mixed, comma-separated (default tiny-flux,tiny-wan)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="N > 1: run against 1 and N replicas per model, with the ratio",
+    )
     return parser
 
 
@@ -280,15 +350,36 @@ def run(argv: Sequence[str] | None = None) -> Report:
         args.requests = 6 if args.quick else 40
     with tempfile.TemporaryDirectory() as scratch:
         cache_dir = args.cache_dir or Path(scratch)
-        process, base_url = start_server(cache_dir, args.queue_size, args.torch_threads)
-        try:
-            report = asyncio.run(drive(base_url, args))
-        finally:
-            stop_server(process)
+
+        def against(
+            replicas: int, expected: list[list[bytes]] | None
+        ) -> tuple[list[Level], list[list[bytes]]]:
+            process, base_url = start_server(
+                cache_dir, args.queue_size, args.torch_threads, args.models, replicas
+            )
+            try:
+                return asyncio.run(drive(base_url, args, expected))
+            finally:
+                stop_server(process)
+
+        levels, expected = against(1, None)
+        report = Report(levels=levels, references=len(expected))
+        if args.replicas > 1:
+            report = Report(
+                levels=against(args.replicas, expected)[0],
+                references=len(expected),
+                replicas=args.replicas,
+                baseline=levels,
+            )
     if args.json is not None:
         args.json.write_text(
             json.dumps(
                 {
+                    "replicas": report.replicas,
+                    "ratios": report.ratios(),
+                    "baseline": None
+                    if report.baseline is None
+                    else [_level_json(level) for level in report.baseline],
                     "levels": [
                         {
                             "concurrency": level.concurrency,
@@ -304,7 +395,7 @@ def run(argv: Sequence[str] | None = None) -> Report:
                             "skipped": level.skipped,
                         }
                         for level in report.levels
-                    ]
+                    ],
                 },
                 indent=2,
             )

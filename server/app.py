@@ -33,7 +33,7 @@ from .openapi import errors as error_responses
 from .protocol import field_path
 from .request_id import HEADER as REQUEST_ID_HEADER
 from .request_id import RequestIdMiddleware, request_id_of
-from .routes import OPEN_ROUTERS, V1_ROUTERS
+from .routes import OPEN_ROUTERS, V1_ROUTERS, docs
 from .runtime import Runtime
 from .settings import Settings
 
@@ -62,6 +62,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=_lifespan,
         # Any route can fail unexpectedly; the envelope is the same everywhere.
         responses=error_responses(500),
+        # FastAPI's pages load their scripts from a CDN; routes.docs serves the same pages with local files.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     runtime = Runtime(settings)
     app.state.runtime = runtime
@@ -87,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     for router in V1_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_api_key)])
+    app.include_router(docs.router)
     _install_handlers(app)
     return app
 

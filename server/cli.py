@@ -25,7 +25,7 @@ _FLAG_NAMES = {
     "cors_origins": "--cors-origin",
     "install_cache_hooks": "--no-cache-hooks",
 }
-_METAVARS = {"models": "SPEC", "cors_origins": "ORIGIN"}
+_METAVARS = {"models": "SPEC", "cors_origins": "ORIGIN", "device": "DEVICE"}
 
 
 def _parser() -> argparse.ArgumentParser:

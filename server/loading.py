@@ -7,6 +7,7 @@ import logging
 
 from .metrics import Metrics
 from .model_settings import ModelLimits
+from .replicas import Replica
 from .service import Generations
 from .settings import LimitOverrides, Settings
 
@@ -14,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 
 def load_generations(settings: Settings, metrics: Metrics) -> Generations:
-    """Load every model in ``settings`` and give each a worker (not started). Blocking."""
+    """Load every model in ``settings``, ``replicas`` copies on each device, each copy with its worker
+    (not started). Blocking."""
     import torch
 
     from .models import load_model
@@ -22,31 +24,41 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
 
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
-    models = {}
+    replicas: dict[str, list[Replica]] = {}
     for spec in settings.models:
-        logger.info("loading model %s on %s (%s)", spec, settings.device, settings.dtype)
-        model = load_model(
-            spec,
-            device=settings.device,
-            dtype=settings.dtype,
-            cache_dir=settings.cache_dir,
-            cache_hooks=settings.install_cache_hooks,
-        )
-        if model.name in models:
-            raise ValueError(f"two model specs resolve to the same name {model.name!r}")
-        models[model.name] = model
-    unknown = sorted(set(settings.model_limits) - set(models))
+        copies: list[Replica] = []
+        for device in settings.device:
+            for _ in range(settings.replicas):
+                logger.info("loading model %s on %s (%s)", spec, device, settings.dtype)
+                model = load_model(
+                    spec,
+                    device=device,
+                    dtype=settings.dtype,
+                    cache_dir=settings.cache_dir,
+                    cache_hooks=settings.install_cache_hooks,
+                )
+                replica_id = str(len(copies))
+                worker = Worker(
+                    model,
+                    max_queue=settings.queue_size,
+                    retry_after_s=settings.retry_after_s,
+                    replica=replica_id,
+                )
+                copies.append(Replica(id=replica_id, device=device, model=model, worker=worker))
+        name = copies[0].model.name
+        if name in replicas:
+            raise ValueError(f"two model specs resolve to the same name {name!r}")
+        replicas[name] = copies
+    unknown = sorted(set(settings.model_limits) - set(replicas))
     if unknown:
         raise ValueError(f"model_limits names models that are not served: {', '.join(unknown)}")
     for name, overrides in settings.model_limits.items():
-        models[name].limits = _with_overrides(models[name].limits, overrides)
-    workers = {
-        name: Worker(model, max_queue=settings.queue_size, retry_after_s=settings.retry_after_s)
-        for name, model in models.items()
-    }
-    for name, worker in workers.items():
-        metrics.watch_worker(name, worker)
-    return Generations(models, workers, metrics=metrics)
+        for replica in replicas[name]:
+            replica.model.limits = _with_overrides(replica.model.limits, overrides)
+    for name, copies in replicas.items():
+        for replica in copies:
+            metrics.watch_worker(name, replica.id, replica.worker)
+    return Generations(replicas, metrics=metrics)
 
 
 def _with_overrides(limits: ModelLimits, overrides: LimitOverrides) -> ModelLimits:

@@ -91,17 +91,21 @@ class Metrics:
             ["model", "method", "result"],
             registry=registry,
         )
-        self.queue_depth = Gauge("ditcache_queue_depth", "Requests waiting", ["model"], registry=registry)
-        self.in_flight = Gauge("ditcache_jobs_in_flight", "Generations running", ["model"], registry=registry)
+        self.queue_depth = Gauge(
+            "ditcache_queue_depth", "Requests waiting", ["model", "replica"], registry=registry
+        )
+        self.in_flight = Gauge(
+            "ditcache_jobs_in_flight", "Generations running", ["model", "replica"], registry=registry
+        )
         # In-memory tallies kept alongside, for code that wants the numbers without parsing text.
         self._lock = threading.Lock()
         self._generations: Tally[tuple[str, str, str]] = Tally()
         self._denoising_ms: defaultdict[str, float] = defaultdict(float)
 
-    def watch_worker(self, model: str, worker: Watched) -> None:
+    def watch_worker(self, model: str, replica: str, worker: Watched) -> None:
         """Gauges read from the worker when scraped, so they can never drift from it."""
-        self.queue_depth.labels(model).set_function(lambda: worker.queue_depth)
-        self.in_flight.labels(model).set_function(lambda: worker.busy)
+        self.queue_depth.labels(model, replica).set_function(lambda: worker.queue_depth)
+        self.in_flight.labels(model, replica).set_function(lambda: worker.busy)
 
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

@@ -34,6 +34,8 @@ CACHE_METHODS: tuple[str, ...] = (
     "faster_cache",
     "first_block_cache",
     "taylorseer",
+    "mag_cache",
+    "sea_cache",
 )
 ImageFormat = Literal["png", "jpeg", "webp"]
 OutputFormat = Literal["png", "jpeg", "webp", "mp4", "gif"]
@@ -105,17 +107,53 @@ class TaylorSeer(Request):
     use_lite_mode: bool = False
 
 
+# MagCache's magnitude ratios, one per step of the checkpoint's calibration run; a list in JSON.
+MagRatios = Annotated[
+    tuple[Annotated[float, Field(ge=0, le=100)], ...],
+    BeforeValidator(_list_to_tuple),
+    Field(min_length=1, max_length=1000),
+]
+
+
+class MagCache(Request):
+    method: Literal["mag_cache"]
+    threshold: float = Field(default=0.06, ge=0, le=10)
+    max_skip_steps: int = Field(default=3, ge=0, le=1000)
+    retention_ratio: float = Field(default=0.2, ge=0, le=1)
+    num_inference_steps: int = Field(default=28, ge=1, le=1000)
+    mag_ratios: MagRatios | None = Field(
+        default=None, description="per checkpoint; default: the model's calibrated ratios, if it has any"
+    )
+
+
+class SeaCache(Request):
+    method: Literal["sea_cache"]
+    threshold: float = Field(default=0.25, ge=0, le=10)
+    residual_order: int = Field(default=1, ge=0, le=1)
+    retention_steps: int = Field(default=1, ge=0, le=1000)
+    cache_end_steps: int = Field(default=1, ge=0, le=1000)
+    max_consecutive_cached: int = Field(default=2, ge=0, le=1000)
+    power_exp: float = Field(default=3.0, gt=0, le=100)
+    num_inference_steps: int | None = Field(
+        default=None, ge=1, le=1000, description="the run's steps; cache_end_steps applies only with it"
+    )
+
+
 class CachePreset(Request):
     preset: PresetName
 
 
-CachePolicy = NoCache | PyramidAttentionBroadcast | FasterCache | FirstBlockCache | TaylorSeer
+CachePolicy = (
+    NoCache | PyramidAttentionBroadcast | FasterCache | FirstBlockCache | TaylorSeer | MagCache | SeaCache
+)
 POLICY_CLASSES: dict[str, type[CachePolicy]] = {
     "none": NoCache,
     "pyramid_attention_broadcast": PyramidAttentionBroadcast,
     "faster_cache": FasterCache,
     "first_block_cache": FirstBlockCache,
     "taylorseer": TaylorSeer,
+    "mag_cache": MagCache,
+    "sea_cache": SeaCache,
 }
 _PRESET_TAG = "preset"
 
@@ -154,6 +192,8 @@ CacheSpec = Annotated[
     | Annotated[FasterCache, Tag("faster_cache")]
     | Annotated[FirstBlockCache, Tag("first_block_cache")]
     | Annotated[TaylorSeer, Tag("taylorseer")]
+    | Annotated[MagCache, Tag("mag_cache")]
+    | Annotated[SeaCache, Tag("sea_cache")]
     | Annotated[CachePreset, Tag(_PRESET_TAG)],
     Discriminator(_cache_tag),
     BeforeValidator(_check_cache_selector),
@@ -336,6 +376,13 @@ class ImagesResponse(_ResultFields):
 # -- models ------------------------------------------------------------------------------------------
 
 
+class ReplicaView(Response):
+    id: str
+    device: str
+    queue_depth: int = Field(description="requests waiting for this replica")
+    running: int = Field(description="1 while this replica generates, else 0")
+
+
 class ModelCard(Response):
     id: str
     object: Literal["model"] = "model"
@@ -349,6 +396,7 @@ class ModelCard(Response):
     size_multiple: int = Field(description="width and height must be multiples of this")
     frame_step: int = Field(description="videos: num_frames - 1 must be a multiple of this")
     presets: dict[str, dict[str, Any]]
+    replicas: list[ReplicaView] = Field(description="copies of the model; a request goes to the least loaded")
 
 
 class ModelList(Response):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 
 from fastapi.responses import Response
 
@@ -13,7 +14,16 @@ from . import media, policy
 from .errors import NotAcceptable
 from .model_settings import Kind
 from .models import ResidentModel
-from .protocol import CacheStats, GenerationResponse, ImagesResponse, MediaItem, ModelCard, Timings
+from .protocol import (
+    CacheStats,
+    GenerationResponse,
+    ImagesResponse,
+    MediaItem,
+    ModelCard,
+    ReplicaView,
+    Timings,
+)
+from .replicas import Replica
 from .service import Finished
 from .stages import StageTimings
 
@@ -36,7 +46,7 @@ def stats_view(stats: SessionStats | None) -> CacheStats | None:
     return CacheStats(**{**values, "method": values["method"] or "none"})
 
 
-def model_card(model: ResidentModel, methods: tuple[str, ...]) -> ModelCard:
+def model_card(model: ResidentModel, methods: tuple[str, ...], replicas: Sequence[Replica]) -> ModelCard:
     """``model`` on the wire; ``methods`` are the cache methods a request may name for it."""
     presets = {
         name: policy.describe(config)
@@ -55,6 +65,15 @@ def model_card(model: ResidentModel, methods: tuple[str, ...]) -> ModelCard:
         size_multiple=model.size_multiple,
         frame_step=model.frame_step,
         presets=presets,
+        replicas=[
+            ReplicaView(
+                id=replica.id,
+                device=replica.device,
+                queue_depth=replica.worker.queue_depth,
+                running=replica.worker.busy,
+            )
+            for replica in replicas
+        ],
     )
 
 

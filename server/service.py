@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -22,7 +22,6 @@ from . import media, policy
 from .errors import (
     DeadlineExceeded,
     InvalidRequest,
-    NotReady,
     ServerError,
     UnknownModel,
     UnsupportedCacheMethod,
@@ -32,6 +31,7 @@ from .metrics import Metrics
 from .model_settings import Kind
 from .models import ResidentModel
 from .protocol import CachePreset, GenerationRequest
+from .replicas import Replica, least_loaded
 from .stages import STAGES, StageTimings
 from .worker import Outcome, Task, Worker
 
@@ -81,20 +81,25 @@ class Finished:
 class Generations:
     """The resident models, their workers, and the three steps of a generation."""
 
-    def __init__(
-        self,
-        models: Mapping[str, ResidentModel],
-        workers: Mapping[str, Worker],
-        *,
-        metrics: Metrics,
-    ) -> None:
-        self.models = dict(models)
-        self.workers = dict(workers)
+    def __init__(self, replicas: Mapping[str, Sequence[Replica]], *, metrics: Metrics) -> None:
+        self.replicas = {name: tuple(copies) for name, copies in replicas.items() if copies}
+        # The first replica of each model answers for it (its limits, defaults and presets): every
+        # replica of a model is loaded from the same spec and settings.
+        self.models = {name: copies[0].model for name, copies in self.replicas.items()}
         self.metrics = metrics
 
     @property
+    def workers(self) -> dict[str, Worker]:
+        """Each model's first replica's worker."""
+        return {name: copies[0].worker for name, copies in self.replicas.items()}
+
+    def all_workers(self) -> list[Worker]:
+        return [replica.worker for copies in self.replicas.values() for replica in copies]
+
+    @property
     def ready(self) -> bool:
-        return bool(self.workers) and all(worker.alive for worker in self.workers.values())
+        workers = self.all_workers()
+        return bool(workers) and all(worker.alive for worker in workers)
 
     def supported_methods(self, model: ResidentModel) -> tuple[str, ...]:
         return ("none", *model.supported_methods)
@@ -219,10 +224,9 @@ class Generations:
         on_start: Callable[[], None] | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> Task:
-        """Queue ``prepared`` on its model's worker; raises QueueFull. Callbacks run on the worker."""
-        worker = self.workers.get(prepared.model.name)
-        if worker is None or not worker.alive:
-            raise NotReady(f"the worker for {prepared.model.name!r} is not running")
+        """Queue ``prepared`` on its model's least loaded replica; raises QueueFull. Callbacks run on the
+        worker."""
+        worker = least_loaded(self.replicas.get(prepared.model.name, ())).worker
         task = Task(
             request_id=prepared.request_id,
             params=prepared.params,
@@ -235,19 +239,21 @@ class Generations:
         return task
 
     def position(self, prepared: Prepared, task: Task) -> int | None:
-        return self.workers[prepared.model.name].position(task)
+        """The task's place in its replica's queue."""
+        return None if task.worker is None else task.worker.position(task)
 
     def cancel(self, prepared: Prepared, task: Task, reason: ServerError | None = None) -> bool:
         """True if ``task`` was still queued and is now dropped; False if it will stop at a step."""
-        return self.workers[prepared.model.name].cancel(task, reason)
+        assert task.worker is not None, "a task is cancelled only after it was submitted"
+        return task.worker.cancel(task, reason)
 
     def cancel_all(self, reason: ServerError) -> None:
-        for worker in self.workers.values():
+        for worker in self.all_workers():
             worker.cancel_all(reason)
 
     def idle(self) -> bool:
         """No worker runs or holds a task."""
-        return all(worker.idle() for worker in self.workers.values())
+        return all(worker.idle() for worker in self.all_workers())
 
     # -- step 3 -----------------------------------------------------------------------------------
 
@@ -298,11 +304,11 @@ class Generations:
             raise
 
     def start(self) -> None:
-        for worker in self.workers.values():
+        for worker in self.all_workers():
             worker.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        for worker in self.workers.values():
+        for worker in self.all_workers():
             worker.stop(timeout)
 
 

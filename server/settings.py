@@ -52,7 +52,14 @@ class Settings(BaseSettings):
         min_length=1,
         description="models kept resident: built-in names, hub ids or local folders",
     )
-    device: str = Field(default="cpu", description="torch device, e.g. cpu, cuda, cuda:1")
+    device: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["cpu"],
+        min_length=1,
+        description="torch devices, each holding every model's replicas, e.g. cpu, cuda, cuda:1",
+    )
+    replicas: int = Field(
+        default=1, ge=1, le=64, description="copies of each model per device, each with its own worker"
+    )
     dtype: Dtype = "float32"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -87,13 +94,15 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="origins allowed by CORS; empty: no CORS headers at all"
     )
+    # Named for turning it off, so that the flag derived from it reads --disable-playground.
+    disable_playground: bool = Field(default=False, description="true: no playground page at /playground")
     shutdown_grace_s: float = Field(
         default=30.0,
         ge=0,
         description="on SIGTERM, how long running jobs may finish before they are cancelled",
     )
 
-    @field_validator("models", "cors_origins", mode="before")
+    @field_validator("models", "cors_origins", "device", mode="before")
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
         if isinstance(value, str):

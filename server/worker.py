@@ -67,21 +67,26 @@ class Task:
     deadline: float | None = None
     # What a cancelled task answers; None: GenerationCancelled.
     cancel_reason: ServerError | None = None
+    # The worker that took it (the model's least loaded replica's), set by Worker.submit.
+    worker: Worker | None = None
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
 
 class Worker:
-    def __init__(self, model: ResidentModel, *, max_queue: int, retry_after_s: int = 1) -> None:
+    def __init__(
+        self, model: ResidentModel, *, max_queue: int, retry_after_s: int = 1, replica: str = "0"
+    ) -> None:
         self.model = model
         self.max_queue = max_queue
         self.retry_after_s = retry_after_s
+        self.replica = replica
         self._queue: deque[Task] = deque()
         self._running: Task | None = None
         self._condition = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"worker-{model.name}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"worker-{model.name}-{replica}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -111,6 +116,7 @@ class Worker:
                 raise Unavailable("the server is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(self.model.name, len(self._queue), self.retry_after_s)
+            task.worker = self
             self._queue.append(task)
             self._condition.notify()
 

@@ -16,7 +16,8 @@ router = APIRouter(tags=["models"])
 async def list_models(generations: GenerationsDep) -> ModelList:
     return ModelList(
         data=[
-            model_card(model, generations.supported_methods(model)) for model in generations.models.values()
+            model_card(model, generations.supported_methods(model), generations.replicas[name])
+            for name, model in generations.models.items()
         ]
     )
 
@@ -24,4 +25,4 @@ async def list_models(generations: GenerationsDep) -> ModelList:
 @router.get("/v1/models/{model_id:path}", responses=errors(*V1))
 async def get_model(model_id: str, generations: GenerationsDep) -> ModelCard:
     model = generations.resolve_model(model_id)
-    return model_card(model, generations.supported_methods(model))
+    return model_card(model, generations.supported_methods(model), generations.replicas[model.name])

@@ -33,3 +33,16 @@ def test_the_mix_is_deterministic_and_covers_policies_and_models() -> None:
     policies = {str(body.get("cache")) for body in bodies}
     assert len(policies) == len(load._POLICIES)
     assert load.mix(quick=False) == bodies
+
+
+@pytest.mark.slow
+def test_replicas_run_measures_both_servers_against_one_reference(tmp_path: Path) -> None:
+    report = load.run(
+        ["--quick", "--models", "tiny-flux", "--replicas", "2", "--levels", "2", "--cache-dir", str(tmp_path)]
+    )
+    assert report.replicas == 2 and report.baseline is not None
+    assert [level.concurrency for level in report.baseline] == [level.concurrency for level in report.levels]
+    assert all(level.ok > 0 for level in [*report.baseline, *report.levels])
+    assert (report.errors, report.mismatches) == (0, 0)
+    assert len(report.ratios()) == 1 and report.ratios()[0] > 0
+    assert "2 replicas over 1" in report.markdown()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from server.builtin_models import BUILTIN_MODEL_NAMES
@@ -25,12 +27,12 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_defaults_serve_the_builtin_models_on_cpu() -> None:
     settings = load_settings()
     assert tuple(settings.models) == DEFAULT_MODELS == BUILTIN_MODEL_NAMES
-    assert (settings.device, settings.dtype, settings.host, settings.port) == (
-        "cpu",
-        "float32",
-        "127.0.0.1",
-        8000,
-    )
+    # Out of the box: no GPU needed (and full precision, which CPUs run fastest), reachable from this
+    # host only, at the address the README's examples use.
+    assert [torch.device(device).type for device in settings.device] == ["cpu"] and settings.replicas == 1
+    assert settings.dtype == "float32"
+    assert ipaddress.ip_address(settings.host).is_loopback
+    assert f"localhost:{settings.port}/v1/" in (Path(__file__).parents[2] / "README.md").read_text()
     assert settings.install_cache_hooks
 
 
@@ -41,7 +43,7 @@ def test_priority_flags_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("DITCACHE_DTYPE", "float16")
     settings = load_settings(config, dtype="float32")
     assert settings.models == ["tiny-flux"]  # file
-    assert settings.device == "cuda"  # file
+    assert settings.device == ["cuda"]  # file
     assert settings.port == 9100  # env over file
     assert settings.dtype == "float32"  # flag over env
 
@@ -78,7 +80,7 @@ def test_cli_flags_become_settings(tmp_path: Path) -> None:
         [
             "serve",
             "--model", "black-forest-labs/FLUX.1-dev", "--model", "tiny-wan",
-            "--device", "cuda",
+            "--device", "cuda", "--device", "cuda:1", "--replicas", "2",
             "--dtype", "bfloat16",
             "--host", "0.0.0.0",
             "--port", "8080",
@@ -98,8 +100,9 @@ def test_cli_flags_become_settings(tmp_path: Path) -> None:
     )  # fmt: skip
     settings = settings_from_args(args)
     assert settings.models == ["black-forest-labs/FLUX.1-dev", "tiny-wan"]
+    assert (settings.device, settings.replicas) == (["cuda", "cuda:1"], 2)
     assert (settings.device, settings.dtype, settings.host, settings.port) == (
-        "cuda",
+        ["cuda", "cuda:1"],
         "bfloat16",
         "0.0.0.0",
         8080,
