@@ -1,0 +1,170 @@
+"""A model's calibration: measured speed against fidelity, and the per-checkpoint values some methods need.
+
+``ditcache calibrate`` (``server/calibrate.py``) writes it as JSON; the server loads it with the model.
+It holds, per calibrated setting (step count, guidance on or off), one point per cache policy swept:
+the policy as a request's ``cache`` would write it, its pooled PSNR against the uncached output over
+the calibration prompts, and its speedup. A request's ``{"cache": {"target": {"min_psnr": 35}}}`` runs
+the fastest point that meets the floor on the curve of its own setting, or of the nearest calibrated
+one, and says which. It also holds values a method needs per checkpoint (MagCache's magnitude
+ratios, TeaCache's rescaling coefficients), which fill the fields a request leaves out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+__all__ = ["FORMAT", "Calibration", "Choice", "Curve", "CurvePoint", "load_calibration"]
+
+# Bump when the file's layout changes; an older file is refused with a clear error, never misread.
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    # The policy as a request's ``cache`` writes it ({"method": "none"} for the uncached run).
+    policy: Mapping[str, Any]
+    # Pooled over the calibration prompts; inf when every output was identical to the uncached one.
+    psnr: float
+    speedup: float
+    # The lowest per-prompt PSNR: what the policy does to the prompt it hurts most.
+    worst_psnr: float
+
+
+@dataclass(frozen=True)
+class Curve:
+    steps: int
+    # True when the calibrated runs used guidance (an extra pass per step); it changes the curve.
+    guidance: bool
+    guidance_scale: float
+    points: tuple[CurvePoint, ...]
+
+    def fastest(self, min_psnr: float) -> CurvePoint | None:
+        meeting = [point for point in self.points if point.psnr >= min_psnr]
+        return max(meeting, key=lambda point: point.speedup, default=None)
+
+
+@dataclass(frozen=True)
+class Choice:
+    point: CurvePoint
+    curve: Curve
+    # False when the request's steps or guidance differ from the curve's: the promise is then the
+    # nearest calibrated one, not a measurement of this setting.
+    exact: bool
+
+
+@dataclass(frozen=True)
+class Calibration:
+    model: str
+    prompts: int
+    curves: tuple[Curve, ...] = ()
+    # Per method, per config field: values measured for this checkpoint.
+    method_values: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
+
+    def choose(self, min_psnr: float, steps: int, guidance: bool) -> Choice | None:
+        """The fastest point meeting ``min_psnr`` on the curve nearest to (steps, guidance); None
+        when nothing is calibrated. The uncached point meets any floor, so a curve always answers."""
+        if not self.curves:
+            return None
+        curve = min(
+            self.curves,
+            key=lambda c: (c.guidance != guidance, abs(math.log(c.steps / steps))),
+        )
+        point = curve.fastest(min_psnr)
+        if point is None:
+            point = CurvePoint({"method": "none"}, math.inf, 1.0, math.inf)
+        return Choice(point, curve, exact=curve.steps == steps and curve.guidance == guidance)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "model": self.model,
+            "prompts": self.prompts,
+            "method_values": {method: dict(values) for method, values in self.method_values.items()},
+            "curves": [
+                {
+                    "steps": curve.steps,
+                    "guidance": curve.guidance,
+                    "guidance_scale": curve.guidance_scale,
+                    "points": [
+                        {
+                            "policy": dict(point.policy),
+                            "psnr": _finite(point.psnr),
+                            "speedup": point.speedup,
+                            "worst_psnr": _finite(point.worst_psnr),
+                        }
+                        for point in curve.points
+                    ],
+                }
+                for curve in self.curves
+            ],
+        }
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(path.suffix + ".partial")
+        staging.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        staging.replace(path)
+
+
+def _finite(value: float) -> float | None:
+    # JSON has no infinity: null stands for "identical to the uncached output".
+    return None if math.isinf(value) else value
+
+
+def _psnr(value: Any) -> float:
+    return math.inf if value is None else float(value)
+
+
+def from_json(data: Mapping[str, Any]) -> Calibration:
+    if data.get("format") != FORMAT:
+        raise ValueError(f"calibration format {data.get('format')!r}; this server reads format {FORMAT}")
+    curves = tuple(
+        Curve(
+            steps=int(curve["steps"]),
+            guidance=bool(curve["guidance"]),
+            guidance_scale=float(curve["guidance_scale"]),
+            points=tuple(
+                CurvePoint(
+                    policy=MappingProxyType(dict(point["policy"])),
+                    psnr=_psnr(point["psnr"]),
+                    speedup=float(point["speedup"]),
+                    worst_psnr=_psnr(point.get("worst_psnr")),
+                )
+                for point in curve["points"]
+            ),
+        )
+        for curve in data.get("curves", ())
+    )
+    values = {
+        method: MappingProxyType(dict(fields)) for method, fields in data.get("method_values", {}).items()
+    }
+    return Calibration(
+        model=str(data["model"]),
+        prompts=int(data.get("prompts", 0)),
+        curves=curves,
+        method_values=MappingProxyType(values),
+    )
+
+
+def load_calibration(path: Path) -> Calibration:
+    """Raises ValueError for a file that is not a calibration this server reads."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read the calibration {path}: {exc}") from exc
+    try:
+        return from_json(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is not a calibration: {exc}") from exc
+
+
+def merged(curves: Sequence[Curve], new: Curve) -> tuple[Curve, ...]:
+    """``curves`` with ``new`` in place of any curve of the same setting."""
+    kept = [curve for curve in curves if (curve.steps, curve.guidance) != (new.steps, new.guidance)]
+    return (*kept, new)
