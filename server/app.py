@@ -27,6 +27,7 @@ from . import errors
 from .access import AccessMiddleware
 from .auth import require_api_key
 from .body_limit import BodySizeLimitMiddleware
+from .job_store import open_store
 from .jobs import Jobs
 from .loading import load_generations
 from .openapi import errors as error_responses
@@ -111,6 +112,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.state = "stopping"
         if runtime.jobs is not None:
             await runtime.jobs.close()
+            runtime.jobs.store.close()
         if runtime.generations is not None:
             await anyio.to_thread.run_sync(runtime.generations.stop, _STOP_TIMEOUT_S)
 
@@ -136,9 +138,22 @@ async def _load(runtime: Runtime) -> None:
         logger.exception("loading the models failed")
         runtime.state, runtime.error = "failed", f"{type(exc).__name__}: {exc}"
         return
+    try:
+        store = await anyio.to_thread.run_sync(open_store, settings.job_store, settings.cache_dir)
+    except Exception as exc:
+        logger.exception("opening the job store failed")
+        runtime.state, runtime.error = "failed", f"job store: {type(exc).__name__}: {exc}"
+        return
     generations.start()
     runtime.generations = generations
-    runtime.jobs = Jobs(generations, ttl_s=settings.job_ttl_s, max_finished=settings.max_finished_jobs)
+    runtime.jobs = Jobs(
+        generations,
+        store,
+        ttl_s=settings.job_ttl_s,
+        max_finished=settings.max_finished_jobs,
+        owner_timeout_s=settings.job_owner_timeout_s,
+    )
+    await runtime.jobs.start()
     runtime.state = "ready"
     logger.info("ready: %s", ", ".join(generations.models))
 

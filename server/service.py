@@ -223,9 +223,10 @@ class Generations:
         *,
         on_start: Callable[[], None] | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        poll_cancel: Callable[[], bool] | None = None,
     ) -> Task:
         """Queue ``prepared`` on its model's least loaded replica; raises QueueFull. Callbacks run on the
-        worker."""
+        worker; ``poll_cancel`` is asked at each step whether to stop (see ``Task``)."""
         worker = least_loaded(self.replicas.get(prepared.model.name, ())).worker
         task = Task(
             request_id=prepared.request_id,
@@ -234,6 +235,7 @@ class Generations:
             on_start=on_start,
             on_step=on_step,
             deadline=prepared.deadline,
+            poll_cancel=poll_cancel,
         )
         worker.submit(task)
         return task

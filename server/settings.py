@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -72,6 +72,29 @@ class Settings(BaseSettings):
     queue_size: int = Field(default=16, ge=1, le=10_000, description="requests waiting per model")
     job_ttl_s: float = Field(default=3600.0, gt=0, description="how long a finished job's result is kept")
     max_finished_jobs: int = Field(default=256, ge=1, description="finished jobs kept, oldest dropped first")
+    job_store: str | None = Field(
+        default=None,
+        description="where jobs live, shared by every replica: sqlite:PATH or redis://HOST:PORT/DB "
+        "(default: sqlite in cache_dir/jobs.sqlite)",
+    )
+    job_owner_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a server silent this long in the job store is taken for dead; its jobs run again elsewhere",
+    )
+    backend: Literal["local", "ray"] = Field(
+        default="local", description="local: one process, uvicorn; ray: a Ray Serve application"
+    )
+    ray_address: str | None = Field(
+        default=None, description="the Ray cluster to join, e.g. auto (default: start one in this process)"
+    )
+    ray_min_replicas: int = Field(default=1, ge=1, description="Ray Serve: fewest replicas of the deployment")
+    ray_max_replicas: int = Field(default=1, ge=1, description="Ray Serve: most replicas, reached under load")
+    ray_target_ongoing_requests: float = Field(
+        default=2.0, gt=0, description="Ray Serve autoscaling: ongoing requests per replica to aim for"
+    )
+    ray_num_gpus: float = Field(default=0.0, ge=0, description="Ray Serve: GPUs each replica needs")
+    ray_num_cpus: float = Field(default=1.0, ge=0, description="Ray Serve: CPUs each replica needs")
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (default: torch's)"
     )
@@ -101,6 +124,12 @@ class Settings(BaseSettings):
         ge=0,
         description="on SIGTERM, how long running jobs may finish before they are cancelled",
     )
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> Settings:
+        if self.ray_max_replicas < self.ray_min_replicas:
+            raise ValueError("ray_max_replicas must be at least ray_min_replicas")
+        return self
 
     @field_validator("models", "cors_origins", "device", mode="before")
     @classmethod

@@ -69,9 +69,22 @@ class Task:
     cancel_reason: ServerError | None = None
     # The worker that took it (the model's least loaded replica's), set by Worker.submit.
     worker: Worker | None = None
+    # Asked before the task starts and at the end of each step: True cancels it. For a cancel that
+    # another process asks for (a job's flag in the shared store), which no local call can deliver.
+    poll_cancel: Callable[[], bool] | None = None
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def poll(self) -> None:
+        """Raise the cancel flag if ``poll_cancel`` says so; a failing poll cancels nothing."""
+        if self.poll_cancel is None or self.cancel_requested.is_set():
+            return
+        try:
+            if self.poll_cancel():
+                self.cancel_requested.set()
+        except Exception:
+            logger.warning("could not read the cancel flag of %s", self.request_id, exc_info=True)
 
 
 class Worker:
@@ -181,6 +194,7 @@ class Worker:
 
     def _run(self, task: Task) -> None:
         queue_wait_ms = (time.perf_counter() - task.enqueued_at) * 1000
+        task.poll()
         if task.cancel_requested.is_set():
             task.future.set_exception(GenerationCancelled("cancelled before it started"))
             return
@@ -191,6 +205,7 @@ class Worker:
 
         def on_step_end(step: int) -> None:
             task.steps_done = step + 1
+            task.poll()
             if task.cancel_requested.is_set() or task.expired():
                 raise _StopRequested
             if task.on_step is not None:

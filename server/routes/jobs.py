@@ -24,12 +24,12 @@ async def create_job(
     """Queue a generation; with X-Request-Timeout, the job fails (deadline_exceeded) once it passes."""
     job = jobs.create(body, request_id, timeout_s=timeout_s)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return jobs.view(job)
+    return job
 
 
 @router.get("/v1/jobs/{job_id}", responses=errors(*V1, 404))
 async def get_job(job_id: str, jobs: JobsDep) -> JobView:
-    return jobs.view(jobs.get(job_id))
+    return jobs.view(job_id)
 
 
 @router.get(
@@ -39,9 +39,8 @@ async def get_job(job_id: str, jobs: JobsDep) -> JobView:
 )
 async def job_events(job_id: str, jobs: JobsDep) -> StreamingResponse:
     """Server-sent events: ``queued`` (again as the position changes), ``running``, ``progress``, final status."""
-    job = jobs.get(job_id)
     return StreamingResponse(
-        jobs.events(job),
+        jobs.events(job_id),
         media_type="text/event-stream",
         # no-transform and X-Accel-Buffering: proxies must pass each event on as it comes.
         headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"},
@@ -54,4 +53,4 @@ async def cancel_job(job_id: str, response: Response, jobs: JobsDep) -> JobView:
     job = jobs.cancel(job_id)
     if job.status not in FINAL:
         response.status_code = 202
-    return jobs.view(job)
+    return job
