@@ -34,7 +34,7 @@ from .openapi import errors as error_responses
 from .protocol import field_path
 from .request_id import HEADER as REQUEST_ID_HEADER
 from .request_id import RequestIdMiddleware, request_id_of
-from .routes import OPEN_ROUTERS, V1_ROUTERS, docs
+from .routes import OPEN_ROUTERS, V1_ROUTERS, docs, playground
 from .runtime import Runtime
 from .settings import Settings
 
@@ -93,6 +93,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in V1_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_api_key)])
     app.include_router(docs.router)
+    if not settings.disable_playground:
+        # Its own key check: a browser opening the page can send the key only as HTTP Basic.
+        app.include_router(playground.router)
     _install_handlers(app)
     return app
 
