@@ -129,17 +129,11 @@ def test_a_session_acts_only_on_its_own_engines_transformer(
 
 def test_stats_are_a_frozen_record(rig: RigFactory) -> None:
     r = rig("flux", "distilled")
-    _, stats = session_run(r.engine, r.tp, ce.FirstBlockCacheConfig(threshold=0.5))
-    assert set(stats.as_dict()) == {
-        "method",
-        "denoiser_calls",
-        "steps_computed",
-        "steps_cached",
-        "blocks_computed",
-        "blocks_reused",
-        "attention_computed",
-        "attention_reused",
-    }
-    assert stats.as_dict()["method"] == "first_block_cache"
+    config = ce.FirstBlockCacheConfig(threshold=0.5)
+    _, stats = session_run(r.engine, r.tp, config)
+    # as_dict is what a caller serialises: every count, under its own name, and the method that ran.
+    assert stats.as_dict() == {field.name: getattr(stats, field.name) for field in dataclasses.fields(stats)}
+    assert stats.method == ce.method_name(config)
+    assert stats.denoiser_calls > 0
     with pytest.raises(dataclasses.FrozenInstanceError):
         stats.denoiser_calls = 0  # type: ignore[misc]

@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import imageio_ffmpeg
 import pytest
+import torch
 import uvicorn
 from PIL import Image
 
 from server.app import create_app
+from server.logs import request_id_var
 from server.runtime import Runtime
 from server.settings import Settings
 
@@ -104,6 +108,96 @@ def server(model_cache: Path) -> Iterator[LiveServer]:
 def client(server: LiveServer) -> Iterator[httpx.Client]:
     with server.client() as client:
         yield client
+
+
+# -- waiting, and holding the worker ---------------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it holds; fail the test, rather than hang it, past ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
+        time.sleep(0.01)
+
+
+class Gate:
+    """Holds chosen requests at their model's denoiser until the test lets them go.
+
+    A held request has been taken by its worker and waits at the start of a known denoising step,
+    however fast the machine, so a test can check what holds while it runs instead of hoping it is
+    still running. Requests are told apart by the id the worker binds for its task (the client's
+    X-Request-Id); a step starts at the first denoiser call with a new timestep, so that the calls
+    of one step (one per CFG branch, where a pipeline makes two) are never split.
+    """
+
+    def __init__(self, timeout_s: float = 60.0) -> None:
+        self._condition = threading.Condition()
+        self._budget: dict[str, float] = {}
+        self._timestep: dict[str, float | None] = {}
+        self._waiting: set[str] = set()
+        self._timeout_s = timeout_s
+        # Steps each held request was let start.
+        self.steps: dict[str, int] = {}
+
+    def hold(self, request_id: str, *, after: int = 0) -> None:
+        """Let ``request_id`` run ``after`` steps, then hold it at the start of the next one."""
+        with self._condition:
+            self._budget[request_id] = after
+            self.steps.setdefault(request_id, 0)
+
+    def allow(self, request_id: str, steps: float = math.inf) -> None:
+        """Let ``request_id`` start ``steps`` more steps (all it wants, by default)."""
+        with self._condition:
+            self._budget[request_id] += steps
+            self._condition.notify_all()
+
+    def open_all(self) -> None:
+        with self._condition:
+            for request_id in self._budget:
+                self._budget[request_id] = math.inf
+            self._condition.notify_all()
+
+    def waiting(self, request_id: str) -> bool:
+        with self._condition:
+            return request_id in self._waiting
+
+    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The denoiser's forward pre-hook: runs on the worker thread, where the task's id is bound."""
+        request_id = request_id_var.get()
+        with self._condition:
+            if request_id is None or request_id not in self._budget:
+                return
+            timestep = kwargs.get("timestep")
+            value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else None
+            if request_id in self._timestep and value == self._timestep[request_id]:
+                return  # another call of a step already let start
+            self._waiting.add(request_id)
+            try:
+                let_go = self._condition.wait_for(lambda: self._budget[request_id] >= 1, self._timeout_s)
+            finally:
+                self._waiting.discard(request_id)
+            # Fail the held generation, rather than hang the run, if a test never lets it go.
+            if not let_go:
+                raise TimeoutError(f"request {request_id} was held {self._timeout_s} s and never let go")
+            self._budget[request_id] -= 1
+            self.steps[request_id] += 1
+            self._timestep[request_id] = value
+
+
+@contextmanager
+def gated(server: LiveServer, model: str = "tiny-flux") -> Iterator[Gate]:
+    """A Gate on ``model``'s denoiser for the block; every request still held is let go at its end."""
+    generations = server.runtime.generations
+    assert generations is not None
+    gate = Gate()
+    transformer = generations.models[model].pipeline.transformer
+    handle = transformer.register_forward_pre_hook(gate, with_kwargs=True)
+    try:
+        yield gate
+    finally:
+        gate.open_all()
+        handle.remove()
 
 
 # -- decoding what came back ---------------------------------------------------------------------------

@@ -5,7 +5,6 @@ Every error, whatever raised it, comes in the one envelope, with the request id.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 
 from server.errors import GenerationFailed
 
-from .conftest import LiveServer, b64_items, error_of
+from .conftest import LiveServer, b64_items, error_of, wait_until
 
 ENDPOINTS = ("/v1/generations", "/v1/jobs", "/v1/images/generations")
 GOOD = {"prompt": "a red circle", "steps": 2, "seed": 4}
@@ -169,9 +168,7 @@ def test_a_server_whose_model_fails_to_load_is_alive_but_not_ready(model_cache: 
     failing._thread.start()
     try:
         with failing.client() as client:
-            deadline = time.monotonic() + 60
-            while failing.runtime.state == "loading" and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: failing.runtime.state != "loading", 60, "the end of loading")
             assert client.get("/health").status_code == 200
             ready = client.get("/ready")
             assert ready.status_code == 503

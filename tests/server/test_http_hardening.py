@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cache_engine.session import CacheSession, active_session
 from server.logs import JsonFormatter, RequestIdFilter
 
-from .conftest import LiveServer, b64_items, error_of, live_server
+from .conftest import LiveServer, b64_items, error_of, live_server, wait_until
 
 KEY = "k-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -89,13 +89,6 @@ def gated(server: LiveServer) -> Iterator[threading.Event]:
             yield release
         finally:
             release.set()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def metric(client: httpx.Client, name: str, **labels: str) -> float:

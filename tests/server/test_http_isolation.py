@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import itertools
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 
-from .conftest import LiveServer, b64_items
+from .conftest import LiveServer, b64_items, wait_until
 
 STEPS = 5
 # The requests under watch: PNG is lossless, so any difference in the pixels shows in the bytes.
@@ -84,11 +83,14 @@ def _run(client: httpx.Client, body: dict[str, Any]) -> tuple[list[bytes], dict[
 
 def _run_as_job(client: httpx.Client, body: dict[str, Any]) -> tuple[list[bytes], dict[str, Any]]:
     job_id = client.post("/v1/jobs", json=body).json()["id"]
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] not in ("queued", "running"):
-            break
-        time.sleep(0.02)
+    jobs: list[dict[str, Any]] = []
+
+    def finished() -> bool:
+        jobs.append(client.get(f"/v1/jobs/{job_id}").json())
+        return jobs[-1]["status"] not in ("queued", "running")
+
+    wait_until(finished, 300, f"the end of job {job_id}")
+    job = jobs[-1]
     assert job["status"] == "succeeded", job
     return b64_items(job["result"]), job["result"]["cache"]
 

@@ -1,10 +1,13 @@
-"""Asynchronous jobs: queued, running with progress events, done with a result; cancel; bounds."""
+"""Asynchronous jobs: queued, running with progress events, done with a result; cancel; bounds.
+
+Where a test needs a job still running or still queued, a Gate holds it at the denoiser until the
+test has checked what it must: nothing depends on how long a generation takes on this machine.
+"""
 
 from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,10 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import LiveServer, b64_items, decode_image, error_of, live_server
+from .conftest import LiveServer, b64_items, decode_image, error_of, gated, live_server, wait_until
 
-# Long enough that it is still running when the test cancels it; cancelling makes it cheap.
-LONG = {"model": "tiny-flux", "prompt": "a slow one", "width": 256, "height": 256, "steps": 100, "seed": 1}
+# Many steps, so that a cancel that did not stop it would show; held by a Gate, it runs only a few.
+LONG = {"model": "tiny-flux", "prompt": "a slow one", "steps": 100, "seed": 1}
 SHORT = {"model": "tiny-flux", "prompt": "a red circle", "steps": 4, "seed": 2}
 QUEUE_SIZE = 2
 MAX_FINISHED = 4
@@ -41,72 +44,93 @@ def events(client: httpx.Client, job_id: str) -> Iterator[tuple[str, dict[str, A
                 yield name, json.loads(line.removeprefix("data: "))
 
 
-def wait_final(client: httpx.Client, job_id: str) -> dict[str, Any]:
-    while True:
+def wait_final(client: httpx.Client, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    final: list[dict[str, Any]] = []
+
+    def finished() -> bool:
         job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] not in ("queued", "running"):
-            return job
-        time.sleep(0.02)
+        final[:] = [job]
+        return job["status"] not in ("queued", "running")
+
+    wait_until(finished, timeout, f"the end of job {job_id}")
+    return final[0]
 
 
 def test_lifecycle_progress_and_cancel(server: LiveServer, client: httpx.Client) -> None:
-    created = client.post("/v1/jobs", json=LONG)
-    assert created.status_code == 202
-    long_id = created.json()["id"]
-    assert created.headers["location"] == f"/v1/jobs/{long_id}"
-    assert created.json()["request_id"] == created.headers["x-request-id"]
-    assert created.json()["seed"] == LONG["seed"]
+    with gated(server) as gate:
+        # One step, then held: running, with progress, until the test cancels it.
+        gate.hold("long", after=1)
+        # Held at its first step, until the job behind it has been seen moving up.
+        gate.hold("first")
+        created = client.post("/v1/jobs", json=LONG, headers={"X-Request-Id": "long"})
+        assert created.status_code == 202
+        long_id = created.json()["id"]
+        assert created.headers["location"] == f"/v1/jobs/{long_id}"
+        assert created.json()["request_id"] == created.headers["x-request-id"] == "long"
+        assert created.json()["seed"] == LONG["seed"]
 
-    long_events = events(server.client(), long_id)
-    for name, job in long_events:
-        if name == "progress" and job["progress"]["step"] >= 1:
-            break
-    assert job["status"] == "running" and job["progress"]["total_steps"] == 100
+        long_events = events(server.client(), long_id)
+        # The stream opens on whatever the job is now ("queued" or "running"), then reports each change.
+        for _, job in long_events:
+            if job["progress"]["step"] >= 1:
+                break
+        assert job["status"] == "running" and job["progress"] == {"step": 1, "total_steps": 100}
 
-    # The worker is busy: the next two wait in the queue, in order; the queue then is full.
-    # Long enough that the job behind it is seen at position 0 before it starts in turn.
-    first = {**SHORT, "steps": 12}
-    queued = client.post("/v1/jobs", json=first).json()
-    dropped = client.post("/v1/jobs", json={**SHORT, "seed": 3}).json()
-    assert (queued["status"], queued["queue_position"]) == ("queued", 0)
-    assert (dropped["status"], dropped["queue_position"]) == ("queued", 1)
-    full = client.post("/v1/jobs", json=SHORT)
-    assert full.status_code == 429 and error_of(full)["code"] == "queue_full"
-    assert full.headers["retry-after"] == "1"
+        # The worker is busy: the next two wait in the queue, in order; the queue then is full.
+        first = {**SHORT, "steps": 6}
+        queued = client.post("/v1/jobs", json=first, headers={"X-Request-Id": "first"}).json()
+        dropped = client.post("/v1/jobs", json={**SHORT, "seed": 3}).json()
+        assert (queued["status"], queued["queue_position"]) == ("queued", 0)
+        assert (dropped["status"], dropped["queue_position"]) == ("queued", 1)
+        full = client.post("/v1/jobs", json=SHORT)
+        assert full.status_code == 429 and error_of(full)["code"] == "queue_full"
+        assert full.headers["retry-after"] == "1"
 
-    # A queued job is cancelled at once, and its place is free again.
-    cancelled = client.delete(f"/v1/jobs/{dropped['id']}")
-    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
-    assert client.get(f"/v1/jobs/{queued['id']}").json()["queue_position"] == 0
-    behind = client.post("/v1/jobs", json={**SHORT, "seed": 4}).json()
-    assert behind["queue_position"] == 1
+        # A queued job is cancelled at once, and its place is free again.
+        cancelled = client.delete(f"/v1/jobs/{dropped['id']}")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        assert client.get(f"/v1/jobs/{queued['id']}").json()["queue_position"] == 0
+        behind = client.post("/v1/jobs", json={**SHORT, "seed": 4}).json()
+        assert behind["queue_position"] == 1
 
-    seen: dict[str, list[tuple[str, dict[str, Any]]]] = {queued["id"]: [], behind["id"]: []}
-    first_seen = {job_id: threading.Event() for job_id in seen}
+        seen: dict[str, list[tuple[str, dict[str, Any]]]] = {queued["id"]: [], behind["id"]: []}
+        first_seen = {job_id: threading.Event() for job_id in seen}
 
-    def watch(job_id: str) -> None:
-        with server.client() as watcher:
-            for item in events(watcher, job_id):
-                seen[job_id].append(item)
-                first_seen[job_id].set()
+        def watch(job_id: str) -> None:
+            with server.client() as watcher:
+                for item in events(watcher, job_id):
+                    seen[job_id].append(item)
+                    first_seen[job_id].set()
 
-    watching = [threading.Thread(target=watch, args=(job_id,)) for job_id in seen]
-    for thread in watching:
-        thread.start()
-    assert all(event.wait(60) for event in first_seen.values())
+        watching = [threading.Thread(target=watch, args=(job_id,)) for job_id in seen]
+        for thread in watching:
+            thread.start()
+        assert all(event.wait(60) for event in first_seen.values())
 
-    # A running job stops within one step of the cancel.
-    stop = client.delete(f"/v1/jobs/{long_id}")
-    assert stop.status_code == 202
-    steps_at_cancel = stop.json()["progress"]["step"]
-    name, job = list(long_events)[-1]
-    assert name == "cancelled" and job["status"] == "cancelled"
-    assert job["error"]["code"] == "cancelled" and job["result"] is None
-    assert steps_at_cancel <= job["progress"]["step"] <= steps_at_cancel + 1 < 100
+        # A running job stops within one step of the cancel: it was held at the start of its second
+        # step when cancelled, and may run that step only.
+        assert gate.waiting("long")
+        stop = client.delete(f"/v1/jobs/{long_id}")
+        assert stop.status_code == 202
+        steps_at_cancel = stop.json()["progress"]["step"]
+        gate.allow("long")
+        name, job = list(long_events)[-1]
+        assert name == "cancelled" and job["status"] == "cancelled"
+        assert job["error"]["code"] == "cancelled" and job["result"] is None
+        assert steps_at_cancel <= job["progress"]["step"] <= steps_at_cancel + 1 < 100
+        assert gate.steps["long"] == steps_at_cancel + 1
+
+        # The next job starts (and is held): the one behind it moves up to the head of the queue.
+        wait_until(
+            lambda: any(name == "queued" and job["queue_position"] == 0 for name, job in seen[behind["id"]]),
+            what="the job behind at position 0",
+        )
+        gate.allow("first")
 
     # ... and the worker takes the next jobs, in order.
     for thread in watching:
         thread.join(120)
+        assert not thread.is_alive(), "an event stream did not end"
     results = []
     for job_id, stream in seen.items():
         names = [name for name, _ in stream]
@@ -187,6 +211,7 @@ def test_a_failed_job_reports_the_error(server: LiveServer, client: httpx.Client
 def test_a_client_that_goes_away_cancels_its_generation(server: LiveServer, client: httpx.Client) -> None:
     generations = server.runtime.generations
     assert generations is not None
+    worker = generations.workers["tiny-flux"]
     cancelled = ("tiny-flux", "none", "GenerationCancelled")
 
     def count() -> int:
@@ -194,12 +219,30 @@ def test_a_client_that_goes_away_cancels_its_generation(server: LiveServer, clie
         assert isinstance(counts, dict)
         return int(counts.get("/".join(cancelled), 0))
 
+    # Seen from the worker's side: the server asked it to cancel, which it does only when the client left.
+    asked_to_cancel = threading.Event()
+    original_cancel = worker.cancel
+
+    def cancel(*args: Any, **kwargs: Any) -> bool:
+        asked_to_cancel.set()
+        return original_cancel(*args, **kwargs)
+
     before = count()
-    with server.client(timeout=httpx.Timeout(120.0, read=0.5)) as impatient, pytest.raises(httpx.ReadTimeout):
-        impatient.post("/v1/generations", json=LONG)
-    deadline = time.monotonic() + 120
-    while count() == before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert count() == before + 1
+    worker.cancel = cancel  # type: ignore[method-assign]
+    try:
+        with gated(server) as gate:
+            gate.hold("impatient")
+            with (
+                server.client(timeout=httpx.Timeout(120.0, read=0.5)) as impatient,
+                pytest.raises(httpx.ReadTimeout),
+            ):
+                impatient.post("/v1/generations", json=LONG, headers={"X-Request-Id": "impatient"})
+            assert asked_to_cancel.wait(60), "the server did not notice the client went away"
+            gate.allow("impatient")
+            wait_until(lambda: count() == before + 1, 120, "the cancelled generation")
+            # Held at its first step until the cancel came: it stopped at the end of that step.
+            assert gate.steps["impatient"] == 1
+    finally:
+        del worker.cancel
     assert server.queue_depths() == {"tiny-flux": 0}
     assert client.post("/v1/generations", json=SHORT).status_code == 200

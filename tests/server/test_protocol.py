@@ -8,16 +8,16 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from cache_engine import CONFIG_CLASSES
+from cache_engine import CONFIG_CLASSES, SessionStats
 from server.protocol import (
     CACHE_METHODS,
     POLICY_CLASSES,
     CachePreset,
+    CacheStats,
     FirstBlockCache,
     GenerationRequest,
     ImageGenerationRequest,
     NoCache,
-    TaylorSeer,
     field_path,
 )
 
@@ -144,6 +144,11 @@ def test_wire_fields_are_the_engine_config_fields() -> None:
             assert value == engine_defaults[name], f"{method}.{name}: default differs from the engine's"
 
 
+def test_cache_stats_carry_every_count_the_engine_keeps() -> None:
+    """A response's ``cache`` is the session's stats: a count added to one must be added to the other."""
+    assert set(CacheStats.model_fields) == {field.name for field in dataclasses.fields(SessionStats)}
+
+
 def test_field_path_drops_request_and_union_tags() -> None:
     assert field_path(("body", "cache", "taylorseer", "max_order")) == "cache.max_order"
     assert field_path(("body", "cache", "preset", "preset")) == "cache.preset"
@@ -156,4 +161,3 @@ def test_models_are_frozen() -> None:
     with pytest.raises(ValidationError):
         spec.threshold = 1.0
     assert NoCache(method="none") == NoCache(method="none")
-    assert TaylorSeer(method="taylorseer").cache_interval == 5

@@ -84,8 +84,10 @@ def test_every_response_is_declared_and_none_is_a_5xx(
     strategy = operation.as_strategy()
     # Random strings rarely name a resident model, so random bodies are nearly all refused: these
     # valid ones make sure the checks also see what a generation answers.
-    for body in VALID_BODIES.get(path, []):
+    valid_bodies = VALID_BODIES.get(path, [])
+    for body in valid_bodies:
         strategy = strategy | st.just(operation.Case(body=body, media_type="application/json"))
+    statuses: list[int] = []
 
     @given(case=strategy)
     @settings(
@@ -96,14 +98,9 @@ def test_every_response_is_declared_and_none_is_a_5xx(
         suppress_health_check=list(HealthCheck),
     )
     def check(case: schemathesis.Case) -> None:
-        case.call_and_validate(checks=CHECKS)
+        statuses.append(case.call_and_validate(checks=CHECKS).status_code)
 
     check()
-
-
-def test_the_generated_requests_reached_the_models(schema_server: LiveServer) -> None:
-    # Runs after the operations above: some generated bodies were valid and ran, so the checks saw
-    # real results, not only refusals.
-    counts = schema_server.runtime.metrics.snapshot()["generations"]
-    assert isinstance(counts, dict)
-    assert any(key.endswith("/ok") for key in counts), counts
+    if valid_bodies:
+        # Some requests were valid and ran, so the checks saw real results, not only refusals.
+        assert any(200 <= status < 300 for status in statuses), statuses

@@ -1,8 +1,12 @@
-"""SIGTERM drains the real server: ``python -m server serve`` in a subprocess.
+"""SIGTERM drains the real server: ``ditcache serve`` in a subprocess.
 
 The request running when the signal comes finishes within the grace period; the one queued behind
 it, too long to finish in what is left, is cancelled at the end of the grace period and answers 503
 in the envelope; nothing new is taken; the process exits 0.
+
+The server runs with its denoiser gated (``gated_serve``): the running request is held until the
+signal has been sent, and the queued one is never let go, so that it takes at least ``HOLD_S`` a step.
+How fast the machine is decides nothing.
 """
 
 from __future__ import annotations
@@ -20,14 +24,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import error_of
+from .conftest import error_of, wait_until
+from .gated_serve import GATES_ENV, HOLD_S
 
 GRACE_S = 5.0
-# Under a second on one CPU thread: done well within the grace period.
-RUNNING = {"prompt": "first", "width": 128, "height": 128, "steps": 60, "seed": 1}
-# Four of the model's largest images at its most steps: about 20 s on one thread, far past the grace
-# period (one such image took 5 s, close enough to the grace period to finish inside it).
-QUEUED = {"prompt": "second", "width": 256, "height": 256, "steps": 100, "n": 4, "seed": 2}
+# A few small steps: done at once when let go.
+RUNNING = {"prompt": "first", "steps": 4, "seed": 1}
+# Never let go, so each step takes at least HOLD_S: eight times the grace period in all.
+QUEUED = {"prompt": "second", "steps": int(8 * GRACE_S / HOLD_S), "seed": 2}
 
 
 def _free_port() -> int:
@@ -45,24 +49,24 @@ def _gauge(client: httpx.Client, name: str) -> float:
     return 0.0
 
 
-def _wait(condition: object, timeout: float = 120.0) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
-def test_sigterm_finishes_running_work_cancels_the_rest_and_exits_0(model_cache: Path) -> None:
+def test_sigterm_finishes_running_work_cancels_the_rest_and_exits_0(
+    model_cache: Path, tmp_path: Path
+) -> None:
     port = _free_port()
     command = [
-        sys.executable, "-m", "server", "serve", "--model", "tiny-flux", "--port", str(port),
-        "--cache-dir", str(model_cache), "--shutdown-grace-s", str(GRACE_S), "--torch-threads", "1",
-        "--log-level", "warning",
+        sys.executable, "-m", "tests.server.gated_serve", "serve", "--model", "tiny-flux",
+        "--port", str(port), "--cache-dir", str(model_cache), "--shutdown-grace-s", str(GRACE_S),
+        "--torch-threads", "1", "--log-level", "warning",
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", GATES_ENV: str(tmp_path)}
+    process = subprocess.Popen(
+        command,
+        env=env,
+        cwd=Path(__file__).parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     base_url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base_url, timeout=120) as client:
@@ -74,12 +78,12 @@ def test_sigterm_finishes_running_work_cancels_the_rest_and_exits_0(model_cache:
                 except httpx.TransportError:
                     return False
 
-            _wait(ready)
+            wait_until(ready, 120, "a ready server")
             with ThreadPoolExecutor(2) as pool:
                 running = pool.submit(_post, base_url, RUNNING, "running-1")
-                _wait(lambda: _gauge(client, "ditcache_jobs_in_flight") == 1)
+                wait_until(lambda: _gauge(client, "ditcache_jobs_in_flight") == 1, 60, "a running request")
                 queued = pool.submit(_post, base_url, QUEUED, "queued-1")
-                _wait(lambda: _gauge(client, "ditcache_queue_depth") == 1)
+                wait_until(lambda: _gauge(client, "ditcache_queue_depth") == 1, 60, "a queued request")
                 signalled = time.monotonic()
                 process.send_signal(signal.SIGTERM)
                 try:
@@ -87,6 +91,9 @@ def test_sigterm_finishes_running_work_cancels_the_rest_and_exits_0(model_cache:
                     assert late.status_code == 503 and error_of(late)["code"] == "not_ready"
                 except httpx.TransportError:
                     pass  # refused at the socket: also not taken
+                # Held until now, so it was still running when the signal came.
+                assert not running.done()
+                (tmp_path / "running-1").touch()
                 finished, cancelled = running.result(), queued.result()
             exit_code = process.wait(timeout=GRACE_S + 60)
             stopped_after = time.monotonic() - signalled
