@@ -9,6 +9,7 @@ from .engine import CacheEngine, engine_of
 from .errors import InvalidConfigValue, UnsupportedMethodError
 from .faster_cache import FasterCacheConfig
 from .first_block_cache import FirstBlockCacheConfig
+from .mag_cache import MagCacheConfig
 from .methods import CONFIG_CLASSES, METHOD_NAMES, CacheConfig, method_name
 from .pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
 from .reference_api import (
@@ -20,6 +21,7 @@ from .reference_api import (
     disable_cache,
     enable_cache,
 )
+from .sea_cache import SeaCacheConfig
 from .session import CacheSession, SessionStats
 from .taylorseer_cache import TaylorSeerCacheConfig
 
@@ -32,7 +34,9 @@ __all__ = [
     "FasterCacheConfig",
     "FirstBlockCacheConfig",
     "InvalidConfigValue",
+    "MagCacheConfig",
     "PyramidAttentionBroadcastConfig",
+    "SeaCacheConfig",
     "SessionStats",
     "TaylorSeerCacheConfig",
     "UnsupportedMethodError",

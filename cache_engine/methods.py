@@ -5,16 +5,30 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Union
 
-from . import faster_cache, first_block_cache, pyramid_attention_broadcast, taylorseer_cache
+from . import (
+    faster_cache,
+    first_block_cache,
+    mag_cache,
+    pyramid_attention_broadcast,
+    sea_cache,
+    taylorseer_cache,
+)
 from .faster_cache import FasterCacheConfig
 from .first_block_cache import FirstBlockCacheConfig
+from .mag_cache import MagCacheConfig
 from .pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
+from .sea_cache import SeaCacheConfig
 from .session import Plan
 from .targets import ModelLayout
 from .taylorseer_cache import TaylorSeerCacheConfig
 
 CacheConfig = Union[  # noqa: UP007 (a runtime alias used in isinstance-free annotations)
-    PyramidAttentionBroadcastConfig, FasterCacheConfig, FirstBlockCacheConfig, TaylorSeerCacheConfig
+    PyramidAttentionBroadcastConfig,
+    FasterCacheConfig,
+    FirstBlockCacheConfig,
+    TaylorSeerCacheConfig,
+    MagCacheConfig,
+    SeaCacheConfig,
 ]
 
 _PLANNERS: dict[type, tuple[str, Callable[[Any, ModelLayout], Plan]]] = {
@@ -22,6 +36,14 @@ _PLANNERS: dict[type, tuple[str, Callable[[Any, ModelLayout], Plan]]] = {
     FasterCacheConfig: (faster_cache.NAME, faster_cache.plan),
     FirstBlockCacheConfig: (first_block_cache.NAME, first_block_cache.plan),
     TaylorSeerCacheConfig: (taylorseer_cache.NAME, taylorseer_cache.plan),
+    MagCacheConfig: (mag_cache.NAME, mag_cache.plan),
+    SeaCacheConfig: (sea_cache.NAME, sea_cache.plan),
+}
+
+# Configs whose defaults cannot run anywhere are probed with these instead: MagCache's default has no
+# mag_ratios, which are per checkpoint, so a model supports it if a calibration run plans there.
+_PROBE_CONFIGS: dict[type, Callable[[], object]] = {
+    MagCacheConfig: lambda: MagCacheConfig(calibrate=True),
 }
 
 METHOD_NAMES: tuple[str, ...] = tuple(name for name, _ in _PLANNERS.values())
@@ -52,7 +74,7 @@ def supported_methods(layout: ModelLayout) -> tuple[str, ...]:
     supported = []
     for config_class, (name, planner) in _PLANNERS.items():
         try:
-            planner(config_class(), layout)
+            planner(_PROBE_CONFIGS.get(config_class, config_class)(), layout)
         except ValueError:
             continue
         supported.append(name)

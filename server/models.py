@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -83,6 +83,9 @@ class ResidentModel:
     size_multiple: int = 8
     # Videos: num_frames - 1 must be a multiple of this (the VAE's temporal compression).
     frame_step: int = 1
+    # Per-checkpoint cache data by method and config field, e.g. {"mag_cache": {"mag_ratios": (...)}}:
+    # it fills what a request leaves out. Empty unless the model's entry provides it.
+    calibration: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def supported_methods(self) -> tuple[str, ...]:

@@ -15,10 +15,16 @@ from .errors import InvalidRequest
 from .protocol import POLICY_CLASSES, CachePreset, CacheSpec, NoCache
 
 
-def to_engine_config(spec: CacheSpec | None, presets: Mapping[str, CacheConfig | None]) -> CacheConfig | None:
+def to_engine_config(
+    spec: CacheSpec | None,
+    presets: Mapping[str, CacheConfig | None],
+    calibration: Mapping[str, Mapping[str, Any]] | None = None,
+) -> CacheConfig | None:
     """The engine config for ``spec`` (None: no caching); a preset is looked up in ``presets``.
 
-    Raises InvalidRequest naming ``cache.<field>`` when the engine refuses a value.
+    ``calibration`` holds the model's per-checkpoint values by method and field (MagCache's
+    ``mag_ratios``); they fill the fields the request left out. Raises InvalidRequest naming
+    ``cache.<field>`` when the engine refuses a value.
     """
     if spec is None or isinstance(spec, NoCache):
         return None
@@ -26,8 +32,12 @@ def to_engine_config(spec: CacheSpec | None, presets: Mapping[str, CacheConfig |
         if spec.preset not in presets:
             raise InvalidRequest(f"this model has no preset {spec.preset!r}", param="cache.preset")
         return presets[spec.preset]
+    values = spec.model_dump(exclude={"method"})
+    for name, value in (calibration or {}).get(spec.method, {}).items():
+        if name not in spec.model_fields_set:
+            values[name] = value
     try:
-        config: CacheConfig = CONFIG_CLASSES[spec.method](**spec.model_dump(exclude={"method"}))
+        config: CacheConfig = CONFIG_CLASSES[spec.method](**values)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param=param_of(exc)) from exc
     return config

@@ -1,0 +1,321 @@
+"""MagCache: skip the block stack while the residual's magnitude is predicted to barely change.
+
+The residual the blocks add shrinks or grows from step to step by a ratio that depends on the
+checkpoint, not on the prompt: ``mag_ratios`` is that curve, measured once per checkpoint. Past the
+retention steps, each step multiplies its ratio into a running product and adds ``|1 - product|`` to
+an error; while the error stays within ``threshold`` (and at most ``max_skip_steps`` in a row), the
+blocks are replaced by the residual they added at the last full step. Decisions are per branch
+(cond, uncond) and per session.
+
+``calibrate=True`` measures the curve instead: nothing is skipped, and at the end of each branch's
+``num_inference_steps`` its ratios are logged and kept for :func:`calibrated_ratios`.
+
+Departures from the reference (diffusers' ``hooks/mag_cache.py``):
+- a config without ``mag_ratios`` can be built; planning it on a model refuses it (``InvalidConfigValue``
+  naming ``mag_ratios``), so that a server can fill in the ratios it holds for that model first;
+- on a model with a single block, the step counter also advances on skipped steps (the reference's
+  head hook returns before its tail hook runs, so its counter stalls and replays the same ratio).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _validation as check
+from .errors import InvalidConfigValue, UnsupportedMethodError
+from .session import CacheSession, Handler, ModuleCall, Plan
+from .targets import BlockSite, ModelLayout
+
+NAME = "mag_cache"
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MagCacheConfig:
+    threshold: float = 0.06
+    max_skip_steps: int = 3
+    retention_ratio: float = 0.2
+    num_inference_steps: int = 28
+    # A list, tuple or 1-D tensor, as the reference takes; kept as a tuple of floats.
+    mag_ratios: Sequence[float] | torch.Tensor | None = None
+    calibrate: bool = False
+
+    def __post_init__(self) -> None:
+        check.number("threshold", self.threshold, minimum=0.0)
+        check.non_negative_int("max_skip_steps", self.max_skip_steps)
+        check.number("retention_ratio", self.retention_ratio, minimum=0.0)
+        if self.retention_ratio > 1:
+            raise InvalidConfigValue(
+                f"retention_ratio is a fraction of the steps, at most 1, got {self.retention_ratio!r}",
+                field="retention_ratio",
+            )
+        check.positive_int("num_inference_steps", self.num_inference_steps)
+        object.__setattr__(self, "mag_ratios", _ratios(self.mag_ratios))
+        if not isinstance(self.calibrate, bool):
+            raise InvalidConfigValue(
+                f"calibrate must be a boolean, got {self.calibrate!r}", field="calibrate"
+            )
+
+
+def _ratios(value: Any) -> tuple[float, ...] | None:
+    """``mag_ratios`` as a tuple of floats; a list, a tuple or a 1-D tensor is accepted, as in the reference."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 1:
+            raise InvalidConfigValue(
+                f"mag_ratios must be one-dimensional, got shape {tuple(value.shape)}", field="mag_ratios"
+            )
+        value = value.tolist()
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise InvalidConfigValue(f"mag_ratios must be a list of numbers, got {value!r}", field="mag_ratios")
+    ratios = tuple(value)
+    if not ratios:
+        raise InvalidConfigValue("mag_ratios must not be empty", field="mag_ratios")
+    for ratio in ratios:
+        if (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, (int, float))
+            or not math.isfinite(ratio)
+            or ratio < 0
+        ):
+            raise InvalidConfigValue(
+                f"mag_ratios must hold finite non-negative numbers, got {ratio!r}", field="mag_ratios"
+            )
+    return tuple(float(ratio) for ratio in ratios)
+
+
+def nearest_interp(src_array: torch.Tensor, target_length: int) -> torch.Tensor:
+    """The reference's resampling of a ratio curve to ``target_length`` steps (nearest neighbour)."""
+    src_length = len(src_array)
+    if target_length == 1:
+        return src_array[-1:]
+    scale = (src_length - 1) / (target_length - 1)
+    grid = torch.arange(target_length, device=src_array.device, dtype=torch.float32)
+    mapped_indices = torch.round(grid * scale).long()
+    return src_array[mapped_indices]
+
+
+class _Schedule:
+    """What every block of one plan shares: the config and the ratio curve resampled to the steps."""
+
+    def __init__(self, config: MagCacheConfig) -> None:
+        self.config = config
+        self.ratios: torch.Tensor | None = None
+        if config.mag_ratios is not None and not config.calibrate:
+            # float32, as the reference's torch.tensor(list): the error it accumulates is compared
+            # with the threshold in that precision, and a decision near it must come out the same.
+            ratios = torch.tensor(config.mag_ratios)
+            if len(ratios) != config.num_inference_steps:
+                ratios = nearest_interp(ratios, config.num_inference_steps)
+            self.ratios = ratios
+        self.retention_step = int(config.retention_ratio * config.num_inference_steps + 0.5)
+
+
+class _State:
+    """One branch's MagCache state, shared by the head, the tail and the blocks between."""
+
+    __slots__ = (
+        "accumulated_err",
+        "accumulated_ratio",
+        "accumulated_steps",
+        "calibration_ratios",
+        "head_block_input",
+        "previous_residual",
+        "should_compute",
+        "step_index",
+    )
+
+    def __init__(self) -> None:
+        self.head_block_input: torch.Tensor | None = None
+        self.should_compute = True
+        self.restart()
+
+    def restart(self) -> None:
+        self.previous_residual: torch.Tensor | None = None
+        # Become float32 tensors on the first multiplication by a ratio, as in the reference.
+        self.accumulated_ratio: float | torch.Tensor = 1.0
+        self.accumulated_err: float | torch.Tensor = 0.0
+        self.accumulated_steps = 0
+        self.step_index = 0
+        self.calibration_ratios: list[float] = []
+
+
+class _BlockHandler:
+    """One block's part: the head decides, the tail records the residual; a block may be both."""
+
+    def __init__(self, site: BlockSite, schedule: _Schedule, *, is_head: bool, is_tail: bool) -> None:
+        self.site = site
+        self.schedule = schedule
+        self.is_head = is_head
+        self.is_tail = is_tail
+
+    def __call__(self, call: ModuleCall) -> Any:
+        state = call.session.state(self.schedule, _State)
+        if self.is_head:
+            hidden = self.site.argument("hidden_states", call.args, call.kwargs)
+            state.head_block_input = hidden
+            state.should_compute = self._should_compute(state)
+            if not state.should_compute:
+                output = _add_residual(hidden, state.previous_residual)
+                if self.is_tail:
+                    self._advance(call.session, state)
+                return self._block_output(call, output)
+        elif not state.should_compute:
+            if self.is_tail:
+                self._advance(call.session, state)
+            hidden = self.site.argument("hidden_states", call.args, call.kwargs)
+            return self._block_output(call, hidden)
+        output = call.run()
+        if self.is_tail:
+            self._record(call.session, state, output)
+        return output
+
+    def _should_compute(self, state: _State) -> bool:
+        schedule = self.schedule
+        config = schedule.config
+        if config.calibrate:
+            return True
+        assert schedule.ratios is not None
+        step = state.step_index
+        current_scale: float | torch.Tensor = schedule.ratios[step] if step < len(schedule.ratios) else 1.0
+        if step < schedule.retention_step:
+            return True
+        state.accumulated_ratio = state.accumulated_ratio * current_scale
+        state.accumulated_steps += 1
+        deviation = 1.0 - state.accumulated_ratio
+        state.accumulated_err = state.accumulated_err + (
+            deviation.abs() if isinstance(deviation, torch.Tensor) else abs(deviation)
+        )
+        if (
+            state.previous_residual is not None
+            and bool(state.accumulated_err <= config.threshold)
+            and state.accumulated_steps <= config.max_skip_steps
+        ):
+            return False
+        state.accumulated_ratio = 1.0
+        state.accumulated_steps = 0
+        state.accumulated_err = 0.0
+        return True
+
+    def _block_output(self, call: ModuleCall, hidden: torch.Tensor) -> Any:
+        """What the block returns when skipped: ``hidden``, with the text stream passed through unchanged."""
+        site = self.site
+        if site.encoder_hidden_states_index is None:
+            return hidden
+        result: list[Any] = [None] * (
+            max(site.hidden_states_index or 0, site.encoder_hidden_states_index) + 1
+        )
+        result[site.hidden_states_index or 0] = hidden
+        result[site.encoder_hidden_states_index] = site.argument(
+            "encoder_hidden_states", call.args, call.kwargs
+        )
+        return tuple(result)
+
+    def _record(self, session: CacheSession, state: _State, output: Any) -> None:
+        out_hidden = output[self.site.hidden_states_index or 0] if isinstance(output, tuple) else output
+        in_hidden = state.head_block_input
+        if in_hidden is None:
+            return
+        if out_hidden.shape == in_hidden.shape:
+            residual = out_hidden - in_hidden
+        elif out_hidden.ndim == 3 and in_hidden.ndim == 3 and out_hidden.shape[2] == in_hidden.shape[2]:
+            if in_hidden.shape[1] == out_hidden.shape[1]:
+                residual = out_hidden - in_hidden
+            else:
+                # The tail returned the fused text+image sequence (Flux2); the image tokens come last.
+                residual = out_hidden[:, -in_hidden.shape[1] :] - in_hidden
+        else:
+            residual = out_hidden
+        if self.schedule.config.calibrate:
+            state.calibration_ratios.append(_magnitude_ratio(residual, state.previous_residual))
+        state.previous_residual = residual
+        self._advance(session, state)
+
+    def _advance(self, session: CacheSession, state: _State) -> None:
+        state.step_index += 1
+        if state.step_index < self.schedule.config.num_inference_steps:
+            return
+        # The end of a run of num_inference_steps: keep what a calibration measured, start afresh.
+        if self.schedule.config.calibrate:
+            ratios = tuple(state.calibration_ratios)
+            session.shared_state(self.schedule, _calibrations)[session.branch] = ratios
+            logger.info("MagCache calibration (branch %s): mag_ratios=%s", session.branch, list(ratios))
+        state.restart()
+
+
+def _calibrations() -> dict[str, tuple[float, ...]]:
+    return {}
+
+
+def _magnitude_ratio(current: torch.Tensor, previous: torch.Tensor | None) -> float:
+    """The calibration formula: mean over tokens of |current| / |previous| (1.0 at the first step)."""
+    if previous is None:
+        return 1.0
+    current_norm = torch.linalg.norm(current.float(), dim=-1)
+    previous_norm = torch.linalg.norm(previous.float(), dim=-1)
+    return float((current_norm / (previous_norm + 1e-8)).mean().item())
+
+
+def _add_residual(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``hidden`` plus the cached residual, which may cover only the trailing (image) tokens."""
+    assert residual is not None
+    if residual.device != hidden.device:
+        residual = residual.to(hidden.device)
+    if residual.shape == hidden.shape:
+        return hidden + residual
+    if (
+        hidden.ndim == 3
+        and residual.ndim == 3
+        and hidden.shape[0] == residual.shape[0]
+        and hidden.shape[2] == residual.shape[2]
+        and hidden.shape[1] > residual.shape[1]
+    ):
+        output = hidden.clone()
+        diff = hidden.shape[1] - residual.shape[1]
+        output[:, diff:, :] = output[:, diff:, :] + residual
+        return output
+    logger.warning(
+        "MagCache: input %s and cached residual %s do not match; returning the input without residual",
+        tuple(hidden.shape),
+        tuple(residual.shape),
+    )
+    return hidden
+
+
+def calibrated_ratios(session: CacheSession) -> dict[str, tuple[float, ...]]:
+    """The ``mag_ratios`` each branch measured in ``session`` under ``calibrate=True``, by branch name.
+
+    A branch appears once it has run ``num_inference_steps`` steps. Read it inside the ``with`` block:
+    the session's state is dropped when it ends.
+    """
+    for handler in session.plan.handlers.values():
+        if isinstance(handler, _BlockHandler):
+            return dict(session.shared_state(handler.schedule, _calibrations))
+    raise ValueError(f"session runs {session.plan.method}, not {NAME}")
+
+
+def plan(config: MagCacheConfig, layout: ModelLayout) -> Plan:
+    blocks = layout.blocks
+    if not blocks:
+        raise UnsupportedMethodError(NAME, layout, "found no transformer blocks")
+    if config.mag_ratios is None and not config.calibrate:
+        raise InvalidConfigValue(
+            "mag_ratios must be given: MagCache's magnitude ratios are measured per checkpoint "
+            "(run once with calibrate=True to obtain them)",
+            field="mag_ratios",
+        )
+    schedule = _Schedule(config)
+    handlers: dict[nn.Module, Handler] = {}
+    last = len(blocks) - 1
+    for index, site in enumerate(blocks):
+        handlers[site.module] = _BlockHandler(site, schedule, is_head=index == 0, is_tail=index == last)
+    return Plan(method=NAME, handlers=handlers)
