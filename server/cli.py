@@ -112,6 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .serving import serve
 
     logs.configure(settings.log_level, settings.log_format)
+    if settings.backend == "ray":
+        from . import ray_backend
+
+        ray_backend.start(settings, blocking=True)
+        return 0
     # uvicorn re-raises the SIGTERM it handled once it has shut down; with this handler in place,
     # that ends nothing, and a drained server exits 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

@@ -142,14 +142,14 @@ class Jobs:
         return self._view(job.record, job)
 
     def view(self, job_id: str, *, with_result: bool = True) -> JobView:
-        job = self._jobs.get(job_id)
+        job = self._local(job_id)
         if job is not None:
             return self._view(job.record, job, with_result=with_result)
         return self._view(self._stored(job_id), None, with_result=with_result)
 
     def cancel(self, job_id: str) -> JobView:
         """A queued job ends cancelled now; a running one stops at its next step (on whichever process)."""
-        job = self._jobs.get(job_id)
+        job = self._local(job_id)
         if job is not None:
             if job.record.status in FINAL:
                 raise Conflict(f"job {job_id!r} has already {job.record.status}", param="id")
@@ -174,12 +174,20 @@ class Jobs:
 
         Each carries the job as JSON; only the final one carries the result.
         """
-        job = self._jobs.get(job_id)
+        job = self._local(job_id)
         if job is None:
             self._stored(job_id)
         return self._events(job_id, job)
 
     # -- running a job here ---------------------------------------------------------------------------
+
+    def _local(self, job_id: str) -> Job | None:
+        """The job if this process runs it, with a cancel asked elsewhere applied (the background loop
+        would apply it within a tick; a view must not show it queued meanwhile)."""
+        job = self._jobs.get(job_id)
+        if job is not None and job.record.status == "queued" and self.store.cancel_requested(job_id):
+            self._cancel_local(job)
+        return job
 
     def _submit(self, record: JobRecord, prepared: Prepared) -> Job:
         """Queue ``record`` (stored already, owned by this process) on a worker; raises QueueFull."""

@@ -26,8 +26,9 @@ import pytest
 
 from server.job_store import JobRecord, JobStore, open_store
 from server.jobs import MAX_RUNS
+from server.settings import Settings
 
-from .conftest import b64_items, wait_until
+from .conftest import LiveServer, b64_items, error_of, gated, wait_until
 from .test_job_store import redis_url
 
 __all__ = ["redis_url"]
@@ -206,3 +207,56 @@ def test_a_killed_server_loses_no_job(model_cache: Path, store_url: str) -> None
             assert job["error"]["message"]
     finally:
         second.stop()
+
+
+def test_two_servers_on_one_store_answer_for_each_others_jobs(model_cache: Path, tmp_path: Path) -> None:
+    """A job created through one server is followed, fetched and cancelled through another; the cancel
+    reaches the worker that runs it within one step."""
+    url = f"sqlite:{tmp_path / 'jobs.sqlite'}"
+    owner = LiveServer(
+        Settings(cache_dir=model_cache, models=["tiny-flux"], job_store=url, shutdown_grace_s=2)
+    )
+    other = LiveServer(
+        Settings(cache_dir=model_cache, models=["tiny-flux"], job_store=url, shutdown_grace_s=2)
+    )
+    owner.start()
+    other.start()
+    try:
+        with gated(owner) as gate, owner.client() as here, other.client() as there:
+            gate.hold("shared", after=1)
+            job = here.post(
+                "/v1/jobs", json={**RUNNING, "steps": 100}, headers={"X-Request-Id": "shared"}
+            ).json()
+            wait_until(lambda: gate.waiting("shared"), 60, "the job held at its second step")
+            queued = here.post("/v1/jobs", json=QUEUED).json()
+            assert queued["queue_position"] == 0
+
+            seen = there.get(f"/v1/jobs/{job['id']}").json()
+            assert (seen["status"], seen["progress"]["step"]) == ("running", 1)
+            assert there.get(f"/v1/jobs/{queued['id']}").json()["queue_position"] == 0
+            with there.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+                first = next(line for line in stream.iter_lines() if line.startswith("event: "))
+            assert first == "event: running"
+
+            # Queued on the owner, cancelled through the other: ended at once, and off the owner's queue.
+            dropped = there.delete(f"/v1/jobs/{queued['id']}")
+            assert dropped.status_code == 200 and dropped.json()["status"] == "cancelled"
+            assert here.get(f"/v1/jobs/{queued['id']}").json()["status"] == "cancelled"
+            wait_until(lambda: owner.queue_depths() == {"tiny-flux": 0}, 10, "the owner's queue emptied")
+
+            # Running on the owner, cancelled through the other: it stops at the end of the step it is in.
+            stop = there.delete(f"/v1/jobs/{job['id']}")
+            assert stop.status_code == 202 and stop.json()["status"] == "running"
+            gate.allow("shared")
+            wait_until(
+                lambda: there.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled", 30, "cancelled"
+            )
+            assert gate.steps["shared"] == 2
+            ended = there.get(f"/v1/jobs/{job['id']}").json()
+            assert ended == here.get(f"/v1/jobs/{job['id']}").json()
+            assert ended["error"]["code"] == "cancelled" and ended["progress"]["step"] == 2
+            again = there.delete(f"/v1/jobs/{job['id']}")
+            assert again.status_code == 409 and error_of(again)["code"] == "conflict"
+    finally:
+        other.stop()
+        owner.stop()
