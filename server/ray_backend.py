@@ -275,6 +275,18 @@ def build_application(settings: Settings) -> Any:
     return ingress.bind(replicas.bind(settings))
 
 
+def app_builder(args: dict[str, Any]) -> Any:
+    """The application for ``serve run`` and KubeRay (``import_path: server.ray_backend:app_builder``):
+    settings from the ``args`` of the Serve config over ``DITCACHE_*`` variables over the defaults.
+
+    The Serve config's own ``deployments`` entries (replica bounds, ``ray_actor_options``) override
+    what the settings set here, as Ray Serve documents.
+    """
+    from .settings import load_settings
+
+    return build_application(load_settings(**args))
+
+
 def start(settings: Settings, *, blocking: bool = False) -> None:
     """Deploy ``settings``' application on the Ray cluster (``ray_address``, or a new local one)."""
     import ray

@@ -218,3 +218,73 @@ def test_a_killed_replica_loses_no_request_and_no_job(client: httpx.Client, sing
     # Still serving, and Ray brings the replica count back.
     assert client.post("/v1/generations", json=BODY).status_code == 200
     wait_until(lambda: len(_replicas()) == 2, 180, "a replacement replica")
+
+
+# -- the deployment recipes (read here: no Kubernetes, no Docker engine) ----------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_rayservice_deploys_this_app_on_gpu_workers_with_probes() -> None:
+    import importlib
+
+    import yaml
+
+    from server import ray_backend
+    from server.settings import load_settings
+
+    service, *others = yaml.safe_load_all((ROOT / "docker" / "ray-service.yaml").read_text())
+    assert service["kind"] == "RayService" and {"PersistentVolumeClaim", "Service"} <= {
+        o["kind"] for o in others
+    }
+    (application,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    module, _, name = application["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    assert builder is ray_backend.app_builder
+    settings = load_settings(**application["args"])
+    assert (
+        settings.cache_dir == Path("/models")
+        and settings.job_store
+        and settings.job_store.startswith("redis://")
+    )
+    assert settings.job_store.split("//")[1].split(":")[0] in {o["metadata"]["name"] for o in others}
+    deployments = {deployment["name"]: deployment for deployment in application["deployments"]}
+    assert set(deployments) == {ray_backend.REPLICA_DEPLOYMENT, ray_backend.INGRESS_DEPLOYMENT}
+    replicas = deployments[ray_backend.REPLICA_DEPLOYMENT]
+    assert replicas["ray_actor_options"]["num_gpus"] == 1
+    bounds = replicas["autoscaling_config"]
+    assert 1 <= bounds["min_replicas"] <= bounds["max_replicas"]
+    (gpu_group,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert gpu_group["maxReplicas"] >= bounds["max_replicas"]
+    pod = gpu_group["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert {"name": "models", "mountPath": "/models"} in container["volumeMounts"]
+    assert any(volume["name"] == "models" for volume in pod["volumes"])
+    # The builder makes the application from those args without a cluster.
+    assert type(builder(application["args"])).__name__ == "Application"
+
+
+def test_the_multi_gpu_compose_file_reserves_every_gpu_and_keeps_jobs_in_the_volume(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import yaml
+
+    from server.settings import load_settings
+
+    compose = yaml.safe_load((ROOT / "docker" / "compose.multi-gpu.yaml").read_text())
+    service = compose["services"]["ditcache"]
+    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["count"] == "all"
+    assert "models:/models" in service["volumes"]
+    environment = dict(service["environment"])
+    # ${VAR:-default}: what compose passes when the variable is not set.
+    environment["DITCACHE_DEVICE"] = environment["DITCACHE_DEVICE"].split(":-", 1)[1].rstrip("}")
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert len(settings.device) >= 2 and all(device.startswith("cuda:") for device in settings.device)
+    assert settings.job_store == "sqlite:/models/jobs.sqlite"
+    assert (ROOT / "docker" / "ray.Dockerfile").read_text().count("ray[serve]") == 1
