@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, field in Settings.model_fields.items():
         if name not in _NO_FLAG:
             _add_flag(serve, name, field)
+    from .calibrate import add_arguments
+
+    add_arguments(commands.add_parser("calibrate", help="measure speed against fidelity for target requests"))
     return parser
 
 
@@ -102,6 +105,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "calibrate":
+        from .calibrate import run
+
+        return run(args)
     try:
         settings = settings_from_args(args)
     except (ValidationError, OSError, ValueError) as exc:

@@ -27,6 +27,7 @@ from torch import nn
 from server import geometry
 from server.builtin_models import BUILTIN_MODEL_NAMES, BUILTIN_MODELS, BuiltinModel, materialize
 from server.caching import ModelCache
+from server.calibration import Calibration, load_calibration
 from server.call_specs import CallSpec, UnservablePipeline, call_spec
 from server.model_settings import Kind, ModelDefaults, ModelLimits
 from server.presets import PRESET_NAMES
@@ -83,9 +84,10 @@ class ResidentModel:
     size_multiple: int = 8
     # Videos: num_frames - 1 must be a multiple of this (the VAE's temporal compression).
     frame_step: int = 1
-    # Per-checkpoint cache data by method and config field, e.g. {"mag_cache": {"mag_ratios": (...)}}:
-    # it fills what a request leaves out. Empty unless the model's entry provides it.
-    calibration: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
+    # Measured curves for ``target`` requests, and per-checkpoint values by method and config field
+    # (e.g. {"mag_cache": {"mag_ratios": (...)}}) that fill what a request leaves out. Empty unless the
+    # model ships one or ``ditcache calibrate`` wrote one.
+    calibration: Calibration = field(default_factory=lambda: Calibration(model="", prompts=0))
 
     @property
     def supported_methods(self) -> tuple[str, ...]:
@@ -194,6 +196,26 @@ def own_memory(pipeline: DiffusionPipeline) -> None:
                     tensor.data = tensor.data.clone()
 
 
+CALIBRATION_FILE = "calibration.json"
+
+
+def calibration_path(cache_dir: Path, name: str) -> Path:
+    """Where ``ditcache calibrate`` writes a model's calibration, and where the server looks first."""
+    return cache_dir / "calibrations" / f"{name}.json"
+
+
+def _calibration(name: str, spec: str, builtin: BuiltinModel | None, cache_dir: Path) -> Calibration:
+    """The operator's calibration if there is one, else the one shipped in the model's folder."""
+    folder = builtin.folder if builtin is not None else Path(spec).expanduser()
+    for path in (calibration_path(cache_dir, name), (folder / CALIBRATION_FILE) if folder else None):
+        if path is not None and path.is_file():
+            try:
+                return load_calibration(path)
+            except ValueError as exc:
+                raise ModelLoadError(str(exc)) from exc
+    return Calibration(model=name, prompts=0)
+
+
 def _denoisers(pipeline: DiffusionPipeline) -> list[nn.Module]:
     """Every transformer the pipeline holds (``transformer``, and Wan 2.2's ``transformer_2``)."""
     return [
@@ -254,6 +276,7 @@ def load_model(
         limits=builtin.limits if builtin else geometry.limits(defaults, kind),
         presets=_presets(family, kind, cache, builtin.presets() if builtin and builtin.presets else None),
         call_kwargs=builtin.call_kwargs if builtin else MappingProxyType({}),
+        calibration=_calibration(name, spec, builtin, cache_dir),
         size_multiple=geometry.size_multiple(pipeline, spec_of_call),
         frame_step=geometry.frame_step(pipeline, spec_of_call) if kind == "video" else 1,
     )

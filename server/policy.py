@@ -12,19 +12,25 @@ from typing import Any
 from cache_engine import CONFIG_CLASSES, CacheConfig, InvalidConfigValue, method_name
 
 from .errors import InvalidRequest
-from .protocol import POLICY_CLASSES, CachePreset, CacheSpec, NoCache
+from .protocol import POLICY_CLASSES, CachePreset, CacheSpec, CacheTarget, NoCache
+
+# Config fields that describe the run rather than the policy: the server knows them from the request.
+_RUN_FIELDS = ("num_inference_steps", "num_steps")
 
 
 def to_engine_config(
     spec: CacheSpec | None,
     presets: Mapping[str, CacheConfig | None],
     calibration: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    steps: int | None = None,
 ) -> CacheConfig | None:
     """The engine config for ``spec`` (None: no caching); a preset is looked up in ``presets``.
 
     ``calibration`` holds the model's per-checkpoint values by method and field (MagCache's
-    ``mag_ratios``); they fill the fields the request left out. Raises InvalidRequest naming
-    ``cache.<field>`` when the engine refuses a value.
+    ``mag_ratios``); they fill the fields the request left out, and so does ``steps``, the run's step
+    count, for the fields that carry it. A ``target`` must be resolved first (``server.targets``).
+    Raises InvalidRequest naming ``cache.<field>`` when the engine refuses a value.
     """
     if spec is None or isinstance(spec, NoCache):
         return None
@@ -32,10 +38,16 @@ def to_engine_config(
         if spec.preset not in presets:
             raise InvalidRequest(f"this model has no preset {spec.preset!r}", param="cache.preset")
         return presets[spec.preset]
+    if isinstance(spec, CacheTarget):
+        raise TypeError("a target is resolved to a policy before it becomes a config")
     values = spec.model_dump(exclude={"method"})
     for name, value in (calibration or {}).get(spec.method, {}).items():
         if name not in spec.model_fields_set:
             values[name] = value
+    if steps is not None:
+        for name in _RUN_FIELDS:
+            if name in values and name not in spec.model_fields_set:
+                values[name] = steps
     try:
         config: CacheConfig = CONFIG_CLASSES[spec.method](**values)
     except ValueError as exc:

@@ -143,6 +143,18 @@ class CachePreset(Request):
     preset: PresetName
 
 
+class QualityTarget(Request):
+    min_psnr: float = Field(
+        ge=0, le=100, description="pooled PSNR in dB, against the uncached output, that the policy must keep"
+    )
+
+
+class CacheTarget(Request):
+    """The fastest policy the model's calibration measured at or above the floor."""
+
+    target: QualityTarget
+
+
 CachePolicy = (
     NoCache | PyramidAttentionBroadcast | FasterCache | FirstBlockCache | TaylorSeer | MagCache | SeaCache
 )
@@ -156,6 +168,8 @@ POLICY_CLASSES: dict[str, type[CachePolicy]] = {
     "sea_cache": SeaCache,
 }
 _PRESET_TAG = "preset"
+_TARGET_TAG = "target"
+_SELECTORS = ("method", _PRESET_TAG, _TARGET_TAG)
 
 
 def _check_cache_selector(value: Any) -> Any:
@@ -163,12 +177,17 @@ def _check_cache_selector(value: Any) -> Any:
     # pydantic's generic "unable to extract tag".
     if not isinstance(value, dict):
         return value
-    if "method" in value and "preset" in value:
-        raise PydanticCustomError("cache_selector", "give either 'method' or 'preset', not both")
-    if "method" not in value and "preset" not in value:
+    given = [key for key in _SELECTORS if key in value]
+    if len(given) > 1:
         raise PydanticCustomError(
             "cache_selector",
-            "cache needs a 'method' ({methods}) or a 'preset' ({presets})",
+            "give one of 'method', 'preset' or 'target', not {given}",
+            {"given": " and ".join(given)},
+        )
+    if not given:
+        raise PydanticCustomError(
+            "cache_selector",
+            "cache needs a 'method' ({methods}), a 'preset' ({presets}) or a 'target' (a min_psnr in dB)",
             {"methods": ", ".join(CACHE_METHODS), "presets": ", ".join(PRESET_NAMES)},
         )
     if "method" in value and value["method"] not in CACHE_METHODS:
@@ -182,7 +201,9 @@ def _check_cache_selector(value: Any) -> Any:
 
 def _cache_tag(value: Any) -> str:
     if isinstance(value, dict):
-        return str(value.get("method", _PRESET_TAG))
+        return _TARGET_TAG if _TARGET_TAG in value else str(value.get("method", _PRESET_TAG))
+    if isinstance(value, CacheTarget):
+        return _TARGET_TAG
     return str(getattr(value, "method", _PRESET_TAG))
 
 
@@ -194,7 +215,8 @@ CacheSpec = Annotated[
     | Annotated[TaylorSeer, Tag("taylorseer")]
     | Annotated[MagCache, Tag("mag_cache")]
     | Annotated[SeaCache, Tag("sea_cache")]
-    | Annotated[CachePreset, Tag(_PRESET_TAG)],
+    | Annotated[CachePreset, Tag(_PRESET_TAG)]
+    | Annotated[CacheTarget, Tag(_TARGET_TAG)],
     Discriminator(_cache_tag),
     BeforeValidator(_check_cache_selector),
 ]
@@ -213,7 +235,11 @@ def field_path(loc: Sequence[int | str], error_type: str = "") -> str:
         parts = parts[1:]
     kept: list[str] = []
     for i, part in enumerate(parts):
-        if i > 0 and parts[i - 1] == "cache" and (part in POLICY_CLASSES or part == _PRESET_TAG):
+        if (
+            i > 0
+            and parts[i - 1] == "cache"
+            and (part in POLICY_CLASSES or part in (_PRESET_TAG, _TARGET_TAG))
+        ):
             continue
         kept.append(part)
     if error_type in _ERROR_KEY:

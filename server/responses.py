@@ -162,7 +162,10 @@ def images_response(finished: Finished) -> ImagesResponse:
 
 
 def _policy(finished: Finished) -> dict[str, object]:
-    return policy.describe(finished.prepared.config)
+    described: dict[str, object] = policy.describe(finished.prepared.config)
+    if finished.prepared.target is not None:
+        described["target"] = dict(finished.prepared.target)
+    return described
 
 
 def _media_ranges(accept: str) -> list[str]:

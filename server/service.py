@@ -12,13 +12,13 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio.to_thread
 
 from cache_engine import CacheConfig, SessionStats, UnsupportedMethodError
 
-from . import media, policy
+from . import media, policy, targets
 from .errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -30,7 +30,7 @@ from .generation import GenerationParams, InvalidGenerationParams, check_params
 from .metrics import Metrics
 from .model_settings import Kind
 from .models import ResidentModel
-from .protocol import CachePreset, GenerationRequest
+from .protocol import CachePreset, CacheTarget, GenerationRequest
 from .replicas import Replica, least_loaded
 from .stages import STAGES, StageTimings
 from .worker import Outcome, Task, Worker
@@ -59,6 +59,8 @@ class Prepared:
     created: int
     # time.monotonic() past which the generation stops and answers 504; None: no deadline.
     deadline: float | None = None
+    # For a policy chosen from a PSNR floor: the floor, what was measured, on which setting.
+    target: Mapping[str, Any] | None = None
 
     @property
     def kind(self) -> Kind:
@@ -181,25 +183,38 @@ class Generations:
         if output_format == "mp4" and not media.mp4_size_ok(params.width, params.height):
             raise InvalidRequest("mp4 needs an even width and height", param=size_param or "width")
 
+        config, target = self._cache_config(body, model, params)
         return Prepared(
             request_id=request_id,
             model=model,
             params=params,
-            config=self._cache_config(body, model),
+            config=config,
             output_format=output_format,
             fps=fps,
             received_at=received_at,
             created=int(time.time()),
             deadline=deadline,
+            target=target,
         )
 
-    def _cache_config(self, body: GenerationRequest, model: ResidentModel) -> CacheConfig | None:
-        config = policy.to_engine_config(body.cache, model.presets)
+    def _cache_config(
+        self, body: GenerationRequest, model: ResidentModel, params: GenerationParams
+    ) -> tuple[CacheConfig | None, Mapping[str, Any] | None]:
+        spec, target = targets.resolve(model, body.cache, params.steps, params.guidance_scale)
+        config = policy.to_engine_config(
+            spec, model.presets, model.calibration.method_values, steps=params.steps
+        )
         if config is None:
-            return None
+            return None, target
         method = policy.method_of(config)
         supported = self.supported_methods(model)
-        param = "cache.preset" if isinstance(body.cache, CachePreset) else "cache.method"
+        param = (
+            "cache.target"
+            if isinstance(body.cache, CacheTarget)
+            else "cache.preset"
+            if isinstance(body.cache, CachePreset)
+            else "cache.method"
+        )
         if method not in supported:
             why = "" if model.cache.installed else " (the server runs without cache hooks)"
             raise UnsupportedCacheMethod(
@@ -213,7 +228,7 @@ class Generations:
             raise UnsupportedCacheMethod(str(exc), param=param) from exc
         except ValueError as exc:
             raise InvalidRequest(str(exc), param=policy.param_of(exc)) from exc
-        return config
+        return config, target
 
     # -- step 2 -----------------------------------------------------------------------------------
 

@@ -1,0 +1,278 @@
+"""``ditcache calibrate``: measure a model's speed against fidelity under every cache method it runs.
+
+For each setting asked (step count, guidance on and off), every calibration prompt runs uncached and
+then under each policy of the sweep, back to back, so that a shared machine's slow drift falls on all
+policies alike. Per policy: the pooled PSNR of its outputs against the uncached ones (from the mean
+squared error over every pixel of every prompt), the worst prompt's PSNR, and the speedup (total
+uncached time over total cached time). The result is the model's calibration
+(``server/calibration.py``): what a ``target`` request chooses from.
+
+Bounded and resumable: results are kept per prompt in a work file next to the output, so a run that
+stops (its ``--time-limit``, or Ctrl-C) resumes where it was; the curves are written from the prompts
+done so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .calibration import Calibration, Curve, CurvePoint, load_calibration, merged
+from .generation import GenerationParams, check_params, generate
+from .models import ResidentModel, calibration_path, load_model
+
+# Subjects, colours and places drawn in turn: prompts outside any model's training captions.
+_SUBJECTS = ("cat", "boat", "house", "tree", "bird", "car", "flower", "horse")
+_COLOURS = ("red", "blue", "green", "yellow", "white", "purple", "orange", "black")
+_PLACES = ("on the sea", "in a forest", "at night", "under the sun", "in the snow", "in a city")
+
+
+def calibration_prompts(count: int) -> list[str]:
+    return [
+        f"a {_COLOURS[i % len(_COLOURS)]} {_SUBJECTS[(i // 2) % len(_SUBJECTS)]} {_PLACES[i % len(_PLACES)]}"
+        for i in range(count)
+    ]
+
+
+def sweep_policies() -> list[dict[str, Any]]:
+    """Each method's main knob, from faithful to fast; a model skips the methods it cannot run."""
+    policies: list[dict[str, Any]] = []
+    for threshold in (0.05, 0.1, 0.15, 0.2, 0.3):
+        policies.append({"method": "first_block_cache", "threshold": threshold})
+    for interval in (2, 3, 4, 5):
+        policies.append(
+            {
+                "method": "taylorseer",
+                "cache_interval": interval,
+                "disable_cache_before_step": 3,
+                "use_lite_mode": True,
+            }
+        )
+    for skip in (2, 3, 4):
+        policies.append({"method": "pyramid_attention_broadcast", "spatial_attention_block_skip_range": skip})
+    for skip in (2, 3):
+        policies.append({"method": "faster_cache", "spatial_attention_block_skip_range": skip})
+    return policies
+
+
+@dataclass(frozen=True)
+class Setting:
+    steps: int
+    guidance_scale: float
+
+    @property
+    def guidance(self) -> bool:
+        return self.guidance_scale > 1
+
+    @property
+    def key(self) -> str:
+        return f"steps={self.steps},guidance={self.guidance_scale:g}"
+
+
+def _policy_key(policy: Mapping[str, Any]) -> str:
+    return json.dumps(policy, sort_keys=True)
+
+
+def _config(model: ResidentModel, policy: Mapping[str, Any]) -> Any:
+    from pydantic import TypeAdapter
+
+    from . import policy as policies
+    from .protocol import CacheSpec
+
+    spec = TypeAdapter(CacheSpec).validate_python(dict(policy))
+    config = policies.to_engine_config(spec, model.presets, model.calibration.method_values)
+    model.cache.check(config)
+    return config
+
+
+def _pixels(model: ResidentModel, params: GenerationParams, config: Any) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    with model.cache.session(config):
+        result = generate(model, params)
+    elapsed = time.perf_counter() - started
+    frames = result.images or [frame for video in result.videos or [] for frame in video]
+    return np.stack([np.asarray(frame, dtype=np.float64) for frame in frames]), elapsed
+
+
+def run_setting(
+    model: ResidentModel,
+    setting: Setting,
+    prompts: Sequence[str],
+    policies: Sequence[Mapping[str, Any]],
+    work: dict[str, Any],
+    *,
+    stop_at: float,
+    save: Callable[[], None],
+    log: Callable[[str], None],
+) -> None:
+    """Fill ``work[setting.key][prompt index]`` with each policy's (squared error sum, pixels, seconds)."""
+    defaults = model.defaults
+    done: dict[str, Any] = work.setdefault(setting.key, {})
+    runnable = []
+    for policy in policies:
+        try:
+            runnable.append((policy, _config(model, policy)))
+        except Exception as exc:  # a method this model cannot run, or one missing calibrated values
+            log(f"  skipped {_policy_key(policy)}: {exc}")
+    for index, prompt in enumerate(prompts):
+        if str(index) in done:
+            continue
+        if time.monotonic() >= stop_at:
+            log(f"  time limit: {index} of {len(prompts)} prompts done")
+            return
+        params = GenerationParams(
+            prompt=prompt,
+            negative_prompt=None,
+            width=defaults.width,
+            height=defaults.height,
+            num_frames=defaults.num_frames,
+            steps=setting.steps,
+            guidance_scale=setting.guidance_scale,
+            seed=index,
+            n=1,
+            fps=defaults.fps,
+        )
+        check_params(model, params)
+        reference, reference_s = _pixels(model, params, None)
+        row: dict[str, Any] = {"none": [0.0, reference.size, reference_s]}
+        for policy, config in runnable:
+            pixels, seconds = _pixels(model, params, config)
+            row[_policy_key(policy)] = [float(((pixels - reference) ** 2).sum()), pixels.size, seconds]
+        done[str(index)] = row
+        save()
+        log(f"  prompt {index + 1}/{len(prompts)} ({setting.key})")
+
+
+def _psnr(squared: float, count: float) -> float:
+    mse = squared / count
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def curve_of(setting: Setting, rows: Mapping[str, Mapping[str, Sequence[float]]]) -> Curve | None:
+    if not rows:
+        return None
+    keys = set.intersection(*(set(row) for row in rows.values()))
+    uncached_s = sum(row["none"][2] for row in rows.values())
+    points = []
+    for key in sorted(keys):
+        squared = sum(row[key][0] for row in rows.values())
+        count = sum(row[key][1] for row in rows.values())
+        seconds = sum(row[key][2] for row in rows.values())
+        worst = min(_psnr(row[key][0], row[key][1]) for row in rows.values())
+        policy = {"method": "none"} if key == "none" else json.loads(key)
+        speedup = 1.0 if key == "none" else uncached_s / seconds
+        points.append(CurvePoint(policy, _psnr(squared, count), speedup, worst))
+    return Curve(setting.steps, setting.guidance, setting.guidance_scale, tuple(points))
+
+
+def calibrate(
+    model: ResidentModel,
+    settings: Sequence[Setting],
+    prompts: Sequence[str],
+    out: Path,
+    *,
+    time_limit_s: float,
+    policies: Sequence[Mapping[str, Any]] | None = None,
+    log: Callable[[str], None] = print,
+) -> Calibration:
+    """Run the sweep (resuming from ``out``'s work file) and write the calibration to ``out``."""
+    work_path = out.with_suffix(".work.json")
+    work: dict[str, Any] = json.loads(work_path.read_text()) if work_path.exists() else {}
+
+    def save() -> None:
+        work_path.parent.mkdir(parents=True, exist_ok=True)
+        work_path.write_text(json.dumps(work))
+
+    stop_at = time.monotonic() + time_limit_s
+    existing = load_calibration(out) if out.exists() else model.calibration
+    curves = tuple(existing.curves)
+    for setting in settings:
+        log(f"calibrating {model.name} at {setting.key} on {len(prompts)} prompts")
+        run_setting(
+            model, setting, prompts, policies or sweep_policies(), work, stop_at=stop_at, save=save, log=log
+        )
+        curve = curve_of(setting, work.get(setting.key, {}))
+        if curve is not None:
+            curves = merged(curves, curve)
+    calibration = Calibration(
+        model=model.name,
+        prompts=len(prompts),
+        curves=curves,
+        method_values=existing.method_values,
+    )
+    calibration.save(out)
+    return calibration
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditcache calibrate", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a built-in name, a local folder or a hub id")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: <cache-dir>/calibrations/<model>.json"
+    )
+    parser.add_argument("--prompts", type=int, default=12, help="calibration prompts (default 12)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        action="append",
+        default=None,
+        help="step counts to calibrate (repeat; default: the model's)",
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        action="append",
+        default=None,
+        help="guidance scales to calibrate (repeat; default: the model's, and 1 = no guidance)",
+    )
+    parser.add_argument("--time-limit", type=float, default=3600.0, help="seconds in all (default 3600)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".ditcache"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    steps = args.steps or [model.defaults.steps]
+    scales = args.guidance_scale or sorted({model.defaults.guidance_scale, 1.0})
+    settings = [Setting(s, g) for s in steps for g in scales]
+    out = args.out or calibration_path(args.cache_dir, model.name)
+    calibration = calibrate(
+        model,
+        settings,
+        calibration_prompts(args.prompts),
+        out,
+        time_limit_s=args.time_limit,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    for curve in calibration.curves:
+        best = {floor: curve.fastest(floor) for floor in (30.0, 35.0, 40.0)}
+        shown = ", ".join(
+            f">= {floor:g} dB: {point.speedup:.2f}x" for floor, point in best.items() if point is not None
+        )
+        print(f"{curve.steps} steps, guidance {curve.guidance_scale:g}: {shown}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""A request's ``target`` (and, on a calibrated model, its ``preset``) resolved to a measured policy.
+
+The model's calibration (``server/calibration.py``) gives, for the request's step count and guidance,
+the fastest policy whose pooled PSNR against the uncached output met the floor. The answer's
+``cache_policy`` says which policy ran, what was measured for it, and whether the request's setting
+was the one calibrated or only the nearest to it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from .errors import InvalidRequest
+from .models import ResidentModel
+from .protocol import CachePreset, CacheSpec, CacheTarget
+
+# The floor each preset keeps on a calibrated model: presets are targets on the same curve.
+PRESET_FLOORS: dict[str, float] = {"fast": 30.0, "balanced": 35.0, "quality": 40.0}
+
+_SPEC: TypeAdapter[CacheSpec] = TypeAdapter(CacheSpec)
+
+
+def _db(value: float) -> float | None:
+    # JSON has no infinity: null stands for "identical to the uncached output".
+    return None if math.isinf(value) else round(value, 2)
+
+
+def resolve(
+    model: ResidentModel, spec: CacheSpec | None, steps: int, guidance_scale: float
+) -> tuple[CacheSpec | None, dict[str, Any] | None]:
+    """The policy to run for ``spec`` and, when it was chosen from a floor, what the choice promises."""
+    if isinstance(spec, CacheTarget):
+        floor, param = spec.target.min_psnr, "cache.target"
+    elif isinstance(spec, CachePreset) and model.calibration.curves:
+        floor, param = PRESET_FLOORS[spec.preset], "cache.preset"
+    else:
+        return spec, None
+    choice = model.calibration.choose(floor, steps, guidance_scale > 1)
+    if choice is None:
+        raise InvalidRequest(
+            f"model {model.name!r} has no calibration to choose a policy from; "
+            f"run `ditcache calibrate --model {model.source.split(':', 1)[-1]}`, or name a method",
+            param=param,
+        )
+    point, curve = choice.point, choice.curve
+    promise = {
+        "min_psnr": floor,
+        "measured_psnr": _db(point.psnr),
+        "worst_prompt_psnr": _db(point.worst_psnr),
+        "measured_speedup": round(point.speedup, 2),
+        "calibrated": {
+            "steps": curve.steps,
+            "guidance_scale": curve.guidance_scale,
+            "prompts": model.calibration.prompts,
+        },
+        # The request's setting is not the calibrated one: the numbers are the nearest curve's.
+        "outside_calibration": not choice.exact,
+    }
+    return _SPEC.validate_python(dict(point.policy)), promise

@@ -1,0 +1,118 @@
+"""``ditcache calibrate`` on a tiny model, then ``target`` requests served from what it measured."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server import calibrate
+from server.calibration import load_calibration
+from server.models import calibration_path, load_model
+from tests.server.conftest import LiveServer, error_of, live_server
+
+POLICIES = [
+    {"method": "first_block_cache", "threshold": 0.3},
+    {"method": "taylorseer", "cache_interval": 2, "disable_cache_before_step": 1, "use_lite_mode": True},
+]
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache_dir = tmp_path_factory.mktemp("calibrated")
+    model = load_model("tiny-flux", cache_dir=cache_dir)
+    calibrate.calibrate(
+        model,
+        [calibrate.Setting(4, 1.0), calibrate.Setting(4, 3.0)],
+        calibrate.calibration_prompts(2),
+        calibration_path(cache_dir, model.name),
+        time_limit_s=600,
+        policies=POLICIES,
+        log=lambda line: None,
+    )
+    return cache_dir
+
+
+def test_the_calibration_has_a_curve_per_setting_with_every_policy(calibrated: Path) -> None:
+    calibration = load_calibration(calibration_path(calibrated, "tiny-flux"))
+    assert calibration.prompts == 2
+    assert sorted((curve.steps, curve.guidance) for curve in calibration.curves) == [(4, False), (4, True)]
+    for curve in calibration.curves:
+        methods = sorted(point.policy["method"] for point in curve.points)
+        assert methods == ["first_block_cache", "none", "taylorseer"]
+        uncached = next(point for point in curve.points if point.policy["method"] == "none")
+        assert uncached.psnr == float("inf") and uncached.speedup == 1.0
+        assert all(point.worst_psnr <= point.psnr for point in curve.points)
+
+
+def test_a_second_run_resumes_instead_of_measuring_again(calibrated: Path) -> None:
+    out = calibration_path(calibrated, "tiny-flux")
+    work = json.loads(out.with_suffix(".work.json").read_text())
+    assert set(work) == {"steps=4,guidance=1", "steps=4,guidance=3"}
+    model = load_model("tiny-flux", cache_dir=calibrated)
+    lines: list[str] = []
+    calibrate.calibrate(
+        model,
+        [calibrate.Setting(4, 1.0)],
+        calibrate.calibration_prompts(2),
+        out,
+        time_limit_s=600,
+        policies=POLICIES,
+        log=lines.append,
+    )
+    assert not any(line.startswith("  prompt") for line in lines), lines
+
+
+@pytest.fixture(scope="module")
+def server(calibrated: Path) -> Iterator[LiveServer]:
+    yield from live_server(calibrated)
+
+
+@pytest.mark.parametrize("floor", [0.0, 20.0, 100.0])
+def test_a_target_runs_the_fastest_measured_policy_over_its_floor(server: LiveServer, floor: float) -> None:
+    calibration = load_calibration(calibration_path(server.runtime.settings.cache_dir, "tiny-flux"))
+    curve = next(curve for curve in calibration.curves if not curve.guidance)
+    expected = curve.fastest(floor)
+    assert expected is not None
+    with server.client() as client:
+        body = {"model": "tiny-flux", "prompt": "a cat", "steps": 4, "guidance_scale": 1.0, "seed": 1}
+        answer = client.post("/v1/generations", json={**body, "cache": {"target": {"min_psnr": floor}}})
+    assert answer.status_code == 200, answer.text
+    policy = answer.json()["cache_policy"]
+    assert policy["method"] == expected.policy["method"]
+    assert answer.json()["cache"]["method"] == expected.policy["method"]
+    target = policy["target"]
+    assert target["min_psnr"] == floor and target["outside_calibration"] is False
+    assert target["calibrated"] == {"steps": 4, "guidance_scale": 1.0, "prompts": 2}
+
+
+def test_a_setting_outside_the_calibration_says_so(server: LiveServer) -> None:
+    with server.client() as client:
+        body = {"model": "tiny-flux", "prompt": "a cat", "steps": 8, "guidance_scale": 3.0, "seed": 1}
+        answer = client.post("/v1/generations", json={**body, "cache": {"target": {"min_psnr": 20}}})
+    assert answer.status_code == 200, answer.text
+    target = answer.json()["cache_policy"]["target"]
+    assert target["outside_calibration"] is True
+    assert target["calibrated"]["steps"] == 4 and target["calibrated"]["guidance_scale"] == 3.0
+
+
+def test_a_model_without_calibration_refuses_a_target(server: LiveServer) -> None:
+    with server.client() as client:
+        answer = client.post(
+            "/v1/generations",
+            json={"model": "tiny-wan", "prompt": "waves", "steps": 2, "cache": {"target": {"min_psnr": 30}}},
+        )
+    assert answer.status_code == 422
+    assert error_of(answer)["param"] == "cache.target"
+
+
+def test_a_bad_floor_names_the_field(server: LiveServer) -> None:
+    with server.client() as client:
+        answer = client.post(
+            "/v1/generations",
+            json={"model": "tiny-flux", "prompt": "x", "cache": {"target": {"min_psnr": -1}}},
+        )
+    assert answer.status_code == 422
+    assert error_of(answer)["param"] == "cache.target.min_psnr"
