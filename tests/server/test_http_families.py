@@ -121,6 +121,17 @@ POLICIES: Mapping[str, Mapping[str, Any]] = MappingProxyType(
         },
         "first_block_cache": {"threshold": 10.0},
         "taylorseer": {"cache_interval": 2, "disable_cache_before_step": 1},
+        # The tiny models have no calibrated magnitude ratios: flat ones, given with the request.
+        "mag_cache": {"threshold": 10.0, "retention_ratio": 0.0, "mag_ratios": [1.0] * 8},
+        "sea_cache": {"threshold": 10.0, "retention_steps": 0, "cache_end_steps": 0},
+        "dbcache": {
+            "Fn_compute_blocks": 1,
+            "Bn_compute_blocks": 0,
+            "residual_diff_threshold": 10.0,
+            "max_warmup_steps": 0,
+        },
+        # Most families have no published coefficients: the identity polynomial, given with the request.
+        "teacache": {"rel_l1_thresh": 10.0, "coefficients": [1.0, 0.0]},
     }
 )
 
