@@ -22,7 +22,7 @@ async def list_models(generations: GenerationsDep) -> ModelList:
     )
 
 
-@router.get("/v1/models/{model_id:path}", responses=errors(*V1))
+@router.get("/v1/models/{model_id:path}", responses=errors(*V1, 404))
 async def get_model(model_id: str, generations: GenerationsDep) -> ModelCard:
     model = generations.resolve_model(model_id)
     return model_card(model, generations.supported_methods(model), generations.replicas[model.name])

@@ -32,7 +32,7 @@ BAD_BODIES: list[tuple[dict[str, Any], str]] = [
     ({**GOOD, "steps": 101}, "steps"),
     ({**GOOD, "n": 9}, "n"),
     ({**GOOD, "prompt": "x" * 1001}, "prompt"),
-    ({**GOOD, "cache": {"method": "teacache"}}, "cache.method"),
+    ({**GOOD, "cache": {"method": "warpcache"}}, "cache.method"),
     ({**GOOD, "cache": {"method": "first_block_cache", "treshold": 0.1}}, "cache.treshold"),
     ({**GOOD, "cache": {"method": "taylorseer", "cache_interval": "5"}}, "cache.cache_interval"),
     (
@@ -103,8 +103,8 @@ def test_messages_name_what_is_wrong(client: httpx.Client) -> None:
     unknown = error_of(client.post("/v1/generations", json={**GOOD, "model": "tiny-sd"}))
     assert unknown["code"] == "model_not_found" and "tiny-sd" in unknown["message"]
     assert "tiny-flux" in unknown["message"]
-    method = error_of(client.post("/v1/generations", json={**GOOD, "cache": {"method": "teacache"}}))
-    assert "teacache" in method["message"] and "first_block_cache" in method["message"]
+    method = error_of(client.post("/v1/generations", json={**GOOD, "cache": {"method": "warpcache"}}))
+    assert "warpcache" in method["message"] and "first_block_cache" in method["message"]
     several = error_of(client.post("/v1/generations", json={"prompt": 1, "steps": "x", "bogus": 0}))
     assert several["param"] == "prompt"
     assert all(name in several["message"] for name in ("prompt", "steps", "bogus"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from server.errors import NotAcceptable
-from server.protocol import Timings
 from server.responses import negotiate, server_timing
+from server.stages import StageTimings
 
 
 @pytest.mark.parametrize(
@@ -52,12 +52,10 @@ def test_negotiate_refuses(accept: str, kind: str, requested: str | None) -> Non
 
 
 def test_server_timing_lists_every_stage() -> None:
-    timings = Timings(
+    timings = StageTimings(
         queue_wait=1,
-        text_encoding=2,
-        denoising=3.25,
+        pipeline={"text_encoding": 2, "denoising": 3.25, "decoding": 4},
         denoising_steps=[1.5, 1.75],
-        decoding=4,
         encoding=5,
         total=15.25,
     )
@@ -65,3 +63,6 @@ def test_server_timing_lists_every_stage() -> None:
         "queue_wait;dur=1.0, text_encoding;dur=2.0, denoising;dur=3.2, decoding;dur=4.0, "
         "encoding;dur=5.0, total;dur=15.2"
     )
+    # A stage the pipeline does not have is left out, not written as 0.
+    without_text = StageTimings(1, {"denoising": 3.25}, [3.25], 5, 9.25)
+    assert "text_encoding" not in server_timing(without_text)

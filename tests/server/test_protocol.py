@@ -60,7 +60,7 @@ def test_timestep_ranges_are_two_element_lists() -> None:
 @pytest.mark.parametrize(
     ("cache", "path", "kind"),
     [
-        ({"method": "teacache"}, "cache.method", "unknown_cache_method"),
+        ({"method": "warpcache"}, "cache.method", "unknown_cache_method"),
         ({}, "cache", "cache_selector"),
         ({"method": "none", "preset": "fast"}, "cache", "cache_selector"),
         ({"preset": "fastest"}, "cache.preset", "literal_error"),
