@@ -1,7 +1,8 @@
 """Seeded random-weight pipelines for the engine benchmark, large enough for timing to mean something.
 
-Each family is the genuine diffusers pipeline class around the genuine transformer class, with
-random weights (nothing is downloaded), no text encoder (prompt embeddings are passed directly) and
+Each family is a pipeline of the tiny-pipeline factory (``server.tiny``: the genuine diffusers
+pipeline and transformer classes, random weights, nothing downloaded) with its transformer resized to
+a scale, built without text encoders (prompt embeddings are passed directly) and run with
 ``output_type="latent"``, so a run is the denoising loop and nothing else. The ``bench`` scale makes
 one transformer call cost a few tens of milliseconds on a two-core CPU, so that skipped work shows up
 in wall-clock time above the per-call Python overhead; the ``quick`` scale is for a smoke test.
@@ -17,27 +18,18 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    AutoencoderKLCogVideoX,
-    AutoencoderKLWan,
-    CogVideoXDDIMScheduler,
-    CogVideoXTransformer3DModel,
-    FlowMatchEulerDiscreteScheduler,
-    FluxTransformer2DModel,
-    WanTransformer3DModel,
-)
-
-# Imported from their modules: diffusers' lazy top-level names type-check as placeholder classes.
-# The components are passed as a dict for the same reason (and because text encoders are None).
-from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
-from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.pipelines.wan.pipeline_wan import WanPipeline
+
+from server.tiny import Recipe, tiny_pipeline
+from server.tiny.wan import RECIPE as WAN_RECIPE
 
 ScaleName = Literal["bench", "quick"]
 CfgMode = Literal["distilled", "batched", "separate"]
 TensorFormat = Literal["BCHW", "BCFHW", "BFCHW"]
+
+# Latent channels of every benchmarked VAE (the factory's have 8): the transformers' input widths
+# stay those the recorded results were measured with.
+LATENT_CHANNELS = 4
 
 
 @dataclass(frozen=True)
@@ -49,8 +41,8 @@ class Scale:
     layers: int  # transformer blocks (Flux: single-stream blocks; it also has ``layers // 2`` double ones)
     text_len: int
     text_dim: int
-    image_size: int  # pixels; the VAEs below compress 8x, Flux then packs 2x2 latent patches
-    video_size: int
+    image_size: int  # pixels; Flux's VAE compresses 4x, then 2x2 latent patches make one token
+    video_size: int  # pixels; the video VAEs compress 8x, then 2x2 patches make one token
     video_frames: int  # 4x temporal compression: 4k + 1 frames give k + 1 latent frames
 
 
@@ -61,7 +53,7 @@ SCALES: dict[ScaleName, Scale] = {
         layers=6,
         text_len=32,
         text_dim=64,
-        image_size=256,
+        image_size=128,
         video_size=128,
         video_frames=9,
     ),
@@ -71,7 +63,7 @@ SCALES: dict[ScaleName, Scale] = {
         layers=2,
         text_len=8,
         text_dim=32,
-        image_size=64,
+        image_size=32,
         video_size=32,
         video_frames=5,
     ),
@@ -82,14 +74,18 @@ SCALES: dict[ScaleName, Scale] = {
 class FamilySpec:
     """How one benchmarked family is built and how it runs classifier-free guidance.
 
-    ``tensor_format`` is the layout of the transformer's output, which diffusers' FasterCache needs to
-    be told (the engine reads it from its own model table).
+    ``tiny`` names the factory's pipeline, ``overrides`` resizes it to a scale and ``inputs`` gives
+    the call's prompt embeddings, guidance and size. ``tensor_format`` is the layout of the
+    transformer's output, which diffusers' FasterCache needs to be told (the engine reads it from its
+    own model table).
     """
 
     name: str
     cfg: CfgMode
     tensor_format: TensorFormat
-    build: Callable[[Scale, torch.Generator], tuple[DiffusionPipeline, dict[str, Any]]]
+    tiny: str
+    overrides: Callable[[Scale], Recipe]
+    inputs: Callable[[Scale, torch.Generator], dict[str, Any]]
 
     @property
     def label(self) -> str:
@@ -115,166 +111,104 @@ class BenchPipeline:
         return module
 
 
-def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen, dtype=torch.float32)
+def _text(scale: Scale, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(1, scale.text_len, scale.text_dim, generator=gen)
 
 
-def _image_vae() -> AutoencoderKL:
-    # Never run (the pipelines return latents); it only tells the pipeline its 8x compression.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(4, 4, 4, 4),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=2,
-        shift_factor=0.0,
-    )
-
-
-def _build_flux(scale: Scale, gen: torch.Generator) -> tuple[DiffusionPipeline, dict[str, Any]]:
+def _flux(scale: Scale) -> Recipe:
     """Flux without true CFG (a guidance-distilled model: one transformer call per step)."""
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=max(1, scale.layers // 2),
-        num_single_layers=scale.layers,
-        attention_head_dim=scale.head_dim,
-        num_attention_heads=scale.heads,
-        joint_attention_dim=scale.text_dim,
-        pooled_projection_dim=scale.text_dim,
-        guidance_embeds=False,
-        # The three rotary axes must add up to the head dimension.
-        axes_dims_rope=(scale.head_dim // 4, 3 * scale.head_dim // 8, 3 * scale.head_dim // 8),
-    )
-    components: dict[str, Any] = {
-        "scheduler": FlowMatchEulerDiscreteScheduler(),
-        "vae": _image_vae(),
-        "text_encoder": None,
-        "tokenizer": None,
-        "text_encoder_2": None,
-        "tokenizer_2": None,
-        "transformer": transformer,
+    return {
+        "transformer": {
+            "in_channels": 4 * LATENT_CHANNELS,  # 2x2 latent patches packed into one token
+            "num_layers": max(1, scale.layers // 2),
+            "num_single_layers": scale.layers,
+            "attention_head_dim": scale.head_dim,
+            "num_attention_heads": scale.heads,
+            "joint_attention_dim": scale.text_dim,
+            "pooled_projection_dim": scale.text_dim,
+            # The three rotary axes must add up to the head dimension.
+            "axes_dims_rope": (scale.head_dim // 4, 3 * scale.head_dim // 8, 3 * scale.head_dim // 8),
+        },
+        "vae": {"latent_channels": LATENT_CHANNELS},
     }
-    pipe = FluxPipeline(**components)
-    kwargs: dict[str, Any] = {
-        "prompt_embeds": _randn(gen, 1, scale.text_len, scale.text_dim),
-        "pooled_prompt_embeds": _randn(gen, 1, scale.text_dim),
+
+
+def _flux_inputs(scale: Scale, gen: torch.Generator) -> dict[str, Any]:
+    return {
+        "prompt_embeds": _text(scale, gen),
+        "pooled_prompt_embeds": torch.randn(1, scale.text_dim, generator=gen),
         "height": scale.image_size,
         "width": scale.image_size,
         "max_sequence_length": scale.text_len,
     }
-    return pipe, kwargs
 
 
-def _build_cogvideox(scale: Scale, gen: torch.Generator) -> tuple[DiffusionPipeline, dict[str, Any]]:
+def _cogvideox(scale: Scale) -> Recipe:
     """CogVideoX with CFG batched: [uncond, cond] in one transformer call of batch 2 per step."""
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=scale.heads,
-        attention_head_dim=scale.head_dim,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=scale.heads * scale.head_dim,
-        text_embed_dim=scale.text_dim,
-        num_layers=scale.layers,
-        sample_width=scale.video_size // 8,
-        sample_height=scale.video_size // 8,
-        sample_frames=scale.video_frames,
-        patch_size=2,
-        temporal_compression_ratio=4,
-        # The sincos position table covers exactly this many text tokens.
-        max_text_seq_length=scale.text_len,
-    )
-    vae = AutoencoderKLCogVideoX(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("CogVideoXDownBlock3D",) * 4,
-        up_block_types=("CogVideoXUpBlock3D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=2,
-        temporal_compression_ratio=4,
-    )
-    # The released CogVideoX-5b scheduler: v-prediction on a zero-terminal-SNR schedule from t=999.
-    scheduler = CogVideoXDDIMScheduler(
-        prediction_type="v_prediction",
-        rescale_betas_zero_snr=True,
-        timestep_spacing="trailing",
-        snr_shift_scale=1.0,
-        clip_sample=False,
-    )
-    components: dict[str, Any] = {
-        "tokenizer": None,
-        "text_encoder": None,
-        "vae": vae,
-        "transformer": transformer,
-        "scheduler": scheduler,
+    return {
+        "transformer": {
+            "num_attention_heads": scale.heads,
+            "attention_head_dim": scale.head_dim,
+            "in_channels": LATENT_CHANNELS,
+            "out_channels": LATENT_CHANNELS,
+            "time_embed_dim": scale.heads * scale.head_dim,
+            "text_embed_dim": scale.text_dim,
+            "num_layers": scale.layers,
+            "sample_width": scale.video_size // 8,
+            "sample_height": scale.video_size // 8,
+            "sample_frames": scale.video_frames,
+            # Sincos positions (CogVideoX-2b), as measured; their table covers exactly this many text
+            # tokens.
+            "use_rotary_positional_embeddings": False,
+            "max_text_seq_length": scale.text_len,
+        },
+        "vae": {"latent_channels": LATENT_CHANNELS},
     }
-    pipe = CogVideoXPipeline(**components)
-    kwargs: dict[str, Any] = {
-        "prompt_embeds": _randn(gen, 1, scale.text_len, scale.text_dim),
-        "negative_prompt_embeds": _randn(gen, 1, scale.text_len, scale.text_dim),
+
+
+def _cogvideox_inputs(scale: Scale, gen: torch.Generator) -> dict[str, Any]:
+    return {
+        "prompt_embeds": _text(scale, gen),
+        "negative_prompt_embeds": _text(scale, gen),
         "guidance_scale": 6.0,
         "height": scale.video_size,
         "width": scale.video_size,
         "num_frames": scale.video_frames,
         "max_sequence_length": scale.text_len,
     }
-    return pipe, kwargs
 
 
-def _build_wan(scale: Scale, gen: torch.Generator) -> tuple[DiffusionPipeline, dict[str, Any]]:
+def _wan(scale: Scale) -> Recipe:
     """Wan 2.1 with CFG as two separate transformer calls per step (cond, then uncond)."""
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=scale.heads,
-        attention_head_dim=scale.head_dim,
-        in_channels=4,
-        out_channels=4,
-        text_dim=scale.text_dim,
-        freq_dim=scale.heads * scale.head_dim,
-        ffn_dim=4 * scale.heads * scale.head_dim,
-        num_layers=scale.layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=64,
-    )
-    vae = AutoencoderKLWan(
-        base_dim=4,
-        z_dim=4,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    )
-    components: dict[str, Any] = {
-        "tokenizer": None,
-        "text_encoder": None,
-        "vae": vae,
-        "scheduler": FlowMatchEulerDiscreteScheduler(),
-        "transformer": transformer,
+    vae = WAN_RECIPE["vae"]
+    return {
+        "transformer": {
+            "num_attention_heads": scale.heads,
+            "attention_head_dim": scale.head_dim,
+            "in_channels": LATENT_CHANNELS,
+            "out_channels": LATENT_CHANNELS,
+            "text_dim": scale.text_dim,
+            "freq_dim": scale.heads * scale.head_dim,
+            "ffn_dim": 4 * scale.heads * scale.head_dim,
+            "num_layers": scale.layers,
+            "rope_max_seq_len": 64,
+        },
+        "vae": {
+            "z_dim": LATENT_CHANNELS,
+            "latents_mean": vae["latents_mean"][:LATENT_CHANNELS],
+            "latents_std": vae["latents_std"][:LATENT_CHANNELS],
+        },
     }
-    pipe = WanPipeline(**components)
-    kwargs: dict[str, Any] = {
-        "prompt_embeds": _randn(gen, 1, scale.text_len, scale.text_dim),
-        "negative_prompt_embeds": _randn(gen, 1, scale.text_len, scale.text_dim),
-        "guidance_scale": 5.0,
-        "height": scale.video_size,
-        "width": scale.video_size,
-        "num_frames": scale.video_frames,
-        "max_sequence_length": scale.text_len,
-    }
-    return pipe, kwargs
+
+
+def _wan_inputs(scale: Scale, gen: torch.Generator) -> dict[str, Any]:
+    return {**_cogvideox_inputs(scale, gen), "guidance_scale": 5.0}
 
 
 FAMILIES: dict[str, FamilySpec] = {
-    "flux": FamilySpec("flux", "distilled", "BCHW", _build_flux),
-    "cogvideox": FamilySpec("cogvideox", "batched", "BFCHW", _build_cogvideox),
-    "wan": FamilySpec("wan", "separate", "BCFHW", _build_wan),
+    "flux": FamilySpec("flux", "distilled", "BCHW", "flux", _flux, _flux_inputs),
+    "cogvideox": FamilySpec("cogvideox", "batched", "BFCHW", "cogvideox", _cogvideox, _cogvideox_inputs),
+    "wan": FamilySpec("wan", "separate", "BCFHW", "wan", _wan, _wan_inputs),
 }
 
 
@@ -283,20 +217,11 @@ def build(family: str, *, scale: ScaleName = "bench", steps: int = 10, seed: int
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
     spec = FAMILIES[family]
-    default_dtype = torch.get_default_dtype()
-    # fork_rng keeps the caller's global RNG where it was; the embeddings draw from their own
-    # generator so they do not depend on how many parameters the modules drew.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.set_default_dtype(torch.float32)
-        try:
-            pipe, kwargs = spec.build(SCALES[scale], torch.Generator("cpu").manual_seed(seed + 1))
-        finally:
-            torch.set_default_dtype(default_dtype)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
+    sizes = SCALES[scale]
+    pipe = tiny_pipeline(spec.tiny).build(seed, overrides=spec.overrides(sizes), text_encoders=False)
     pipe.set_progress_bar_config(disable=True)
+    # The embeddings draw from a generator of their own, so they do not depend on the weights.
+    kwargs = spec.inputs(sizes, torch.Generator("cpu").manual_seed(seed + 1))
     kwargs.update(num_inference_steps=steps, output_type="latent", return_dict=True)
     return BenchPipeline(family=spec, pipe=pipe, call_kwargs=kwargs)
 

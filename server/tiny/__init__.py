@@ -7,11 +7,16 @@ seeded random, tokenizers are built in memory (``tokenizers.py``), nothing is do
 per pipeline holds its ``RECIPE`` (constructor arguments as plain data, which a built-in model's
 folder fingerprints), its ``build(recipe, seed)`` and its ``SMALL_CALL`` (the smallest request
 worth making: width, height and, for videos, num_frames).
+
+Callers that need another shape (the engine tests, the benchmarks' scales) lay ``overrides`` over a
+recipe (``merge``) rather than keep builders of their own, and callers that pass prompt embeddings
+build without text encoders (``text_encoders=False``).
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -32,9 +37,50 @@ class TinyPipeline:
     builder: Callable[[Recipe, int], DiffusionPipeline]
     small_call: Mapping[str, Any]
 
-    def build(self, seed: int = DEFAULT_SEED) -> DiffusionPipeline:
-        """The pipeline in memory, with weights drawn from ``seed`` (same seed, same bits)."""
-        return self.builder(self.recipe, seed)
+    def build(
+        self, seed: int = DEFAULT_SEED, *, overrides: Recipe | None = None, text_encoders: bool = True
+    ) -> DiffusionPipeline:
+        """The pipeline in memory, in eval mode, with weights drawn from ``seed`` (same seed, same bits).
+
+        ``overrides`` replaces entries of the recipe's components (see ``merge``). Each component draws
+        its weights from a stream of its own, so the components an override leaves alone keep the
+        weights they have without it.
+
+        ``text_encoders=False`` leaves the text encoders and tokenizers out (``None``, as diffusers
+        accepts when prompt embeddings are passed). They are built and then dropped, since each family
+        module builds its pipeline whole; the other components, each from its own stream, are bit for
+        bit those of the full pipeline.
+        """
+        import torch
+
+        recipe = self.recipe if overrides is None else merge(self.recipe, overrides)
+        pipeline = self.builder(recipe, seed)
+        if not text_encoders:
+            pipeline.register_modules(
+                **{name: None for name in pipeline.components if _TEXT_COMPONENT.fullmatch(name)}
+            )
+        # A pipeline loaded with from_pretrained is in eval mode; one built here is used the same way.
+        for component in pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval()
+        return pipeline
+
+
+# The components a pipeline needs only to turn a prompt into embeddings: text_encoder, tokenizer_2, ...
+_TEXT_COMPONENT = re.compile(r"(text_encoder|tokenizer)(_\d+)?")
+
+
+def merge(recipe: Recipe, overrides: Recipe) -> Recipe:
+    """``recipe`` with ``overrides`` laid over it, component by component: an overridden component keeps
+    the entries the override does not name.
+
+    A component the recipe does not have is a KeyError, so that a misspelt name is not silently
+    ignored (a misspelt entry inside a component is refused by the component's constructor).
+    """
+    unknown = sorted(set(overrides) - set(recipe))
+    if unknown:
+        raise KeyError(f"no component {unknown} in the recipe; it has {sorted(recipe)}")
+    return {name: {**config, **overrides.get(name, {})} for name, config in recipe.items()}
 
 
 # Name -> (module, attribute prefix); the module's RECIPE, build and SMALL_CALL, prefixed where one

@@ -1,5 +1,5 @@
-"""The tiny pipeline factory: every family runs, is deterministic, matches ``FAMILY_INFO``, and can be
-cloned around a shared transformer."""
+"""The engine tests' tiny pipelines: every family runs, is deterministic, matches ``FAMILY_INFO``, is the
+tiny-pipeline factory's own without text encoders, and can be cloned around a shared transformer."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 import torch
 
+from server.tiny import tiny_pipeline
 from tests.cache_engine.pipelines import (
+    CALLS,
     CFG_MODES,
     FAMILIES,
     FAMILY_INFO,
@@ -46,13 +48,13 @@ CASES = [(family, cfg) for family in FAMILIES for cfg in FAMILY_INFO[family].cfg
 
 # Size of every axis of the transformer output, batch aside (it depends on the CFG mode).
 OUTPUT_AXES: dict[str, dict[str, int]] = {
-    "flux": {"S": 64, "C": 16},
-    "cogvideox": {"F": 3, "C": 4, "H": 8, "W": 8},
-    "wan": {"C": 4, "F": 3, "H": 8, "W": 8},
-    "hunyuan_video": {"C": 4, "F": 3, "H": 8, "W": 8},
+    "flux": {"S": 64, "C": 32},
+    "cogvideox": {"F": 3, "C": 8, "H": 8, "W": 8},
+    "wan": {"C": 8, "F": 3, "H": 8, "W": 8},
+    "hunyuan_video": {"C": 8, "F": 3, "H": 8, "W": 8},
     "ltx": {"S": 192, "C": 8},
-    "sd3": {"C": 4, "H": 16, "W": 16},
-    "cogview4": {"C": 4, "H": 16, "W": 16},
+    "sd3": {"C": 8, "H": 16, "W": 16},
+    "cogview4": {"C": 8, "H": 16, "W": 16},
     # Noise prediction and learned variance, concatenated on channels.
     "pixart": {"C": 8, "H": 16, "W": 16},
 }
@@ -124,6 +126,12 @@ def test_builds_and_denoises(family: str, cfg: str) -> None:
     assert "generator" not in tp.call_kwargs
     assert all(p.dtype == torch.float32 for p in tp.pipe.transformer.parameters())
     assert not tp.pipe.transformer.training
+    # Prompt embeddings come in directly: no text encoder or tokenizer was kept.
+    assert {name for name, c in tp.pipe.components.items() if c is not None} == {
+        "transformer",
+        "vae",
+        "scheduler",
+    }
 
     latents, trace = traced_run(tp)
 
@@ -229,6 +237,33 @@ def test_deterministic(family: str) -> None:
     assert torch.equal(run(build(family), seed=0), first)
     assert not torch.allclose(run(tp, seed=1), first)
     assert not torch.allclose(run(build(family, seed=1), seed=0), first)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_transformer_is_the_factorys_own(family: str) -> None:
+    """Leaving the text encoders out changes nothing else: the full factory pipeline has the same weights."""
+    full = tiny_pipeline(CALLS[family].tiny).build(0)
+    assert full.text_encoder is not None
+    pipe = build(family).pipe
+    for component in ("transformer", "vae"):
+        ours = getattr(pipe, component).state_dict()
+        theirs = getattr(full, component).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours), component
+
+
+def test_overrides_reshape_one_component_and_leave_the_others_alone() -> None:
+    factory = tiny_pipeline("wan")
+    plain = factory.build(0, text_encoders=False)
+    shallow = factory.build(0, overrides={"transformer": {"num_layers": 2}}, text_encoders=False)
+    assert len(shallow.transformer.blocks) == 2 < len(plain.transformer.blocks)
+    assert shallow.transformer.config.attention_head_dim == plain.transformer.config.attention_head_dim
+    vae, plain_vae = shallow.vae.state_dict(), plain.vae.state_dict()
+    assert all(torch.equal(vae[key], plain_vae[key]) for key in plain_vae)
+    # The recipe itself is left as it was.
+    assert factory.recipe["transformer"]["num_layers"] == len(plain.transformer.blocks)
+    with pytest.raises(KeyError, match="transfomer"):
+        factory.build(0, overrides={"transfomer": {"num_layers": 2}})
 
 
 def test_build_leaves_global_rng_alone() -> None:
