@@ -5,6 +5,7 @@ generation under that config. The reference API (``apply_*``, ``enable_cache``, 
 ``cache_context``) is provided for code written against diffusers' caching hooks.
 """
 
+from .dbcache import DBCacheConfig
 from .engine import CacheEngine, engine_of
 from .errors import InvalidConfigValue, UnsupportedMethodError
 from .faster_cache import FasterCacheConfig
@@ -24,6 +25,7 @@ from .reference_api import (
 from .sea_cache import SeaCacheConfig
 from .session import CacheSession, SessionStats
 from .taylorseer_cache import TaylorSeerCacheConfig
+from .teacache import TeaCacheConfig
 
 __all__ = [
     "CONFIG_CLASSES",
@@ -31,6 +33,7 @@ __all__ = [
     "CacheConfig",
     "CacheEngine",
     "CacheSession",
+    "DBCacheConfig",
     "FasterCacheConfig",
     "FirstBlockCacheConfig",
     "InvalidConfigValue",
@@ -39,6 +42,7 @@ __all__ = [
     "SeaCacheConfig",
     "SessionStats",
     "TaylorSeerCacheConfig",
+    "TeaCacheConfig",
     "UnsupportedMethodError",
     "apply_faster_cache",
     "apply_first_block_cache",

@@ -6,13 +6,16 @@ from collections.abc import Callable
 from typing import Any, Union
 
 from . import (
+    dbcache,
     faster_cache,
     first_block_cache,
     mag_cache,
     pyramid_attention_broadcast,
     sea_cache,
     taylorseer_cache,
+    teacache,
 )
+from .dbcache import DBCacheConfig
 from .faster_cache import FasterCacheConfig
 from .first_block_cache import FirstBlockCacheConfig
 from .mag_cache import MagCacheConfig
@@ -21,6 +24,7 @@ from .sea_cache import SeaCacheConfig
 from .session import Plan
 from .targets import ModelLayout
 from .taylorseer_cache import TaylorSeerCacheConfig
+from .teacache import TeaCacheConfig
 
 CacheConfig = Union[  # noqa: UP007 (a runtime alias used in isinstance-free annotations)
     PyramidAttentionBroadcastConfig,
@@ -29,6 +33,8 @@ CacheConfig = Union[  # noqa: UP007 (a runtime alias used in isinstance-free ann
     TaylorSeerCacheConfig,
     MagCacheConfig,
     SeaCacheConfig,
+    DBCacheConfig,
+    TeaCacheConfig,
 ]
 
 _PLANNERS: dict[type, tuple[str, Callable[[Any, ModelLayout], Plan]]] = {
@@ -38,12 +44,18 @@ _PLANNERS: dict[type, tuple[str, Callable[[Any, ModelLayout], Plan]]] = {
     TaylorSeerCacheConfig: (taylorseer_cache.NAME, taylorseer_cache.plan),
     MagCacheConfig: (mag_cache.NAME, mag_cache.plan),
     SeaCacheConfig: (sea_cache.NAME, sea_cache.plan),
+    DBCacheConfig: (dbcache.NAME, dbcache.plan),
+    TeaCacheConfig: (teacache.NAME, teacache.plan),
 }
 
 # Configs whose defaults cannot run anywhere are probed with these instead: MagCache's default has no
 # mag_ratios, which are per checkpoint, so a model supports it if a calibration run plans there.
+# DBCache's default runs 8 front blocks, more than small models have; TeaCache's coefficients are per
+# model, and a family without published ones needs them given.
 _PROBE_CONFIGS: dict[type, Callable[[], object]] = {
     MagCacheConfig: lambda: MagCacheConfig(calibrate=True),
+    DBCacheConfig: lambda: DBCacheConfig(Fn_compute_blocks=1),
+    TeaCacheConfig: lambda: TeaCacheConfig(coefficients=(1.0, 0.0)),
 }
 
 METHOD_NAMES: tuple[str, ...] = tuple(name for name, _ in _PLANNERS.values())

@@ -8,7 +8,7 @@ table fall back to the name patterns of the reference implementation (block list
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,19 +45,66 @@ class FamilySpec:
     kind: Literal["image", "video"] = "image"
     # Arguments besides the usual ones that carry the CFG batch (uncond half, then cond half).
     cfg_batched_arguments: tuple[str, ...] = ()
+    # The hidden states change layout between the block lists (Flux 2 joins its text and image tokens
+    # before the single-stream list), so a residual can only span one list.
+    joins_streams_between_lists: bool = False
+    # cache-dit's block adapter for the family caches each block list apart, with decisions of its own.
+    block_lists_cached_apart: bool = False
+    # TeaCache's rescaling polynomial, highest power first, where its paper gives one for the family.
+    teacache_coefficients: tuple[float, ...] | None = None
+
+
+# TeaCache's published polynomials (github.com/ali-vilab/TeaCache, one script per model), fitted on the
+# relative L1 change of the first block's timestep-modulated input. FLUX.1-dev's, from
+# TeaCache4FLUX/teacache_flux.py, as the PyPI package mlx-teacache 0.14.1 vendors it with attribution
+# (mlx_teacache/variants/flux1_dev/config.py); HunyuanVideo's (TeaCache4HunyuanVideo), LTX-Video's
+# (TeaCache4LTX-Video/teacache_ltx.py) and Mochi's (TeaCache4Mochi/teacache_mochi.py) as the published
+# ComfyUI and diffusers ports of those scripts reproduce them, identical across them. Wan 2.1 and
+# CogVideoX get none: the paper fits one per checkpoint (1.3B / 14B, 2B / 5B) on the timestep
+# embedding rather than on this input.
+_TEACACHE_FLUX = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+_TEACACHE_HUNYUAN_VIDEO = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02)
+_TEACACHE_LTX = (2.14700694e01, -1.28016453e01, 2.31279151e00, 7.92487521e-01, 9.69274326e-03)
+_TEACACHE_MOCHI = (-3.51241319e03, 8.11675948e02, -6.09400215e01, 2.42429681e00, 3.05291719e-03)
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
-    FamilySpec("flux", ("FluxTransformer2DModel",), timestep_scale=1000.0, output_format="BSC"),
-    FamilySpec("flux2", ("Flux2Transformer2DModel",), timestep_scale=1000.0, output_format="BSC"),
+    FamilySpec(
+        "flux",
+        ("FluxTransformer2DModel",),
+        timestep_scale=1000.0,
+        output_format="BSC",
+        teacache_coefficients=_TEACACHE_FLUX,
+    ),
+    FamilySpec(
+        "flux2",
+        ("Flux2Transformer2DModel",),
+        timestep_scale=1000.0,
+        output_format="BSC",
+        joins_streams_between_lists=True,
+        block_lists_cached_apart=True,
+    ),
     FamilySpec("qwenimage", ("QwenImageTransformer2DModel",), timestep_scale=1000.0, output_format="BSC"),
     FamilySpec("sd3", ("SD3Transformer2DModel",), cfg_batched_arguments=("pooled_projections",)),
     FamilySpec("cogview4", ("CogView4Transformer2DModel",)),
     FamilySpec("pixart", ("PixArtTransformer2DModel",)),
     FamilySpec("cogvideox", ("CogVideoXTransformer3DModel",), output_format="BFCHW", kind="video"),
     FamilySpec("wan", ("WanTransformer3DModel",), output_format="BCFHW", kind="video"),
-    FamilySpec("hunyuan_video", ("HunyuanVideoTransformer3DModel",), output_format="BCFHW", kind="video"),
-    FamilySpec("ltx", ("LTXVideoTransformer3DModel",), output_format="BSC", kind="video"),
+    FamilySpec(
+        "hunyuan_video",
+        ("HunyuanVideoTransformer3DModel",),
+        output_format="BCFHW",
+        kind="video",
+        block_lists_cached_apart=True,
+        teacache_coefficients=_TEACACHE_HUNYUAN_VIDEO,
+    ),
+    FamilySpec(
+        "ltx",
+        ("LTXVideoTransformer3DModel",),
+        output_format="BSC",
+        kind="video",
+        teacache_coefficients=_TEACACHE_LTX,
+    ),
     FamilySpec(
         "mochi",
         ("MochiTransformer3DModel",),
@@ -65,6 +112,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         timestep_offset=1000.0,
         output_format="BCFHW",
         kind="video",
+        teacache_coefficients=_TEACACHE_MOCHI,
     ),
 )
 
@@ -154,6 +202,14 @@ class ModelLayout:
     def attention_modules(self) -> frozenset[nn.Module]:
         return frozenset(site.module for site in self.attention)
 
+    @property
+    def block_lists(self) -> tuple[tuple[BlockSite, ...], ...]:
+        """The blocks grouped by the list that holds them (``transformer_blocks``, ...), in call order."""
+        lists: dict[str, list[BlockSite]] = {}
+        for site in self.blocks:
+            lists.setdefault(site.name.split(".", 1)[0], []).append(site)
+        return tuple(tuple(sites) for sites in lists.values())
+
     def timestep_from_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         return self.denoiser_reader.get(self.family.timestep_argument, args, kwargs)
 
@@ -213,3 +269,116 @@ def build_layout(transformer: nn.Module) -> ModelLayout:
         modules=modules,
         denoiser_reader=_ArgumentReader(transformer),
     )
+
+
+# -- the first block's timestep-modulated input -------------------------------------------------------
+# TeaCache measures how much the image stream's input to the first block's attention moved, after the
+# block's norm and timestep modulation. Each reader recomputes it with the block's own modules, from the
+# arguments of the block's call, exactly as the block's forward does before its attention.
+
+_Argument = Callable[[str], Any]
+
+
+def _adaln_zero(block: Any, argument: _Argument) -> torch.Tensor:
+    # Flux, HunyuanVideo and SD3 blocks: AdaLayerNormZero returns (modulated, gates and shifts...).
+    modulated: torch.Tensor = block.norm1(argument("hidden_states"), emb=argument("temb"))[0]
+    return modulated
+
+
+def _mochi(block: Any, argument: _Argument) -> torch.Tensor:
+    modulated: torch.Tensor = block.norm1(argument("hidden_states"), argument("temb"))[0]
+    return modulated
+
+
+def _joint_norm(block: Any, argument: _Argument) -> torch.Tensor:
+    # CogVideoX and CogView4 normalise both streams in one module; the image stream comes first.
+    modulated: torch.Tensor = block.norm1(
+        argument("hidden_states"), argument("encoder_hidden_states"), argument("temb")
+    )[0]
+    return modulated
+
+
+def _ltx(block: Any, argument: _Argument) -> torch.Tensor:
+    hidden, temb = argument("hidden_states"), argument("temb")
+    ada_count = block.scale_shift_table.shape[0]
+    ada_values = block.scale_shift_table[None, None].to(temb.device) + temb.reshape(
+        hidden.size(0), temb.size(1), ada_count, -1
+    )
+    shift_msa, scale_msa = ada_values.unbind(dim=2)[:2]
+    modulated: torch.Tensor = block.norm1(hidden) * (1 + scale_msa) + shift_msa
+    return modulated
+
+
+def _wan(block: Any, argument: _Argument) -> torch.Tensor:
+    hidden, temb = argument("hidden_states"), argument("temb")
+    if temb.ndim == 4:  # Wan 2.2 TI2V: one modulation per token
+        shift_msa, scale_msa = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)[:2]
+        shift_msa, scale_msa = shift_msa.squeeze(2), scale_msa.squeeze(2)
+    else:
+        shift_msa, scale_msa = (block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
+    modulated: torch.Tensor = (block.norm1(hidden.float()) * (1 + scale_msa) + shift_msa).type_as(hidden)
+    return modulated
+
+
+def _qwenimage(block: Any, argument: _Argument) -> torch.Tensor:
+    image_modulation = block.img_mod(argument("temb")).chunk(2, dim=-1)[0]
+    normed = block.img_norm1(argument("hidden_states"))
+    modulated: torch.Tensor = block._modulate(normed, image_modulation, argument("modulate_index"))[0]
+    return modulated
+
+
+def _flux2(block: Any, argument: _Argument) -> torch.Tensor:
+    from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
+
+    shift_msa, scale_msa, _ = Flux2Modulation.split(argument("temb_mod_img"), 2)[0]
+    modulated: torch.Tensor = (1 + scale_msa) * block.norm1(argument("hidden_states")) + shift_msa
+    return modulated
+
+
+def _basic(block: Any, argument: _Argument) -> torch.Tensor:
+    # diffusers' BasicTransformerBlock (PixArt and the generic DiT): its norm type decides the modulation.
+    hidden, timestep = argument("hidden_states"), argument("timestep")
+    norm_type = block.norm_type
+    if norm_type == "ada_norm_single":
+        shift_msa, scale_msa = (
+            block.scale_shift_table[None] + timestep.reshape(hidden.shape[0], 6, -1)
+        ).chunk(6, dim=1)[:2]
+        modulated: torch.Tensor = block.norm1(hidden) * (1 + scale_msa) + shift_msa
+        return modulated
+    if norm_type == "ada_norm":
+        ada_norm: torch.Tensor = block.norm1(hidden, timestep)
+        return ada_norm
+    if norm_type == "ada_norm_zero":
+        class_labels = argument("class_labels")
+        zero: torch.Tensor = block.norm1(hidden, timestep, class_labels, hidden_dtype=hidden.dtype)[0]
+        return zero
+    if norm_type == "ada_norm_continuous":
+        continuous: torch.Tensor = block.norm1(hidden, argument("added_cond_kwargs")["pooled_text_emb"])
+        return continuous
+    plain: torch.Tensor = block.norm1(hidden)
+    return plain
+
+
+_MODULATED_INPUTS: Mapping[str, Callable[[Any, _Argument], torch.Tensor]] = {
+    "FluxTransformerBlock": _adaln_zero,
+    "HunyuanVideoTransformerBlock": _adaln_zero,
+    "JointTransformerBlock": _adaln_zero,
+    "MochiTransformerBlock": _mochi,
+    "CogVideoXBlock": _joint_norm,
+    "CogView4TransformerBlock": _joint_norm,
+    "LTXVideoTransformerBlock": _ltx,
+    "WanTransformerBlock": _wan,
+    "QwenImageTransformerBlock": _qwenimage,
+    "Flux2TransformerBlock": _flux2,
+    "BasicTransformerBlock": _basic,
+}
+
+
+def has_modulated_input(site: BlockSite) -> bool:
+    return type(site.module).__name__ in _MODULATED_INPUTS
+
+
+def modulated_input(site: BlockSite, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+    """The image stream's timestep-modulated input to ``site``'s attention, for this call of the block."""
+    reader = _MODULATED_INPUTS[type(site.module).__name__]
+    return reader(site.module, lambda name: site.argument(name, args, kwargs))

@@ -36,6 +36,8 @@ CACHE_METHODS: tuple[str, ...] = (
     "taylorseer",
     "mag_cache",
     "sea_cache",
+    "dbcache",
+    "teacache",
 )
 ImageFormat = Literal["png", "jpeg", "webp"]
 OutputFormat = Literal["png", "jpeg", "webp", "mp4", "gif"]
@@ -139,6 +141,56 @@ class SeaCache(Request):
     )
 
 
+# DBCache's static compute mask: one 0 or 1 per step; a list in JSON.
+StepsMask = Annotated[
+    tuple[Annotated[int, Field(ge=0, le=1)], ...],
+    BeforeValidator(_list_to_tuple),
+    Field(min_length=1, max_length=1000),
+]
+
+
+class DBCache(Request):
+    """cache-dit's Dual Block Cache, with cache-dit's parameter names."""
+
+    method: Literal["dbcache"]
+    Fn_compute_blocks: int = Field(default=8, ge=1, le=1000)
+    Bn_compute_blocks: int = Field(default=0, ge=0, le=1000)
+    residual_diff_threshold: float = Field(default=0.08, ge=0, le=10)
+    max_accumulated_residual_diff_threshold: float | None = Field(default=None, ge=0, le=1000)
+    max_warmup_steps: int = Field(default=8, ge=0, le=1000)
+    warmup_interval: int = Field(default=1, ge=1, le=1000)
+    max_cached_steps: int = Field(default=-1, ge=-1, le=1000, description="-1: no limit")
+    max_continuous_cached_steps: int = Field(default=-1, ge=-1, le=1000, description="-1: no limit")
+    steps_computation_mask: StepsMask | None = Field(
+        default=None, description="one per step: 1 always computes, 0 leaves the step to the policy"
+    )
+    steps_computation_policy: Literal["dynamic", "static"] = Field(
+        default="dynamic", description="on a 0 of the mask: dynamic measures, static reuses"
+    )
+    enable_taylorseer: bool = False
+    taylorseer_order: int = Field(default=1, ge=1, le=2)
+
+
+# TeaCache's rescaling polynomial, highest power first; a list in JSON.
+Coefficients = Annotated[
+    tuple[Annotated[float, Field(allow_inf_nan=False)], ...],
+    BeforeValidator(_list_to_tuple),
+    Field(min_length=1, max_length=16),
+]
+
+
+class TeaCache(Request):
+    method: Literal["teacache"]
+    rel_l1_thresh: float = Field(default=0.25, ge=0, le=10)
+    coefficients: Coefficients | None = Field(
+        default=None,
+        description="default: the paper's for the model's family, else the model's calibrated ones",
+    )
+    num_steps: int | None = Field(
+        default=None, ge=1, le=1000, description="the run's steps; when given, the last one always computes"
+    )
+
+
 class CachePreset(Request):
     preset: PresetName
 
@@ -156,7 +208,15 @@ class CacheTarget(Request):
 
 
 CachePolicy = (
-    NoCache | PyramidAttentionBroadcast | FasterCache | FirstBlockCache | TaylorSeer | MagCache | SeaCache
+    NoCache
+    | PyramidAttentionBroadcast
+    | FasterCache
+    | FirstBlockCache
+    | TaylorSeer
+    | MagCache
+    | SeaCache
+    | DBCache
+    | TeaCache
 )
 POLICY_CLASSES: dict[str, type[CachePolicy]] = {
     "none": NoCache,
@@ -166,6 +226,8 @@ POLICY_CLASSES: dict[str, type[CachePolicy]] = {
     "taylorseer": TaylorSeer,
     "mag_cache": MagCache,
     "sea_cache": SeaCache,
+    "dbcache": DBCache,
+    "teacache": TeaCache,
 }
 _PRESET_TAG = "preset"
 _TARGET_TAG = "target"
@@ -215,6 +277,8 @@ CacheSpec = Annotated[
     | Annotated[TaylorSeer, Tag("taylorseer")]
     | Annotated[MagCache, Tag("mag_cache")]
     | Annotated[SeaCache, Tag("sea_cache")]
+    | Annotated[DBCache, Tag("dbcache")]
+    | Annotated[TeaCache, Tag("teacache")]
     | Annotated[CachePreset, Tag(_PRESET_TAG)]
     | Annotated[CacheTarget, Tag(_TARGET_TAG)],
     Discriminator(_cache_tag),

@@ -1,0 +1,223 @@
+"""TeaCache: skip every block while the first block's timestep-modulated input has barely moved.
+
+Per denoiser call and branch, the relative L1 change of the first block's timestep-modulated input
+(since the previous call) is rescaled by a polynomial fitted to the model and added to an
+accumulator. While the accumulator stays under ``rel_l1_thresh`` the blocks are replaced by the
+residual they added the last time they ran; once it reaches the threshold they run and it restarts
+from zero. The first call always runs, and so does the last one of ``num_steps`` when it is given.
+
+The polynomial comes from the config's ``coefficients``, else from the family table (the paper's, for
+the families it fits one for); a model with neither needs them given (or fitted by a calibration run).
+
+Departures from the paper's scripts: state is kept per CFG branch (they count the cond and uncond calls
+of one step as two steps); ``rel_l1_thresh=0`` computes every call (theirs still skips where the fitted
+polynomial is negative); where a family's hidden states change layout between block lists (Flux 2),
+each list carries its own residual, applied where the list starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _validation as check
+from .errors import InvalidConfigValue, UnsupportedMethodError
+from .session import Handler, ModuleCall, Plan
+from .targets import BlockSite, ModelLayout, has_modulated_input, modulated_input
+
+NAME = "teacache"
+
+
+@dataclass(frozen=True)
+class TeaCacheConfig:
+    """The paper's parameters: ``rel_l1_thresh``, the rescaling ``coefficients`` and ``num_steps``.
+
+    ``coefficients`` are a polynomial's, highest power first (``numpy.poly1d`` order), as published.
+    """
+
+    rel_l1_thresh: float = 0.25
+    coefficients: tuple[float, ...] | None = None
+    num_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        check.number("rel_l1_thresh", self.rel_l1_thresh, minimum=0.0)
+        object.__setattr__(self, "coefficients", _coefficients(self.coefficients))
+        check.positive_int("num_steps", self.num_steps, optional=True)
+
+
+def _coefficients(value: Any) -> tuple[float, ...] | None:
+    name = "coefficients"
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise InvalidConfigValue(f"{name} must be a list of numbers, got {value!r}", field=name)
+    coefficients = tuple(value)
+    if not coefficients:
+        raise InvalidConfigValue(f"{name} must not be empty", field=name)
+    for coefficient in coefficients:
+        if isinstance(coefficient, bool) or not isinstance(coefficient, (int, float)):
+            raise InvalidConfigValue(f"{name} must contain numbers, got {coefficient!r}", field=name)
+        if not math.isfinite(coefficient):
+            raise InvalidConfigValue(f"{name} must be finite, got {coefficient!r}", field=name)
+    return tuple(float(c) for c in coefficients)
+
+
+def rescale(coefficients: tuple[float, ...], x: float) -> float:
+    """The polynomial at ``x``, by Horner's rule in float64, as ``numpy.poly1d`` evaluates it."""
+    y = 0.0
+    for coefficient in coefficients:
+        y = y * x + coefficient
+    return y
+
+
+class _State:
+    """One branch's accumulator and residuals, shared by every block of the model."""
+
+    __slots__ = ("accumulated", "calls", "previous_modulated", "residuals", "run_inputs", "should_compute")
+
+    def __init__(self, runs: int) -> None:
+        self.calls = 0
+        self.accumulated = 0.0
+        self.previous_modulated: torch.Tensor | None = None
+        self.should_compute = True
+        # Per run of blocks: the streams entering it on this call, and what it added last time it ran.
+        self.run_inputs: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * runs
+        self.residuals: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * runs
+
+
+# Compared by identity: it keys the session's state, one per plan.
+@dataclass(frozen=True, eq=False)
+class _Policy:
+    threshold: float
+    coefficients: tuple[float, ...]
+    num_steps: int | None
+    runs: int
+
+    def new_state(self) -> _State:
+        return _State(self.runs)
+
+
+def _streams(site: BlockSite, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not isinstance(output, tuple):
+        return output, None
+    encoder = None if site.encoder_hidden_states_index is None else output[site.encoder_hidden_states_index]
+    return output[site.hidden_states_index or 0], encoder
+
+
+def _inputs(site: BlockSite, call: ModuleCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+    hidden = site.argument("hidden_states", call.args, call.kwargs)
+    if site.encoder_hidden_states_index is None:
+        return hidden, None
+    return hidden, site.argument("encoder_hidden_states", call.args, call.kwargs)
+
+
+def _pack(site: BlockSite, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
+    if site.encoder_hidden_states_index is None:
+        return hidden
+    result: list[Any] = [None, None]
+    result[site.hidden_states_index or 0] = hidden
+    result[site.encoder_hidden_states_index] = encoder
+    return tuple(result)
+
+
+class _BlockHandler:
+    """Every block of the model: the first decides, each run's first applies its residual on a skip."""
+
+    def __init__(self, site: BlockSite, policy: _Policy, run: int, *, first: bool, last: bool) -> None:
+        self.site = site
+        self.policy = policy
+        self.run = run
+        self.decides = run == 0 and first
+        self.first = first
+        self.last = last
+
+    def __call__(self, call: ModuleCall) -> Any:
+        state = call.session.state(self.policy, self.policy.new_state)
+        site = self.site
+        if self.decides:
+            state.should_compute = self._should_compute(state, modulated_input(site, call.args, call.kwargs))
+        if not state.should_compute:
+            hidden, encoder = _inputs(site, call)
+            if self.first:
+                residual = state.residuals[self.run]
+                assert residual is not None
+                hidden = hidden + residual[0]
+                if encoder is not None and residual[1] is not None:
+                    encoder = encoder + residual[1]
+            return _pack(site, hidden, encoder)
+        if self.first:
+            state.run_inputs[self.run] = _inputs(site, call)
+        output = call.run()
+        if self.last:
+            run_input = state.run_inputs[self.run]
+            assert run_input is not None
+            state.run_inputs[self.run] = None
+            hidden, encoder = _streams(site, output)
+            encoder_residual = None if encoder is None or run_input[1] is None else encoder - run_input[1]
+            state.residuals[self.run] = (hidden - run_input[0], encoder_residual)
+        return output
+
+    def _should_compute(self, state: _State, modulated: torch.Tensor) -> bool:
+        policy = self.policy
+        position = state.calls if policy.num_steps is None else state.calls % policy.num_steps
+        state.calls += 1
+        previous, state.previous_modulated = state.previous_modulated, modulated
+        forced = position == 0 or position == (policy.num_steps or 0) - 1
+        # Another shape (a new resolution in the same session) has nothing to compare with.
+        if forced or previous is None or previous.shape != modulated.shape:
+            state.accumulated = 0.0
+            return True
+        change = ((modulated - previous).abs().mean() / previous.abs().mean()).item()
+        state.accumulated += rescale(policy.coefficients, change)
+        reusable = all(residual is not None for residual in state.residuals)
+        if policy.threshold <= 0.0 or state.accumulated >= policy.threshold or not reusable:
+            state.accumulated = 0.0
+            return True
+        return False
+
+
+def runs(layout: ModelLayout) -> tuple[tuple[BlockSite, ...], ...]:
+    """The runs of blocks one residual spans: all blocks, or one per list where the layout changes."""
+    if layout.family.joins_streams_between_lists:
+        return layout.block_lists
+    return (layout.blocks,) if layout.blocks else ()
+
+
+def coefficients_for(config: TeaCacheConfig, layout: ModelLayout) -> tuple[float, ...]:
+    coefficients = config.coefficients or layout.family.teacache_coefficients
+    if coefficients is None:
+        raise InvalidConfigValue(
+            f"coefficients are required: TeaCache publishes none for {type(layout.denoiser).__name__} "
+            f"(family {layout.family.name}); give the rescaling polynomial fitted for this model",
+            field="coefficients",
+        )
+    return coefficients
+
+
+def plan(config: TeaCacheConfig, layout: ModelLayout) -> Plan:
+    block_runs = runs(layout)
+    if sum(len(run) for run in block_runs) < 2:
+        raise UnsupportedMethodError(NAME, layout, "needs at least two transformer blocks")
+    first = block_runs[0][0]
+    if not has_modulated_input(first):
+        raise UnsupportedMethodError(
+            NAME, layout, f"the timestep-modulated input of a {type(first.module).__name__} is not known"
+        )
+    policy = _Policy(
+        threshold=float(config.rel_l1_thresh),
+        coefficients=coefficients_for(config, layout),
+        num_steps=config.num_steps,
+        runs=len(block_runs),
+    )
+    handlers: dict[nn.Module, Handler] = {}
+    for index, run in enumerate(block_runs):
+        for position, site in enumerate(run):
+            handlers[site.module] = _BlockHandler(
+                site, policy, index, first=position == 0, last=position == len(run) - 1
+            )
+    return Plan(method=NAME, handlers=handlers)
