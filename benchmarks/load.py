@@ -17,6 +17,11 @@ With ``--replicas N`` (N > 1) it does all of this twice in one run, against a se
 per model and against one with N (each replica a worker with ``--torch-threads`` threads), checks both
 against the one-replica server's serial references, and prints the throughput ratio per level.
 
+With ``--backend ray`` the servers are ``ditcache serve --backend ray`` on a local Ray cluster of their
+own: N Ray Serve replicas (``--ray-min-replicas`` = ``--ray-max-replicas`` = N, one CPU each) behind
+the ingress, instead of N workers in one process. The references are still taken from the first
+server, so a Ray run is checked byte for byte too.
+
 Exit status 0 when there were no errors and no mismatches. Bounded: ``--time-limit`` seconds per
 server (levels not reached are reported as skipped), loopback only.
 """
@@ -194,14 +199,21 @@ def start_server(
     torch_threads: int,
     models: Sequence[str] = DEFAULT_MODELS,
     replicas: int = 1,
+    backend: str = "local",
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     command = [
         sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
         *(arg for model in models for arg in ("--model", model)), "--cache-dir", str(cache_dir),
         "--queue-size", str(queue_size), "--torch-threads", str(torch_threads), "--log-level", "warning",
-        "--replicas", str(replicas),
+        # Jobs are not part of the mix; a store of its own keeps runs apart.
+        "--job-store", f"sqlite:{cache_dir / f'jobs-{port}.sqlite'}",
     ]  # fmt: skip
+    if backend == "ray":
+        bound = str(replicas)
+        command += ["--backend", "ray", "--ray-min-replicas", bound, "--ray-max-replicas", bound]
+    else:
+        command += ["--replicas", str(replicas)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}"
@@ -223,7 +235,8 @@ def start_server(
 def stop_server(process: subprocess.Popen[bytes]) -> None:
     process.terminate()
     try:
-        process.wait(timeout=60)
+        # The Ray backend also shuts its local cluster down.
+        process.wait(timeout=120)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
@@ -339,6 +352,12 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="N > 1: run against 1 and N replicas per model, with the ratio",
     )
+    parser.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="local: replicas are workers in one process; ray: Ray Serve replicas (needs the ray extra)",
+    )
     return parser
 
 
@@ -355,7 +374,7 @@ def run(argv: Sequence[str] | None = None) -> Report:
             replicas: int, expected: list[list[bytes]] | None
         ) -> tuple[list[Level], list[list[bytes]]]:
             process, base_url = start_server(
-                cache_dir, args.queue_size, args.torch_threads, args.models, replicas
+                cache_dir, args.queue_size, args.torch_threads, args.models, replicas, args.backend
             )
             try:
                 return asyncio.run(drive(base_url, args, expected))
@@ -375,6 +394,7 @@ def run(argv: Sequence[str] | None = None) -> Report:
         args.json.write_text(
             json.dumps(
                 {
+                    "backend": args.backend,
                     "replicas": report.replicas,
                     "ratios": report.ratios(),
                     "baseline": None

@@ -330,6 +330,8 @@ class Jobs:
         """Claim the jobs of owners that have gone silent, and run them again or end them with a reason."""
         stale_before = now - self.owner_timeout_s
         for job_id in self.store.orphans(stale_before):
+            if job_id in self._jobs:
+                continue  # this process's own, seen as an orphan because its heartbeat came late
             record = self.store.claim(job_id, self.owner, stale_before)
             if record is not None:
                 self._resume(record, now)

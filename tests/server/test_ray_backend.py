@@ -34,7 +34,8 @@ serve = pytest.importorskip("ray.serve")
 pytestmark = pytest.mark.slow
 
 BODY = {"model": "tiny-flux", "prompt": "a red cat", "seed": 5, "steps": 3, "width": 32, "height": 32}
-OWNER_TIMEOUT_S = 3.0
+# Short, so that the job of a killed replica runs again soon; long enough for a busy replica's heartbeat.
+OWNER_TIMEOUT_S = 5.0
 # Long jobs, so that one is still running when it is cancelled or its replica is killed.
 LIMITS = {"tiny-flux": LimitOverrides(max_steps=1000)}
 
