@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
+import os
 import random
 import statistics
 import sys
@@ -42,7 +44,7 @@ from torch import nn
 
 import cache_engine as ce
 
-from . import models
+from . import compiled, models
 from .probes import Counts, Probes, Profile, profile
 from .report import (
     DispatchCost,
@@ -560,6 +562,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     # busy cores make multi-threaded timings swing by several times.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the interleaving order")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="instead: compiled blocks against eager, uncached and under each method, and recompilations",
+    )
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend for --compile (default inductor)"
+    )
     args = parser.parse_args(argv)
     families = [name for item in args.families for name in item.split(",") if name]
     unknown = sorted(set(families) - set(models.FAMILIES))
@@ -635,5 +645,48 @@ def main(argv: Sequence[str] | None = None) -> Report:
     return report
 
 
+def main_compiled(argv: Sequence[str] | None = None) -> list[compiled.FamilyResult]:
+    """``--compile``: compiled against eager per configuration, and recompilations across sizes."""
+    args = _parse(argv)
+    diffusers.utils.logging.set_verbosity_error()
+    scale: models.ScaleName = "quick" if args.quick else "bench"
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    rng = random.Random(args.seed)
+    cases = [compiled.Case("uncached", None), *(compiled.Case(case.name, case.ours) for case in METHODS)]
+    results = []
+    with _torch_threads(args.threads):
+        for family in args.families:
+            results.append(
+                compiled.bench_family(
+                    family,
+                    cases,
+                    build=functools.partial(models.build, family, scale=scale, steps=args.steps),
+                    steps=args.steps,
+                    repeats=args.repeats,
+                    rng=rng,
+                    log=log,
+                    backend=args.compile_backend,
+                )
+            )
+    header = (
+        f"Run: {args.steps} steps, {args.repeats} repeats, scale {scale}, {args.threads} torch thread(s), "
+        f"backend {args.compile_backend}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"{os.cpu_count()} CPUs; the benchmark took {time.perf_counter() - started:.0f} s. Times: CPU time "
+        "of the process; every ratio the median over the repeats of runs made back to back (range)."
+    )
+    table = compiled.render(results, header=header)
+    print(table)
+    if args.markdown is not None:
+        args.markdown.write_text(table)
+    return results
+
+
 if __name__ == "__main__":
-    main()
+    if "--compile" in sys.argv[1:]:
+        main_compiled()
+    else:
+        main()

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import torch
 from torch import nn
 
 from .targets import ModelLayout
@@ -88,7 +89,9 @@ class SessionStats:
 
     ``*_computed`` are real executions of the module's forward; ``*_reused`` are the executions the
     uncached model would have made that the cache replaced. ``steps_cached`` counts denoiser calls in
-    which anything was reused.
+    which anything was reused. ``peak_bytes`` is the most memory the session's state held between
+    two denoiser calls (residuals, attention outputs, Taylor factors): what one more concurrent
+    request under the same policy costs beside the model.
     """
 
     method: str | None
@@ -99,12 +102,14 @@ class SessionStats:
     blocks_reused: int
     attention_computed: int
     attention_reused: int
+    peak_bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def __add__(self, other: SessionStats) -> SessionStats:
-        """The counts of two sessions of one request (one per transformer), added up."""
+        """The counts of two sessions of one request (one per transformer), added up; both sessions
+        live for the whole request, so their peaks add up too (an upper bound on the joint peak)."""
         counts = {
             field.name: getattr(self, field.name) + getattr(other, field.name)
             for field in dataclasses.fields(self)
@@ -139,6 +144,7 @@ class CacheSession:
         self._calls_with_reuse = 0
         self._blocks_computed = 0
         self._attention_computed = 0
+        self._peak_bytes = 0
         self._closed = False
 
     # -- state ------------------------------------------------------------------------------------
@@ -165,6 +171,11 @@ class CacheSession:
     @property
     def state_size(self) -> int:
         return len(self._state)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the tensors the session's state holds now, each storage counted once."""
+        return held_bytes(self._state.values()) if self._state else 0
 
     def reset(self) -> None:
         """Forget all cached state; the plan stays. Used between pipeline calls of the reference API."""
@@ -247,6 +258,9 @@ class CacheSession:
         )
         if not full:
             self._calls_with_reuse += 1
+        # Between denoiser calls the state holds exactly what the next call may reuse: its high mark.
+        if self._state:
+            self._peak_bytes = max(self._peak_bytes, held_bytes(self._state.values()))
         return output
 
     @property
@@ -261,7 +275,54 @@ class CacheSession:
             blocks_reused=calls * len(self.layout.blocks) - self._blocks_computed,
             attention_computed=self._attention_computed,
             attention_reused=calls * len(self.layout.attention) - self._attention_computed,
+            peak_bytes=self._peak_bytes,
         )
+
+
+def held_bytes(values: Iterable[object]) -> int:
+    """Bytes of the tensor storages reachable from ``values`` through method state objects.
+
+    Walks containers (tuple, list, dict, set) and the attributes of plain state objects (``__slots__``
+    or ``__dict__``), never modules or classes; counts each storage once, whole, since a view keeps
+    all of its storage alive. Method code stays free of accounting: whatever a method keeps in its
+    state is found here.
+    """
+    storages: dict[tuple[str, int], int] = {}
+    seen: set[int] = set()
+    pending = list(values)
+    while pending:
+        value = pending.pop()
+        if isinstance(value, (str, bytes, int, float, bool, type(None))) or id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            _add_storage(value, storages)
+        elif isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, (tuple, list, set, frozenset)):
+            pending.extend(value)
+        elif not isinstance(value, (nn.Module, type)) and not callable(value):
+            pending.extend(_attributes(value))
+    return sum(storages.values())
+
+
+def _add_storage(tensor: torch.Tensor, storages: dict[tuple[str, int], int]) -> None:
+    try:
+        storage = tensor.untyped_storage()
+        storages[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        # Tensor subclasses without a plain storage: their logical size, keyed by identity.
+        storages[("", id(tensor))] = tensor.numel() * tensor.element_size()
+
+
+def _attributes(value: object) -> list[object]:
+    found = list(getattr(value, "__dict__", {}).values())
+    for cls in type(value).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if hasattr(value, name):
+                found.append(getattr(value, name))
+    return found
 
 
 def active_session(owner: object | None = None) -> CacheSession | None:

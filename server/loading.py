@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import TYPE_CHECKING
 
+from .acceleration import Acceleration
 from .metrics import Metrics
 from .model_settings import ModelLimits
 from .replicas import Replica
 from .service import Generations
 from .settings import LimitOverrides, Settings
+
+if TYPE_CHECKING:
+    from .models import ResidentModel
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +29,9 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
 
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
+    accelerate = Acceleration(
+        compile=settings.compile, quantize=settings.quantize, attention_backend=settings.attention_backend
+    )
     replicas: dict[str, list[Replica]] = {}
     for spec in settings.models:
         copies: list[Replica] = []
@@ -36,7 +44,10 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
                     dtype=settings.dtype,
                     cache_dir=settings.cache_dir,
                     cache_hooks=settings.install_cache_hooks,
+                    accelerate=accelerate,
                 )
+                if accelerate.compile:
+                    _warm_up(model, metrics)
                 replica_id = str(len(copies))
                 worker = Worker(
                     model,
@@ -59,6 +70,17 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
         for replica in copies:
             metrics.watch_worker(name, replica.id, replica.worker)
     return Generations(replicas, metrics=metrics)
+
+
+def _warm_up(model: ResidentModel, metrics: Metrics) -> None:
+    """Compile the model's blocks for the shapes requests will bring, before it is served."""
+    from .acceleration import warm_up
+
+    clock = warm_up(model)
+    logger.info(
+        "compiled %s: %d graphs in %.1f s (warm-up at two sizes)", model.name, clock.frames, clock.seconds
+    )
+    metrics.model_compiled(model.name, clock.seconds)
 
 
 def _with_overrides(limits: ModelLimits, overrides: LimitOverrides) -> ModelLimits:

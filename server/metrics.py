@@ -11,6 +11,10 @@ several apps in one process (the tests) count apart.
     ditcache_denoising_steps_total{model,method,result}        result: computed or cached
     ditcache_transformer_blocks_total{model,method,result}     result: computed or reused
     ditcache_attention_total{model,method,result}              result: computed or reused
+    ditcache_cache_peak_bytes{model,method}                    per generation: the most its cache
+                                                                state held at once (histogram)
+    ditcache_cache_peak_bytes_max{model,method}                the largest of those so far
+    ditcache_compile_seconds{model}                            --compile: warm-up (compile) time
     ditcache_queue_depth{model}                                requests waiting
     ditcache_jobs_in_flight{model}                             generations running (0 or 1)
 """
@@ -36,6 +40,8 @@ from cache_engine import SessionStats
 from .stages import StageTimings
 
 # From a tiny model on a CPU (milliseconds) to a large video model on a GPU (many minutes).
+# Cache state: from a tiny model's kilobytes to a video model's tens of gigabytes, by powers of 4.
+_BYTES = tuple(float(1024 * 4**power) for power in range(14))
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
@@ -91,6 +97,25 @@ class Metrics:
             ["model", "method", "result"],
             registry=registry,
         )
+        self.cache_peak_bytes = Histogram(
+            "ditcache_cache_peak_bytes",
+            "Most memory a generation's cache state held at once",
+            ["model", "method"],
+            buckets=_BYTES,
+            registry=registry,
+        )
+        self.cache_peak_bytes_max = Gauge(
+            "ditcache_cache_peak_bytes_max",
+            "Largest cache state a generation held so far: what one more concurrent request may need",
+            ["model", "method"],
+            registry=registry,
+        )
+        self.compile_seconds = Gauge(
+            "ditcache_compile_seconds",
+            "Time the compiled model's warm-up took at load (compilation included)",
+            ["model"],
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "ditcache_queue_depth", "Requests waiting", ["model", "replica"], registry=registry
         )
@@ -100,6 +125,8 @@ class Metrics:
         # In-memory tallies kept alongside, for code that wants the numbers without parsing text.
         self._lock = threading.Lock()
         self._generations: Tally[tuple[str, str, str]] = Tally()
+        self._peak_bytes: dict[tuple[str, str], int] = {}
+        self._compile_seconds: dict[str, float] = {}
         self._denoising_ms: defaultdict[str, float] = defaultdict(float)
 
     def watch_worker(self, model: str, replica: str, worker: Watched) -> None:
@@ -127,10 +154,21 @@ class Metrics:
             ):
                 counter.labels(model, method, "computed").inc(computed)
                 counter.labels(model, method, reused_name).inc(reused)
+            self.cache_peak_bytes.labels(model, method).observe(stats.peak_bytes)
+            with self._lock:
+                largest = self._peak_bytes.get((model, method), 0)
+                self._peak_bytes[(model, method)] = max(largest, stats.peak_bytes)
+                self.cache_peak_bytes_max.labels(model, method).set(self._peak_bytes[(model, method)])
         with self._lock:
             self._generations[(model, method, outcome)] += 1
             if timings is not None:
                 self._denoising_ms[model] += timings.pipeline.get("denoising", 0.0)
+
+    def model_compiled(self, model: str, seconds: float) -> None:
+        """A compiled model's warm-up time; the slowest replica's, when a model has several."""
+        with self._lock:
+            self._compile_seconds[model] = max(self._compile_seconds.get(model, 0.0), seconds)
+            self.compile_seconds.labels(model).set(self._compile_seconds[model])
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:

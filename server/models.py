@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from server import geometry
+from server import acceleration, geometry
+from server.acceleration import Acceleration
 from server.builtin_models import BUILTIN_MODEL_NAMES, BUILTIN_MODELS, BuiltinModel, materialize
 from server.caching import ModelCache
 from server.calibration import Calibration, load_calibration
@@ -88,6 +89,10 @@ class ResidentModel:
     # (e.g. {"mag_cache": {"mag_ratios": (...)}}) that fill what a request leaves out. Empty unless the
     # model ships one or ``ditcache calibrate`` wrote one.
     calibration: Calibration = field(default_factory=lambda: Calibration(model="", prompts=0))
+    # Bytes of the transformers' weights as served: quantized, they are what a host sizes memory by.
+    weight_bytes: int = 0
+    # What was done to the transformers at load (compiled blocks, quantized weights, attention backend).
+    acceleration: Acceleration = field(default_factory=Acceleration)
 
     @property
     def supported_methods(self) -> tuple[str, ...]:
@@ -226,14 +231,22 @@ def _denoisers(pipeline: DiffusionPipeline) -> list[nn.Module]:
 
 
 def load_model(
-    spec: str, *, device: str = "cpu", dtype: str = "float32", cache_dir: Path, cache_hooks: bool = True
+    spec: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    cache_dir: Path,
+    cache_hooks: bool = True,
+    accelerate: Acceleration | None = None,
 ) -> ResidentModel:
     """Load ``spec`` onto ``device`` with a cache engine per transformer; raises ModelLoadError.
 
     ``cache_hooks=False`` serves the pipeline exactly as diffusers ships it (no engine, method "none").
+    ``accelerate`` compiles, quantizes or changes the attention backend of the transformers, before
+    the engines wrap them (``server.acceleration``); compiled models still need a warm-up.
     """
     from cache_engine import CacheEngine
-    from cache_engine.targets import family_for
+    from cache_engine.targets import build_layout, family_for
 
     torch_dtype = _DTYPES.get(dtype)
     if torch_dtype is None:
@@ -261,7 +274,23 @@ def load_model(
 
     family = family_for(denoisers[0]).name
     kind = spec_of_call.kind
+    accelerate = accelerate or Acceleration()
+    if accelerate.active:
+        try:
+            acceleration.apply(
+                denoisers,
+                lambda denoiser: [site.module for site in build_layout(denoiser).blocks],
+                lambda denoiser: [site.module for site in build_layout(denoiser).attention],
+                accelerate,
+                device=device,
+                dtype=torch_dtype,
+            )
+        except acceleration.AccelerationError as exc:
+            raise ModelLoadError(f"{spec!r}: {exc}") from exc
     cache = ModelCache([CacheEngine(denoiser) for denoiser in denoisers] if cache_hooks else [])
+    if accelerate.compile:
+        for denoiser in denoisers:
+            acceleration.seal(denoiser)
     defaults = builtin.defaults if builtin else geometry.defaults(pipeline, spec_of_call)
     return ResidentModel(
         name=name,
@@ -279,4 +308,6 @@ def load_model(
         calibration=_calibration(name, spec, builtin, cache_dir),
         size_multiple=geometry.size_multiple(pipeline, spec_of_call),
         frame_step=geometry.frame_step(pipeline, spec_of_call) if kind == "video" else 1,
+        weight_bytes=sum(acceleration.weight_bytes(denoiser) for denoiser in denoisers),
+        acceleration=accelerate,
     )

@@ -424,6 +424,10 @@ class CacheStats(Response):
     blocks_reused: int
     attention_computed: int
     attention_reused: int
+    peak_bytes: int = Field(
+        description="the most memory this request's cache state held at once (residuals, attention "
+        "outputs, Taylor factors), summed over the model's transformers"
+    )
 
 
 class MediaItem(Response):
@@ -485,6 +489,9 @@ class ModelCard(Response):
     limits: ModelLimits
     size_multiple: int = Field(description="width and height must be multiples of this")
     frame_step: int = Field(description="videos: num_frames - 1 must be a multiple of this")
+    weight_bytes: int = Field(
+        description="bytes of the transformers' weights as served (after any quantization)"
+    )
     presets: dict[str, dict[str, Any]]
     replicas: list[ReplicaView] = Field(description="copies of the model; a request goes to the least loaded")
 

@@ -64,6 +64,7 @@ def model_card(model: ResidentModel, methods: tuple[str, ...], replicas: Sequenc
         limits=model.limits,
         size_multiple=model.size_multiple,
         frame_step=model.frame_step,
+        weight_bytes=model.weight_bytes,
         presets=presets,
         replicas=[
             ReplicaView(

@@ -69,6 +69,19 @@ class Settings(BaseSettings):
     install_cache_hooks: bool = Field(
         default=True, description="false: serve the plain pipelines, accepting only cache method 'none'"
     )
+    compile: bool = Field(
+        default=False,
+        description="true: compile each transformer's repeated blocks (torch.compile, regional) and warm "
+        "them up at two sizes before the server is ready",
+    )
+    quantize: Literal["none", "int8", "fp8"] = Field(
+        default="none",
+        description="quantize the transformers' linear weights with torchao (fp8 needs a GPU that has it)",
+    )
+    attention_backend: str | None = Field(
+        default=None,
+        description="diffusers attention backend (native, flash, sage, ...), checked at start-up",
+    )
     queue_size: int = Field(default=16, ge=1, le=10_000, description="requests waiting per model")
     job_ttl_s: float = Field(default=3600.0, gt=0, description="how long a finished job's result is kept")
     max_finished_jobs: int = Field(default=256, ge=1, description="finished jobs kept, oldest dropped first")
