@@ -288,31 +288,6 @@ def _update(series: _TaylorSeries | None, value: torch.Tensor, order: int) -> _T
 # -- the blocks' handlers --------------------------------------------------------------------------
 
 
-def _streams(site: BlockSite, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(hidden, encoder) out of a block's output; encoder is None for blocks with one stream."""
-    if not isinstance(output, tuple):
-        return output, None
-    encoder = None if site.encoder_hidden_states_index is None else output[site.encoder_hidden_states_index]
-    return output[site.hidden_states_index or 0], encoder
-
-
-def _inputs(site: BlockSite, call: ModuleCall) -> tuple[torch.Tensor, torch.Tensor | None]:
-    hidden = site.argument("hidden_states", call.args, call.kwargs)
-    if site.encoder_hidden_states_index is None:
-        return hidden, None
-    return hidden, site.argument("encoder_hidden_states", call.args, call.kwargs)
-
-
-def _pack(site: BlockSite, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
-    """The streams in the block's own output order."""
-    if site.encoder_hidden_states_index is None:
-        return hidden
-    result: list[Any] = [None, None]
-    result[site.hidden_states_index or 0] = hidden
-    result[site.encoder_hidden_states_index] = encoder
-    return tuple(result)
-
-
 @dataclass(frozen=True)
 class _Role:
     first: bool  # records the chain's input
@@ -335,7 +310,7 @@ class _ChainBlockHandler:
         site, role = self.site, self.role
         if role.middle:
             if state.reusing:
-                return _pack(site, *_inputs(site, call))
+                return site.pack(*site.inputs(call.args, call.kwargs))
             output = call.run()
             if role.last_middle:
                 self._store_middle_residuals(state, output)
@@ -349,7 +324,7 @@ class _ChainBlockHandler:
 
     def _decide(self, state: _ChainState, output: Any) -> Any:
         site, config = self.site, self.config
-        hidden, encoder = _streams(site, output)
+        hidden, encoder = site.streams(output)
         assert state.chain_input is not None
         front_residual = hidden - state.chain_input
         state.chain_input = None
@@ -362,7 +337,7 @@ class _ChainBlockHandler:
             hidden = (hidden_residual + hidden).contiguous()
             if encoder is not None and encoder_residual is not None:
                 encoder = (encoder_residual + encoder).contiguous()
-            return _pack(site, hidden, encoder)
+            return site.pack(hidden, encoder)
         state.front_residual = front_residual
         state.middle_input = (hidden, encoder)
         if self.role.middle_empty:
@@ -373,7 +348,7 @@ class _ChainBlockHandler:
         assert state.middle_input is not None
         hidden_in, encoder_in = state.middle_input
         state.middle_input = None
-        hidden, encoder = _streams(self.site, output)
+        hidden, encoder = self.site.streams(output)
         # SD3's last block returns no text stream: there is no text residual to keep then.
         encoder_residual = None if encoder is None or encoder_in is None else encoder - encoder_in
         state.store_residuals(hidden - hidden_in, encoder_residual, self.order)

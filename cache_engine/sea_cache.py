@@ -294,23 +294,6 @@ class _DenoiserHandler:
         return _Position(step_index, sigma, steps, list(raw_vision))
 
 
-def _block_inputs(site: BlockSite, call: ModuleCall) -> tuple[torch.Tensor, torch.Tensor | None]:
-    hidden = site.argument("hidden_states", call.args, call.kwargs)
-    encoder = None
-    if site.encoder_hidden_states_index is not None:
-        encoder = site.argument("encoder_hidden_states", call.args, call.kwargs)
-    return hidden, encoder
-
-
-def _block_output(site: BlockSite, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
-    if site.encoder_hidden_states_index is None:
-        return hidden
-    output: list[Any] = [None] * (max(site.hidden_states_index or 0, site.encoder_hidden_states_index) + 1)
-    output[site.hidden_states_index or 0] = hidden
-    output[site.encoder_hidden_states_index] = encoder
-    return tuple(output)
-
-
 def _gen_residual(gen_output: torch.Tensor, gen_input: torch.Tensor) -> torch.Tensor | None:
     if gen_output.shape == gen_input.shape:
         return gen_output - gen_input
@@ -340,7 +323,7 @@ class _BlockHandler:
         if self.is_leader:
             return self._lead(call, state)
         if state.skip_remaining:
-            return _block_output(self.site, *_block_inputs(self.site, call))
+            return self.site.pack(*self.site.inputs(call.args, call.kwargs))
         return self._compute(call, state)
 
     def _compute(self, call: ModuleCall, state: _State) -> Any:
@@ -352,7 +335,7 @@ class _BlockHandler:
     def _lead(self, call: ModuleCall, state: _State) -> Any:
         site = self.site
         config = self.shared.config
-        hidden, encoder = _block_inputs(site, call)
+        hidden, encoder = site.inputs(call.args, call.kwargs)
         state.reset_forward()
         state.full_execution_pending = True
         state.gen_input = hidden
@@ -407,7 +390,7 @@ class _BlockHandler:
         state.skip_remaining = True
         state.full_execution_pending = False
         state.consecutive_cached += 1
-        return _block_output(site, hidden + cached_residual, encoder if cached_und is None else cached_und)
+        return site.pack(hidden + cached_residual, encoder if cached_und is None else cached_und)
 
     def _record(self, state: _State, output: Any) -> None:
         site = self.site

@@ -175,6 +175,32 @@ class BlockSite:
     def argument(self, name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         return self.reader.get(name, args, kwargs)
 
+    def inputs(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, encoder) the block was called with; encoder is None for blocks with one stream."""
+        hidden = self.argument("hidden_states", args, kwargs)
+        if self.encoder_hidden_states_index is None:
+            return hidden, None
+        return hidden, self.argument("encoder_hidden_states", args, kwargs)
+
+    def streams(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, encoder) out of the block's output; encoder is None for blocks with one stream."""
+        if not isinstance(output, tuple):
+            return output, None
+        index = self.encoder_hidden_states_index
+        return output[self.hidden_states_index or 0], None if index is None else output[index]
+
+    def pack(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
+        """The streams in the block's own output order."""
+        if self.encoder_hidden_states_index is None:
+            return hidden
+        hidden_index = self.hidden_states_index or 0
+        output: list[Any] = [None] * (max(hidden_index, self.encoder_hidden_states_index) + 1)
+        output[hidden_index] = hidden
+        output[self.encoder_hidden_states_index] = encoder
+        return tuple(output)
+
 
 @dataclass(frozen=True, eq=False)
 class AttentionSite:

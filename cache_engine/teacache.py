@@ -102,29 +102,6 @@ class _Policy:
         return _State(self.runs)
 
 
-def _streams(site: BlockSite, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if not isinstance(output, tuple):
-        return output, None
-    encoder = None if site.encoder_hidden_states_index is None else output[site.encoder_hidden_states_index]
-    return output[site.hidden_states_index or 0], encoder
-
-
-def _inputs(site: BlockSite, call: ModuleCall) -> tuple[torch.Tensor, torch.Tensor | None]:
-    hidden = site.argument("hidden_states", call.args, call.kwargs)
-    if site.encoder_hidden_states_index is None:
-        return hidden, None
-    return hidden, site.argument("encoder_hidden_states", call.args, call.kwargs)
-
-
-def _pack(site: BlockSite, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
-    if site.encoder_hidden_states_index is None:
-        return hidden
-    result: list[Any] = [None, None]
-    result[site.hidden_states_index or 0] = hidden
-    result[site.encoder_hidden_states_index] = encoder
-    return tuple(result)
-
-
 class _BlockHandler:
     """Every block of the model: the first decides, each run's first applies its residual on a skip."""
 
@@ -142,22 +119,22 @@ class _BlockHandler:
         if self.decides:
             state.should_compute = self._should_compute(state, modulated_input(site, call.args, call.kwargs))
         if not state.should_compute:
-            hidden, encoder = _inputs(site, call)
+            hidden, encoder = site.inputs(call.args, call.kwargs)
             if self.first:
                 residual = state.residuals[self.run]
                 assert residual is not None
                 hidden = hidden + residual[0]
                 if encoder is not None and residual[1] is not None:
                     encoder = encoder + residual[1]
-            return _pack(site, hidden, encoder)
+            return site.pack(hidden, encoder)
         if self.first:
-            state.run_inputs[self.run] = _inputs(site, call)
+            state.run_inputs[self.run] = site.inputs(call.args, call.kwargs)
         output = call.run()
         if self.last:
             run_input = state.run_inputs[self.run]
             assert run_input is not None
             state.run_inputs[self.run] = None
-            hidden, encoder = _streams(site, output)
+            hidden, encoder = site.streams(output)
             encoder_residual = None if encoder is None or run_input[1] is None else encoder - run_input[1]
             state.residuals[self.run] = (hidden - run_input[0], encoder_residual)
         return output
