@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .seeding import seeded
 from .text_encoders import CLIP_TEXT, clip_text_model
-from .tokenizers import WORDS, clip_tokenizer
+from .tokenizers import WORDS, clip_tokenizer, merge_chain
 
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -95,18 +95,11 @@ def llama_tokenizer(words: Iterable[str] = ()) -> LlamaTokenizerFast:
         vocab.setdefault(char, len(vocab))
     merges: dict[tuple[str, str], None] = {}
 
-    def chain(pieces: list[str]) -> None:
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            merges[(merged, piece)] = None
-            merged += piece
-            vocab.setdefault(merged, len(vocab))
-
     pending = [list(form) for form in forms]
     while True:
         # As in tokenizers.clip_tokenizer: a form cut apart by another's merges gets a chain of its own.
         for pieces in pending:
-            chain(pieces)
+            merge_chain(pieces, merges, vocab)
         tokenizer = LlamaTokenizerFast(
             vocab=dict(vocab),
             merges=list(merges),

@@ -101,6 +101,18 @@ CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 512
 
 
+def merge_chain(pieces: list[str], merges: dict[tuple[str, str], None], vocab: dict[str, int]) -> None:
+    """BPE merges that join ``pieces`` left to right into one token, each new piece added to ``vocab``.
+
+    ``merges`` is a dict so that words sharing a prefix share its merges, each kept once, in order.
+    """
+    merged = pieces[0]
+    for piece in pieces[1:]:
+        merges[(merged, piece)] = None
+        merged += piece
+        vocab.setdefault(merged, len(vocab))
+
+
 def clip_tokenizer(words: Iterable[str] = WORDS) -> CLIPTokenizer:
     """Byte-level BPE over single bytes, plus merges that make each word a single token.
 
@@ -118,15 +130,8 @@ def clip_tokenizer(words: Iterable[str] = WORDS) -> CLIPTokenizer:
         vocab.setdefault(symbol, len(vocab))
     merges: dict[tuple[str, str], None] = {}
 
-    def chain(pieces: list[str]) -> None:
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            merges[(merged, piece)] = None
-            merged += piece
-            vocab.setdefault(merged, len(vocab))
-
     for word in words:
-        chain([*word[:-1], word[-1] + "</w>"])
+        merge_chain([*word[:-1], word[-1] + "</w>"], merges, vocab)
     while True:
         # Annotated as list[str], but handed to tokenizers' BPE, which takes pairs.
         tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=CLIP_MAX_LENGTH)  # type: ignore[arg-type]
@@ -135,7 +140,7 @@ def clip_tokenizer(words: Iterable[str] = WORDS) -> CLIPTokenizer:
         if not split:
             return tokenizer
         for pieces in split:
-            chain(pieces)
+            merge_chain(pieces, merges, vocab)
 
 
 def t5_tokenizer(words: Iterable[str] = WORDS) -> T5Tokenizer:
@@ -165,20 +170,13 @@ def byte_level_bpe(special_tokens: Iterable[str], words: Iterable[str] = WORDS) 
         vocab.setdefault(symbol, len(vocab))
     merges: dict[tuple[str, str], None] = {}
 
-    def chain(pieces: list[str]) -> None:
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            merges[(merged, piece)] = None
-            merged += piece
-            vocab.setdefault(merged, len(vocab))
-
     # The byte-level form of each word, as the pre-tokenizer hands it to the model.
     spelled = [byte_level.pre_tokenize_str(form)[0][0] for word in words for form in (word, " " + word)]
     pending = [list(form) for form in spelled]
     while True:
         # As in clip_tokenizer: a word cut apart by another word's merges gets a chain of its own.
         for pieces in pending:
-            chain(pieces)
+            merge_chain(pieces, merges, vocab)
         tokenizer = Tokenizer(models.BPE(vocab=dict(vocab), merges=list(merges)))
         split = (tokenizer.model.tokenize(form) for form in spelled)
         pending = [[token.value for token in tokens] for tokens in split if len(tokens) > 1]
