@@ -22,8 +22,6 @@ several apps in one process (the tests) count apart.
 from __future__ import annotations
 
 import threading
-from collections import Counter as Tally
-from collections import defaultdict
 from typing import Protocol
 
 from prometheus_client import (
@@ -122,12 +120,10 @@ class Metrics:
         self.in_flight = Gauge(
             "ditcache_jobs_in_flight", "Generations running", ["model", "replica"], registry=registry
         )
-        # In-memory tallies kept alongside, for code that wants the numbers without parsing text.
+        # Gauges that hold a running maximum: a read and a set that must not interleave with another's.
         self._lock = threading.Lock()
-        self._generations: Tally[tuple[str, str, str]] = Tally()
         self._peak_bytes: dict[tuple[str, str], int] = {}
         self._compile_seconds: dict[str, float] = {}
-        self._denoising_ms: defaultdict[str, float] = defaultdict(float)
 
     def watch_worker(self, model: str, replica: str, worker: Watched) -> None:
         """Gauges read from the worker when scraped, so they can never drift from it."""
@@ -159,23 +155,12 @@ class Metrics:
                 largest = self._peak_bytes.get((model, method), 0)
                 self._peak_bytes[(model, method)] = max(largest, stats.peak_bytes)
                 self.cache_peak_bytes_max.labels(model, method).set(self._peak_bytes[(model, method)])
-        with self._lock:
-            self._generations[(model, method, outcome)] += 1
-            if timings is not None:
-                self._denoising_ms[model] += timings.pipeline.get("denoising", 0.0)
 
     def model_compiled(self, model: str, seconds: float) -> None:
         """A compiled model's warm-up time; the slowest replica's, when a model has several."""
         with self._lock:
             self._compile_seconds[model] = max(self._compile_seconds.get(model, 0.0), seconds)
             self.compile_seconds.labels(model).set(self._compile_seconds[model])
-
-    def snapshot(self) -> dict[str, object]:
-        with self._lock:
-            return {
-                "generations": {"/".join(key): count for key, count in self._generations.items()},
-                "denoising_ms": dict(self._denoising_ms),
-            }
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""

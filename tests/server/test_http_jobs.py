@@ -212,12 +212,12 @@ def test_a_client_that_goes_away_cancels_its_generation(server: LiveServer, clie
     generations = server.runtime.generations
     assert generations is not None
     worker = generations.workers["tiny-flux"]
-    cancelled = ("tiny-flux", "none", "GenerationCancelled")
+    cancelled = {"model": "tiny-flux", "method": "none", "outcome": "GenerationCancelled"}
 
-    def count() -> int:
-        counts = generations.metrics.snapshot()["generations"]
-        assert isinstance(counts, dict)
-        return int(counts.get("/".join(cancelled), 0))
+    def count() -> float:
+        # None until the first such generation creates the labelled sample.
+        value = generations.metrics.registry.get_sample_value("ditcache_generations_total", cancelled)
+        return value or 0.0
 
     # Seen from the worker's side: the server asked it to cancel, which it does only when the client left.
     asked_to_cancel = threading.Event()
