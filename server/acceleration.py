@@ -353,18 +353,7 @@ def warm_up_params(model: ResidentModel) -> list[GenerationParams]:
 
     defaults, limits = model.defaults, model.limits
     steps = max(2, model.call_spec.min_steps)
-    first = GenerationParams(
-        prompt="warm-up",
-        negative_prompt=None,
-        width=defaults.width,
-        height=defaults.height,
-        num_frames=defaults.num_frames,
-        steps=steps,
-        guidance_scale=defaults.guidance_scale,
-        seed=0,
-        n=1,
-        fps=defaults.fps,
-    )
+    first = GenerationParams.from_defaults(defaults, prompt="warm-up", steps=steps)
     step = model.size_multiple
     frames = defaults.num_frames
     if frames is not None:

@@ -9,7 +9,7 @@ the output is the one a direct call of the pipeline with the same arguments and 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +17,7 @@ import torch
 if TYPE_CHECKING:
     from PIL import Image
 
+    from server.model_settings import ModelDefaults
     from server.models import ResidentModel
 
 __all__ = [
@@ -42,6 +43,27 @@ class GenerationParams:
     n: int
     # Videos: the rate the pipeline is told, where it takes one (LTX), and the container's rate.
     fps: int | None = None
+
+    @classmethod
+    def from_defaults(cls, defaults: ModelDefaults, *, prompt: str, **overrides: Any) -> GenerationParams:
+        """A model's defaults for size, frames, steps, guidance and fps, with one image or video of
+        seed 0 and no negative prompt; ``overrides`` replaces any field by name.
+
+        An unknown field name raises TypeError, as the constructor does.
+        """
+        params = cls(
+            prompt=prompt,
+            negative_prompt=None,
+            width=defaults.width,
+            height=defaults.height,
+            num_frames=defaults.num_frames,
+            steps=defaults.steps,
+            guidance_scale=defaults.guidance_scale,
+            seed=0,
+            n=1,
+            fps=defaults.fps,
+        )
+        return replace(params, **overrides)
 
 
 @dataclass

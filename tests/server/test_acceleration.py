@@ -8,7 +8,6 @@ C++ build would take minutes here (``python -m benchmarks.engine --compile`` mea
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 from pathlib import Path
@@ -41,20 +40,9 @@ def _config(method: str) -> Any:
 
 
 def _params(model: ResidentModel, **changes: Any) -> GenerationParams:
-    defaults = model.defaults
-    params = GenerationParams(
-        prompt="a red circle",
-        negative_prompt=None,
-        width=defaults.width,
-        height=defaults.height,
-        num_frames=defaults.num_frames,
-        steps=4,
-        guidance_scale=defaults.guidance_scale,
-        seed=7,
-        n=1,
-        fps=defaults.fps,
+    return GenerationParams.from_defaults(
+        model.defaults, prompt="a red circle", **{"steps": 4, "seed": 7, **changes}
     )
-    return dataclasses.replace(params, **changes)
 
 
 def _pixels(

@@ -18,6 +18,7 @@ from server.generation import (
     check_params,
     generate,
 )
+from server.model_settings import ModelDefaults
 from server.models import ResidentModel, load_model
 from server.stages import STAGES, StageProbe
 
@@ -39,20 +40,11 @@ def model(request: pytest.FixtureRequest) -> ResidentModel:
     return resident
 
 
-def params_for(model: ResidentModel, **changes: object) -> GenerationParams:
-    defaults = model.defaults
-    params = GenerationParams(
-        prompt="a small red circle at the top on a blue background",
-        negative_prompt=None,
-        width=defaults.width,
-        height=defaults.height,
-        num_frames=defaults.num_frames,
-        steps=4,
-        guidance_scale=defaults.guidance_scale,
-        seed=7,
-        n=1,
+def params_for(model: ResidentModel, **changes: Any) -> GenerationParams:
+    return GenerationParams.from_defaults(
+        model.defaults,
+        **{"prompt": "a small red circle at the top on a blue background", "steps": 4, "seed": 7, **changes},
     )
-    return dataclasses.replace(params, **changes)  # type: ignore[arg-type]
 
 
 def frames(result: GenerationResult) -> list[Image.Image]:
@@ -65,6 +57,30 @@ def frames(result: GenerationResult) -> list[Image.Image]:
 
 def pixels(result: GenerationResult) -> np.ndarray:
     return np.stack([np.asarray(frame) for frame in frames(result)])
+
+
+# -- params from a model's defaults ----------------------------------------------------------------------
+
+
+def test_params_from_defaults_take_every_default_and_each_override() -> None:
+    # No two defaults alike, so that a field read from the wrong one shows.
+    defaults = ModelDefaults(width=48, height=32, num_frames=9, steps=5, guidance_scale=2.5, fps=12)
+    assert GenerationParams.from_defaults(defaults, prompt="a cat") == GenerationParams(
+        prompt="a cat",
+        negative_prompt=None,
+        width=48,
+        height=32,
+        num_frames=9,
+        steps=5,
+        guidance_scale=2.5,
+        seed=0,
+        n=1,
+        fps=12,
+    )
+    changed = GenerationParams.from_defaults(defaults, prompt="a cat", steps=2, seed=7, negative_prompt="fog")
+    assert (changed.steps, changed.seed, changed.negative_prompt, changed.width) == (2, 7, "fog", 48)
+    with pytest.raises(TypeError):
+        GenerationParams.from_defaults(defaults, prompt="a cat", colour="red")
 
 
 # -- shapes ---------------------------------------------------------------------------------------------

@@ -51,17 +51,7 @@ def test_generations_follow_their_prompts(model: ResidentModel) -> None:
     scenes = evaluate.test_scenes(PROMPTS)
     images = []
     for seed, scene in enumerate(scenes):
-        params = GenerationParams(
-            prompt=scene.caption,
-            negative_prompt=None,
-            width=model.defaults.width,
-            height=model.defaults.height,
-            num_frames=None,
-            steps=model.defaults.steps,
-            guidance_scale=model.defaults.guidance_scale,
-            seed=seed,
-            n=1,
-        )
+        params = GenerationParams.from_defaults(model.defaults, prompt=scene.caption, seed=seed)
         result = generate(model, params)
         assert result.images is not None
         images.append(np.asarray(result.images[0].convert("RGB")))
