@@ -9,6 +9,11 @@ from zero. The first call always runs, and so does the last one of ``num_steps``
 The polynomial comes from the config's ``coefficients``, else from the family table (the paper's, for
 the families it fits one for); a model with neither needs them given (or fitted by a calibration run).
 
+``calibrate=True`` measures what the polynomial is fitted to instead: every call runs, and each branch
+records, from one call to the next, the relative L1 change of the first block's modulated input and of
+the denoiser's output (:func:`calibration_pairs`); :func:`fit_coefficients` fits the polynomial to
+them, as the paper's scripts do with ``numpy.polyfit``.
+
 Departures from the paper's scripts: state is kept per CFG branch (they count the cond and uncond calls
 of one step as two steps); ``rel_l1_thresh=0`` computes every call (theirs still skips where the fitted
 polynomial is negative); where a family's hidden states change layout between block lists (Flux 2),
@@ -18,16 +23,17 @@ each list carries its own residual, applied where the list starts.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import _validation as check
 from .errors import InvalidConfigValue, UnsupportedMethodError
-from .session import Handler, ModuleCall, Plan
+from .session import CacheSession, Handler, ModuleCall, Plan
 from .targets import BlockSite, ModelLayout, has_modulated_input, modulated_input
 
 NAME = "teacache"
@@ -43,11 +49,16 @@ class TeaCacheConfig:
     rel_l1_thresh: float = 0.25
     coefficients: tuple[float, ...] | None = None
     num_steps: int | None = None
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
         check.number("rel_l1_thresh", self.rel_l1_thresh, minimum=0.0)
         object.__setattr__(self, "coefficients", _coefficients(self.coefficients))
         check.positive_int("num_steps", self.num_steps, optional=True)
+        if not isinstance(self.calibrate, bool):
+            raise InvalidConfigValue(
+                f"calibrate must be a boolean, got {self.calibrate!r}", field="calibrate"
+            )
 
 
 def _coefficients(value: Any) -> tuple[float, ...] | None:
@@ -185,6 +196,15 @@ def plan(config: TeaCacheConfig, layout: ModelLayout) -> Plan:
         raise UnsupportedMethodError(
             NAME, layout, f"the timestep-modulated input of a {type(first.module).__name__} is not known"
         )
+    if config.calibrate:
+        recorder = _Recorder()
+        return Plan(
+            method=NAME,
+            handlers={
+                first.module: _ObservedBlock(first, recorder),
+                layout.denoiser: _ObservedDenoiser(recorder),
+            },
+        )
     policy = _Policy(
         threshold=float(config.rel_l1_thresh),
         coefficients=coefficients_for(config, layout),
@@ -198,3 +218,82 @@ def plan(config: TeaCacheConfig, layout: ModelLayout) -> Plan:
                 site, policy, index, first=position == 0, last=position == len(run) - 1
             )
     return Plan(method=NAME, handlers=handlers)
+
+
+# -- calibration: what the rescaling polynomial is fitted to -----------------------------------------
+
+
+def _relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
+    return ((current - previous).abs().mean() / previous.abs().mean()).item()
+
+
+class _Observed:
+    """One branch's last modulated input and output, to compare the next call's with."""
+
+    __slots__ = ("modulated", "previous_modulated", "previous_output")
+
+    def __init__(self) -> None:
+        self.modulated: torch.Tensor | None = None
+        self.previous_modulated: torch.Tensor | None = None
+        self.previous_output: torch.Tensor | None = None
+
+
+# Compared by identity: it keys the session's state.
+@dataclass(frozen=True, eq=False)
+class _Recorder:
+    def pairs(self) -> list[tuple[float, float]]:
+        return []
+
+
+class _ObservedBlock:
+    def __init__(self, site: BlockSite, recorder: _Recorder) -> None:
+        self.site = site
+        self.recorder = recorder
+
+    def __call__(self, call: ModuleCall) -> Any:
+        state = call.session.state(self.recorder, _Observed)
+        state.modulated = modulated_input(self.site, call.args, call.kwargs).detach()
+        return call.run()
+
+
+class _ObservedDenoiser:
+    def __init__(self, recorder: _Recorder) -> None:
+        self.recorder = recorder
+
+    def __call__(self, call: ModuleCall) -> Any:
+        output = call.run()
+        sample = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+        state = call.session.state(self.recorder, _Observed)
+        current, modulated = sample.detach(), state.modulated
+        previous, previous_modulated = state.previous_output, state.previous_modulated
+        # A new resolution in the same session starts a new sequence: nothing to compare with.
+        if (
+            previous is not None
+            and previous_modulated is not None
+            and modulated is not None
+            and previous.shape == current.shape
+            and previous_modulated.shape == modulated.shape
+        ):
+            pair = (_relative_l1(modulated, previous_modulated), _relative_l1(current, previous))
+            call.session.shared_state(self.recorder, self.recorder.pairs).append(pair)
+        state.previous_output, state.previous_modulated = current, modulated
+        return output
+
+
+def calibration_pairs(session: CacheSession) -> list[tuple[float, float]]:
+    """The (input change, output change) pairs every branch recorded in ``session`` under
+    ``calibrate=True``. Read it inside the ``with`` block: the session's state ends with it."""
+    for handler in session.plan.handlers.values():
+        if isinstance(handler, _ObservedDenoiser):
+            return list(session.shared_state(handler.recorder, handler.recorder.pairs))
+    raise ValueError(f"session does not run {NAME} with calibrate=True")
+
+
+def fit_coefficients(pairs: Sequence[tuple[float, float]], degree: int = 4) -> tuple[float, ...]:
+    """The least-squares polynomial (highest power first) from input change to output change."""
+    if len(pairs) <= degree:
+        raise ValueError(
+            f"fitting a degree-{degree} polynomial needs more than {degree} pairs, got {len(pairs)}"
+        )
+    x, y = np.asarray(pairs, dtype=np.float64).T
+    return tuple(float(c) for c in np.polyfit(x, y, degree))

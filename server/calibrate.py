@@ -36,6 +36,10 @@ _COLOURS = ("red", "blue", "green", "yellow", "white", "purple", "orange", "blac
 _PLACES = ("on the sea", "in a forest", "at night", "under the sun", "in the snow", "in a city")
 
 
+# Prompts MagCache's ratios and TeaCache's polynomial are measured on: the first of the calibration set.
+FIT_PROMPTS = 4
+
+
 def calibration_prompts(count: int) -> list[str]:
     return [
         f"a {_COLOURS[i % len(_COLOURS)]} {_SUBJECTS[(i // 2) % len(_SUBJECTS)]} {_PLACES[i % len(_PLACES)]}"
@@ -82,14 +86,19 @@ def _policy_key(policy: Mapping[str, Any]) -> str:
     return json.dumps(policy, sort_keys=True)
 
 
-def _config(model: ResidentModel, policy: Mapping[str, Any]) -> Any:
+def _config(
+    model: ResidentModel,
+    policy: Mapping[str, Any],
+    steps: int,
+    method_values: Mapping[str, Mapping[str, Any]],
+) -> Any:
     from pydantic import TypeAdapter
 
     from . import policy as policies
     from .protocol import CacheSpec
 
     spec = TypeAdapter(CacheSpec).validate_python(dict(policy))
-    config = policies.to_engine_config(spec, model.presets, model.calibration.method_values)
+    config = policies.to_engine_config(spec, model.presets, method_values, steps=steps)
     model.cache.check(config)
     return config
 
@@ -103,11 +112,70 @@ def _pixels(model: ResidentModel, params: GenerationParams, config: Any) -> tupl
     return np.stack([np.asarray(frame, dtype=np.float64) for frame in frames]), elapsed
 
 
+def _params(model: ResidentModel, setting: Setting, prompt: str, seed: int) -> GenerationParams:
+    defaults = model.defaults
+    params = GenerationParams(
+        prompt=prompt,
+        negative_prompt=None,
+        width=defaults.width,
+        height=defaults.height,
+        num_frames=defaults.num_frames,
+        steps=setting.steps,
+        guidance_scale=setting.guidance_scale,
+        seed=seed,
+        n=1,
+        fps=defaults.fps,
+    )
+    check_params(model, params)
+    return params
+
+
+def fit_method_values(
+    model: ResidentModel, setting: Setting, prompts: Sequence[str], log: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """MagCache's magnitude ratios and TeaCache's rescaling polynomial for this checkpoint, measured on
+    uncached runs (every block computed) of ``prompts`` at ``setting``, every CFG branch pooled."""
+    from cache_engine import MagCacheConfig, TeaCacheConfig, mag_cache, teacache
+
+    engines = model.cache.engines
+    if len(engines) != 1:
+        # Each expert of a multi-transformer model would need its own values; the config carries one.
+        log(f"  per-checkpoint values not fitted: the model has {len(engines)} transformers")
+        return {}
+    engine, supported = engines[0], model.cache.supported_methods
+    values: dict[str, dict[str, Any]] = {}
+    if "mag_cache" in supported:
+        curves: list[tuple[float, ...]] = []
+        for seed, prompt in enumerate(prompts):
+            config = MagCacheConfig(calibrate=True, num_inference_steps=setting.steps)
+            with engine.session(config) as session:
+                generate(model, _params(model, setting, prompt, seed))
+                curves.extend(mag_cache.calibrated_ratios(session).values())
+        curves = [curve for curve in curves if len(curve) == setting.steps]
+        if curves:
+            ratios = np.mean(np.asarray(curves, dtype=np.float64), axis=0)
+            values["mag_cache"] = {"mag_ratios": [round(float(r), 5) for r in ratios]}
+            log(f"  mag_cache: mag_ratios from {len(curves)} runs of {setting.steps} steps")
+    if "teacache" in supported:
+        pairs: list[tuple[float, float]] = []
+        for seed, prompt in enumerate(prompts):
+            with engine.session(TeaCacheConfig(calibrate=True)) as session:
+                generate(model, _params(model, setting, prompt, seed))
+                pairs.extend(teacache.calibration_pairs(session))
+        try:
+            values["teacache"] = {"coefficients": list(teacache.fit_coefficients(pairs))}
+            log(f"  teacache: coefficients fitted to {len(pairs)} consecutive calls")
+        except ValueError as exc:
+            log(f"  teacache: coefficients not fitted: {exc}")
+    return values
+
+
 def run_setting(
     model: ResidentModel,
     setting: Setting,
     prompts: Sequence[str],
     policies: Sequence[Mapping[str, Any]],
+    method_values: Mapping[str, Mapping[str, Any]],
     work: dict[str, Any],
     *,
     stop_at: float,
@@ -115,12 +183,11 @@ def run_setting(
     log: Callable[[str], None],
 ) -> None:
     """Fill ``work[setting.key][prompt index]`` with each policy's (squared error sum, pixels, seconds)."""
-    defaults = model.defaults
     done: dict[str, Any] = work.setdefault(setting.key, {})
     runnable = []
     for policy in policies:
         try:
-            runnable.append((policy, _config(model, policy)))
+            runnable.append((policy, _config(model, policy, setting.steps, method_values)))
         except Exception as exc:  # a method this model cannot run, or one missing calibrated values
             log(f"  skipped {_policy_key(policy)}: {exc}")
     for index, prompt in enumerate(prompts):
@@ -129,19 +196,7 @@ def run_setting(
         if time.monotonic() >= stop_at:
             log(f"  time limit: {index} of {len(prompts)} prompts done")
             return
-        params = GenerationParams(
-            prompt=prompt,
-            negative_prompt=None,
-            width=defaults.width,
-            height=defaults.height,
-            num_frames=defaults.num_frames,
-            steps=setting.steps,
-            guidance_scale=setting.guidance_scale,
-            seed=index,
-            n=1,
-            fps=defaults.fps,
-        )
-        check_params(model, params)
+        params = _params(model, setting, prompt, index)
         reference, reference_s = _pixels(model, params, None)
         row: dict[str, Any] = {"none": [0.0, reference.size, reference_s]}
         for policy, config in runnable:
@@ -194,11 +249,25 @@ def calibrate(
 
     stop_at = time.monotonic() + time_limit_s
     existing = load_calibration(out) if out.exists() else model.calibration
+    method_values: dict[str, Mapping[str, Any]] = dict(existing.method_values)
+    if not method_values and settings:
+        # The longest run samples the ratio curve most finely; shorter runs resample it.
+        fit_at = max(settings, key=lambda setting: (setting.steps, setting.guidance))
+        log(f"fitting per-checkpoint values at {fit_at.key} on {min(FIT_PROMPTS, len(prompts))} prompts")
+        method_values = dict(fit_method_values(model, fit_at, prompts[:FIT_PROMPTS], log))
     curves = tuple(existing.curves)
     for setting in settings:
         log(f"calibrating {model.name} at {setting.key} on {len(prompts)} prompts")
         run_setting(
-            model, setting, prompts, policies or sweep_policies(), work, stop_at=stop_at, save=save, log=log
+            model,
+            setting,
+            prompts,
+            policies or sweep_policies(),
+            method_values,
+            work,
+            stop_at=stop_at,
+            save=save,
+            log=log,
         )
         curve = curve_of(setting, work.get(setting.key, {}))
         if curve is not None:
@@ -207,7 +276,7 @@ def calibrate(
         model=model.name,
         prompts=len(prompts),
         curves=curves,
-        method_values=existing.method_values,
+        method_values=method_values,
     )
     calibration.save(out)
     return calibration

@@ -184,7 +184,7 @@ class TeaCache(Request):
     rel_l1_thresh: float = Field(default=0.25, ge=0, le=10)
     coefficients: Coefficients | None = Field(
         default=None,
-        description="default: the paper's for the model's family, else the model's calibrated ones",
+        description="default: the model's calibrated ones, else the paper's for its family",
     )
     num_steps: int | None = Field(
         default=None, ge=1, le=1000, description="the run's steps; when given, the last one always computes"

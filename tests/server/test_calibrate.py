@@ -16,6 +16,8 @@ from tests.server.conftest import LiveServer, error_of, live_server
 POLICIES = [
     {"method": "first_block_cache", "threshold": 0.3},
     {"method": "taylorseer", "cache_interval": 2, "disable_cache_before_step": 1, "use_lite_mode": True},
+    # Runnable only with the ratios the calibration fits first.
+    {"method": "mag_cache", "threshold": 0.5, "retention_ratio": 0.0},
 ]
 
 
@@ -41,10 +43,19 @@ def test_the_calibration_has_a_curve_per_setting_with_every_policy(calibrated: P
     assert sorted((curve.steps, curve.guidance) for curve in calibration.curves) == [(4, False), (4, True)]
     for curve in calibration.curves:
         methods = sorted(point.policy["method"] for point in curve.points)
-        assert methods == ["first_block_cache", "none", "taylorseer"]
+        assert methods == ["first_block_cache", "mag_cache", "none", "taylorseer"]
         uncached = next(point for point in curve.points if point.policy["method"] == "none")
         assert uncached.psnr == float("inf") and uncached.speedup == 1.0
         assert all(point.worst_psnr <= point.psnr for point in curve.points)
+
+
+def test_the_calibration_fits_magcache_ratios_and_teacache_coefficients(calibrated: Path) -> None:
+    values = load_calibration(calibration_path(calibrated, "tiny-flux")).method_values
+    # Fitted at the longest setting with guidance: one ratio per step, the first step's being 1.
+    ratios = values["mag_cache"]["mag_ratios"]
+    assert len(ratios) == 4 and ratios[0] == 1.0 and all(r > 0 for r in ratios)
+    coefficients = values["teacache"]["coefficients"]
+    assert len(coefficients) == 5 and all(isinstance(c, float) for c in coefficients)
 
 
 def test_a_second_run_resumes_instead_of_measuring_again(calibrated: Path) -> None:
@@ -116,3 +127,19 @@ def test_a_bad_floor_names_the_field(server: LiveServer) -> None:
         )
     assert answer.status_code == 422
     assert error_of(answer)["param"] == "cache.target.min_psnr"
+
+
+def test_the_fitted_ratios_serve_a_magcache_request_that_gives_none(server: LiveServer) -> None:
+    body = {"model": "tiny-flux", "prompt": "a cat", "steps": 4, "guidance_scale": 1.0, "seed": 1}
+    with server.client() as client:
+        answer = client.post(
+            "/v1/generations", json={**body, "cache": {"method": "mag_cache", "threshold": 0.5}}
+        )
+        uncalibrated = client.post(
+            "/v1/generations",
+            json={"model": "tiny-wan", "prompt": "waves", "steps": 2, "cache": {"method": "mag_cache"}},
+        )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["cache"]["method"] == "mag_cache"
+    assert uncalibrated.status_code == 422
+    assert error_of(uncalibrated)["param"] == "cache.mag_ratios"
