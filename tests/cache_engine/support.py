@@ -1,5 +1,6 @@
 """Helpers shared by the engine's tests: configs at which each method really reuses, runs of the
-reference implementation (diffusers' own hooks), and counters placed under the engine's dispatchers.
+reference implementation (diffusers' own hooks), counters placed under the engine's dispatchers, the
+checks of configs a model refuses, and sessions run side by side in lockstep.
 """
 
 from __future__ import annotations
@@ -7,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -15,10 +17,13 @@ from typing import Any, cast
 import diffusers
 import pytest
 import torch
+from diffusers.hooks import HookRegistry
+from diffusers.models import FluxTransformer2DModel
 from torch import nn
 
 import cache_engine as ce
-from tests.cache_engine.pipelines import TinyPipeline, build, run
+from cache_engine.session import active_session
+from tests.cache_engine.pipelines import FAMILY_INFO, TinyPipeline, build, clone_with_shared_transformer, run
 
 # Six steps instead of the factory's ten: enough for every method below to compute, reuse and
 # compute again, and it keeps the suite short.
@@ -30,6 +35,11 @@ PARITY_CASES: tuple[tuple[str, str], ...] = (
     ("flux", "distilled"),
     ("cogvideox", "batched"),
     ("wan", "distilled"),
+)
+
+# Every family in every CFG mode it has.
+ALL_CASES: tuple[tuple[str, str], ...] = tuple(
+    (family, cfg) for family, info in FAMILY_INFO.items() for cfg in info.cfg_modes
 )
 
 METHODS: tuple[str, ...] = (
@@ -129,6 +139,30 @@ def session_run(
     return output, session.stats
 
 
+def our_run(tp: TinyPipeline, config: object) -> tuple[torch.Tensor, ce.SessionStats]:
+    """``tp`` in one session of ``config`` on an engine made for it and closed after, whatever happens."""
+    engine = ce.CacheEngine(tp.pipe.transformer)
+    try:
+        return session_run(engine, tp, config)
+    finally:
+        engine.close()
+
+
+def applied_reference_run(
+    tp: TinyPipeline, apply: Callable[[nn.Module, Any], object], config: Any, hooks: Sequence[str]
+) -> torch.Tensor:
+    """``tp`` under a reference method applied straight to its transformer (SD3 and PixArt have no
+    ``enable_cache``), with the hooks named ``hooks`` taken off again whatever happens."""
+    transformer = tp.pipe.transformer
+    apply(transformer, config)
+    try:
+        return run(tp)
+    finally:
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        for name in hooks:
+            registry.remove_hook(name, recurse=True)
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
@@ -150,14 +184,17 @@ class Rig:
         return self._reference
 
 
+RigFactory = Callable[[str, str | None], Rig]
+
+
 @contextmanager
-def rigs() -> Iterator[Callable[[str, str | None], Rig]]:
+def rigs(*, steps: int = STEPS) -> Iterator[RigFactory]:
     """A factory of rigs built on first use and kept until the block ends, then closed."""
     made: dict[tuple[str, str | None], Rig] = {}
 
     def get(family: str, cfg: str | None = None) -> Rig:
         if (family, cfg) not in made:
-            tp = tiny(family, cfg)
+            tp = tiny(family, cfg, steps=steps)
             made[(family, cfg)] = Rig(tp, ce.CacheEngine(tp.pipe.transformer))
         return made[(family, cfg)]
 
@@ -252,3 +289,111 @@ def run_with(tp: TinyPipeline, *, seed: int = 0, **extra: Any) -> torch.Tensor:
     call = cast("Callable[..., Any]", tp.pipe)
     output = call(**tp.call_kwargs, generator=torch.Generator("cpu").manual_seed(seed), **extra)
     return output[0].float()
+
+
+def assert_refused_on_the_model(
+    engine: ce.CacheEngine, config: object, field_name: str, *, method: str
+) -> ce.InvalidConfigValue:
+    """A session of ``config`` on ``engine`` is refused with InvalidConfigValue for ``field_name``,
+    and none is left bound; ``method`` stays offered, since a config that fits the model runs.
+
+    Returns the error, for what its message should say about the model.
+    """
+    with pytest.raises(ce.InvalidConfigValue) as raised, engine.session(config):
+        pass
+    assert raised.value.field == field_name
+    assert active_session() is None
+    assert method in engine.supported_methods
+    return raised.value
+
+
+def assert_unsupported(model: nn.Module, config: object, method: str) -> None:
+    """An engine on ``model`` does not offer ``method``, and refuses a session of ``config`` naming it."""
+    engine = ce.CacheEngine(model)
+    try:
+        assert method not in engine.supported_methods
+        with pytest.raises(ce.UnsupportedMethodError, match=method) as raised, engine.session(config):
+            pass
+    finally:
+        engine.close()
+    assert raised.value.method == method
+    assert active_session() is None
+
+
+def single_block_flux() -> FluxTransformer2DModel:
+    """A Flux transformer of one double-stream block and nothing else, with seeded weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            num_single_layers=0,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            pooled_projection_dim=16,
+            axes_dims_rope=(2, 2, 4),
+        )
+    return transformer.eval()
+
+
+# -- isolation ------------------------------------------------------------------------------------------
+
+# A pipeline, the config of its session and the seed of its initial noise.
+Job = tuple[TinyPipeline, object, int]
+
+_LOCKSTEP_TIMEOUT = 120
+
+
+def _run_alone(engine: ce.CacheEngine, job: Job) -> torch.Tensor:
+    tp, config, seed = job
+    with engine.session(config):
+        return run_with(tp, seed=seed)
+
+
+def run_in_lockstep(engine: ce.CacheEngine, jobs: Sequence[Job]) -> list[torch.Tensor]:
+    """Run each job in its own thread and session, every step of one beside the others'.
+
+    A barrier in the step callback holds each thread until the others have finished the same step.
+    """
+    barrier = threading.Barrier(len(jobs), timeout=_LOCKSTEP_TIMEOUT)
+
+    def in_lockstep(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        barrier.wait()
+        return {}
+
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        tp, config, seed = jobs[index]
+        try:
+            barrier.wait()  # the sessions start together
+            with engine.session(config):
+                results[index] = run_with(tp, seed=seed, callback_on_step_end=in_lockstep)
+        except BaseException as error:  # reported below; a thread's exception is otherwise lost
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(_LOCKSTEP_TIMEOUT)
+    assert not errors, errors
+    return [results[index] for index in range(len(jobs))]
+
+
+def alone_and_in_lockstep(
+    tp: TinyPipeline, config_a: object, config_b: object, *, seed_b: int = 0
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``tp`` under ``config_a`` and a second pipeline on the same transformer under ``config_b``, on
+    one engine: the two outputs of each run alone, then the two of both run in lockstep."""
+    jobs = [(tp, config_a, 0), (clone_with_shared_transformer(tp), config_b, seed_b)]
+    engine = ce.CacheEngine(tp.pipe.transformer)
+    try:
+        alone = [_run_alone(engine, job) for job in jobs]
+        return alone, run_in_lockstep(engine, jobs)
+    finally:
+        engine.close()

@@ -8,20 +8,29 @@ calibrator are all exercised, over eight steps so that the calibrator's derivati
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
-from diffusers.models import FluxTransformer2DModel
 
 import cache_engine as ce
 from cache_engine.dbcache import chains
 from cache_engine.targets import ModelLayout
-from tests.cache_engine.pipelines import TinyPipeline, clone_with_shared_transformer, run
-from tests.cache_engine.support import assert_invalid, max_diff, run_with, session_run, tiny
+from tests.cache_engine.pipelines import TinyPipeline, run
+from tests.cache_engine.support import (
+    RigFactory,
+    alone_and_in_lockstep,
+    assert_invalid,
+    assert_refused_on_the_model,
+    assert_unsupported,
+    max_diff,
+    rigs,
+    session_run,
+    single_block_flux,
+    tiny,
+)
 from tests.cache_engine.test_teacache import flux2_call, tiny_flux2
 
 Config = ce.DBCacheConfig
@@ -113,33 +122,11 @@ def _fitted(config: dict[str, Any], layout: ModelLayout) -> dict[str, Any]:
     return {**config, "Fn_compute_blocks": front, "Bn_compute_blocks": back}
 
 
-@dataclasses.dataclass
-class Pair:
-    """A tiny pipeline with a CacheEngine, and an identically built one left to cache-dit."""
-
-    ours: TinyPipeline
-    engine: ce.CacheEngine
-    reference: TinyPipeline
-
-
-PairFactory = Callable[[str, str], Pair]
-
-
 @pytest.fixture(scope="module")
-def pairs() -> Iterator[PairFactory]:
-    made: dict[tuple[str, str], Pair] = {}
-
-    def get(family: str, cfg: str) -> Pair:
-        if (family, cfg) not in made:
-            ours = tiny(family, cfg, steps=STEPS)
-            made[(family, cfg)] = Pair(
-                ours, ce.CacheEngine(ours.pipe.transformer), tiny(family, cfg, steps=STEPS)
-            )
-        return made[(family, cfg)]
-
-    yield get
-    for pair in made.values():
-        pair.engine.close()
+def pairs() -> Iterator[RigFactory]:
+    """Our pipeline with its engine, and an identically built one left to cache-dit."""
+    with rigs(steps=STEPS) as get:
+        yield get
 
 
 @pytest.fixture(scope="module")
@@ -204,43 +191,23 @@ def test_warmup_is_cut_short_by_the_masks_leading_computes() -> None:
     assert list(Config(max_warmup_steps=4, steps_computation_mask=(1, 1, 0, 1)).warmup_steps) == [0, 1]
 
 
-def test_front_and_back_blocks_must_fit_the_chain(pairs: PairFactory) -> None:
+def test_front_and_back_blocks_must_fit_the_chain(pairs: RigFactory) -> None:
     engine = pairs("cogvideox", "batched").engine  # four blocks
     engine.check(Config(Fn_compute_blocks=2, Bn_compute_blocks=2))
+    # Like the default (8 front blocks), these do not fit this model, but the method is offered.
     for config, field in (
         (Config(Fn_compute_blocks=5), "Fn_compute_blocks"),
         (Config(Fn_compute_blocks=3, Bn_compute_blocks=2), "Bn_compute_blocks"),
     ):
-        with pytest.raises(ce.InvalidConfigValue) as raised:
-            engine.check(config)
-        assert raised.value.field == field and "4 blocks" in str(raised.value)
-    # The default (8 front blocks) does not fit this model, but the method is offered.
-    assert "dbcache" in engine.supported_methods
+        error = assert_refused_on_the_model(engine, config, field, method="dbcache")
+        assert "4 blocks" in str(error)
 
 
 def test_a_single_block_model_is_unsupported() -> None:
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=0,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-        axes_dims_rope=(2, 2, 4),
-    )
-    engine = ce.CacheEngine(transformer)
-    try:
-        with pytest.raises(ce.UnsupportedMethodError) as raised:
-            engine.check(Config(Fn_compute_blocks=1))
-        assert "dbcache" not in engine.supported_methods
-    finally:
-        engine.close()
-    assert raised.value.method == "dbcache"
+    assert_unsupported(single_block_flux(), Config(Fn_compute_blocks=1), "dbcache")
 
 
-def test_chains_follow_cache_dits_block_adapters(pairs: PairFactory) -> None:
+def test_chains_follow_cache_dits_block_adapters(pairs: RigFactory) -> None:
     # Flux's two lists are one chain (cache-dit's default "dummy blocks"); HunyuanVideo's are apart.
     flux = pairs("flux", "distilled").engine.layout
     assert chains(flux) == (flux.blocks,)
@@ -255,11 +222,11 @@ def test_chains_follow_cache_dits_block_adapters(pairs: PairFactory) -> None:
 @pytest.mark.parametrize("name", sorted(PARITY_CONFIGS))
 @pytest.mark.parametrize(("family", "cfg"), PARITY_CASES)
 def test_same_output_as_cache_dit(
-    pairs: PairFactory, plain: Callable[[str, str], torch.Tensor], family: str, cfg: str, name: str
+    pairs: RigFactory, plain: Callable[[str, str], torch.Tensor], family: str, cfg: str, name: str
 ) -> None:
     pair = pairs(family, cfg)
     config = _fitted(PARITY_CONFIGS[name], pair.engine.layout)
-    ours, stats = session_run(pair.engine, pair.ours, Config(**config))
+    ours, stats = session_run(pair.engine, pair.tp, Config(**config))
     theirs = _theirs(pair.reference, config)
     assert stats.blocks_reused > 0
     assert max_diff(theirs, plain(family, cfg)) > 1e-4
@@ -270,14 +237,14 @@ def test_same_output_as_cache_dit(
     ("family", "cfg"), [("flux", "distilled"), ("cogvideox", "batched"), ("wan", "separate")]
 )
 def test_one_front_block_without_calibrator_is_first_block_cache(
-    pairs: PairFactory, family: str, cfg: str
+    pairs: RigFactory, family: str, cfg: str
 ) -> None:
     """F1B0 at FirstBlockCache's threshold, with no warmup or limits, makes the same calls bit for bit."""
     pair = pairs(family, cfg)
     dbcache, dbcache_stats = session_run(
-        pair.engine, pair.ours, Config(Fn_compute_blocks=1, residual_diff_threshold=0.5, max_warmup_steps=0)
+        pair.engine, pair.tp, Config(Fn_compute_blocks=1, residual_diff_threshold=0.5, max_warmup_steps=0)
     )
-    fbc, fbc_stats = session_run(pair.engine, pair.ours, ce.FirstBlockCacheConfig(threshold=0.5))
+    fbc, fbc_stats = session_run(pair.engine, pair.tp, ce.FirstBlockCacheConfig(threshold=0.5))
     assert dbcache_stats.blocks_reused > 0
     assert torch.equal(dbcache, fbc)
     assert _counts(dbcache_stats) == _counts(fbc_stats)
@@ -288,7 +255,7 @@ def test_one_front_block_without_calibrator_is_first_block_cache(
 
 @pytest.mark.parametrize(("family", "cfg"), [("wan", "distilled"), ("flux", "separate")])
 def test_departure_state_follows_the_cfg_branch_not_the_call_count(
-    pairs: PairFactory, family: str, cfg: str
+    pairs: RigFactory, family: str, cfg: str
 ) -> None:
     """Departure 1. cache-dit guesses from the pipeline class whether CFG calls alternate: WanPipeline
     "has separate CFG" even when run without CFG, and FluxPipeline "has not" even with true CFG. It
@@ -297,13 +264,13 @@ def test_departure_state_follows_the_cfg_branch_not_the_call_count(
     """
     config = PARITY_CONFIGS["F1B1-limits"]
     pair = pairs(family, cfg)
-    ours, _ = session_run(pair.engine, pair.ours, Config(**config))
+    ours, _ = session_run(pair.engine, pair.tp, Config(**config))
     guessed = _theirs(pair.reference, config, guess_cfg=True)
     assert max_diff(ours, guessed) > 1e-4
     assert max_diff(ours, _theirs(pair.reference, config)) <= TOLERANCE
 
 
-def test_departure_calibrator_with_a_last_block_without_text_stream(pairs: PairFactory) -> None:
+def test_departure_calibrator_with_a_last_block_without_text_stream(pairs: RigFactory) -> None:
     """Departure 2. SD3's last block returns no text stream; with it in the middle (no back block),
     cache-dit's text-stream calibrator has nothing recorded and fails on the first cached step. Ours
     extrapolates the image stream and carries the text stream as it comes.
@@ -312,11 +279,11 @@ def test_departure_calibrator_with_a_last_block_without_text_stream(pairs: PairF
     pair = pairs("sd3", "batched")
     with pytest.raises(AssertionError, match="not found"):
         _theirs(pair.reference, config)
-    ours, stats = session_run(pair.engine, pair.ours, Config(**config))
+    ours, stats = session_run(pair.engine, pair.tp, Config(**config))
     assert stats.blocks_reused > 0 and torch.isfinite(ours).all()
 
 
-def test_departure_a_masked_step_with_nothing_cached_computes(pairs: PairFactory, probe: Probe) -> None:
+def test_departure_a_masked_step_with_nothing_cached_computes(pairs: RigFactory, probe: Probe) -> None:
     """Departure 3. A static mask that leaves step 0 to the cache: cache-dit fails (nothing cached
     yet); ours computes that step, then follows the mask.
     """
@@ -433,17 +400,17 @@ def test_the_calibrator_extrapolates_instead_of_reusing(probe: Probe) -> None:
     assert max_diff(reuse, first) > 1e-6 and max_diff(first, second) > 1e-6
 
 
-def test_block_lists_cached_apart_decide_apart(pairs: PairFactory) -> None:
+def test_block_lists_cached_apart_decide_apart(pairs: RigFactory) -> None:
     """HunyuanVideo, F1B0: once both lists cached, each call runs the first block of each list."""
     pair = pairs("hunyuan_video", "distilled")
-    _, stats = session_run(pair.engine, pair.ours, Config(**ALWAYS, max_warmup_steps=1))
+    _, stats = session_run(pair.engine, pair.tp, Config(**ALWAYS, max_warmup_steps=1))
     assert stats.blocks_computed == len(pair.engine.layout.blocks) + 2 * (STEPS - 1)
 
 
-def test_cfg_branches_keep_their_own_state(pairs: PairFactory) -> None:
+def test_cfg_branches_keep_their_own_state(pairs: RigFactory) -> None:
     """Wan with CFG as two calls: each branch computes its own first step, then reuses."""
     pair = pairs("wan", "separate")
-    _, stats = session_run(pair.engine, pair.ours, Config(**ALWAYS, max_warmup_steps=1))
+    _, stats = session_run(pair.engine, pair.tp, Config(**ALWAYS, max_warmup_steps=1))
     blocks = len(pair.engine.layout.blocks)
     assert stats.denoiser_calls == 2 * STEPS
     assert stats.blocks_computed == 2 * blocks + (2 * STEPS - 2)
@@ -454,47 +421,12 @@ def test_cfg_branches_keep_their_own_state(pairs: PairFactory) -> None:
 
 def test_interleaved_sessions_give_their_sequential_outputs() -> None:
     """Two sessions on one transformer, in two threads, each step of one overlapping the other's."""
-    first = tiny("wan", "separate", steps=STEPS)
-    second = clone_with_shared_transformer(first)
-    engine = ce.CacheEngine(first.pipe.transformer)
     config_a = Config(**PARITY_CONFIGS["F1B1-taylorseer2"])
     config_b = Config(**PARITY_CONFIGS["F1B1-limits"])
-    try:
-        with engine.session(config_a):
-            alone_a = run_with(first)
-        with engine.session(config_b):
-            alone_b = run_with(second, seed=1)
-        barrier = threading.Barrier(2, timeout=120)
-
-        def in_lockstep(
-            pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
-        ) -> dict[str, Any]:
-            barrier.wait()
-            return {}
-
-        results: dict[str, torch.Tensor] = {}
-        errors: list[BaseException] = []
-
-        def worker(name: str, tp: TinyPipeline, config: Config, seed: int) -> None:
-            try:
-                with engine.session(config):
-                    results[name] = run_with(tp, seed=seed, callback_on_step_end=in_lockstep)
-            except BaseException as error:  # surfaced below
-                errors.append(error)
-                barrier.abort()
-
-        threads = [
-            threading.Thread(target=worker, args=("a", first, config_a, 0)),
-            threading.Thread(target=worker, args=("b", second, config_b, 1)),
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-    finally:
-        engine.close()
-    assert not errors, errors
-    assert torch.equal(results["a"], alone_a) and torch.equal(results["b"], alone_b)
+    (alone_a, alone_b), (together_a, together_b) = alone_and_in_lockstep(
+        tiny("wan", "separate", steps=STEPS), config_a, config_b, seed_b=1
+    )
+    assert torch.equal(together_a, alone_a) and torch.equal(together_b, alone_b)
     assert not torch.equal(alone_a, alone_b)
 
 

@@ -4,29 +4,33 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from diffusers.hooks import HookRegistry, apply_mag_cache
+from diffusers.hooks import apply_mag_cache
 from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, _MAG_CACHE_LEADER_BLOCK_HOOK, FLUX_MAG_RATIOS
 from diffusers.hooks.mag_cache import MagCacheConfig as ReferenceConfig
 from diffusers.models import FluxTransformer2DModel
 
 import cache_engine as ce
 from cache_engine.mag_cache import calibrated_ratios
-from cache_engine.session import active_session
-from tests.cache_engine.pipelines import FAMILY_INFO, TinyPipeline, clone_with_shared_transformer, run
+from tests.cache_engine.pipelines import TinyPipeline, run
 from tests.cache_engine.support import (
+    ALL_CASES,
     STEPS,
     ForwardCounter,
+    alone_and_in_lockstep,
+    applied_reference_run,
     assert_invalid,
+    assert_refused_on_the_model,
+    assert_unsupported,
     field_names,
     max_diff,
-    run_with,
+    our_run,
     session_run,
+    single_block_flux,
     tiny,
 )
 
@@ -40,27 +44,11 @@ SKIPPING: dict[str, Any] = {
     "num_inference_steps": STEPS,
 }
 
-ALL_CASES = [(family, cfg) for family, info in FAMILY_INFO.items() for cfg in info.cfg_modes]
-
 
 def reference_run(tp: TinyPipeline, config: Any) -> torch.Tensor:
-    """``tp`` under diffusers' MagCache (applied directly: SD3 and PixArt have no ``enable_cache``)."""
-    transformer = tp.pipe.transformer
-    apply_mag_cache(transformer, config)
-    try:
-        return run(tp)
-    finally:
-        registry = HookRegistry.check_if_exists_or_initialize(transformer)
-        registry.remove_hook(_MAG_CACHE_LEADER_BLOCK_HOOK, recurse=True)
-        registry.remove_hook(_MAG_CACHE_BLOCK_HOOK, recurse=True)
-
-
-def ours(tp: TinyPipeline, config: object) -> tuple[torch.Tensor, ce.SessionStats]:
-    engine = ce.CacheEngine(tp.pipe.transformer)
-    try:
-        return session_run(engine, tp, config)
-    finally:
-        engine.close()
+    """``tp`` under diffusers' MagCache."""
+    hooks = (_MAG_CACHE_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK)
+    return applied_reference_run(tp, apply_mag_cache, config, hooks)
 
 
 # -- config ------------------------------------------------------------------------------------------
@@ -113,18 +101,13 @@ def test_without_ratios_planning_refuses_naming_the_field() -> None:
     """
     with pytest.raises(ValueError, match="mag_ratios"):
         ReferenceConfig()
-    config = ce.MagCacheConfig()
     tp = tiny("flux", "distilled")
     engine = ce.CacheEngine(tp.pipe.transformer)
     try:
-        with pytest.raises(ce.InvalidConfigValue) as raised, engine.session(config):
-            pass
         # Still listed: a request that brings its ratios runs.
-        assert "mag_cache" in engine.supported_methods
+        assert_refused_on_the_model(engine, ce.MagCacheConfig(), "mag_ratios", method="mag_cache")
     finally:
         engine.close()
-    assert raised.value.field == "mag_ratios"
-    assert active_session() is None
 
 
 # -- parity --------------------------------------------------------------------------------------------
@@ -136,7 +119,7 @@ def test_same_output_as_reference(
 ) -> None:
     """Every family and CFG mode: the reference keeps its state per cache_context name, as we keep it
     per branch, and SD3 / PixArt (no cache_context) run under one branch in both."""
-    output, stats = ours(tiny(family, cfg), ce.MagCacheConfig(**SKIPPING))
+    output, stats = our_run(tiny(family, cfg), ce.MagCacheConfig(**SKIPPING))
     theirs = reference_run(tiny(family, cfg), ReferenceConfig(**SKIPPING))
 
     assert stats.blocks_reused > 0 and stats.steps_cached > 0
@@ -146,7 +129,7 @@ def test_same_output_as_reference(
 
 def test_reference_api_runs_the_same_policy() -> None:
     tp = tiny("flux", "separate")
-    session_output, _ = ours(tp, ce.MagCacheConfig(**SKIPPING))
+    session_output, _ = our_run(tp, ce.MagCacheConfig(**SKIPPING))
     transformer = tp.pipe.transformer
     ce.enable_cache(transformer, ce.MagCacheConfig(**SKIPPING))
     try:
@@ -202,7 +185,7 @@ def test_calibration_measures_the_references_ratios(
 def test_a_config_that_never_skips_is_exact(
     uncached: Callable[[str, str | None], torch.Tensor], family: str, cfg: str, idle: dict[str, Any]
 ) -> None:
-    output, stats = ours(tiny(family, cfg), ce.MagCacheConfig(**idle))
+    output, stats = our_run(tiny(family, cfg), ce.MagCacheConfig(**idle))
     assert stats.blocks_reused == 0 and stats.steps_cached == 0
     assert torch.equal(output, uncached(family, cfg))
 
@@ -210,49 +193,13 @@ def test_a_config_that_never_skips_is_exact(
 # -- isolation -----------------------------------------------------------------------------------------
 
 
-def run_in_lockstep(engine: ce.CacheEngine, jobs: list[tuple[TinyPipeline, object]]) -> list[torch.Tensor]:
-    """Run each (pipeline, config) in its own thread and session, every step of one beside the others'."""
-    barrier = threading.Barrier(len(jobs), timeout=120)
-
-    def in_lockstep(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        barrier.wait()
-        return {}
-
-    results: dict[int, torch.Tensor] = {}
-    errors: list[BaseException] = []
-
-    def worker(index: int) -> None:
-        tp, config = jobs[index]
-        try:
-            barrier.wait()
-            with engine.session(config):
-                results[index] = run_with(tp, callback_on_step_end=in_lockstep)
-        except BaseException as error:  # reported below; a thread's exception is otherwise lost
-            errors.append(error)
-            barrier.abort()
-
-    threads = [threading.Thread(target=worker, args=(index,)) for index in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors, errors
-    return [results[index] for index in range(len(jobs))]
-
-
 @pytest.mark.parametrize(("family", "cfg"), [("flux", "separate"), ("cogvideox", "batched")])
 def test_interleaved_sessions_keep_their_own_state(family: str, cfg: str) -> None:
-    first = tiny(family, cfg)
-    second = clone_with_shared_transformer(first)
     config_a = ce.MagCacheConfig(**SKIPPING)
     config_b = ce.MagCacheConfig(**{**SKIPPING, "threshold": 0.05, "max_skip_steps": 1})
-    engine = ce.CacheEngine(first.pipe.transformer)
-    try:
-        alone_a, _ = session_run(engine, first, config_a)
-        alone_b, _ = session_run(engine, second, config_b)
-        together_a, together_b = run_in_lockstep(engine, [(first, config_a), (second, config_b)])
-    finally:
-        engine.close()
+    (alone_a, alone_b), (together_a, together_b) = alone_and_in_lockstep(
+        tiny(family, cfg), config_a, config_b
+    )
     assert not torch.equal(alone_a, alone_b)
     assert torch.equal(together_a, alone_a)
     assert torch.equal(together_b, alone_b)
@@ -280,21 +227,6 @@ def test_state_lasts_one_session_where_the_reference_carries_it_over() -> None:
 
 
 # -- a single block ---------------------------------------------------------------------------------------
-
-
-def _single_block_flux() -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=0,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
 
 
 def _calls_that_ran_the_block(transformer: FluxTransformer2DModel, counter: ForwardCounter) -> list[int]:
@@ -328,7 +260,7 @@ def test_a_single_block_model_advances_its_step_when_skipped() -> None:
         "num_inference_steps": 6,
         "mag_ratios": [1.0, 1.0, 1.0, 2.0, 1.0, 1.0],
     }
-    transformer = _single_block_flux()
+    transformer = single_block_flux()
     counter = ForwardCounter(transformer.transformer_blocks[0])
     engine = ce.CacheEngine(transformer)
     try:
@@ -339,21 +271,11 @@ def test_a_single_block_model_advances_its_step_when_skipped() -> None:
     assert ran == [0, 3]
     assert session.stats.blocks_reused == 4
 
-    reference = _single_block_flux()
+    reference = single_block_flux()
     reference_counter = ForwardCounter(reference.transformer_blocks[0])
     apply_mag_cache(reference, ReferenceConfig(**config))
     assert _calls_that_ran_the_block(reference, reference_counter) == [0, 4]
 
 
 def test_a_model_without_blocks_is_unsupported() -> None:
-    model = torch.nn.Linear(2, 2)
-    engine = ce.CacheEngine(model)
-    try:
-        assert "mag_cache" not in engine.supported_methods
-        with (
-            pytest.raises(ce.UnsupportedMethodError, match="mag_cache"),
-            engine.session(ce.MagCacheConfig(**SKIPPING)),
-        ):
-            pass
-    finally:
-        engine.close()
+    assert_unsupported(torch.nn.Linear(2, 2), ce.MagCacheConfig(**SKIPPING), "mag_cache")

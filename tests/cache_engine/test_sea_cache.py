@@ -10,7 +10,7 @@ from typing import Any
 import diffusers
 import pytest
 import torch
-from diffusers.hooks import HookRegistry, apply_sea_cache
+from diffusers.hooks import apply_sea_cache
 from diffusers.hooks.sea_cache import (
     _SEA_CACHE_BLOCK_HOOK,
     _SEA_CACHE_LEADER_BLOCK_HOOK,
@@ -22,44 +22,30 @@ from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DMo
 import cache_engine as ce
 from cache_engine.sea_cache import _latents_from_layout
 from cache_engine.targets import build_layout
-from tests.cache_engine.pipelines import FAMILY_INFO, TinyPipeline, clone_with_shared_transformer, run
+from tests.cache_engine.pipelines import TinyPipeline
 from tests.cache_engine.support import (
+    ALL_CASES,
     STEPS,
+    alone_and_in_lockstep,
+    applied_reference_run,
     assert_default_matches_reference,
     assert_invalid,
     field_names,
     max_diff,
-    session_run,
+    our_run,
     tiny,
 )
-from tests.cache_engine.test_mag_cache import run_in_lockstep
 
 TOLERANCE = 1e-5
-
-ALL_CASES = [(family, cfg) for family, info in FAMILY_INFO.items() for cfg in info.cfg_modes]
 
 # Skips whenever the gate may: the budget is never spent, so only the forced steps compute.
 ALWAYS: dict[str, Any] = {"threshold": 10.0, "num_inference_steps": STEPS}
 
 
 def reference_run(tp: TinyPipeline, config: Any) -> torch.Tensor:
-    """``tp`` under diffusers' SeaCache (applied directly: SD3 and PixArt have no ``enable_cache``)."""
-    transformer = tp.pipe.transformer
-    apply_sea_cache(transformer, config)
-    try:
-        return run(tp)
-    finally:
-        registry = HookRegistry.check_if_exists_or_initialize(transformer)
-        for name in (_SEA_CACHE_BLOCK_HOOK, _SEA_CACHE_LEADER_BLOCK_HOOK, _SEA_CACHE_ROOT_HOOK):
-            registry.remove_hook(name, recurse=True)
-
-
-def ours(tp: TinyPipeline, config: object) -> tuple[torch.Tensor, ce.SessionStats]:
-    engine = ce.CacheEngine(tp.pipe.transformer)
-    try:
-        return session_run(engine, tp, config)
-    finally:
-        engine.close()
+    """``tp`` under diffusers' SeaCache."""
+    hooks = (_SEA_CACHE_BLOCK_HOOK, _SEA_CACHE_LEADER_BLOCK_HOOK, _SEA_CACHE_ROOT_HOOK)
+    return applied_reference_run(tp, apply_sea_cache, config, hooks)
 
 
 def _engine_config(**kwargs: Any) -> ce.SeaCacheConfig:
@@ -126,7 +112,7 @@ def test_same_output_as_reference_on_wan(
 ) -> None:
     """Wan's pipeline passes the scheduler position to cache_context and the reference reads its latents;
     ours counts the steps, reads sigma from the timestep and the step count from the config."""
-    output, stats = ours(tiny("wan", cfg), _engine_config(**overrides))
+    output, stats = our_run(tiny("wan", cfg), _engine_config(**overrides))
     theirs = reference_run(tiny("wan", cfg), diffusers.SeaCacheConfig(**overrides))
 
     assert stats.blocks_reused > 0 and stats.steps_cached > 0
@@ -138,8 +124,8 @@ def test_cache_end_steps_apply_only_with_the_step_count() -> None:
     """Departure: the step count comes from the config; without it the last steps are not forced."""
     overrides: dict[str, Any] = {"threshold": 10.0, "max_consecutive_cached": 0, "cache_end_steps": 1}
     theirs = reference_run(tiny("wan", "distilled"), diffusers.SeaCacheConfig(**overrides))
-    counted, with_count = ours(tiny("wan", "distilled"), _engine_config(**overrides))
-    uncounted, without_count = ours(tiny("wan", "distilled"), ce.SeaCacheConfig(**overrides))
+    counted, with_count = our_run(tiny("wan", "distilled"), _engine_config(**overrides))
+    uncounted, without_count = our_run(tiny("wan", "distilled"), ce.SeaCacheConfig(**overrides))
     blocks = len(build_layout(tiny("wan", "distilled").pipe.transformer).blocks)
 
     assert max_diff(counted, theirs) <= TOLERANCE
@@ -153,19 +139,19 @@ def test_cache_end_steps_apply_only_with_the_step_count() -> None:
 def test_a_given_latents_callback_is_used() -> None:
     """The reference's own Wan adapter as the callback gives what the family table gives."""
     tp = tiny("wan", "separate")
-    from_table, stats = ours(tp, _engine_config(threshold=1.0))
+    from_table, stats = our_run(tp, _engine_config(threshold=1.0))
     calls: list[torch.nn.Module] = []
 
     def adapter(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         calls.append(module)
         return _prepare_wan_t2v_raw_vision_metadata(module, args, kwargs)
 
-    from_callback, callback_stats = ours(tp, _engine_config(threshold=1.0, raw_vision_callback=adapter))
+    from_callback, callback_stats = our_run(tp, _engine_config(threshold=1.0, raw_vision_callback=adapter))
     assert torch.equal(from_callback, from_table) and callback_stats == stats
     assert calls and all(module is tp.pipe.transformer for module in calls)
 
     # No latents: every call runs in full, as in the reference.
-    _, none_stats = ours(tp, _engine_config(threshold=1.0, raw_vision_callback=lambda *_: None))
+    _, none_stats = our_run(tp, _engine_config(threshold=1.0, raw_vision_callback=lambda *_: None))
     assert none_stats.blocks_reused == 0
 
 
@@ -176,7 +162,7 @@ def test_a_given_latents_callback_is_used() -> None:
 def test_runs_on_every_family(
     uncached: Callable[[str, str | None], torch.Tensor], family: str, cfg: str
 ) -> None:
-    output, stats = ours(tiny(family, cfg), ce.SeaCacheConfig(**ALWAYS))
+    output, stats = our_run(tiny(family, cfg), ce.SeaCacheConfig(**ALWAYS))
     blocks = len(build_layout(tiny(family, cfg).pipe.transformer).blocks)
     branches = stats.denoiser_calls // STEPS
     # With two in a row at most, steps 1, 2 and 4 reuse; 0 is retained, 3 forced, 5 the last.
@@ -272,24 +258,18 @@ def test_a_fused_text_and_image_tail_records_its_residual() -> None:
 def test_threshold_zero_is_exact(
     uncached: Callable[[str, str | None], torch.Tensor], family: str, cfg: str
 ) -> None:
-    output, stats = ours(tiny(family, cfg), _engine_config(threshold=0.0))
+    output, stats = our_run(tiny(family, cfg), _engine_config(threshold=0.0))
     assert stats.blocks_reused == 0 and stats.steps_cached == 0
     assert torch.equal(output, uncached(family, cfg))
 
 
 @pytest.mark.parametrize(("family", "cfg"), [("wan", "separate"), ("ltx", "batched")])
 def test_interleaved_sessions_keep_their_own_state(family: str, cfg: str) -> None:
-    first = tiny(family, cfg)
-    second = clone_with_shared_transformer(first)
     config_a = ce.SeaCacheConfig(**ALWAYS)
     config_b = _engine_config(threshold=10.0, residual_order=0, max_consecutive_cached=1)
-    engine = ce.CacheEngine(first.pipe.transformer)
-    try:
-        alone_a, _ = session_run(engine, first, config_a)
-        alone_b, _ = session_run(engine, second, config_b)
-        together_a, together_b = run_in_lockstep(engine, [(first, config_a), (second, config_b)])
-    finally:
-        engine.close()
+    (alone_a, alone_b), (together_a, together_b) = alone_and_in_lockstep(
+        tiny(family, cfg), config_a, config_b
+    )
     assert not torch.equal(alone_a, alone_b)
     assert torch.equal(together_a, alone_a)
     assert torch.equal(together_b, alone_b)
