@@ -58,18 +58,7 @@ def served(name: str, cache_dir: Path) -> list[str]:
     for dtype in ("float32", "bfloat16"):
         plain, int8 = loaded[(dtype, False)], loaded[(dtype, True)]
         defaults = plain.defaults
-        params = GenerationParams(
-            prompt="a red circle on a blue square",
-            negative_prompt=None,
-            width=defaults.width,
-            height=defaults.height,
-            num_frames=defaults.num_frames,
-            steps=defaults.steps,
-            guidance_scale=defaults.guidance_scale,
-            seed=3,
-            n=1,
-            fps=defaults.fps,
-        )
+        params = GenerationParams.from_defaults(defaults, prompt="a red circle on a blue square", seed=3)
         reference, _ = _pixels(plain, params)
         output, _ = _pixels(int8, params)
         cells += [

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from cache_engine import CONFIG_CLASSES, CacheConfig, InvalidConfigValue, method_name
 
 from .errors import InvalidRequest
@@ -16,6 +18,8 @@ from .protocol import POLICY_CLASSES, CachePreset, CacheSpec, CacheTarget, NoCac
 
 # Config fields that describe the run rather than the policy: the server knows them from the request.
 _RUN_FIELDS = ("num_inference_steps", "num_steps")
+# Config fields holding a torch dtype, named on the wire by its name ("float32").
+_DTYPE_FIELDS = ("taylor_factors_dtype",)
 
 
 def to_engine_config(
@@ -48,6 +52,9 @@ def to_engine_config(
         for name in _RUN_FIELDS:
             if name in values and name not in spec.model_fields_set:
                 values[name] = steps
+    for name in _DTYPE_FIELDS:
+        if isinstance(values.get(name), str):
+            values[name] = getattr(torch, values[name])
     try:
         config: CacheConfig = CONFIG_CLASSES[spec.method](**values)
     except ValueError as exc:
@@ -64,6 +71,9 @@ def describe(config: CacheConfig | None) -> dict[str, Any]:
     method = method_of(config)
     wire = POLICY_CLASSES[method]
     values = {name: getattr(config, name) for name in wire.model_fields if name != "method"}
+    for name in _DTYPE_FIELDS:
+        if isinstance(values.get(name), torch.dtype):
+            values[name] = str(values[name]).removeprefix("torch.")
     return wire.model_validate({"method": method, **values}).model_dump(mode="json")
 
 

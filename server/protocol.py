@@ -106,6 +106,10 @@ class TaylorSeer(Request):
     disable_cache_before_step: int = Field(default=3, ge=0, le=1000)
     disable_cache_after_step: int | None = Field(default=None, ge=0, le=1000)
     max_order: int = Field(default=1, ge=0, le=4)
+    taylor_factors_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16",
+        description="what the Taylor factors are kept in; float32 keeps step-to-step differences bfloat16 loses",
+    )
     use_lite_mode: bool = False
 
 

@@ -143,3 +143,21 @@ def test_the_fitted_ratios_serve_a_magcache_request_that_gives_none(server: Live
     assert answer.json()["cache"]["method"] == "mag_cache"
     assert uncalibrated.status_code == 422
     assert error_of(uncalibrated)["param"] == "cache.mag_ratios"
+
+
+def test_every_swept_policy_is_a_valid_cache_body() -> None:
+    from pydantic import TypeAdapter
+
+    from server import policy
+    from server.protocol import CacheSpec
+
+    fitted = {"mag_cache": {"mag_ratios": [1.0, 0.9]}}
+    methods = set()
+    for swept in calibrate.sweep_policies():
+        spec = TypeAdapter(CacheSpec).validate_python(swept)
+        config = policy.to_engine_config(spec, {}, fitted, steps=20)
+        assert config is not None
+        # What the calibration file records is what a request reading it back runs.
+        assert {k: v for k, v in policy.describe(config).items() if k in swept} == swept
+        methods.add(swept["method"])
+    assert len(methods) == 8

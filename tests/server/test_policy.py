@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+import torch
 
 from cache_engine import (
     CacheConfig,
@@ -76,6 +77,7 @@ def test_engine_refusal_names_the_field() -> None:
         None,
         FirstBlockCacheConfig(threshold=0.2),
         TaylorSeerCacheConfig(cache_interval=3, use_lite_mode=True),
+        TaylorSeerCacheConfig(cache_interval=4, taylor_factors_dtype=torch.float32),
         PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2),
         FasterCacheConfig(unconditional_batch_skip_range=3),
     ],
@@ -83,6 +85,17 @@ def test_engine_refusal_names_the_field() -> None:
 def test_describe_round_trips(config: CacheConfig | None) -> None:
     described = policy.describe(config)
     assert _config(described) == config
+
+
+def test_taylor_factors_dtype_is_named_on_the_wire() -> None:
+    config = _config({"method": "taylorseer", "taylor_factors_dtype": "float32"})
+    assert config.taylor_factors_dtype is torch.float32
+    assert _config({"method": "taylorseer"}).taylor_factors_dtype is torch.bfloat16
+    assert policy.describe(config)["taylor_factors_dtype"] == "float32"
+    with pytest.raises(ValueError, match="taylor_factors_dtype"):
+        GenerationRequest.model_validate(
+            {"prompt": "p", "cache": {"method": "taylorseer", "taylor_factors_dtype": "int8"}}
+        )
 
 
 # Every timestep range a body can set: a reversed one passes the wire model and only the engine refuses it.
