@@ -26,6 +26,7 @@ from .protocol import (
 from .replicas import Replica
 from .service import Finished
 from .stages import StageTimings
+from .targets import calibrated_presets
 
 _JSON_RANGES = frozenset({"*/*", "application/*", "application/json"})
 _EXTENSIONS = {"jpeg": "jpg"}
@@ -48,11 +49,13 @@ def stats_view(stats: SessionStats | None) -> CacheStats | None:
 
 def model_card(model: ResidentModel, methods: tuple[str, ...], replicas: Sequence[Replica]) -> ModelCard:
     """``model`` on the wire; ``methods`` are the cache methods a request may name for it."""
-    presets = {
-        name: policy.describe(config)
-        for name, config in model.presets.items()
-        if policy.method_of(config) in methods
-    }
+    presets = calibrated_presets(model)
+    if presets is None:
+        presets = {
+            name: policy.describe(config)
+            for name, config in model.presets.items()
+            if policy.method_of(config) in methods
+        }
     return ModelCard(
         id=model.name,
         kind=model.kind,

@@ -60,3 +60,17 @@ def resolve(
         "outside_calibration": not choice.exact,
     }
     return _SPEC.validate_python(dict(point.policy)), promise
+
+
+def calibrated_presets(model: ResidentModel) -> dict[str, dict[str, Any]] | None:
+    """What each preset runs at the model's default steps and guidance, on a calibrated model (None:
+    not calibrated, the presets are the model's fixed configs)."""
+    if not model.calibration.curves:
+        return None
+    defaults = model.defaults
+    chosen = {}
+    for name, floor in PRESET_FLOORS.items():
+        choice = model.calibration.choose(floor, defaults.steps, defaults.guidance_scale > 1)
+        if choice is not None:
+            chosen[name] = dict(choice.point.policy)
+    return chosen

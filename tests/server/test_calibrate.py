@@ -61,7 +61,7 @@ def test_the_calibration_fits_magcache_ratios_and_teacache_coefficients(calibrat
 def test_a_second_run_resumes_instead_of_measuring_again(calibrated: Path) -> None:
     out = calibration_path(calibrated, "tiny-flux")
     work = json.loads(out.with_suffix(".work.json").read_text())
-    assert set(work) == {"steps=4,guidance=1", "steps=4,guidance=3"}
+    assert set(work) == {"prompts", "steps=4,guidance=1", "steps=4,guidance=3"}
     model = load_model("tiny-flux", cache_dir=calibrated)
     lines: list[str] = []
     calibrate.calibrate(
@@ -74,6 +74,63 @@ def test_a_second_run_resumes_instead_of_measuring_again(calibrated: Path) -> No
         log=lines.append,
     )
     assert not any(line.startswith("  prompt") for line in lines), lines
+
+
+def test_a_run_on_other_prompts_starts_afresh(calibrated: Path, tmp_path: Path) -> None:
+    out = tmp_path / "other.json"
+    model = load_model("tiny-flux", cache_dir=calibrated)
+    for prompts in (["a red cube"], ["a blue cone"]):
+        lines: list[str] = []
+        calibrate.calibrate(
+            model,
+            [calibrate.Setting(2, 1.0)],
+            prompts,
+            out,
+            time_limit_s=600,
+            policies=POLICIES[:1],
+            log=lines.append,
+        )
+    assert any("starting afresh" in line for line in lines), lines
+    assert json.loads(out.with_suffix(".work.json").read_text())["prompts"] == ["a blue cone"]
+
+
+def test_a_policy_added_to_the_sweep_is_measured_on_the_prompts_already_done(
+    calibrated: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "grown.json"
+    model = load_model("tiny-flux", cache_dir=calibrated)
+    runs = []
+    for policies in (POLICIES[:1], POLICIES[:2]):
+        lines: list[str] = []
+        calibration = calibrate.calibrate(
+            model,
+            [calibrate.Setting(2, 1.0)],
+            ["a red cube"],
+            out,
+            time_limit_s=600,
+            policies=policies,
+            log=lines.append,
+        )
+        runs.append(lines)
+    assert any(line.startswith("  prompt") for line in runs[1]), runs[1]
+    curve = next(curve for curve in calibration.curves if curve.steps == 2)
+    assert sorted(point.policy["method"] for point in curve.points) == [
+        "first_block_cache",
+        "none",
+        "taylorseer",
+    ]
+    work = json.loads(out.with_suffix(".work.json").read_text())["steps=2,guidance=1"]["0"]
+    # The uncached time recorded first stays the reference of both policies.
+    assert len(work) == 3 and all(seconds > 0 for _, _, seconds in work.values())
+
+
+def test_prompts_come_from_a_file_one_per_line(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n\n  a blue cone  \n")
+    args = calibrate.parser().parse_args(["--model", "m", "--prompts-file", str(prompts)])
+    assert calibrate.prompts_of(args) == ["a red cube", "a blue cone"]
+    args = calibrate.parser().parse_args(["--model", "m", "--prompts", "3"])
+    assert calibrate.prompts_of(args) == calibrate.calibration_prompts(3)
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +218,20 @@ def test_every_swept_policy_is_a_valid_cache_body() -> None:
         assert {k: v for k, v in policy.describe(config).items() if k in swept} == swept
         methods.add(swept["method"])
     assert len(methods) == 8
+
+
+def test_the_model_card_shows_what_each_preset_runs_on_a_calibrated_model(server: LiveServer) -> None:
+    calibration = load_calibration(calibration_path(server.runtime.settings.cache_dir, "tiny-flux"))
+    with server.client() as client:
+        cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
+        defaults = cards["tiny-flux"]["defaults"]
+        fast = client.post(
+            "/v1/generations", json={"model": "tiny-flux", "prompt": "a cat", "cache": {"preset": "fast"}}
+        )
+    guidance = defaults["guidance_scale"] > 1
+    for name, floor in (("fast", 30.0), ("balanced", 35.0), ("quality", 40.0)):
+        choice = calibration.choose(floor, defaults["steps"], guidance)
+        assert choice is not None
+        assert cards["tiny-flux"]["presets"][name] == dict(choice.point.policy)
+    assert fast.status_code == 200, fast.text
+    assert fast.json()["cache_policy"]["method"] == cards["tiny-flux"]["presets"]["fast"]["method"]
