@@ -52,7 +52,8 @@ class Case:
     """A configuration timed on both pipelines: no cache, or one method at its benchmark config."""
 
     name: str
-    config: Callable[[Any], object] | None  # receives the family, as benchmarks.engine.METHODS do
+    # Receives the family and the run's step count, as benchmarks.engine.METHODS do.
+    config: Callable[[Any, int], object] | None
 
 
 @dataclass
@@ -153,7 +154,7 @@ def bench_family(
     before = acceleration.compiled_frames()
     for size in requests:
         for case in cases:
-            with engines["compiled"].session(None if case.config is None else case.config(spec)):
+            with engines["compiled"].session(None if case.config is None else case.config(spec, 3)):
                 _call(compiled, _resized(compiled, size, 3))
     recompiles = acceleration.compiled_frames() - before
 
@@ -162,7 +163,7 @@ def bench_family(
     stats: dict[tuple[str, str], ce.SessionStats] = {}
 
     def run(side: str, case: Case) -> float:
-        config = None if case.config is None else case.config(spec)
+        config = None if case.config is None else case.config(spec, steps)
         bp = pipes[side]
         kwargs = _resized(bp, tuple(warm[0]), steps)
         gc.collect()

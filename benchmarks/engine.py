@@ -72,10 +72,25 @@ class MethodCase:
 
     name: str
     settings: str  # as printed in the table's legend
-    ours: Callable[[models.FamilySpec], object]
-    # Receives the family and a callback returning the pipeline's current timestep, which diffusers'
-    # PAB and FasterCache need (the engine reads the timestep from the denoiser's arguments).
-    theirs: Callable[[models.FamilySpec, Callable[[], Any]], object]
+    # Receives the family and the run's step count.
+    ours: Callable[[models.FamilySpec, int], object]
+    # Receives the family, a callback returning the pipeline's current timestep, which diffusers'
+    # PAB and FasterCache need (the engine reads the timestep from the denoiser's arguments), and the
+    # run's step count. Raises NotInDiffusers for a method diffusers does not ship.
+    theirs: Callable[[models.FamilySpec, Callable[[], Any], int], object]
+
+
+class NotInDiffusers(Exception):
+    """The method has no implementation in diffusers to compare with."""
+
+
+def _not_in_diffusers(
+    name: str, reference: str
+) -> Callable[[models.FamilySpec, Callable[[], Any], int], object]:
+    def refuse(family: models.FamilySpec, timestep: Callable[[], Any], steps: int) -> object:
+        raise NotInDiffusers(f"diffusers has no {name}; {reference}")
+
+    return refuse
 
 
 # Random weights change the first block's residual far more per step than trained weights do, so the
@@ -87,6 +102,17 @@ FBC_THRESHOLD = 0.5
 # extrapolate attention on its very first call when that call is in range, with nothing cached yet,
 # and fails; leaving that step out keeps the two implementations comparable.
 _ALL_TIMESTEPS = (-1.0, 1000.0)
+
+
+# MagCache's ratios are per checkpoint and these weights are random: a flat curve (no change in
+# magnitude) makes its error grow only from retention, so both sides skip on the same steps.
+MAG_THRESHOLD = 0.06
+SEA_THRESHOLD = 0.5
+TEA_THRESHOLD = 0.5
+
+
+def _mag_cache(steps: int) -> dict[str, Any]:
+    return {"threshold": MAG_THRESHOLD, "mag_ratios": [1.0] * steps, "num_inference_steps": steps}
 
 
 def _taylorseer(lite: bool) -> dict[str, Any]:
@@ -111,32 +137,63 @@ METHODS: tuple[MethodCase, ...] = (
     MethodCase(
         "first_block_cache",
         f"threshold={FBC_THRESHOLD}",
-        lambda f: ce.FirstBlockCacheConfig(threshold=FBC_THRESHOLD),
-        lambda f, t: diffusers.FirstBlockCacheConfig(threshold=FBC_THRESHOLD),
+        lambda f, n: ce.FirstBlockCacheConfig(threshold=FBC_THRESHOLD),
+        lambda f, t, n: diffusers.FirstBlockCacheConfig(threshold=FBC_THRESHOLD),
     ),
     MethodCase(
         "taylorseer",
         "cache_interval=3, fp32 factors, other defaults",
-        lambda f: ce.TaylorSeerCacheConfig(**_taylorseer(lite=False)),
-        lambda f, t: diffusers.TaylorSeerCacheConfig(**_taylorseer(lite=False)),
+        lambda f, n: ce.TaylorSeerCacheConfig(**_taylorseer(lite=False)),
+        lambda f, t, n: diffusers.TaylorSeerCacheConfig(**_taylorseer(lite=False)),
     ),
     MethodCase(
         "taylorseer_lite",
         "as taylorseer, use_lite_mode=True",
-        lambda f: ce.TaylorSeerCacheConfig(**_taylorseer(lite=True)),
-        lambda f, t: diffusers.TaylorSeerCacheConfig(**_taylorseer(lite=True)),
+        lambda f, n: ce.TaylorSeerCacheConfig(**_taylorseer(lite=True)),
+        lambda f, t, n: diffusers.TaylorSeerCacheConfig(**_taylorseer(lite=True)),
     ),
     MethodCase(
         "pyramid_attention_broadcast",
         "spatial_attention_block_skip_range=2, timestep range (-1, 1000)",
-        lambda f: ce.PyramidAttentionBroadcastConfig(**_pab()),
-        lambda f, t: diffusers.PyramidAttentionBroadcastConfig(**_pab(), current_timestep_callback=t),
+        lambda f, n: ce.PyramidAttentionBroadcastConfig(**_pab()),
+        lambda f, t, n: diffusers.PyramidAttentionBroadcastConfig(**_pab(), current_timestep_callback=t),
     ),
     MethodCase(
         "faster_cache",
         "defaults, attention and uncond-skip timestep ranges (-1, 1000)",
-        lambda f: ce.FasterCacheConfig(**_faster_cache(f)),
-        lambda f, t: diffusers.FasterCacheConfig(**_faster_cache(f), current_timestep_callback=t),
+        lambda f, n: ce.FasterCacheConfig(**_faster_cache(f)),
+        lambda f, t, n: diffusers.FasterCacheConfig(**_faster_cache(f), current_timestep_callback=t),
+    ),
+    MethodCase(
+        "mag_cache",
+        f"threshold={MAG_THRESHOLD}, flat mag_ratios (1.0 per step), other defaults",
+        lambda f, n: ce.MagCacheConfig(**_mag_cache(n)),
+        lambda f, t, n: diffusers.MagCacheConfig(**_mag_cache(n)),
+    ),
+    MethodCase(
+        "sea_cache",
+        f"threshold={SEA_THRESHOLD}, other defaults",
+        lambda f, n: ce.SeaCacheConfig(threshold=SEA_THRESHOLD, num_inference_steps=n),
+        lambda f, t, n: diffusers.SeaCacheConfig(threshold=SEA_THRESHOLD),
+    ),
+    MethodCase(
+        "dbcache",
+        f"F1B0, residual_diff_threshold={FBC_THRESHOLD}, max_warmup_steps=2, TaylorSeer order 1",
+        lambda f, n: ce.DBCacheConfig(
+            Fn_compute_blocks=1,
+            residual_diff_threshold=FBC_THRESHOLD,
+            max_warmup_steps=2,
+            enable_taylorseer=True,
+        ),
+        _not_in_diffusers("dbcache", "cache-dit is its reference (tests/cache_engine/test_dbcache.py)"),
+    ),
+    MethodCase(
+        "teacache",
+        f"rel_l1_thresh={TEA_THRESHOLD}, identity polynomial",
+        lambda f, n: ce.TeaCacheConfig(rel_l1_thresh=TEA_THRESHOLD, coefficients=(1.0, 0.0), num_steps=n),
+        _not_in_diffusers(
+            "teacache", "its paper's rule is the reference (tests/cache_engine/test_teacache.py)"
+        ),
     ),
 )
 METHOD_NAMES = tuple(case.name for case in METHODS)
@@ -239,7 +296,7 @@ class FamilyBench:
                     output = models.run(self.ours)
                     return
                 assert self.engine is not None
-                with self.engine.session(config.method.ours(self.spec)) as session:
+                with self.engine.session(config.method.ours(self.spec, self.steps)) as session:
                     output = models.run(self.ours)
                 session_stats = session.stats
             else:
@@ -252,7 +309,7 @@ class FamilyBench:
             transformer: Any = self.theirs.transformer
             if config.method is not None:
                 # Enabled per run, outside the timed region, so every run starts from fresh hook state.
-                transformer.enable_cache(config.method.theirs(self.spec, self._current_timestep))
+                transformer.enable_cache(config.method.theirs(self.spec, self._current_timestep, self.steps))
             try:
                 sample = _timed(generate)
             finally:
@@ -348,7 +405,9 @@ def _method_row(
     notes: list[str] = []
     max_abs_diff: float | None = None
     same_work = False
-    if theirs.error is not None:
+    if theirs.error is not None and theirs.error.startswith(NotInDiffusers.__name__):
+        notes.append("not in diffusers")
+    elif theirs.error is not None:
         notes.append(f"diffusers raises {theirs.error}")
     else:
         assert theirs_outcome.output is not None and ours_outcome.output is not None

@@ -2,15 +2,18 @@
 
     python -m benchmarks.quality            # writes docs/quality.md, docs/quality.png, docs/quality.json
 
-Each method's main knob is swept, with and without true CFG, over the same prompts and seeds. Per
-point: the fraction of transformer blocks and attention modules executed, the wall-clock speedup,
-PSNR and SSIM of the decoded image against the uncached image for the same seed, and prompt
-adherence. Images are generated one at a time (FirstBlockCache decides per batch, a server request
-per image), and for each prompt every point runs back to back, so slow drift in a shared machine's
-load falls on all points alike.
+Every policy of the calibration sweep (``server.calibrate.sweep_policies``: each method's main knobs;
+MagCache and TeaCache on the values fitted for the model, read from its shipped calibration) runs over
+the same prompts and seeds, at each step count, with and without true CFG. Per point: the fraction of
+transformer blocks and attention modules executed, the wall-clock speedup, PSNR (pooled, median and
+worst prompt) and SSIM of the decoded image against the uncached image for the same seed, and prompt
+adherence. Images are generated one at a time (FirstBlockCache decides per batch, a server request per
+image), and for each prompt every point runs back to back, so slow drift in a shared machine's load
+falls on all points alike.
 
-Presets are then picked from the curve of the model's default guidance: for each PSNR floor, the
-fastest point whose pooled PSNR clears it.
+Then, per setting and PSNR floor: the fastest point here, and the policy a ``target`` request would
+run, chosen from the model's calibration (measured on other prompts), with what it did on these: the
+promise is kept when its pooled PSNR here is within 1 dB of the floor or above.
 """
 
 from __future__ import annotations
@@ -21,80 +24,98 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import TypeAdapter
 
-from cache_engine import (
-    CacheConfig,
-    CacheEngine,
-    FasterCacheConfig,
-    FirstBlockCacheConfig,
-    PyramidAttentionBroadcastConfig,
-)
-from server.presets import taylorseer
+from cache_engine import CacheConfig, CacheEngine
+from server import policy as policies
+from server.calibrate import sweep_policies
+from server.calibration import Calibration, load_calibration
+from server.models import CALIBRATION_FILE
+from server.protocol import CacheSpec
 from shapes import detector, evaluate
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "server" / "assets" / "shapes-flux"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-PRESET_FLOORS = {"fast": 30.0, "balanced": 35.0, "quality": 40.0}
+FLOORS = (30.0, 35.0, 40.0)
+# A target's promise holds on other prompts when their pooled PSNR is at most this far under the floor.
+PROMISE_TOLERANCE_DB = 1.0
+
+_METHOD_NAMES = {
+    "none": "none",
+    "first_block_cache": "FirstBlockCache",
+    "taylorseer": "TaylorSeer lite",
+    "pyramid_attention_broadcast": "PAB",
+    "faster_cache": "FasterCache",
+    "mag_cache": "MagCache",
+    "teacache": "TeaCache",
+    "dbcache": "DBCache F1B0 + TaylorSeer",
+    "sea_cache": "SeaCache",
+}
+_KNOB_NAMES = {
+    "threshold": "threshold",
+    "rel_l1_thresh": "threshold",
+    "residual_diff_threshold": "threshold",
+    "cache_interval": "interval",
+    "disable_cache_before_step": "from step",
+    "spatial_attention_block_skip_range": "spatial range",
+    "max_skip_steps": "max skip",
+    "retention_ratio": "retention",
+    "max_warmup_steps": "warmup",
+}
+_SPEC: TypeAdapter[CacheSpec] = TypeAdapter(CacheSpec)
+
+
+def policy_key(policy: Mapping[str, Any]) -> str:
+    return json.dumps(dict(policy), sort_keys=True)
 
 
 @dataclass(frozen=True)
 class Point:
-    method: str
-    knob: str
-    make: Callable[[], CacheConfig | None]
+    policy: Mapping[str, Any]
+
+    @property
+    def method(self) -> str:
+        return _METHOD_NAMES[self.policy["method"]]
+
+    @property
+    def knob(self) -> str:
+        knobs = [f"{_KNOB_NAMES[k]} {v:g}" for k, v in self.policy.items() if k in _KNOB_NAMES]
+        return ", ".join(knobs) or "-"
+
+    def make(self, method_values: Mapping[str, Mapping[str, Any]], steps: int) -> CacheConfig | None:
+        spec = _SPEC.validate_python(dict(self.policy))
+        return policies.to_engine_config(spec, {}, method_values, steps=steps)
 
 
 def points() -> list[Point]:
-    sweep = [Point("none", "-", lambda: None)]
-    for t in (0.05, 0.1, 0.15, 0.2, 0.3):
-        sweep.append(
-            Point("FirstBlockCache", f"threshold {t:g}", partial(FirstBlockCacheConfig, threshold=t))
-        )
-    for lite in (False, True):
-        for i in (2, 3, 4, 5):
-            sweep.append(
-                Point(
-                    "TaylorSeer lite" if lite else "TaylorSeer",
-                    f"interval {i}",
-                    partial(taylorseer, i, lite=lite),
-                )
-            )
-    for r in (2, 3, 4):
-        pab = partial(
-            PyramidAttentionBroadcastConfig,
-            spatial_attention_block_skip_range=r,
-            spatial_attention_timestep_skip_range=(100, 800),
-        )
-        sweep.append(Point("PAB", f"spatial range {r}", pab))
-    for r in (2, 3, 4):
-        sweep.append(
-            Point(
-                "FasterCache",
-                f"spatial range {r}",
-                partial(FasterCacheConfig, spatial_attention_block_skip_range=r),
-            )
-        )
-    return sweep
+    return [Point({"method": "none"}), *(Point(policy) for policy in sweep_policies())]
+
+
+def model_calibration(model: Path) -> Calibration | None:
+    path = model / CALIBRATION_FILE
+    return load_calibration(path) if path.exists() else None
 
 
 @dataclass
 class Result:
     method: str
     knob: str
+    policy: dict[str, Any]
+    steps: int
     cfg: float
     blocks: float  # fraction of block forwards executed
     attention: float  # fraction of attention forwards executed
     speedup: float
     psnr: float  # pooled over images: from the mean squared error
     psnr_median: float
+    psnr_worst: float
     ssim: float
     adherence: dict[str, float] = field(default_factory=dict)
     seconds_per_image: float = 0.0
@@ -123,70 +144,145 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(value.mean())
 
 
-def sweep(model: Path, n: int, cfgs: Sequence[float], steps: int, log: Callable[[str], None]) -> list[Result]:
+def sweep(
+    model: Path,
+    n: int,
+    cfgs: Sequence[float],
+    steps_list: Sequence[int],
+    method_values: Mapping[str, Mapping[str, Any]],
+    log: Callable[[str], None],
+) -> list[Result]:
     pipe = evaluate.load(model)
     engine = CacheEngine(pipe.transformer)
     scenes = evaluate.test_scenes(n)
     wanted = [detector.scene_attributes(s) for s in scenes]
-    grid = points()
     results = []
-    for cfg in cfgs:
-        images: list[list[np.ndarray]] = [[] for _ in grid]
-        seconds: list[list[float]] = [[] for _ in grid]
-        counts = [dict.fromkeys(("bc", "br", "ac", "ar"), 0) for _ in grid]
-        for i, scene in enumerate(scenes):
-            for j, point in enumerate(grid):
-                start = time.perf_counter()
-                with engine.session(point.make()) as session:
-                    image = evaluate.generate(pipe, [scene.caption], [i], steps=steps, cfg=cfg)[0]
-                seconds[j].append(time.perf_counter() - start)
-                images[j].append(image)
-                stats = session.stats
-                counts[j]["bc"] += stats.blocks_computed
-                counts[j]["br"] += stats.blocks_reused
-                counts[j]["ac"] += stats.attention_computed
-                counts[j]["ar"] += stats.attention_reused
-            if (i + 1) % 10 == 0:
-                log(f"cfg {cfg:g}: {i + 1}/{n} prompts")
-        reference = np.stack(images[0]).astype(np.float64) / 255.0
-        base_time = statistics.median(seconds[0])
-        for j, point in enumerate(grid):
-            got = np.stack(images[j]).astype(np.float64) / 255.0
-            per_image = ((got - reference) ** 2).mean(axis=(1, 2, 3))
-            c = counts[j]
-            results.append(
-                Result(
-                    method=point.method,
-                    knob=point.knob,
-                    cfg=cfg,
-                    blocks=c["bc"] / max(c["bc"] + c["br"], 1),
-                    attention=c["ac"] / max(c["ac"] + c["ar"], 1),
-                    speedup=base_time / statistics.median(seconds[j]),
-                    psnr=psnr(float(per_image.mean())),
-                    psnr_median=float(np.median([psnr(float(m)) for m in per_image])),
-                    ssim=float(np.mean([ssim(g, r) for g, r in zip(got, reference, strict=True)])),
-                    adherence=evaluate.adherence(np.stack(images[j]), wanted),
-                    seconds_per_image=statistics.median(seconds[j]),
+    for steps in steps_list:
+        grid = []
+        for point in points():
+            try:
+                config = point.make(method_values, steps)
+                engine.check(config)
+            except ValueError as exc:  # MagCache without fitted ratios: the model was not calibrated
+                log(f"skipped {point.method} {point.knob}: {exc}")
+                continue
+            grid.append((point, config))
+        for cfg in cfgs:
+            images: list[list[np.ndarray]] = [[] for _ in grid]
+            seconds: list[list[float]] = [[] for _ in grid]
+            counts = [dict.fromkeys(("bc", "br", "ac", "ar"), 0) for _ in grid]
+            for i, scene in enumerate(scenes):
+                for j, (_, config) in enumerate(grid):
+                    start = time.perf_counter()
+                    with engine.session(config) as session:
+                        image = evaluate.generate(pipe, [scene.caption], [i], steps=steps, cfg=cfg)[0]
+                    seconds[j].append(time.perf_counter() - start)
+                    images[j].append(image)
+                    stats = session.stats
+                    counts[j]["bc"] += stats.blocks_computed
+                    counts[j]["br"] += stats.blocks_reused
+                    counts[j]["ac"] += stats.attention_computed
+                    counts[j]["ar"] += stats.attention_reused
+                if (i + 1) % 5 == 0:
+                    log(f"{steps} steps, cfg {cfg:g}: {i + 1}/{n} prompts")
+            reference = np.stack(images[0]).astype(np.float64) / 255.0
+            base_time = statistics.median(seconds[0])
+            for j, (point, _) in enumerate(grid):
+                got = np.stack(images[j]).astype(np.float64) / 255.0
+                per_image = ((got - reference) ** 2).mean(axis=(1, 2, 3))
+                c = counts[j]
+                results.append(
+                    Result(
+                        method=point.method,
+                        knob=point.knob,
+                        policy=dict(point.policy),
+                        steps=steps,
+                        cfg=cfg,
+                        blocks=c["bc"] / max(c["bc"] + c["br"], 1),
+                        attention=c["ac"] / max(c["ac"] + c["ar"], 1),
+                        speedup=base_time / statistics.median(seconds[j]),
+                        psnr=psnr(float(per_image.mean())),
+                        psnr_median=float(np.median([psnr(float(m)) for m in per_image])),
+                        psnr_worst=min(psnr(float(m)) for m in per_image),
+                        ssim=float(np.mean([ssim(g, r) for g, r in zip(got, reference, strict=True)])),
+                        adherence=evaluate.adherence(np.stack(images[j]), wanted),
+                        seconds_per_image=statistics.median(seconds[j]),
+                    )
                 )
-            )
     return results
 
 
-def choose_presets(results: Sequence[Result], cfg: float) -> dict[str, Result]:
-    """For each floor, the fastest cached point of this guidance whose pooled PSNR clears it."""
-    chosen = {}
-    for name, floor in PRESET_FLOORS.items():
-        eligible = [r for r in results if r.cfg == cfg and r.method != "none" and r.psnr >= floor]
-        if eligible:
-            chosen[name] = max(eligible, key=lambda r: r.speedup)
-    return chosen
+@dataclass(frozen=True)
+class TargetCheck:
+    steps: int
+    cfg: float
+    floor: float
+    # The fastest point of this run at the floor (None: only the uncached run meets it).
+    fastest: Result | None
+    # What a target request runs, from the model's calibration, and what it did on this run's prompts.
+    chosen: Result | None
+    calibrated_psnr: float | None
+    calibrated_speedup: float | None
+
+    @property
+    def kept(self) -> bool | None:
+        if self.chosen is None:
+            return None
+        return self.chosen.psnr >= self.floor - PROMISE_TOLERANCE_DB
 
 
-def _db(value: float) -> str:
+def check_targets(results: Sequence[Result], calibration: Calibration | None) -> list[TargetCheck]:
+    checks = []
+    for steps, cfg in dict.fromkeys((r.steps, r.cfg) for r in results):
+        rows = [r for r in results if r.steps == steps and r.cfg == cfg]
+        by_key = {policy_key(r.policy): r for r in rows}
+        for floor in FLOORS:
+            eligible = [r for r in rows if r.method != "none" and r.psnr >= floor]
+            fastest = max(eligible, key=lambda r: r.speedup, default=None)
+            chosen, calibrated_psnr, calibrated_speedup = None, None, None
+            choice = calibration.choose(floor, steps, cfg > 1) if calibration else None
+            if choice is not None:
+                chosen = by_key.get(policy_key(choice.point.policy))
+                calibrated_psnr, calibrated_speedup = choice.point.psnr, choice.point.speedup
+            checks.append(
+                TargetCheck(steps, cfg, floor, fastest, chosen, calibrated_psnr, calibrated_speedup)
+            )
+    return checks
+
+
+def _db(value: float | None) -> str:
+    if value is None:
+        return "-"
     return "identical" if math.isinf(value) else f"{value:.1f}"
 
 
-def markdown(results: Sequence[Result], presets: dict[str, Result], meta: dict[str, Any]) -> str:
+def _setting(steps: int, cfg: float) -> str:
+    return f"{steps} steps, " + ("no CFG" if cfg <= 1 else f"true CFG {cfg:g}")
+
+
+def _target_row(c: TargetCheck) -> str:
+    fastest, chosen = c.fastest, c.chosen
+    cells = [_setting(c.steps, c.cfg), f"{c.floor:g} dB"]
+    if fastest is None:
+        cells += ["-", "-", "-"]
+    else:
+        cells += [f"{fastest.method} {fastest.knob}", f"{fastest.speedup:.2f}x", _db(fastest.psnr)]
+    if chosen is None or c.calibrated_speedup is None:
+        cells += ["-"] * 6
+    else:
+        kept = "yes" if c.kept else "**no**"
+        cells += [
+            f"{chosen.method} {chosen.knob}",
+            f"{_db(c.calibrated_psnr)} dB, {c.calibrated_speedup:.2f}x",
+            _db(chosen.psnr),
+            _db(chosen.psnr_worst),
+            f"{chosen.speedup:.2f}x",
+            kept,
+        ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(results: Sequence[Result], checks: Sequence[TargetCheck], meta: dict[str, Any]) -> str:
     lines = [
         "# Cache methods on the shapes model: speed against fidelity",
         "",
@@ -195,44 +291,47 @@ def markdown(results: Sequence[Result], presets: dict[str, Result], meta: dict[s
         f"Model `{meta['model']}`, {meta['n']} prompts (seed i for prompt i), {meta['steps']} steps, "
         f"64x64, batch 1, {meta['threads']} torch threads, {meta['when']}. PSNR and SSIM compare the "
         "decoded image with the uncached image for the same prompt and seed; pooled PSNR comes from "
-        "the mean squared error over all images. Speedup is the median uncached time per image over the "
-        "median cached time, on a machine whose load others share: read it to about +-10%. blocks / "
-        "attention: fraction of the transformer's block / attention forwards that actually ran.",
+        "the mean squared error over all images, worst is the prompt hurt most. Speedup is the median "
+        "uncached time per image over the median cached time, on a machine whose load others share: "
+        "read it to about +-10%. blocks / attention: fraction of the transformer's block / attention "
+        "forwards that actually ran. MagCache and TeaCache run on the magnitude ratios and polynomial "
+        "fitted for this model by `ditcache calibrate` (its `calibration.json`).",
         "",
         "![speedup against PSNR](quality.png)",
         "",
+        "## Targets",
+        "",
+        "Per setting and PSNR floor: the fastest point of this run that meets the floor, and the policy "
+        'a `{"cache": {"target": {"min_psnr": floor}}}` request runs, chosen from the model\'s '
+        f"calibration ({meta['calibration_prompts']} other prompts), with what it did here. The promise "
+        f"is kept when its pooled PSNR here is within {PROMISE_TOLERANCE_DB:g} dB of the floor or above.",
+        "",
+        "| setting | floor | fastest here | speedup | PSNR | target runs | calibrated | PSNR here "
+        "| worst prompt | speedup here | kept |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *(_target_row(c) for c in checks),
+        "",
     ]
-    for cfg in sorted({r.cfg for r in results}):
-        label = "no CFG" if cfg <= 1 else f"true CFG {cfg:g}"
+    for steps, cfg in dict.fromkeys((r.steps, r.cfg) for r in results):
         lines += [
-            f"## {label}",
+            f"## {_setting(steps, cfg)}",
             "",
-            "| method | knob | blocks | attention | speedup | PSNR pooled | PSNR median | SSIM | fg | bg | pos | size | shape | all |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| method | knob | blocks | attention | speedup | PSNR pooled | PSNR median | worst | SSIM "
+            "| fg | bg | pos | size | shape | all |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results:
-            if r.cfg != cfg:
+            if (r.steps, r.cfg) != (steps, cfg):
                 continue
             a = r.adherence
             lines.append(
                 f"| {r.method} | {r.knob} | {r.blocks:.2f} | {r.attention:.2f} | {r.speedup:.2f}x | "
-                f"{_db(r.psnr)} | {_db(r.psnr_median)} | {r.ssim:.3f} | {a['fg']:.2f} | {a['bg']:.2f} | "
-                f"{a.get('position', math.nan):.2f} | {a.get('size', math.nan):.2f} | {a['shape']:.2f} | "
-                f"{a['all']:.2f} |"
+                f"{_db(r.psnr)} | {_db(r.psnr_median)} | {_db(r.psnr_worst)} | {r.ssim:.3f} | "
+                f"{a['fg']:.2f} | {a['bg']:.2f} | {a.get('position', math.nan):.2f} | "
+                f"{a.get('size', math.nan):.2f} | {a['shape']:.2f} | {a['all']:.2f} |"
             )
         lines.append("")
-    lines += [
-        f"## Presets (fastest point at each PSNR floor, default guidance {meta['preset_cfg']:g})",
-        "",
-        "| preset | floor | method | knob | blocks | attention | speedup | PSNR pooled | SSIM |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in presets.items():
-        lines.append(
-            f"| {name} | {PRESET_FLOORS[name]:g} dB | {r.method} | {r.knob} | {r.blocks:.2f} | "
-            f"{r.attention:.2f} | {r.speedup:.2f}x | {_db(r.psnr)} | {r.ssim:.3f} |"
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def plot(results: Sequence[Result], path: Path) -> None:
@@ -241,24 +340,29 @@ def plot(results: Sequence[Result], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cfgs = sorted({r.cfg for r in results})
-    fig, axes = plt.subplots(1, len(cfgs), figsize=(6 * len(cfgs), 4.5), squeeze=False)
-    for ax, cfg in zip(axes[0], cfgs, strict=True):
-        rows = [r for r in results if r.cfg == cfg and r.method != "none"]
+    settings = list(dict.fromkeys((r.steps, r.cfg) for r in results))
+    columns = min(2, len(settings))
+    rows_count = math.ceil(len(settings) / columns)
+    fig, axes = plt.subplots(rows_count, columns, figsize=(6.5 * columns, 4.8 * rows_count), squeeze=False)
+    for ax, (steps, cfg) in zip(axes.flat, settings, strict=False):
+        rows = [r for r in results if (r.steps, r.cfg) == (steps, cfg) and r.method != "none"]
         for method in dict.fromkeys(r.method for r in rows):
-            # In sweep order, so each curve follows its knob.
-            mine = [r for r in rows if r.method == method]
+            # By speed, so each method's line runs from faithful to fast.
+            mine = sorted((r for r in rows if r.method == method), key=lambda r: r.speedup)
             # Identical images have infinite PSNR; draw them at the top of the axis.
-            ax.plot([r.speedup for r in mine], [min(r.psnr, 80.0) for r in mine], marker="o", label=method)
-        for floor in PRESET_FLOORS.values():
+            ax.plot([r.speedup for r in mine], [min(r.psnr, 60.0) for r in mine], marker="o", label=method)
+        for floor in FLOORS:
             ax.axhline(floor, color="grey", linewidth=0.5, linestyle="--")
         ax.set_xlabel("wall-clock speedup over uncached")
         ax.set_ylabel("PSNR against uncached (dB, pooled)")
-        ax.set_title("no CFG" if cfg <= 1 else f"true CFG {cfg:g}")
+        ax.set_title(_setting(steps, cfg))
+        ax.set_ylim(15, 62)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(settings) :]:
+        ax.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -278,15 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("-n", type=int, default=50, help="prompts")
-    parser.add_argument("--steps", type=int, default=evaluate.STEPS)
-    parser.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0], help="true CFG scales (1: none)")
-    parser.add_argument(
-        "--preset-cfg",
-        type=float,
-        default=3.0,
-        help="the guidance the presets are chosen for (shapes-flux's default is true CFG 3)",
-    )
+    parser.add_argument("-n", type=int, default=24, help="prompts (default 24)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[evaluate.STEPS, 50], help="step counts")
+    parser.add_argument("--cfg", type=float, nargs="+", default=[3.0, 1.0], help="true CFG scales (1: none)")
     parser.add_argument("--out", type=Path, default=DOCS, help="folder for quality.md / .png / .json")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     args = parser.parse_args(argv)
@@ -296,26 +394,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
-    results = sweep(args.model, args.n, args.cfg, args.steps, log)
-    presets = choose_presets(results, args.preset_cfg)
+    calibration = model_calibration(args.model)
+    method_values = calibration.method_values if calibration else {}
+    results = sweep(args.model, args.n, args.cfg, args.steps, method_values, log)
+    checks = check_targets(results, calibration)
     meta = {
         "model": args.model.name,
         "n": args.n,
-        "steps": args.steps,
+        "steps": " and ".join(str(s) for s in args.steps),
         "threads": torch.get_num_threads(),
         "when": time.strftime("%Y-%m-%d"),
-        "preset_cfg": args.preset_cfg,
+        "calibration_prompts": calibration.prompts if calibration else 0,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.md").write_text(markdown(results, presets, meta))
+    (args.out / "quality.md").write_text(markdown(results, checks, meta))
     plot(results, args.out / "quality.png")
-    payload = {
-        "meta": meta,
-        "results": [asdict(r) for r in results],
-        "presets": {k: asdict(v) for k, v in presets.items()},
-    }
+    targets = [
+        {
+            "steps": c.steps,
+            "cfg": c.cfg,
+            "floor": c.floor,
+            "fastest": c.fastest and asdict(c.fastest),
+            "chosen": c.chosen and asdict(c.chosen),
+            "calibrated_psnr": c.calibrated_psnr,
+            "calibrated_speedup": c.calibrated_speedup,
+            "kept": c.kept,
+        }
+        for c in checks
+    ]
+    payload = {"meta": meta, "results": [asdict(r) for r in results], "targets": targets}
     (args.out / "quality.json").write_text(json.dumps(_finite(payload), indent=2) + "\n")
-    print(markdown(results, presets, meta))
+    print(markdown(results, checks, meta))
     return 0
 
 

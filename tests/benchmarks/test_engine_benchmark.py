@@ -50,6 +50,20 @@ def test_executed_fractions_are_fractions(quick_run: tuple[report.Report, str]) 
         assert attention is not None and attention < 1.0, method
     lite_blocks = by_method["taylorseer_lite"].block_fraction
     assert lite_blocks is not None and lite_blocks < 1.0
+    # And blocks for the methods that skip the stack.
+    for method in ("mag_cache", "dbcache", "teacache"):
+        blocks = by_method[method].block_fraction
+        assert blocks is not None and blocks < 1.0, method
+
+
+@pytest.mark.slow
+def test_methods_diffusers_lacks_are_said_so(quick_run: tuple[report.Report, str]) -> None:
+    result, _ = quick_run
+    notes = {row.method: row.notes for row in result.methods}
+    for method in ("dbcache", "teacache"):
+        assert "not in diffusers" in notes[method], notes[method]
+    for method in ("mag_cache", "first_block_cache"):
+        assert "not in diffusers" not in notes[method]
 
 
 @pytest.mark.slow
