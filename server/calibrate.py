@@ -218,6 +218,7 @@ def run_setting(
     stop_at: float,
     save: Callable[[], None],
     log: Callable[[str], None],
+    advance: Callable[[], None] = lambda: None,
 ) -> None:
     """Fill ``work[setting.key][prompt index]`` with each policy's (squared error sum, pixels, seconds)."""
     done: dict[str, Any] = work.setdefault(setting.key, {})
@@ -231,6 +232,7 @@ def run_setting(
         row: dict[str, Any] | None = done.get(str(index))
         missing = [(p, c) for p, c in runnable if row is None or _policy_key(p) not in row]
         if not missing:
+            advance()
             continue
         if time.monotonic() >= stop_at:
             log(f"  time limit: {index} of {len(prompts)} prompts done")
@@ -249,6 +251,7 @@ def run_setting(
         done[str(index)] = row
         save()
         log(f"  prompt {index + 1}/{len(prompts)} ({setting.key})")
+        advance()
 
 
 def _psnr(squared: float, count: float) -> float:
@@ -284,8 +287,11 @@ def calibrate(
     time_limit_s: float,
     policies: Sequence[Mapping[str, Any]] | None = None,
     log: Callable[[str], None] = print,
+    advance: Callable[[], None] = lambda: None,
 ) -> Calibration:
-    """Run the sweep (resuming from ``out``'s work file) and write the calibration to ``out``."""
+    """Run the sweep (resuming from ``out``'s work file) and write the calibration to ``out``.
+
+    ``advance`` is called once per prompt of each setting, measured now or found done."""
     work_path = out.with_suffix(".work.json")
     work: dict[str, Any] = json.loads(work_path.read_text()) if work_path.exists() else {}
     if work.get("prompts", list(prompts)) != list(prompts):
@@ -318,6 +324,7 @@ def calibrate(
             stop_at=stop_at,
             save=save,
             log=log,
+            advance=advance,
         )
         curve = curve_of(setting, work.get(setting.key, {}))
         if curve is not None:
@@ -390,14 +397,21 @@ def run(args: argparse.Namespace) -> int:
     scales = args.guidance_scale or sorted({model.defaults.guidance_scale, 1.0})
     settings = [Setting(s, g) for s in steps for g in scales]
     out = args.out or calibration_path(args.cache_dir, model.name)
-    calibration = calibrate(
-        model,
-        settings,
-        prompts_of(args),
-        out,
-        time_limit_s=args.time_limit,
-        log=lambda line: print(line, file=sys.stderr, flush=True),
-    )
+    prompts = prompts_of(args)
+    from tqdm.auto import tqdm
+
+    # A bar on a terminal; plain lines, one per prompt, in a log file.
+    terminal = sys.stderr.isatty()
+    with tqdm(total=len(settings) * len(prompts), unit="prompt", disable=not terminal) as bar:
+        calibration = calibrate(
+            model,
+            settings,
+            prompts,
+            out,
+            time_limit_s=args.time_limit,
+            log=bar.write if terminal else lambda line: print(line, file=sys.stderr, flush=True),
+            advance=bar.update,
+        )
     for curve in calibration.curves:
         best = {floor: curve.fastest(floor) for floor in (30.0, 35.0, 40.0)}
         shown = ", ".join(

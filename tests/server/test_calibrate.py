@@ -64,6 +64,7 @@ def test_a_second_run_resumes_instead_of_measuring_again(calibrated: Path) -> No
     assert set(work) == {"prompts", "steps=4,guidance=1", "steps=4,guidance=3"}
     model = load_model("tiny-flux", cache_dir=calibrated)
     lines: list[str] = []
+    advanced: list[None] = []
     calibrate.calibrate(
         model,
         [calibrate.Setting(4, 1.0)],
@@ -72,8 +73,11 @@ def test_a_second_run_resumes_instead_of_measuring_again(calibrated: Path) -> No
         time_limit_s=600,
         policies=POLICIES,
         log=lines.append,
+        advance=lambda: advanced.append(None),
     )
     assert not any(line.startswith("  prompt") for line in lines), lines
+    # The progress bar still counts the prompts found done.
+    assert len(advanced) == 2
 
 
 def test_a_run_on_other_prompts_starts_afresh(calibrated: Path, tmp_path: Path) -> None:
