@@ -377,6 +377,20 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _infinite(value: Any) -> float:
+    return math.inf if value is None else float(value)
+
+
+def read_results(path: Path) -> tuple[dict[str, Any], list[Result]]:
+    """The meta and results of a quality.json (null PSNRs read back as identical images)."""
+    data = json.loads(path.read_text())
+    results = [
+        Result(**{**row, **{k: _infinite(row[k]) for k in ("psnr", "psnr_median", "psnr_worst")}})
+        for row in data["results"]
+    ]
+    return data["meta"], results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0]
@@ -387,6 +401,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cfg", type=float, nargs="+", default=[3.0, 1.0], help="true CFG scales (1: none)")
     parser.add_argument("--out", type=Path, default=DOCS, help="folder for quality.md / .png / .json")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="a quality.json written before: check the targets of the model's current calibration "
+        "against its results instead of sweeping again",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -395,17 +416,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     calibration = model_calibration(args.model)
-    method_values = calibration.method_values if calibration else {}
-    results = sweep(args.model, args.n, args.cfg, args.steps, method_values, log)
+    if args.results is not None:
+        meta, results = read_results(args.results)
+    else:
+        method_values = calibration.method_values if calibration else {}
+        results = sweep(args.model, args.n, args.cfg, args.steps, method_values, log)
+        meta = {
+            "model": args.model.name,
+            "n": args.n,
+            "steps": " and ".join(str(s) for s in args.steps),
+            "threads": torch.get_num_threads(),
+            "when": time.strftime("%Y-%m-%d"),
+        }
     checks = check_targets(results, calibration)
-    meta = {
-        "model": args.model.name,
-        "n": args.n,
-        "steps": " and ".join(str(s) for s in args.steps),
-        "threads": torch.get_num_threads(),
-        "when": time.strftime("%Y-%m-%d"),
-        "calibration_prompts": calibration.prompts if calibration else 0,
-    }
+    meta["calibration_prompts"] = calibration.prompts if calibration else 0
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.md").write_text(markdown(results, checks, meta))
     plot(results, args.out / "quality.png")

@@ -294,7 +294,9 @@ def calibrate(
     ``advance`` is called once per prompt of each setting, measured now or found done."""
     work_path = out.with_suffix(".work.json")
     work: dict[str, Any] = json.loads(work_path.read_text()) if work_path.exists() else {}
-    if work.get("prompts", list(prompts)) != list(prompts):
+    measured = work.get("prompts", [])
+    # More prompts after the same ones extend the measurement; other prompts replace it.
+    if list(prompts)[: len(measured)] != measured:
         log(f"{work_path} measured other prompts: starting afresh")
         work = {}
     work["prompts"] = list(prompts)

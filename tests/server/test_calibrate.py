@@ -80,10 +80,11 @@ def test_a_second_run_resumes_instead_of_measuring_again(calibrated: Path) -> No
     assert len(advanced) == 2
 
 
-def test_a_run_on_other_prompts_starts_afresh(calibrated: Path, tmp_path: Path) -> None:
+def test_other_prompts_start_afresh_and_more_prompts_extend(calibrated: Path, tmp_path: Path) -> None:
     out = tmp_path / "other.json"
     model = load_model("tiny-flux", cache_dir=calibrated)
-    for prompts in (["a red cube"], ["a blue cone"]):
+    logs = []
+    for prompts in (["a red cube"], ["a blue cone"], ["a blue cone", "a green ball"]):
         lines: list[str] = []
         calibrate.calibrate(
             model,
@@ -94,8 +95,12 @@ def test_a_run_on_other_prompts_starts_afresh(calibrated: Path, tmp_path: Path) 
             policies=POLICIES[:1],
             log=lines.append,
         )
-    assert any("starting afresh" in line for line in lines), lines
-    assert json.loads(out.with_suffix(".work.json").read_text())["prompts"] == ["a blue cone"]
+        logs.append(lines)
+    assert any("starting afresh" in line for line in logs[1]), logs[1]
+    # The third run keeps the first prompt's measurement and measures only the one added.
+    assert not any("starting afresh" in line for line in logs[2])
+    assert [line for line in logs[2] if line.startswith("  prompt")] == ["  prompt 2/2 (steps=2,guidance=1)"]
+    assert json.loads(out.with_suffix(".work.json").read_text())["prompts"] == ["a blue cone", "a green ball"]
 
 
 def test_a_policy_added_to_the_sweep_is_measured_on_the_prompts_already_done(

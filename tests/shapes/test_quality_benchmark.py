@@ -86,3 +86,12 @@ def test_sweep_writes_docs(tmp_path: Path) -> None:
     lite = [r for r in data["results"] if r["method"] == "TaylorSeer lite"]
     assert all(r["blocks"] < 1.0 for r in lite)
     assert {(t["steps"], t["floor"]) for t in data["targets"]} == {(6, 30.0), (6, 35.0), (6, 40.0)}
+
+
+def test_results_read_back_as_written(tmp_path: Path) -> None:
+    results = [_result({"method": "none"}, math.inf, 1.0), _result({"method": "teacache"}, 33.0, 2.0)]
+    path = tmp_path / "quality.json"
+    meta = {"model": "m", "n": 2}
+    payload = {"meta": meta, "results": [dataclasses.asdict(r) for r in results]}
+    path.write_text(json.dumps(quality._finite(payload)))
+    assert quality.read_results(path) == (meta, results)
