@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from diffusers.models import FluxTransformer2DModel
 
 import cache_engine as ce
-from cache_engine.session import active_session
 from tests.cache_engine.support import (
-    Rig,
+    RigFactory,
     assert_default_matches_reference,
     assert_invalid,
+    assert_unsupported,
     field_names,
     rigs,
     session_run,
+    single_block_flux,
 )
-
-RigFactory = Callable[[str, str | None], Rig]
 
 
 @pytest.fixture(scope="module")
@@ -53,30 +51,7 @@ def test_config_is_frozen() -> None:
 
 
 def test_a_single_block_model_is_unsupported() -> None:
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=0,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-        axes_dims_rope=(2, 2, 4),
-    )
-    engine = ce.CacheEngine(transformer)
-    try:
-        with pytest.raises(ce.UnsupportedMethodError) as raised, engine.session(ce.FirstBlockCacheConfig()):
-            pass
-        assert "first_block_cache" not in engine.supported_methods
-    finally:
-        engine.close()
-    error = raised.value
-    assert isinstance(error, ValueError)
-    assert (error.method, error.model) == ("first_block_cache", "FluxTransformer2DModel")
-    assert "first_block_cache" in str(error) and "FluxTransformer2DModel" in str(error)
-    # Refused before anything was bound.
-    assert active_session() is None
+    assert_unsupported(single_block_flux(), ce.FirstBlockCacheConfig(), "first_block_cache")
 
 
 @pytest.mark.parametrize(
