@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import pytest
+import torch
 from pydantic import BaseModel, ValidationError
 
 from cache_engine import CONFIG_CLASSES, SessionStats
@@ -141,7 +142,10 @@ def test_wire_fields_are_the_engine_config_fields() -> None:
         wire = POLICY_CLASSES[method].model_validate({"method": method})
         for name, value in wire.model_dump(exclude={"method"}).items():
             assert name in engine_defaults, f"{method}.{name} is not an engine parameter"
-            assert value == engine_defaults[name], f"{method}.{name}: default differs from the engine's"
+            expected = engine_defaults[name]
+            if isinstance(expected, torch.dtype):  # named on the wire: "bfloat16" for torch.bfloat16
+                expected = str(expected).removeprefix("torch.")
+            assert value == expected, f"{method}.{name}: default differs from the engine's"
 
 
 def test_cache_stats_carry_every_count_the_engine_keeps() -> None:
