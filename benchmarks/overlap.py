@@ -40,8 +40,9 @@ def _generate(pipe: Any, images: int, steps: int, cfg: float) -> None:
         evaluate.generate(pipe, ["a red circle on a blue background"], [seed], steps=steps, cfg=cfg)
 
 
-def _process(model: Path, images: int, steps: int, cfg: float, go: Event, seconds: Any) -> None:
+def _process(model: Path, images: int, steps: int, cfg: float, go: Event, ready: Any, seconds: Any) -> None:
     pipe = _load(model)
+    ready.put(None)
     go.wait()
     started = time.perf_counter()
     _generate(pipe, images, steps, cfg)
@@ -66,14 +67,16 @@ def measure(model: Path, images: int, steps: int, cfg: float) -> dict[str, float
     on_threads = 2 * images / (time.perf_counter() - started)
 
     context = mp.get_context("spawn")
-    go, seconds = context.Event(), context.Queue()
+    go, ready, seconds = context.Event(), context.Queue(), context.Queue()
     processes = [
-        context.Process(target=_process, args=(model, images, steps, cfg, go, seconds)) for _ in range(2)
+        context.Process(target=_process, args=(model, images, steps, cfg, go, ready, seconds))
+        for _ in range(2)
     ]
     for process in processes:
         process.start()
-    # Both load and warm up before either is timed: the start signal is given once both could be ready.
-    time.sleep(30)
+    # Both load and warm up before either is timed.
+    for _ in processes:
+        ready.get(timeout=600)
     go.set()
     slowest = max(seconds.get() for _ in processes)
     for process in processes:
