@@ -16,7 +16,7 @@ import torch
 import cache_engine as ce
 from cache_engine.session import active_session
 from tests.cache_engine.pipelines import TinyPipeline, clone_with_shared_transformer
-from tests.cache_engine.support import our_config, run_with, tiny
+from tests.cache_engine.support import our_config, run_in_lockstep, run_with, tiny
 
 _TIMEOUT = 120
 
@@ -30,37 +30,6 @@ def _run_in_session(
 ) -> torch.Tensor:
     with engine.session(config):
         return run_with(tp, seed=seed, **extra)
-
-
-def _run_together(
-    engine: ce.CacheEngine, jobs: list[tuple[TinyPipeline, object | None, int]]
-) -> list[torch.Tensor]:
-    barrier = threading.Barrier(len(jobs), timeout=_TIMEOUT)
-
-    def in_lockstep(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        barrier.wait()
-        return {}
-
-    results: list[torch.Tensor | None] = [None] * len(jobs)
-    errors: list[BaseException] = []
-
-    def worker(index: int) -> None:
-        tp, config, seed = jobs[index]
-        try:
-            barrier.wait()  # both sessions start together
-            results[index] = _run_in_session(engine, tp, config, seed, callback_on_step_end=in_lockstep)
-        except BaseException as error:  # surfaced below; a thread's exception is otherwise lost
-            errors.append(error)
-            barrier.abort()
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(_TIMEOUT)
-    assert not errors, errors
-    assert all(result is not None for result in results)
-    return [r for r in results if r is not None]
 
 
 @pytest.mark.parametrize(
@@ -87,7 +56,7 @@ def test_concurrent_sessions_give_their_sequential_outputs(
         # The other order too: what ran before a session does not matter.
         assert torch.equal(_run_in_session(engine, first, config_a, 0), alone_a)
 
-        together_a, together_b = _run_together(engine, [(first, config_a, 0), (second, config_b, seed_b)])
+        together_a, together_b = run_in_lockstep(engine, [(first, config_a, 0), (second, config_b, seed_b)])
     finally:
         engine.close()
 
