@@ -31,19 +31,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import TypeAdapter
 
 from cache_engine import CacheConfig, CacheEngine
-from server import policy as policies
-from server.calibrate import sweep_policies
+from server.calibrate import engine_config, policy_key, sweep_policies
 from server.calibration import Calibration, load_calibration
 from server.models import CALIBRATION_FILE
-from server.protocol import CacheSpec
+from server.targets import PRESET_FLOORS
 from shapes import detector, evaluate
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "server" / "assets" / "shapes-flux"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-FLOORS = (30.0, 35.0, 40.0)
+# A target's floors: the presets' (30, 35 and 40 dB).
+FLOORS = tuple(PRESET_FLOORS.values())
 # A target's promise holds on other prompts when their pooled PSNR is at most this far under the floor.
 PROMISE_TOLERANCE_DB = 1.0
 
@@ -69,11 +68,6 @@ _KNOB_NAMES = {
     "retention_ratio": "retention",
     "max_warmup_steps": "warmup",
 }
-_SPEC: TypeAdapter[CacheSpec] = TypeAdapter(CacheSpec)
-
-
-def policy_key(policy: Mapping[str, Any]) -> str:
-    return json.dumps(dict(policy), sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -90,8 +84,7 @@ class Point:
         return ", ".join(knobs) or "-"
 
     def make(self, method_values: Mapping[str, Mapping[str, Any]], steps: int) -> CacheConfig | None:
-        spec = _SPEC.validate_python(dict(self.policy))
-        return policies.to_engine_config(spec, {}, method_values, steps=steps)
+        return engine_config(self.policy, method_values, steps)
 
 
 def points() -> list[Point]:

@@ -26,10 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import TypeAdapter
 
+from cache_engine import CacheConfig
+
+from . import policy as policies
 from .calibration import Calibration, Curve, CurvePoint, load_calibration, merged
 from .generation import GenerationParams, check_params, generate
 from .models import ResidentModel, calibration_path, load_model
+from .protocol import CacheSpec
+from .targets import PRESET_FLOORS
+
+_SPEC: TypeAdapter[CacheSpec] = TypeAdapter(CacheSpec)
 
 # Subjects, colours and places drawn in turn: generic prompts, for a model whose traffic is not known.
 # A model trained on a narrow domain is better calibrated on prompts like its own (--prompts-file).
@@ -129,8 +137,17 @@ class Setting:
         return f"steps={self.steps},guidance={self.guidance_scale:g}"
 
 
-def _policy_key(policy: Mapping[str, Any]) -> str:
-    return json.dumps(policy, sort_keys=True)
+def policy_key(policy: Mapping[str, Any]) -> str:
+    """A swept policy as the work file and the benchmarks key it."""
+    return json.dumps(dict(policy), sort_keys=True)
+
+
+def engine_config(
+    policy: Mapping[str, Any], method_values: Mapping[str, Mapping[str, Any]], steps: int
+) -> CacheConfig | None:
+    """The engine config a swept policy runs as at ``steps``, with the model's fitted values filled in."""
+    spec = _SPEC.validate_python(dict(policy))
+    return policies.to_engine_config(spec, {}, method_values, steps=steps)
 
 
 def _config(
@@ -138,14 +155,8 @@ def _config(
     policy: Mapping[str, Any],
     steps: int,
     method_values: Mapping[str, Mapping[str, Any]],
-) -> Any:
-    from pydantic import TypeAdapter
-
-    from . import policy as policies
-    from .protocol import CacheSpec
-
-    spec = TypeAdapter(CacheSpec).validate_python(dict(policy))
-    config = policies.to_engine_config(spec, model.presets, method_values, steps=steps)
+) -> CacheConfig | None:
+    config = engine_config(policy, method_values, steps)
     model.cache.check(config)
     return config
 
@@ -227,10 +238,10 @@ def run_setting(
         try:
             runnable.append((policy, _config(model, policy, setting.steps, method_values)))
         except Exception as exc:  # a method this model cannot run, or one missing calibrated values
-            log(f"  skipped {_policy_key(policy)}: {exc}")
+            log(f"  skipped {policy_key(policy)}: {exc}")
     for index, prompt in enumerate(prompts):
         row: dict[str, Any] | None = done.get(str(index))
-        missing = [(p, c) for p, c in runnable if row is None or _policy_key(p) not in row]
+        missing = [(p, c) for p, c in runnable if row is None or policy_key(p) not in row]
         if not missing:
             advance()
             continue
@@ -247,7 +258,7 @@ def run_setting(
         for policy, config in missing:
             pixels, seconds = _pixels(model, params, config)
             squared = float(((pixels - reference) ** 2).sum())
-            row[_policy_key(policy)] = [squared, pixels.size, seconds * scale]
+            row[policy_key(policy)] = [squared, pixels.size, seconds * scale]
         done[str(index)] = row
         save()
         log(f"  prompt {index + 1}/{len(prompts)} ({setting.key})")
@@ -415,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
             advance=bar.update,
         )
     for curve in calibration.curves:
-        best = {floor: curve.fastest(floor) for floor in (30.0, 35.0, 40.0)}
+        best = {floor: curve.fastest(floor) for floor in PRESET_FLOORS.values()}
         shown = ", ".join(
             f">= {floor:g} dB: {point.speedup:.2f}x" for floor, point in best.items() if point is not None
         )
