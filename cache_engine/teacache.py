@@ -160,7 +160,7 @@ class _BlockHandler:
         if forced or previous is None or previous.shape != modulated.shape:
             state.accumulated = 0.0
             return True
-        change = ((modulated - previous).abs().mean() / previous.abs().mean()).item()
+        change = _relative_l1(modulated, previous)
         state.accumulated += rescale(policy.coefficients, change)
         reusable = all(residual is not None for residual in state.residuals)
         if policy.threshold <= 0.0 or state.accumulated >= policy.threshold or not reusable:
@@ -238,11 +238,13 @@ class _Observed:
         self.previous_output: torch.Tensor | None = None
 
 
-# Compared by identity: it keys the session's state.
-@dataclass(frozen=True, eq=False)
+# Compared by identity: it keys the session's state (each branch's _Observed, and the shared pairs).
 class _Recorder:
-    def pairs(self) -> list[tuple[float, float]]:
-        return []
+    pass
+
+
+def _pairs() -> list[tuple[float, float]]:
+    return []
 
 
 class _ObservedBlock:
@@ -275,7 +277,7 @@ class _ObservedDenoiser:
             and previous_modulated.shape == modulated.shape
         ):
             pair = (_relative_l1(modulated, previous_modulated), _relative_l1(current, previous))
-            call.session.shared_state(self.recorder, self.recorder.pairs).append(pair)
+            call.session.shared_state(self.recorder, _pairs).append(pair)
         state.previous_output, state.previous_modulated = current, modulated
         return output
 
@@ -285,7 +287,7 @@ def calibration_pairs(session: CacheSession) -> list[tuple[float, float]]:
     ``calibrate=True``. Read it inside the ``with`` block: the session's state ends with it."""
     for handler in session.plan.handlers.values():
         if isinstance(handler, _ObservedDenoiser):
-            return list(session.shared_state(handler.recorder, handler.recorder.pairs))
+            return list(session.shared_state(handler.recorder, _pairs))
     raise ValueError(f"session does not run {NAME} with calibrate=True")
 
 
