@@ -54,7 +54,7 @@ def to_engine_config(
                 values[name] = steps
     for name in _DTYPE_FIELDS:
         if isinstance(values.get(name), str):
-            values[name] = getattr(torch, values[name])
+            values[name] = dtype_named(values[name])
     try:
         config: CacheConfig = CONFIG_CLASSES[spec.method](**values)
     except ValueError as exc:
@@ -73,8 +73,19 @@ def describe(config: CacheConfig | None) -> dict[str, Any]:
     values = {name: getattr(config, name) for name in wire.model_fields if name != "method"}
     for name in _DTYPE_FIELDS:
         if isinstance(values.get(name), torch.dtype):
-            values[name] = str(values[name]).removeprefix("torch.")
+            values[name] = dtype_name(values[name])
     return wire.model_validate({"method": method, **values}).model_dump(mode="json")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire's name of ``dtype``: ``"bfloat16"`` for ``torch.bfloat16``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_named(name: str) -> torch.dtype:
+    """The torch dtype the wire's ``name`` stands for; the inverse of ``dtype_name``."""
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
 
 
 def param_of(exc: ValueError) -> str:

@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from cache_engine import CONFIG_CLASSES, SessionStats
+from server.policy import dtype_name, dtype_named
 from server.protocol import (
     CACHE_METHODS,
     POLICY_CLASSES,
@@ -143,9 +144,17 @@ def test_wire_fields_are_the_engine_config_fields() -> None:
         for name, value in wire.model_dump(exclude={"method"}).items():
             assert name in engine_defaults, f"{method}.{name} is not an engine parameter"
             expected = engine_defaults[name]
-            if isinstance(expected, torch.dtype):  # named on the wire: "bfloat16" for torch.bfloat16
-                expected = str(expected).removeprefix("torch.")
+            if isinstance(expected, torch.dtype):
+                expected = dtype_name(expected)
             assert value == expected, f"{method}.{name}: default differs from the engine's"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "name"), [(torch.bfloat16, "bfloat16"), (torch.float16, "float16"), (torch.float32, "float32")]
+)
+def test_a_dtype_is_named_on_the_wire_without_its_module(dtype: torch.dtype, name: str) -> None:
+    assert dtype_name(dtype) == name
+    assert dtype_named(name) is dtype
 
 
 def test_cache_stats_carry_every_count_the_engine_keeps() -> None:
