@@ -34,7 +34,7 @@ import torch
 
 from cache_engine import CacheConfig, CacheEngine
 from server.calibrate import engine_config, policy_key, sweep_policies
-from server.calibration import Calibration, load_calibration
+from server.calibration import Calibration, load_calibration, psnr_from_json, psnr_to_json
 from server.models import CALIBRATION_FILE
 from server.targets import PRESET_FLOORS
 from shapes import detector, evaluate
@@ -215,6 +215,8 @@ class TargetCheck:
     # What a target request runs, from the model's calibration, and what it did on this run's prompts.
     chosen: Result | None
     calibrated_psnr: float | None
+    # What the floor was held to: the pooled PSNR other prompts keep with 95% confidence.
+    calibrated_bound: float | None
     calibrated_speedup: float | None
 
     @property
@@ -232,14 +234,13 @@ def check_targets(results: Sequence[Result], calibration: Calibration | None) ->
         for floor in FLOORS:
             eligible = [r for r in rows if r.method != "none" and r.psnr >= floor]
             fastest = max(eligible, key=lambda r: r.speedup, default=None)
-            chosen, calibrated_psnr, calibrated_speedup = None, None, None
+            chosen: Result | None = None
+            calibrated: tuple[float | None, float | None, float | None] = (None, None, None)
             choice = calibration.choose(floor, steps, cfg > 1) if calibration else None
             if choice is not None:
                 chosen = by_key.get(policy_key(choice.point.policy))
-                calibrated_psnr, calibrated_speedup = choice.point.psnr, choice.point.speedup
-            checks.append(
-                TargetCheck(steps, cfg, floor, fastest, chosen, calibrated_psnr, calibrated_speedup)
-            )
+                calibrated = (choice.point.psnr, choice.point.psnr_bound, choice.point.speedup)
+            checks.append(TargetCheck(steps, cfg, floor, fastest, chosen, *calibrated))
     return checks
 
 
@@ -266,7 +267,7 @@ def _target_row(c: TargetCheck) -> str:
         kept = "yes" if c.kept else "**no**"
         cells += [
             f"{chosen.method} {chosen.knob}",
-            f"{_db(c.calibrated_psnr)} dB, {c.calibrated_speedup:.2f}x",
+            f"{_db(c.calibrated_psnr)} dB (bound {_db(c.calibrated_bound)}), {c.calibrated_speedup:.2f}x",
             _db(chosen.psnr),
             _db(chosen.psnr_worst),
             f"{chosen.speedup:.2f}x",
@@ -296,8 +297,10 @@ def markdown(results: Sequence[Result], checks: Sequence[TargetCheck], meta: dic
         "",
         "Per setting and PSNR floor: the fastest point of this run that meets the floor, and the policy "
         'a `{"cache": {"target": {"min_psnr": floor}}}` request runs, chosen from the model\'s '
-        f"calibration ({meta['calibration_prompts']} other prompts), with what it did here. The promise "
-        f"is kept when its pooled PSNR here is within {PROMISE_TOLERANCE_DB:g} dB of the floor or above.",
+        f"calibration ({meta['calibration_prompts']} other prompts): the fastest policy whose pooled "
+        "PSNR there, less what its spread over prompts allows at 95% confidence (the bound), meets the "
+        "floor. Then what it did here. The promise is kept when its pooled PSNR here is within "
+        f"{PROMISE_TOLERANCE_DB:g} dB of the floor or above.",
         "",
         "| setting | floor | fastest here | speedup | PSNR | target runs | calibrated | PSNR here "
         "| worst prompt | speedup here | kept |",
@@ -361,8 +364,8 @@ def plot(results: Sequence[Result], path: Path) -> None:
 
 def _finite(value: Any) -> Any:
     """Strict JSON has no infinity: identical images (infinite PSNR) are written as null."""
-    if isinstance(value, float) and math.isinf(value):
-        return None
+    if isinstance(value, float):
+        return psnr_to_json(value)
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -370,15 +373,11 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _infinite(value: Any) -> float:
-    return math.inf if value is None else float(value)
-
-
 def read_results(path: Path) -> tuple[dict[str, Any], list[Result]]:
     """The meta and results of a quality.json (null PSNRs read back as identical images)."""
     data = json.loads(path.read_text())
     results = [
-        Result(**{**row, **{k: _infinite(row[k]) for k in ("psnr", "psnr_median", "psnr_worst")}})
+        Result(**{**row, **{k: psnr_from_json(row[k]) for k in ("psnr", "psnr_median", "psnr_worst")}})
         for row in data["results"]
     ]
     return data["meta"], results
@@ -434,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "fastest": c.fastest and asdict(c.fastest),
             "chosen": c.chosen and asdict(c.chosen),
             "calibrated_psnr": c.calibrated_psnr,
+            "calibrated_bound": c.calibrated_bound,
             "calibrated_speedup": c.calibrated_speedup,
             "kept": c.kept,
         }

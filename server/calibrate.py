@@ -3,8 +3,9 @@
 For each setting asked (step count, guidance on and off), every calibration prompt runs uncached and
 then under each policy of the sweep, back to back, so that a shared machine's slow drift falls on all
 policies alike. Per policy: the pooled PSNR of its outputs against the uncached ones (from the mean
-squared error over every pixel of every prompt), the worst prompt's PSNR, and the speedup (the median
-over prompts of the uncached time over the cached time). The result is the model's calibration
+squared error over every pixel of every prompt), the worst prompt's PSNR, the PSNR other prompts keep
+with 95% confidence (what a target's floor is held to), and the speedup (the median over prompts of
+the uncached time over the cached time). The result is the model's calibration
 (``server/calibration.py``): what a ``target`` request chooses from.
 
 Bounded and resumable: results are kept per prompt in a work file next to the output, so a run that
@@ -265,9 +266,24 @@ def run_setting(
         advance()
 
 
+# One-sided 95%: the normal quantile for the upper bound of a mean.
+_BOUND_Z = 1.645
+
+
 def _psnr(squared: float, count: float) -> float:
     mse = squared / count
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def psnr_bound(per_prompt_mse: Sequence[float]) -> float:
+    """The pooled PSNR that other prompts like these keep with 95% confidence: from the upper bound of
+    the mean squared error (the mean plus z standard errors over prompts). One prompt has no spread
+    to bound with, so it promises its own PSNR."""
+    mean = statistics.fmean(per_prompt_mse)
+    spread = (
+        statistics.stdev(per_prompt_mse) / math.sqrt(len(per_prompt_mse)) if len(per_prompt_mse) > 1 else 0.0
+    )
+    return _psnr(mean + _BOUND_Z * spread, 1.0)
 
 
 def curve_of(setting: Setting, rows: Mapping[str, Mapping[str, Sequence[float]]]) -> Curve | None:
@@ -278,6 +294,7 @@ def curve_of(setting: Setting, rows: Mapping[str, Mapping[str, Sequence[float]]]
     for key in sorted(keys):
         squared = sum(row[key][0] for row in rows.values())
         count = sum(row[key][1] for row in rows.values())
+        per_prompt = [row[key][0] / row[key][1] for row in rows.values()]
         worst = min(_psnr(row[key][0], row[key][1]) for row in rows.values())
         policy = {"method": "none"} if key == "none" else json.loads(key)
         # The median over prompts of each prompt's own ratio: a burst of load from elsewhere during
@@ -285,7 +302,7 @@ def curve_of(setting: Setting, rows: Mapping[str, Mapping[str, Sequence[float]]]
         speedup = (
             1.0 if key == "none" else statistics.median(row["none"][2] / row[key][2] for row in rows.values())
         )
-        points.append(CurvePoint(policy, _psnr(squared, count), speedup, worst))
+        points.append(CurvePoint(policy, _psnr(squared, count), speedup, worst, psnr_bound(per_prompt)))
     return Curve(setting.steps, setting.guidance, setting.guidance_scale, tuple(points))
 
 

@@ -3,9 +3,9 @@
 ``ditcache calibrate`` (``server/calibrate.py``) writes it as JSON; the server loads it with the model.
 It holds, per calibrated setting (step count, guidance on or off), one point per cache policy swept:
 the policy as a request's ``cache`` would write it, its pooled PSNR against the uncached output over
-the calibration prompts, and its speedup. A request's ``{"cache": {"target": {"min_psnr": 35}}}`` runs
-the fastest point that meets the floor on the curve of its own setting, or of the nearest calibrated
-one, and says which. It also holds values a method needs per checkpoint (MagCache's magnitude
+the calibration prompts, the lower confidence bound of that PSNR for other prompts, and its speedup.
+A request's ``{"cache": {"target": {"min_psnr": 35}}}`` runs the fastest point whose bound meets the
+floor on the curve of its own setting, or of the nearest calibrated one, and says which. It also holds values a method needs per checkpoint (MagCache's magnitude
 ratios, TeaCache's rescaling coefficients), which fill the fields a request leaves out.
 """
 
@@ -19,7 +19,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["FORMAT", "Calibration", "Choice", "Curve", "CurvePoint", "load_calibration"]
+__all__ = [
+    "FORMAT",
+    "Calibration",
+    "Choice",
+    "Curve",
+    "CurvePoint",
+    "load_calibration",
+    "psnr_from_json",
+    "psnr_to_json",
+]
 
 # Bump when the file's layout changes; an older file is refused with a clear error, never misread.
 FORMAT = 1
@@ -34,6 +43,10 @@ class CurvePoint:
     speedup: float
     # The lowest per-prompt PSNR: what the policy does to the prompt it hurts most.
     worst_psnr: float
+    # What the pooled PSNR is at least on other prompts like the calibration's, with 95% confidence:
+    # the floor is held to this, not to ``psnr``. Per-prompt error is heavy-tailed, so a schedule that
+    # hurts a few prompts badly has a wide spread and promises less than its pooled mean.
+    psnr_bound: float
 
 
 @dataclass(frozen=True)
@@ -45,7 +58,7 @@ class Curve:
     points: tuple[CurvePoint, ...]
 
     def fastest(self, min_psnr: float) -> CurvePoint | None:
-        meeting = [point for point in self.points if point.psnr >= min_psnr]
+        meeting = [point for point in self.points if point.psnr_bound >= min_psnr]
         return max(meeting, key=lambda point: point.speedup, default=None)
 
 
@@ -77,7 +90,7 @@ class Calibration:
         )
         point = curve.fastest(min_psnr)
         if point is None:
-            point = CurvePoint({"method": "none"}, math.inf, 1.0, math.inf)
+            point = CurvePoint({"method": "none"}, math.inf, 1.0, math.inf, math.inf)
         return Choice(point, curve, exact=curve.steps == steps and curve.guidance == guidance)
 
     def to_json(self) -> dict[str, Any]:
@@ -94,9 +107,10 @@ class Calibration:
                     "points": [
                         {
                             "policy": dict(point.policy),
-                            "psnr": _finite(point.psnr),
+                            "psnr": psnr_to_json(point.psnr),
                             "speedup": point.speedup,
-                            "worst_psnr": _finite(point.worst_psnr),
+                            "worst_psnr": psnr_to_json(point.worst_psnr),
+                            "psnr_bound": psnr_to_json(point.psnr_bound),
                         }
                         for point in curve.points
                     ],
@@ -112,12 +126,13 @@ class Calibration:
         staging.replace(path)
 
 
-def _finite(value: float) -> float | None:
-    # JSON has no infinity: null stands for "identical to the uncached output".
+def psnr_to_json(value: float) -> float | None:
+    """JSON has no infinity: null stands for "identical to the uncached output"."""
     return None if math.isinf(value) else value
 
 
-def _psnr(value: Any) -> float:
+def psnr_from_json(value: Any) -> float:
+    """The inverse of ``psnr_to_json``."""
     return math.inf if value is None else float(value)
 
 
@@ -132,9 +147,12 @@ def from_json(data: Mapping[str, Any]) -> Calibration:
             points=tuple(
                 CurvePoint(
                     policy=MappingProxyType(dict(point["policy"])),
-                    psnr=_psnr(point["psnr"]),
+                    psnr=psnr_from_json(point["psnr"]),
                     speedup=float(point["speedup"]),
-                    worst_psnr=_psnr(point.get("worst_psnr")),
+                    worst_psnr=psnr_from_json(point["worst_psnr"]),
+                    # Written before bounds were recorded: such a file promises its pooled PSNR, as
+                    # it did; `ditcache calibrate` adds the bound from its work file without running again what it measured.
+                    psnr_bound=psnr_from_json(point.get("psnr_bound", point["psnr"])),
                 )
                 for point in curve["points"]
             ),

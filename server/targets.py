@@ -1,18 +1,19 @@
 """A request's ``target`` (and, on a calibrated model, its ``preset``) resolved to a measured policy.
 
 The model's calibration (``server/calibration.py``) gives, for the request's step count and guidance,
-the fastest policy whose pooled PSNR against the uncached output met the floor. The answer's
+the fastest policy whose pooled PSNR against the uncached output meets the floor with 95% confidence
+on prompts other than the calibration's. The answer's
 ``cache_policy`` says which policy ran, what was measured for it, and whether the request's setting
 was the one calibrated or only the nearest to it.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from pydantic import TypeAdapter
 
+from .calibration import psnr_to_json
 from .errors import InvalidRequest
 from .models import ResidentModel
 from .protocol import CachePreset, CacheSpec, CacheTarget
@@ -24,8 +25,8 @@ _SPEC: TypeAdapter[CacheSpec] = TypeAdapter(CacheSpec)
 
 
 def _db(value: float) -> float | None:
-    # JSON has no infinity: null stands for "identical to the uncached output".
-    return None if math.isinf(value) else round(value, 2)
+    db = psnr_to_json(value)
+    return None if db is None else round(db, 2)
 
 
 def resolve(
@@ -49,6 +50,8 @@ def resolve(
     promise = {
         "min_psnr": floor,
         "measured_psnr": _db(point.psnr),
+        # What the floor was held to: the PSNR other prompts keep with 95% confidence.
+        "psnr_lower_bound": _db(point.psnr_bound),
         "worst_prompt_psnr": _db(point.worst_psnr),
         "measured_speedup": round(point.speedup, 2),
         "calibrated": {

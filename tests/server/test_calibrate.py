@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,20 @@ def test_the_calibration_has_a_curve_per_setting_with_every_policy(calibrated: P
         uncached = next(point for point in curve.points if point.policy["method"] == "none")
         assert uncached.psnr == float("inf") and uncached.speedup == 1.0
         assert all(point.worst_psnr <= point.psnr for point in curve.points)
+        assert all(point.psnr_bound <= point.psnr for point in curve.points)
+
+
+def test_the_bound_is_the_mean_error_plus_its_standard_error_at_95_percent() -> None:
+    def psnr(mse: float) -> float:
+        return 10 * math.log10(255.0**2 / mse)
+
+    # Mean 2, sample standard deviation sqrt(2) over 2 prompts: a standard error of 1.
+    assert calibrate.psnr_bound([1.0, 3.0]) == pytest.approx(psnr(2 + 1.645))
+    # No spread, nothing to allow for; one prompt has no spread to measure.
+    assert calibrate.psnr_bound([3.0, 3.0, 3.0]) == pytest.approx(psnr(3.0))
+    assert calibrate.psnr_bound([3.0]) == pytest.approx(psnr(3.0))
+    # Same mean, one prompt hurt badly: a heavy tail promises less.
+    assert calibrate.psnr_bound([1.0, 1.0, 1.0, 9.0]) < calibrate.psnr_bound([3.0, 3.0, 3.0, 3.0])
 
 
 def test_the_calibration_fits_magcache_ratios_and_teacache_coefficients(calibrated: Path) -> None:
@@ -162,6 +177,7 @@ def test_a_target_runs_the_fastest_measured_policy_over_its_floor(server: LiveSe
     assert answer.json()["cache"]["method"] == expected.policy["method"]
     target = policy["target"]
     assert target["min_psnr"] == floor and target["outside_calibration"] is False
+    assert target["psnr_lower_bound"] is None or target["psnr_lower_bound"] >= floor
     assert target["calibrated"] == {"steps": 4, "guidance_scale": 1.0, "prompts": 2}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -16,7 +17,7 @@ def _curve(steps: int, guidance: bool, points: list[tuple[str, float, float]]) -
         guidance=guidance,
         guidance_scale=3.0 if guidance else 1.0,
         points=tuple(
-            CurvePoint({"method": method}, psnr, speedup, psnr - 5) for method, psnr, speedup in points
+            CurvePoint({"method": method}, psnr, speedup, psnr - 5, psnr) for method, psnr, speedup in points
         ),
     )
 
@@ -55,6 +56,33 @@ def test_the_fastest_point_over_the_floor_on_the_nearest_curve(
     assert choice is not None
     assert (choice.point.policy["method"], choice.exact) == (method, exact)
     assert choice.point.psnr >= floor
+
+
+def test_the_floor_is_held_to_the_bound_not_the_pooled_mean() -> None:
+    # "wide" is faster and over the floor on average, but its spread over prompts leaves it under the
+    # floor at 95% confidence: the target runs the slower policy that keeps the floor on other prompts.
+    points = (
+        CurvePoint({"method": "none"}, math.inf, 1.0, math.inf, math.inf),
+        CurvePoint({"method": "wide"}, 36.0, 2.5, 26.0, 34.2),
+        CurvePoint({"method": "tight"}, 36.5, 2.1, 33.0, 35.6),
+    )
+    calibration = Calibration(model="m", prompts=24, curves=(Curve(20, False, 1.0, points),))
+    choice = calibration.choose(35.0, 20, False)
+    assert choice is not None and choice.point.policy["method"] == "tight"
+    choice = calibration.choose(34.0, 20, False)
+    assert choice is not None and choice.point.policy["method"] == "wide"
+
+
+def test_a_file_written_before_bounds_promises_its_pooled_psnr(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    CALIBRATION.save(path)
+    data = json.loads(path.read_text())
+    for curve in data["curves"]:
+        for point in curve["points"]:
+            del point["psnr_bound"]
+    path.write_text(json.dumps(data))
+    points = [point for curve in load_calibration(path).curves for point in curve.points]
+    assert all(point.psnr_bound == point.psnr for point in points)
 
 
 def test_nothing_calibrated_chooses_nothing() -> None:

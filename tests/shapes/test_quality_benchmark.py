@@ -50,7 +50,9 @@ def test_a_target_is_checked_on_the_benchmarks_own_prompts() -> None:
         _result(faithful, 41.0, 1.5),
     ]
     # The calibration promised 36 dB for the fast policy; here it gave 34.5 dB.
-    curve = Curve(20, True, 3.0, (CurvePoint(fast, 36.0, 2.1, 33.0), CurvePoint(faithful, 42.0, 1.4, 40.0)))
+    curve = Curve(
+        20, True, 3.0, (CurvePoint(fast, 36.0, 2.1, 33.0, 35.5), CurvePoint(faithful, 42.0, 1.4, 40.0, 41.0))
+    )
     checks = {check.floor: check for check in quality.check_targets(results, Calibration("m", 12, (curve,)))}
     assert checks[35.0].fastest is results[2] and checks[35.0].chosen is results[1]
     assert checks[35.0].kept is True  # within 1 dB of the floor
@@ -58,7 +60,9 @@ def test_a_target_is_checked_on_the_benchmarks_own_prompts() -> None:
     assert checks[40.0].chosen is results[2] and checks[40.0].kept is True
     no_promise = quality.check_targets(
         results,
-        Calibration("m", 12, (dataclasses.replace(curve, points=(CurvePoint(fast, 40.0, 2.1, 39.0),)),)),
+        Calibration(
+            "m", 12, (dataclasses.replace(curve, points=(CurvePoint(fast, 40.0, 2.1, 39.0, 40.0),)),)
+        ),
     )
     assert {c.floor: c.kept for c in no_promise}[40.0] is False  # 34.5 dB here against a 40 dB floor
 
