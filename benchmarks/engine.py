@@ -665,25 +665,43 @@ def _torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def main(argv: Sequence[str] | None = None) -> Report:
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class _Start:
+    """What both entry points begin with: the arguments, the models' scale, the order's seeded
+    generator and the time the benchmark started."""
+
+    args: argparse.Namespace
+    scale: models.ScaleName
+    rng: random.Random
+    started: float
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def _start(argv: Sequence[str] | None) -> _Start:
     args = _parse(argv)
     # diffusers warns on every enable_cache (FasterCache is "experimental", a default weight is used);
     # the table says what each run did.
     diffusers.utils.logging.set_verbosity_error()
     scale: models.ScaleName = "quick" if args.quick else "bench"
+    return _Start(args, scale, random.Random(args.seed), time.perf_counter())
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
-    started = time.perf_counter()
-    rng = random.Random(args.seed)
+def main(argv: Sequence[str] | None = None) -> Report:
+    start = _start(argv)
+    args = start.args
     family_rows: list[FamilyRow] = []
     method_rows: list[MethodRow] = []
     with _torch_threads(args.threads), _frozen_heap():
         for family in args.families:
-            log(f"{family}: building and warming up")
+            _log(f"{family}: building and warming up")
             family_row, rows = bench_family(
-                family, scale=scale, steps=args.steps, repeats=args.repeats, rng=rng, log=log
+                family, scale=start.scale, steps=args.steps, repeats=args.repeats, rng=start.rng, log=_log
             )
             family_rows.append(family_row)
             method_rows.extend(rows)
@@ -695,9 +713,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
         dispatch=dispatch,
         steps=args.steps,
         repeats=args.repeats,
-        scale=scale,
+        scale=start.scale,
         threads=args.threads,
-        seconds=time.perf_counter() - started,
+        seconds=start.seconds(),
     )
     print(render_text(report))
     if args.markdown is not None:
@@ -709,15 +727,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
 
 def main_compiled(argv: Sequence[str] | None = None) -> list[compiled.FamilyResult]:
     """``--compile``: compiled against eager per configuration, and recompilations across sizes."""
-    args = _parse(argv)
-    diffusers.utils.logging.set_verbosity_error()
-    scale: models.ScaleName = "quick" if args.quick else "bench"
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    started = time.perf_counter()
-    rng = random.Random(args.seed)
+    start = _start(argv)
+    args = start.args
     cases = [compiled.Case("uncached", None), *(compiled.Case(case.name, case.ours) for case in METHODS)]
     results = []
     with _torch_threads(args.threads):
@@ -726,18 +737,18 @@ def main_compiled(argv: Sequence[str] | None = None) -> list[compiled.FamilyResu
                 compiled.bench_family(
                     family,
                     cases,
-                    build=functools.partial(models.build, family, scale=scale, steps=args.steps),
+                    build=functools.partial(models.build, family, scale=start.scale, steps=args.steps),
                     steps=args.steps,
                     repeats=args.repeats,
-                    rng=rng,
-                    log=log,
+                    rng=start.rng,
+                    log=_log,
                     backend=args.compile_backend,
                 )
             )
     header = (
-        f"Run: {args.steps} steps, {args.repeats} repeats, scale {scale}, {args.threads} torch thread(s), "
+        f"Run: {args.steps} steps, {args.repeats} repeats, scale {start.scale}, {args.threads} torch thread(s), "
         f"backend {args.compile_backend}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
-        f"{os.cpu_count()} CPUs; the benchmark took {time.perf_counter() - started:.0f} s. Times: CPU time "
+        f"{os.cpu_count()} CPUs; the benchmark took {start.seconds():.0f} s. Times: CPU time "
         "of the process; every ratio the median over the repeats of runs made back to back (range)."
     )
     table = compiled.render(results, header=header)
