@@ -9,7 +9,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 from tests.cache_engine.pipelines import run
-from tests.cache_engine.support import tiny
+from tests.cache_engine.support import RigFactory, rigs, tiny
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -32,3 +32,10 @@ def uncached() -> Callable[[str, str | None], torch.Tensor]:
         return found[(family, cfg)]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[RigFactory]:
+    """Each module's rigs, built on first use and closed when its tests are done."""
+    with rigs() as get:
+        yield get

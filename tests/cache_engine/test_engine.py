@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,9 +12,7 @@ from torch import nn
 import cache_engine as ce
 from cache_engine.hooks import installed_handle
 from tests.cache_engine.pipelines import FAMILIES, FAMILY_INFO, run
-from tests.cache_engine.support import Rig, rigs, session_run, tiny
-
-RigFactory = Callable[[str, str | None], Rig]
+from tests.cache_engine.support import RigFactory, session_run, tiny
 
 IDLE_CASES = [
     ("flux", "distilled"),
@@ -42,12 +40,6 @@ IDLE_CONFIGS: dict[str, object] = {
         cross_attention_timestep_skip_range=(-1, 1001),
     ),
 }
-
-
-@pytest.fixture(scope="module")
-def rig() -> Iterator[RigFactory]:
-    with rigs() as get:
-        yield get
 
 
 def _dispatched(transformer: nn.Module) -> set[nn.Module]:

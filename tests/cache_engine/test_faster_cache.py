@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import diffusers
@@ -13,7 +12,7 @@ import torch
 
 import cache_engine as ce
 from tests.cache_engine.support import (
-    Rig,
+    RigFactory,
     assert_default_matches_reference,
     assert_invalid,
     field_names,
@@ -21,21 +20,13 @@ from tests.cache_engine.support import (
     our_config,
     reference_config,
     reference_run,
-    rigs,
     session_run,
     tiny,
 )
 
 Config = ce.FasterCacheConfig
-RigFactory = Callable[[str, str | None], Rig]
 # Windows that hold every timestep of a run, the first included (0..1000 scale, bounds exclusive).
 EVERYWHERE = (-1, 1001)
-
-
-@pytest.fixture(scope="module")
-def rig() -> Iterator[RigFactory]:
-    with rigs() as get:
-        yield get
 
 
 def test_fields_in_the_reference_order() -> None:

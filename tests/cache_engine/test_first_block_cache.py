@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,16 +15,9 @@ from tests.cache_engine.support import (
     assert_invalid,
     assert_unsupported,
     field_names,
-    rigs,
     session_run,
     single_block_flux,
 )
-
-
-@pytest.fixture(scope="module")
-def rig() -> Iterator[RigFactory]:
-    with rigs() as get:
-        yield get
 
 
 def test_fields_in_the_reference_order() -> None:

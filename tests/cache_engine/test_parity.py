@@ -7,7 +7,7 @@ uncached one, so agreeing is not the trivial agreement of two caches that never 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,25 +21,16 @@ from tests.cache_engine.support import (
     TAYLORSEER_ATTENTION,
     BranchRecorder,
     ForwardCounter,
-    Rig,
+    RigFactory,
     max_diff,
     our_config,
     reference_config,
     reference_run,
-    rigs,
     session_run,
     tiny,
 )
 
 TOLERANCE = 1e-5
-
-RigFactory = Callable[[str, str | None], Rig]
-
-
-@pytest.fixture(scope="module")
-def rig() -> Iterator[RigFactory]:
-    with rigs() as get:
-        yield get
 
 
 def _reused(stats: ce.SessionStats) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import diffusers
@@ -12,25 +11,17 @@ import torch
 
 import cache_engine as ce
 from tests.cache_engine.support import (
-    Rig,
+    RigFactory,
     assert_default_matches_reference,
     assert_invalid,
     field_names,
     max_diff,
     reference_run,
-    rigs,
     session_run,
 )
 
 Config = ce.PyramidAttentionBroadcastConfig
-RigFactory = Callable[[str, str | None], Rig]
 FULL_WINDOW = (0, 1000)
-
-
-@pytest.fixture(scope="module")
-def rig() -> Iterator[RigFactory]:
-    with rigs() as get:
-        yield get
 
 
 def test_fields_in_the_reference_order() -> None:

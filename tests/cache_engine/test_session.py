@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,15 +12,7 @@ import torch
 import cache_engine as ce
 from cache_engine.session import DEFAULT_BRANCH, active_session, branch
 from tests.cache_engine.pipelines import run
-from tests.cache_engine.support import Rig, rigs, session_run
-
-RigFactory = Callable[[str, str | None], Rig]
-
-
-@pytest.fixture(scope="module")
-def rig() -> Iterator[RigFactory]:
-    with rigs() as get:
-        yield get
+from tests.cache_engine.support import RigFactory, session_run
 
 
 def _new_list() -> list[int]:

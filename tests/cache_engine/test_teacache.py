@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ from cache_engine.targets import FAMILIES as FAMILY_TABLE
 from cache_engine.targets import BlockSite, build_layout, modulated_input
 from cache_engine.teacache import rescale, runs
 from tests.cache_engine.pipelines import FAMILIES, TinyPipeline, clone_with_shared_transformer, run
-from tests.cache_engine.support import assert_invalid, max_diff, run_with, session_run, tiny
+from tests.cache_engine.support import RigFactory, assert_invalid, max_diff, rigs, run_with, session_run, tiny
 
 Config = ce.TeaCacheConfig
 STEPS = 8
@@ -28,28 +28,11 @@ STEPS = 8
 IDENTITY = (1.0, 0.0)
 
 
-@dataclasses.dataclass
-class Rig:
-    tp: TinyPipeline
-    engine: ce.CacheEngine
-
-
-RigFactory = Callable[[str, str | None], Rig]
-
-
 @pytest.fixture(scope="module")
 def rig() -> Iterator[RigFactory]:
-    made: dict[tuple[str, str | None], Rig] = {}
-
-    def get(family: str, cfg: str | None = None) -> Rig:
-        if (family, cfg) not in made:
-            tp = tiny(family, cfg, steps=STEPS)
-            made[(family, cfg)] = Rig(tp, ce.CacheEngine(tp.pipe.transformer))
-        return made[(family, cfg)]
-
-    yield get
-    for r in made.values():
-        r.engine.close()
+    """The package's ``rig``, at this module's step count."""
+    with rigs(steps=STEPS) as get:
+        yield get
 
 
 # -- config and coefficients -------------------------------------------------------------------------
