@@ -343,7 +343,20 @@ def single_block_flux() -> FluxTransformer2DModel:
 # A pipeline, the config of its session and the seed of its initial noise.
 Job = tuple[TinyPipeline, object, int]
 
-_LOCKSTEP_TIMEOUT = 120
+# Seconds a run waits for the others at a step, and a thread is waited for at the end.
+LOCKSTEP_TIMEOUT = 120
+
+StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
+
+
+def lockstep_callback(barrier: threading.Barrier) -> StepCallback:
+    """A step callback that holds its run at ``barrier`` until the runs beside it end the same step."""
+
+    def in_lockstep(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        barrier.wait()
+        return {}
+
+    return in_lockstep
 
 
 def _run_alone(engine: ce.CacheEngine, job: Job) -> torch.Tensor:
@@ -357,12 +370,8 @@ def run_in_lockstep(engine: ce.CacheEngine, jobs: Sequence[Job]) -> list[torch.T
 
     A barrier in the step callback holds each thread until the others have finished the same step.
     """
-    barrier = threading.Barrier(len(jobs), timeout=_LOCKSTEP_TIMEOUT)
-
-    def in_lockstep(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        barrier.wait()
-        return {}
-
+    barrier = threading.Barrier(len(jobs), timeout=LOCKSTEP_TIMEOUT)
+    in_lockstep = lockstep_callback(barrier)
     results: dict[int, torch.Tensor] = {}
     errors: list[BaseException] = []
 
@@ -380,7 +389,7 @@ def run_in_lockstep(engine: ce.CacheEngine, jobs: Sequence[Job]) -> list[torch.T
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(_LOCKSTEP_TIMEOUT)
+        thread.join(LOCKSTEP_TIMEOUT)
     assert not errors, errors
     return [results[index] for index in range(len(jobs))]
 

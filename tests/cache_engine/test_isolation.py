@@ -16,9 +16,14 @@ import torch
 import cache_engine as ce
 from cache_engine.session import active_session
 from tests.cache_engine.pipelines import TinyPipeline, clone_with_shared_transformer
-from tests.cache_engine.support import our_config, run_in_lockstep, run_with, tiny
-
-_TIMEOUT = 120
+from tests.cache_engine.support import (
+    LOCKSTEP_TIMEOUT,
+    lockstep_callback,
+    our_config,
+    run_in_lockstep,
+    run_with,
+    tiny,
+)
 
 
 def _config(method: str | None, tp: TinyPipeline) -> object | None:
@@ -78,14 +83,8 @@ def test_a_session_beside_the_reference_api_policy() -> None:
         ce.apply_first_block_cache(transformer, our_config("first_block_cache", second))
         alone_ambient = run_with(second)
 
-        barrier = threading.Barrier(2, timeout=_TIMEOUT)
-
-        def in_lockstep(
-            pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
-        ) -> dict[str, Any]:
-            barrier.wait()
-            return {}
-
+        barrier = threading.Barrier(2, timeout=LOCKSTEP_TIMEOUT)
+        in_lockstep = lockstep_callback(barrier)
         results: dict[str, torch.Tensor] = {}
 
         def ambient() -> None:
@@ -104,7 +103,7 @@ def test_a_session_beside_the_reference_api_policy() -> None:
             0,
             callback_on_step_end=in_lockstep,
         )
-        thread.join(_TIMEOUT)
+        thread.join(LOCKSTEP_TIMEOUT)
         ce.disable_cache(transformer)
     finally:
         engine.close()

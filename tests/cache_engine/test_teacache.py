@@ -7,7 +7,6 @@ numpy, and checked against the decisions the engine made, on the modulated input
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,8 +18,16 @@ import cache_engine as ce
 from cache_engine.targets import FAMILIES as FAMILY_TABLE
 from cache_engine.targets import BlockSite, build_layout, modulated_input
 from cache_engine.teacache import rescale, runs
-from tests.cache_engine.pipelines import FAMILIES, TinyPipeline, clone_with_shared_transformer, run
-from tests.cache_engine.support import RigFactory, assert_invalid, max_diff, rigs, run_with, session_run, tiny
+from tests.cache_engine.pipelines import FAMILIES, run
+from tests.cache_engine.support import (
+    RigFactory,
+    alone_and_in_lockstep,
+    assert_invalid,
+    max_diff,
+    rigs,
+    session_run,
+    tiny,
+)
 
 Config = ce.TeaCacheConfig
 STEPS = 8
@@ -240,47 +247,12 @@ def test_num_steps_forces_the_last_call(rig: RigFactory) -> None:
 
 def test_interleaved_sessions_give_their_sequential_outputs() -> None:
     """Two sessions on one transformer, in two threads, each step of one overlapping the other's."""
-    first = tiny("flux", "separate", steps=STEPS)
-    second = clone_with_shared_transformer(first)
-    engine = ce.CacheEngine(first.pipe.transformer)
     config_a = Config(rel_l1_thresh=0.6, num_steps=STEPS)
     config_b = Config(rel_l1_thresh=0.4, coefficients=IDENTITY)
-    try:
-        with engine.session(config_a):
-            alone_a = run_with(first)
-        with engine.session(config_b):
-            alone_b = run_with(second, seed=1)
-        barrier = threading.Barrier(2, timeout=120)
-
-        def in_lockstep(
-            pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
-        ) -> dict[str, Any]:
-            barrier.wait()
-            return {}
-
-        results: dict[str, torch.Tensor] = {}
-        errors: list[BaseException] = []
-
-        def worker(name: str, tp: TinyPipeline, config: Config, seed: int) -> None:
-            try:
-                with engine.session(config):
-                    results[name] = run_with(tp, seed=seed, callback_on_step_end=in_lockstep)
-            except BaseException as error:  # surfaced below
-                errors.append(error)
-                barrier.abort()
-
-        threads = [
-            threading.Thread(target=worker, args=("a", first, config_a, 0)),
-            threading.Thread(target=worker, args=("b", second, config_b, 1)),
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-    finally:
-        engine.close()
-    assert not errors, errors
-    assert torch.equal(results["a"], alone_a) and torch.equal(results["b"], alone_b)
+    (alone_a, alone_b), (together_a, together_b) = alone_and_in_lockstep(
+        tiny("flux", "separate", steps=STEPS), config_a, config_b, seed_b=1
+    )
+    assert torch.equal(together_a, alone_a) and torch.equal(together_b, alone_b)
     assert not torch.equal(alone_a, alone_b)
 
 
