@@ -1,6 +1,7 @@
 """Helpers shared by the engine's tests: configs at which each method really reuses, runs of the
 reference implementation (diffusers' own hooks), counters placed under the engine's dispatchers, the
-checks of configs a model refuses, and sessions run side by side in lockstep.
+checks of configs a model refuses, small seeded transformers outside any pipeline, and sessions run side
+by side in lockstep.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import diffusers
 import pytest
 import torch
 from diffusers.hooks import HookRegistry
 from diffusers.models import FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 from torch import nn
 
 import cache_engine as ce
@@ -254,6 +256,24 @@ class BranchRecorder:
         transformer.__dict__["cache_context"] = cache_context
 
 
+def record_block_runs(caller: nn.Module, block: nn.Module) -> list[bool]:
+    """Per call of ``caller``, whether ``block`` really ran during it; the list fills as the calls come.
+
+    Installed before any CacheEngine exists: a pre-hook on ``caller`` sees every call, the ones the cache
+    serves too, while ``block``'s own forward, wrapped by the engine's dispatcher, sees only real runs.
+    """
+    ran: list[bool] = []
+    caller.register_forward_pre_hook(lambda module, args: ran.append(False))
+    real_forward = block.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        ran[-1] = True
+        return real_forward(*args, **kwargs)
+
+    block.forward = forward
+    return ran
+
+
 def named(transformer: nn.Module, patterns: list[str]) -> dict[str, nn.Module]:
     return {
         name: module
@@ -320,22 +340,73 @@ def assert_unsupported(model: nn.Module, config: object, method: str) -> None:
     assert active_session() is None
 
 
-def single_block_flux() -> FluxTransformer2DModel:
-    """A Flux transformer of one double-stream block and nothing else, with seeded weights."""
+# -- standalone transformers ------------------------------------------------------------------------------
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def seeded_model(model_class: Callable[..., ModelT], **config: Any) -> ModelT:
+    """``model_class(**config)`` in eval mode, with the weights of seed 0; the global random state is left
+    as it was, so that the tests after it draw what they would have drawn."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=4,
-            num_layers=1,
-            num_single_layers=0,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=16,
-            pooled_projection_dim=16,
-            axes_dims_rope=(2, 2, 4),
-        )
-    return transformer.eval()
+        model = model_class(**config)
+    return model.eval()
+
+
+def single_block_flux() -> FluxTransformer2DModel:
+    """A Flux transformer of one double-stream block and nothing else, with seeded weights."""
+    return seeded_model(
+        FluxTransformer2DModel,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=0,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
+_FLUX2_CHANNELS = 32
+_FLUX2_TEXT_DIM = 96
+_FLUX2_TEXT_TOKENS = 8
+
+
+def tiny_flux2() -> Flux2Transformer2DModel:
+    """Flux 2: two double-stream blocks, then two single-stream blocks on text and image tokens joined."""
+    return seeded_model(
+        Flux2Transformer2DModel,
+        patch_size=1,
+        in_channels=_FLUX2_CHANNELS,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_FLUX2_TEXT_DIM,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    )
+
+
+def flux2_call(transformer: nn.Module, tokens: int) -> torch.Tensor:
+    """One call of a ``tiny_flux2`` on ``tokens`` image tokens; its inputs are seeded by ``tokens``, so
+    calls of one size see the same inputs and calls of another size a new shape."""
+    generator = torch.Generator().manual_seed(tokens)
+    with torch.no_grad():
+        output = transformer(
+            hidden_states=torch.randn(1, tokens, _FLUX2_CHANNELS, generator=generator),
+            encoder_hidden_states=torch.randn(1, _FLUX2_TEXT_TOKENS, _FLUX2_TEXT_DIM, generator=generator),
+            timestep=torch.tensor([0.5]),
+            img_ids=torch.zeros(tokens, 4),
+            txt_ids=torch.zeros(_FLUX2_TEXT_TOKENS, 4),
+            return_dict=False,
+        )[0]
+    assert isinstance(output, torch.Tensor)
+    return output
 
 
 # -- isolation ------------------------------------------------------------------------------------------

@@ -25,13 +25,15 @@ from tests.cache_engine.support import (
     assert_invalid,
     assert_refused_on_the_model,
     assert_unsupported,
+    flux2_call,
     max_diff,
+    record_block_runs,
     rigs,
     session_run,
     single_block_flux,
     tiny,
+    tiny_flux2,
 )
-from tests.cache_engine.test_teacache import flux2_call, tiny_flux2
 
 Config = ce.DBCacheConfig
 STEPS = 8
@@ -320,17 +322,7 @@ class Probe:
 def probe() -> Iterator[Probe]:
     tp = tiny("cogvideox", "batched", steps=STEPS)
     transformer = tp.pipe.transformer
-    ran: list[bool] = []
-    # Placed before the engine: the pre-hook sees every call, the forward only the real executions.
-    transformer.register_forward_pre_hook(lambda module, args: ran.append(False))
-    block = transformer.transformer_blocks[1]
-    real_forward = block.forward
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        ran[-1] = True
-        return real_forward(*args, **kwargs)
-
-    block.forward = forward
+    ran = record_block_runs(transformer, transformer.transformer_blocks[1])
     engine = ce.CacheEngine(transformer)
     yield Probe(tp, engine, ran)
     engine.close()

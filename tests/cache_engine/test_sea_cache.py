@@ -17,7 +17,6 @@ from diffusers.hooks.sea_cache import (
     _SEA_CACHE_ROOT_HOOK,
     _prepare_wan_t2v_raw_vision_metadata,
 )
-from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 
 import cache_engine as ce
 from cache_engine.sea_cache import _latents_from_layout
@@ -31,9 +30,11 @@ from tests.cache_engine.support import (
     assert_default_matches_reference,
     assert_invalid,
     field_names,
+    flux2_call,
     max_diff,
     our_run,
     tiny,
+    tiny_flux2,
 )
 
 TOLERANCE = 1e-5
@@ -217,34 +218,12 @@ def test_a_fused_text_and_image_tail_records_its_residual() -> None:
     """Departure: Flux2's single-stream blocks return the joined text+image sequence, whose shape is not the
     leader's input; the reference records nothing there and never skips. Ours takes the image tokens, so
     a repeated call is served from the residual and lands where the full call did."""
-    torch.manual_seed(0)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=8,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=24,
-        timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4),
-        guidance_embeds=False,
-    ).eval()
-    generator = torch.Generator().manual_seed(0)
-    inputs = {
-        "hidden_states": torch.randn(1, 16, 8, generator=generator),
-        "encoder_hidden_states": torch.randn(1, 4, 24, generator=generator),
-        "timestep": torch.tensor([0.5]),
-        "img_ids": torch.zeros(16, 4),
-        "txt_ids": torch.zeros(4, 4),
-        "return_dict": False,
-    }
+    transformer = tiny_flux2()
     config = ce.SeaCacheConfig(residual_order=0, cache_end_steps=0, num_inference_steps=2)
     engine = ce.CacheEngine(transformer)
     try:
-        with torch.no_grad(), engine.session(config) as session:
-            full = transformer(**inputs)[0]
-            served = transformer(**inputs)[0]
+        with engine.session(config) as session:
+            full, served = flux2_call(transformer, 16), flux2_call(transformer, 16)
     finally:
         engine.close()
     assert session.stats.blocks_reused == len(engine.layout.blocks)

@@ -9,6 +9,7 @@ from diffusers.models import DiTTransformer2DModel
 import cache_engine as ce
 from cache_engine.targets import GENERIC_FAMILY, build_layout
 from tests.cache_engine.pipelines import FAMILIES, FAMILY_INFO, build, run
+from tests.cache_engine.support import seeded_model
 
 
 def _count(transformer: torch.nn.Module, list_name: str) -> int:
@@ -115,8 +116,8 @@ def test_flux_timestep_is_rescaled() -> None:
 
 
 def test_unknown_family_falls_back_to_the_reference_name_patterns() -> None:
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(
+    transformer = seeded_model(
+        DiTTransformer2DModel,
         num_attention_heads=2,
         attention_head_dim=8,
         in_channels=4,

@@ -23,10 +23,13 @@ from tests.cache_engine.support import (
     RigFactory,
     alone_and_in_lockstep,
     assert_invalid,
+    flux2_call,
     max_diff,
+    record_block_runs,
     rigs,
     session_run,
     tiny,
+    tiny_flux2,
 )
 
 Config = ce.TeaCacheConfig
@@ -176,20 +179,12 @@ def test_decisions_follow_the_papers_rule(family: str, config: Config) -> None:
     tp = tiny(family, steps=STEPS)
     transformer = tp.pipe.transformer
     first = build_layout(transformer).blocks[0].module
-    ran: list[bool] = []
-    real_forward = first.forward
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        ran[-1] = True
-        return real_forward(*args, **kwargs)
-
-    first.forward = forward
+    ran = record_block_runs(first, first)
     engine = ce.CacheEngine(transformer)
     site = engine.layout.blocks[0]
     modulated: list[torch.Tensor] = []
 
     def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ran.append(False)
         with torch.no_grad():
             modulated.append(modulated_input(site, args, kwargs))
 
@@ -257,42 +252,6 @@ def test_interleaved_sessions_give_their_sequential_outputs() -> None:
 
 
 # -- block lists that change layout --------------------------------------------------------------------
-
-
-def flux2_call(transformer: torch.nn.Module, tokens: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(tokens)
-    with torch.no_grad():
-        output = transformer(
-            hidden_states=torch.randn(1, tokens, 32, generator=generator),
-            encoder_hidden_states=torch.randn(1, 8, 96, generator=generator),
-            timestep=torch.tensor([0.5]),
-            img_ids=torch.zeros(tokens, 4),
-            txt_ids=torch.zeros(8, 4),
-            return_dict=False,
-        )[0]
-    assert isinstance(output, torch.Tensor)
-    return output
-
-
-def tiny_flux2() -> torch.nn.Module:
-    """Flux 2: two double-stream blocks, then two single-stream blocks on text and image tokens joined."""
-    from diffusers.models import Flux2Transformer2DModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        transformer = Flux2Transformer2DModel(
-            patch_size=1,
-            in_channels=32,
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=96,
-            timestep_guidance_channels=32,
-            axes_dims_rope=(4, 4, 4, 4),
-            guidance_embeds=False,
-        )
-    return transformer.eval()
 
 
 def test_lists_that_join_streams_carry_a_residual_each() -> None:
