@@ -9,13 +9,12 @@ import io
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
 
 import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
-Kind = Literal["image", "video"]
+from .model_settings import Kind
 
 MEDIA_TYPES: Mapping[Kind, Mapping[str, str]] = {
     "image": {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"},
