@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from .conftest import LiveServer, b64_items, error_of, live_server
+from .test_http_families import POLICIES
 
 STEPS = 6
 BODIES = {
@@ -27,20 +28,11 @@ BODIES = {
         "output_format": "gif",
     },
 }
-# Settings that must reuse something within six steps, whatever the weights.
-METHODS: dict[str, dict[str, Any]] = {
-    "pyramid_attention_broadcast": {
-        "spatial_attention_block_skip_range": 2,
-        "spatial_attention_timestep_skip_range": [-1, 1001],
-    },
-    "faster_cache": {
-        "spatial_attention_block_skip_range": 2,
-        "spatial_attention_timestep_skip_range": [-1, 1001],
-        "unconditional_batch_skip_range": 2,
-        "unconditional_batch_timestep_skip_range": [-1, 1001],
-    },
-    "first_block_cache": {"threshold": 10.0},
-    "taylorseer": {"cache_interval": 2, "disable_cache_before_step": 1},
+# The methods checked here on both tiny models, at test_http_families' settings (which reuse within a
+# family's two steps, so within six too); MagCache, SeaCache, DBCache and TeaCache have modules of their own.
+METHODS: Mapping[str, Mapping[str, Any]] = {
+    method: POLICIES[method]
+    for method in ("pyramid_attention_broadcast", "faster_cache", "first_block_cache", "taylorseer")
 }
 
 
@@ -78,7 +70,7 @@ def test_each_method_runs_and_reuses(client: httpx.Client, model: str, method: s
     assert result["cache_policy"] == {**result["cache_policy"], **_as_sent(METHODS[method])}
 
 
-def _as_sent(fields: dict[str, Any]) -> dict[str, Any]:
+def _as_sent(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {
         key: [float(v) for v in value] if isinstance(value, list) else value for key, value in fields.items()
     }
