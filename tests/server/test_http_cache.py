@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from .conftest import LiveServer, b64_items, error_of, live_server
-from .test_http_families import POLICIES
+from .test_http_families import POLICIES, generate
 
 STEPS = 6
 BODIES = {
@@ -48,18 +48,11 @@ def bare_client(bare: LiveServer) -> Iterator[httpx.Client]:
         yield client
 
 
-def _generate(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
-    response = client.post("/v1/generations", json=body)
-    assert response.status_code == 200, response.text
-    result: dict[str, Any] = response.json()
-    return result
-
-
 @pytest.mark.parametrize("model", sorted(BODIES))
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_method_runs_and_reuses(client: httpx.Client, model: str, method: str) -> None:
     cache = {"method": method, **METHODS[method]}
-    result = _generate(client, {**BODIES[model], "cache": cache})
+    result = generate(client, {**BODIES[model], "cache": cache})
     stats = result["cache"]
     assert stats["method"] == method
     assert result["cache_policy"]["method"] == method
@@ -78,9 +71,9 @@ def _as_sent(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 def test_caching_changes_the_output_and_none_does_not(client: httpx.Client) -> None:
     body = BODIES["tiny-flux"]
-    plain = b64_items(_generate(client, body))
-    assert b64_items(_generate(client, {**body, "cache": {"method": "none"}})) == plain
-    cached = _generate(client, {**body, "cache": {"method": "first_block_cache", "threshold": 10.0}})
+    plain = b64_items(generate(client, body))
+    assert b64_items(generate(client, {**body, "cache": {"method": "none"}})) == plain
+    cached = generate(client, {**body, "cache": {"method": "first_block_cache", "threshold": 10.0}})
     assert b64_items(cached) != plain
 
 
@@ -88,7 +81,7 @@ def test_caching_changes_the_output_and_none_does_not(client: httpx.Client) -> N
 def test_presets_expand_to_the_model_policy(client: httpx.Client, preset: str) -> None:
     cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
     for model, body in BODIES.items():
-        result = _generate(client, {**body, "cache": {"preset": preset}})
+        result = generate(client, {**body, "cache": {"preset": preset}})
         assert result["cache_policy"] == cards[model]["presets"][preset]
         assert result["cache"]["method"] == cards[model]["presets"][preset]["method"]
 
@@ -98,10 +91,10 @@ def test_none_is_bit_identical_to_a_server_without_hooks(
     client: httpx.Client, bare_client: httpx.Client, model: str
 ) -> None:
     body = BODIES[model]
-    unhooked = _generate(bare_client, body)
+    unhooked = generate(bare_client, body)
     assert unhooked["cache"] is None and unhooked["cache_policy"] == {"method": "none"}
     for cache in (None, {"method": "none"}):
-        hooked = _generate(client, body if cache is None else {**body, "cache": cache})
+        hooked = generate(client, body if cache is None else {**body, "cache": cache})
         assert b64_items(hooked) == b64_items(unhooked)
 
 
