@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from server.policy import dtype_name
+
 if TYPE_CHECKING:
     from server.generation import GenerationParams
     from server.models import ResidentModel
@@ -142,7 +144,7 @@ def check_attention_backend(name: str, *, device: torch.device | str, dtype: tor
         dispatch_attention_fn(query, query, query, backend=backend)
     except Exception as exc:
         raise AccelerationError(
-            f"attention backend {backend.value!r} cannot run on {device} in {_dtype_name(dtype)}: "
+            f"attention backend {backend.value!r} cannot run on {device} in {dtype_name(dtype)}: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
 
@@ -229,10 +231,6 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
         names, _ = tensor.__tensor_flatten__()
         return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
     return tensor.numel() * tensor.element_size()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # -- regional compilation ---------------------------------------------------------------------------------
