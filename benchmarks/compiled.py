@@ -83,7 +83,8 @@ def compile_pipeline(bp: Bench, *, backend: str = "inductor", mode: str | None =
     """The server's ``--compile`` on a benchmark pipeline: blocks compiled, then the engine, then sealed."""
     layout = build_layout(bp.transformer)
     acceleration.compile_blocks(
-        [*(site.module for site in layout.blocks), *(site.module for site in layout.attention)],
+        [site.module for site in layout.blocks],
+        [site.module for site in layout.attention],
         backend=backend,
         mode=mode,
     )
@@ -147,8 +148,11 @@ def bench_family(
     log(f"{family}: compiling (warm-up at {warm})")
     timer = acceleration.CompileClock()
     with timer.measure():
-        for size in warm:
-            _call(compiled, _resized(compiled, size, 2))
+        # Both forms of each block, as the server's warm-up: whole, and through its dispatchers.
+        for whole_blocks in (True, False):
+            for size in warm:
+                with engines["compiled"].session(None, whole_blocks=whole_blocks):
+                    _call(compiled, _resized(compiled, size, 2))
         sync()
     log(f"{family}: {timer.frames} graphs in {timer.seconds:.0f} s; five request sizes under every method")
     before = acceleration.compiled_frames()

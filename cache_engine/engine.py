@@ -10,8 +10,8 @@ from typing import Any
 from torch import nn
 
 from . import methods
-from .hooks import DispatchHandle, install_dispatcher, installed_handle
-from .session import CacheSession, Plan, Role, active_session, bound, branch
+from .hooks import DispatchHandle, install_dispatcher, installed_handle, undispatched_forward
+from .session import CacheSession, Plan, Role, UndispatchedBlock, active_session, bound, branch
 from .targets import ModelLayout, build_layout
 
 _ENGINE_ATTR = "_cache_engine"
@@ -36,6 +36,7 @@ class CacheEngine:
         self._ambient: CacheSession | None = None
         self._patched: dict[str, Any] = {}
 
+        self._undispatched = self._offered_forwards()
         self._install(transformer, Role.DENOISER)
         for block in self.layout.blocks:
             self._install(block.module, Role.BLOCK)
@@ -66,11 +67,18 @@ class CacheEngine:
     # -- sessions ---------------------------------------------------------------------------------
 
     @contextmanager
-    def session(self, config: object | None, *, request_id: str | None = None) -> Iterator[CacheSession]:
-        """Run the code inside under ``config``, with state that belongs to this session only."""
+    def session(
+        self, config: object | None, *, request_id: str | None = None, whole_blocks: bool = True
+    ) -> Iterator[CacheSession]:
+        """Run the code inside under ``config``, with state that belongs to this session only.
+
+        ``whole_blocks=False`` runs every block through the dispatchers inside it even where the policy
+        acts on nothing there, instead of the block's offered undispatched forward: warming up a
+        compiled model compiles both forms of each block."""
         plan = self.plan(config)
         self._ensure_installed(plan)
-        session = CacheSession(self, self.layout, plan, config, request_id)
+        offers = self._undispatched if whole_blocks else None
+        session = CacheSession(self, self.layout, plan, config, request_id, offers)
         with bound(session):
             yield session
 
@@ -88,7 +96,7 @@ class CacheEngine:
             )
         plan = self.plan(config)
         self._ensure_installed(plan)
-        self._ambient = CacheSession(self, self.layout, plan, config)
+        self._ambient = CacheSession(self, self.layout, plan, config, undispatched=self._undispatched)
 
     def disable(self) -> None:
         self._ambient = None
@@ -126,10 +134,23 @@ class CacheEngine:
             if session is None:
                 session = self._ambient
                 if session is None:
-                    return forward(*args, **kwargs)
+                    offered = self._undispatched.get(module) if role is Role.BLOCK else None
+                    return (forward if offered is None else offered.forward)(*args, **kwargs)
             return session.dispatch(role, module, forward, args, kwargs)
 
         return dispatch
+
+    def _offered_forwards(self) -> dict[nn.Module, UndispatchedBlock]:
+        """The blocks offering a forward with no dispatcher inside, with what a session needs to use it."""
+        offers = {}
+        attention = {site.module for site in self.layout.attention}
+        for site in self.layout.blocks:
+            forward = undispatched_forward(site.module)
+            if forward is None:
+                continue
+            inside = frozenset(module for module in site.module.modules() if module is not site.module)
+            offers[site.module] = UndispatchedBlock(forward, inside, len(inside & attention))
+        return offers
 
     def _install(self, module: nn.Module, role: Role) -> None:
         if module in self._handles or installed_handle(module) is not None:

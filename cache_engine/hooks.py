@@ -17,6 +17,7 @@ Forward = Callable[..., Any]
 Dispatch = Callable[[nn.Module, Forward, tuple[Any, ...], dict[str, Any]], Any]
 
 _HANDLE_ATTR = "_cache_engine_dispatch_handle"
+_UNDISPATCHED_ATTR = "_cache_engine_undispatched_forward"
 
 
 class DispatchHandle:
@@ -80,3 +81,19 @@ def install_dispatcher(module: nn.Module, dispatch: Dispatch) -> DispatchHandle:
     handle = DispatchHandle(module, replaced, had_instance_forward)
     module.__dict__[_HANDLE_ATTR] = handle
     return handle
+
+
+def offer_undispatched_forward(module: nn.Module, forward: Forward) -> None:
+    """Give ``module`` a second forward computing the same with no dispatcher inside it (a block compiled
+    whole, its attention traced into the block's graph rather than called through its dispatcher).
+
+    An engine installed afterwards calls it for a call whose policy acts on nothing inside ``module``,
+    and counts what the bypassed dispatchers would have counted. A dispatcher inside a compiled block is
+    a graph break; a policy that acts only on whole blocks (or on nothing) need not pay for it.
+    """
+    module.__dict__[_UNDISPATCHED_ATTR] = forward
+
+
+def undispatched_forward(module: nn.Module) -> Forward | None:
+    found = module.__dict__.get(_UNDISPATCHED_ATTR)
+    return found if callable(found) else None

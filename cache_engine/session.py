@@ -83,6 +83,17 @@ class Plan:
         return cls(method=None, handlers={})
 
 
+@dataclass(frozen=True, eq=False)
+class UndispatchedBlock:
+    """A block's offered forward with no dispatcher inside (``hooks.offer_undispatched_forward``)."""
+
+    forward: Callable[..., Any]
+    # Every module inside the block: a policy with a handler on any of them needs the dispatchers.
+    inside: frozenset[nn.Module]
+    # The attention sites inside: what the bypassed attention dispatchers would have counted.
+    attention: int
+
+
 @dataclass(frozen=True)
 class SessionStats:
     """What the cache did during one session. Counted per denoiser call (two per step with separate CFG).
@@ -128,6 +139,7 @@ class CacheSession:
         plan: Plan,
         config: object | None,
         request_id: str | None = None,
+        undispatched: Mapping[nn.Module, UndispatchedBlock] | None = None,
     ) -> None:
         self.owner = owner
         self.layout = layout
@@ -135,6 +147,12 @@ class CacheSession:
         self.config = config
         self.request_id = request_id
         self._handlers = plan.handlers
+        # The blocks this policy acts on nothing inside of: they run their undispatched forward.
+        self._undispatched = {
+            block: offer
+            for block, offer in (undispatched or {}).items()
+            if not any(module in plan.handlers for module in offer.inside)
+        }
         self._state: dict[tuple[object, str], Any] = {}
         self._raw_timestep: Any = None
         self._timestep: float | None = None
@@ -217,6 +235,9 @@ class CacheSession:
     ) -> Any:
         if role is Role.DENOISER:
             return self._dispatch_denoiser(module, forward, args, kwargs)
+        undispatched = self._undispatched.get(module) if role is Role.BLOCK else None
+        if undispatched is not None:
+            forward = undispatched.forward
         handler = self._handlers.get(module)
         if handler is None:
             output = forward(*args, **kwargs)
@@ -225,6 +246,8 @@ class CacheSession:
             call = ModuleCall(self, module, forward, args, kwargs)
             output = handler(call)
             computed = call.computed
+        if undispatched is not None and computed:
+            self._attention_computed += undispatched.attention
         if role is Role.BLOCK:
             self._blocks_computed += computed
         elif role is Role.ATTENTION:

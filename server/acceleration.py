@@ -4,12 +4,19 @@ policy: compiled blocks, quantized weights and an attention backend.
 Compilation is regional, like diffusers' ``compile_repeated_blocks``, but placed *under* the cache
 engine's dispatchers. Each transformer block's and attention module's own forward is compiled before
 the engine wraps it, so a block a policy skips is simply not called, and the dispatchers, whose Python
-decisions differ per request, never enter a graph: the dispatchers on modules inside a compiled block
-are excluded from tracing (:func:`seal`), which splits the block's graph around them. Tensor views are
-handed across those boundaries as plain tensors, because Dynamo guards on whether an input is a view,
-and a cached output (a fresh tensor) would otherwise recompile the graph that a computed output (a
-view) compiled. Shapes become dynamic after the second size seen; the server warms each model at two
-sizes before it is ready (``server.loading``), after which sizes and policies compile nothing more.
+decisions differ per request, never enter a graph. Each block is compiled in two forms:
+
+- whole, its attention traced into the block's graph. The engine runs this form for every policy
+  that acts on nothing inside the block (no cache, and the methods that skip whole blocks);
+- as it is, for a policy acting on attention (PAB, FasterCache, TaylorSeer on attention modules): the
+  dispatchers on modules inside the block are excluded from tracing (:func:`seal`), which splits the
+  block's graph around them, so those dispatchers decide in plain Python between the pieces.
+
+Tensor views are handed across graph boundaries as plain tensors, because Dynamo guards on whether an
+input is a view, and a cached output (a fresh tensor) would otherwise recompile the graph that a
+computed output (a view) compiled. Shapes become dynamic after the second size seen; the server warms
+each model at two sizes in both forms before it is ready (``server.loading``), after which sizes and
+policies compile nothing more.
 
 Quantization uses torchao (``pip install 'ditcache[quantize]'``): int8 weight-only anywhere, fp8 where
 the device has it. The attention backend is diffusers' dispatcher (``native``, ``flash``, ``sage``,
@@ -18,6 +25,7 @@ the device has it. The attention backend is diffusers' dispatcher (``native``, `
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -108,7 +116,8 @@ def apply(
             quantize(transformer, acceleration.quantize, device=device)
         if acceleration.compile:
             compile_blocks(
-                [*blocks(transformer), *attention(transformer)],
+                blocks(transformer),
+                attention(transformer),
                 backend=acceleration.compile_backend,
                 mode=acceleration.compile_mode,
             )
@@ -237,31 +246,69 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def compile_blocks(
-    modules: Iterable[nn.Module], *, backend: str = "inductor", mode: str | None = None
+    blocks: Iterable[nn.Module],
+    attention: Iterable[nn.Module] = (),
+    *,
+    backend: str = "inductor",
+    mode: str | None = None,
 ) -> None:
-    """Replace each module's forward by a compiled one, keeping the forward it replaced.
+    """Compile each block twice, and each attention module's own forward; keep the forwards replaced.
 
-    Compiled per module but cached per code object: every block of one class shares one graph, as
+    A block's forward becomes the block compiled as it is, in which each attention call is a graph
+    break once the engine's dispatchers are sealed (what a policy acting on attention needs), and the
+    block is also offered to the engine compiled whole, attention included
+    (``cache_engine.hooks.offer_undispatched_forward``), which the engine runs for every policy that
+    acts on nothing inside the block: no cache, or any method that skips whole blocks.
+
+    Compiled per module but cached per code object: every block of one class shares its graphs, as
     with diffusers' ``compile_repeated_blocks``.
     """
     import torch._dynamo
 
+    from cache_engine.hooks import offer_undispatched_forward
+
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-    for module in modules:
-        if is_compiled(module):
+    for block in blocks:
+        if is_compiled(block):
             continue
-        original = module.forward
-        compiled = torch.compile(original, backend=backend, mode=mode)
+        # Taken before anything is installed inside the block: its modules as they are, sharing the
+        # block's parameters, with no dispatcher that a later engine puts on the real ones.
+        whole = _shadow(block)
+        _compile_forward(block, backend=backend, mode=mode)
+        offer_undispatched_forward(block, _entry(torch.compile(whole.forward, backend=backend, mode=mode)))
+    for module in attention:
+        if not is_compiled(module):
+            _compile_forward(module, backend=backend, mode=mode)
 
-        # A plain function, not torch.compile's wrapper: the engine's dispatcher copies the attributes
-        # of the forward it wraps, and Dynamo, finding the compiled wrapper's markers on the
-        # dispatcher, would inline the original forward and skip the dispatcher altogether.
-        def forward(*args: Any, _compiled: Callable[..., Any] = compiled, **kwargs: Any) -> Any:
-            return _plain(_compiled(*_plain(args), **{name: _plain(value) for name, value in kwargs.items()}))
 
-        functools.update_wrapper(forward, original)
-        module.forward = forward
-        module.__dict__[_COMPILED_ATTR] = (compiled, original)
+def _compile_forward(module: nn.Module, *, backend: str, mode: str | None) -> None:
+    original = module.forward
+    compiled = torch.compile(original, backend=backend, mode=mode)
+    # A plain function, not torch.compile's wrapper: the engine's dispatcher copies the attributes of
+    # the forward it wraps, and Dynamo, finding the compiled wrapper's markers on the dispatcher,
+    # would inline the original forward and skip the dispatcher altogether.
+    forward = _entry(compiled)
+    functools.update_wrapper(forward, original)
+    module.forward = forward
+    module.__dict__[_COMPILED_ATTR] = (compiled, original)
+
+
+def _entry(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return _plain(compiled(*_plain(args), **{name: _plain(value) for name, value in kwargs.items()}))
+
+    return forward
+
+
+def _shadow(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` and of every module inside it that shares their parameters and buffers
+    (the same dicts) but not their attributes: a dispatcher later set on a real module is not on its
+    shadow."""
+    shadow = copy.copy(module)
+    shadow._modules = {
+        name: None if child is None else _shadow(child) for name, child in module._modules.items()
+    }
+    return shadow
 
 
 def is_compiled(module: nn.Module) -> bool:
@@ -378,11 +425,15 @@ def warm_up_params(model: ResidentModel) -> list[GenerationParams]:
 
 
 def warm_up(model: ResidentModel) -> CompileClock:
-    """Run the warm-up generations on ``model`` (no cache policy) and time them."""
+    """Run the warm-up generations on ``model`` (no cache policy) and time them: each twice, once with
+    the blocks compiled whole (what most policies run) and once through the dispatchers inside them
+    (what a policy acting on attention runs)."""
     from server.generation import generate
 
     clock = CompileClock()
     with clock.measure():
-        for params in warm_up_params(model):
-            generate(model, params)
+        for whole_blocks in (True, False):
+            for params in warm_up_params(model):
+                with model.cache.session(None, whole_blocks=whole_blocks):
+                    generate(model, params)
     return clock

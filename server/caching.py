@@ -45,11 +45,14 @@ class ModelCache:
             engine.check(config)
 
     @contextmanager
-    def session(self, config: object | None, *, request_id: str | None = None) -> Iterator[CacheRun]:
+    def session(
+        self, config: object | None, *, request_id: str | None = None, whole_blocks: bool = True
+    ) -> Iterator[CacheRun]:
         run = CacheRun()
         with ExitStack() as stack:
             sessions = [
-                stack.enter_context(engine.session(config, request_id=request_id)) for engine in self.engines
+                stack.enter_context(engine.session(config, request_id=request_id, whole_blocks=whole_blocks))
+                for engine in self.engines
             ]
             yield run
         if sessions:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from cache_engine import methods
+from cache_engine.hooks import undispatched_forward
 from server import acceleration
 from server.acceleration import Acceleration, AccelerationError
 from server.cli import _parser
@@ -152,6 +153,8 @@ def test_every_dispatcher_inside_a_compiled_block_is_sealed(
     _, compiled = compiled_pair
     engine = compiled.cache.engines[0]
     assert all(acceleration.is_compiled(site.module) for site in engine.layout.blocks)
+    # And each block is offered compiled whole, for the policies that act on nothing inside it.
+    assert all(undispatched_forward(site.module) is not None for site in engine.layout.blocks)
     assert acceleration.seal(compiled.pipeline.transformer) == 0  # already done at load
 
 

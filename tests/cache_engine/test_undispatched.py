@@ -1,0 +1,87 @@
+"""A block's undispatched forward (what a compiled server offers: the block compiled whole).
+
+The engine runs it for a call whose policy acts on nothing inside the block, and counts what the
+dispatchers it bypasses would have counted; a policy acting inside the block (on its attention) runs
+the block through its dispatchers. Either way the output and the stats are those of an engine with no
+such offer. Here the offered forward is a deep copy of the block: the same weights, and no dispatcher
+ever installed inside it, so a call that went through it is seen.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+import cache_engine as ce
+from cache_engine.hooks import offer_undispatched_forward
+from cache_engine.targets import build_layout
+from tests.cache_engine.pipelines import run
+from tests.cache_engine.support import our_config, our_run, session_run, tiny
+
+CASES = [("flux", "separate"), ("wan", "distilled")]
+# Whether the method's handlers sit inside blocks (on attention) rather than on whole blocks.
+ACTS_INSIDE_BLOCKS = {
+    "none": False,
+    "first_block_cache": False,
+    "taylorseer_lite": False,
+    "pyramid_attention_broadcast": True,
+    "faster_cache": True,
+}
+
+
+def _offer_copies(transformer: torch.nn.Module) -> list[str]:
+    """Offer each block a copy of itself; the list fills with a block's name each time one runs."""
+    ran: list[str] = []
+    for site in build_layout(transformer).blocks:
+        twin = copy.deepcopy(site.module)
+
+        def forward(*args: Any, _name: str = site.name, _twin: Any = twin, **kwargs: Any) -> Any:
+            ran.append(_name)
+            return _twin(*args, **kwargs)
+
+        offer_undispatched_forward(site.module, forward)
+    return ran
+
+
+@pytest.mark.parametrize(("family", "cfg"), CASES)
+@pytest.mark.parametrize("method", list(ACTS_INSIDE_BLOCKS))
+def test_the_offer_runs_where_the_policy_acts_on_nothing_inside_the_block(
+    family: str, cfg: str, method: str
+) -> None:
+    offered, plain = tiny(family, cfg), tiny(family, cfg)
+    config = None if method == "none" else our_config(method, offered)
+    ran = _offer_copies(offered.pipe.transformer)
+    engine = ce.CacheEngine(offered.pipe.transformer)
+    try:
+        output, stats = session_run(engine, offered, config)
+    finally:
+        engine.close()
+    expected, expected_stats = our_run(plain, config)
+    assert torch.equal(output, expected)
+    assert stats == expected_stats
+    if ACTS_INSIDE_BLOCKS[method]:
+        assert ran == []
+    else:
+        assert len(ran) == stats.blocks_computed > 0
+        if method != "none":
+            assert stats.blocks_reused > 0  # the method skipped blocks, and still ran the offer for the rest
+
+
+@pytest.mark.parametrize(("family", "cfg"), CASES[:1])
+def test_without_a_session_the_offer_runs_and_whole_blocks_false_declines_it(family: str, cfg: str) -> None:
+    offered, plain = tiny(family, cfg), tiny(family, cfg)
+    ran = _offer_copies(offered.pipe.transformer)
+    engine = ce.CacheEngine(offered.pipe.transformer)
+    try:
+        assert torch.equal(run(offered), run(plain))
+        assert len(ran) > 0
+        ran.clear()
+        with engine.session(None, whole_blocks=False) as session:
+            output = run(offered)
+        assert ran == [] and torch.equal(output, run(plain))
+        assert session.stats.attention_computed == session.stats.denoiser_calls * len(engine.layout.attention)
+    finally:
+        engine.close()
