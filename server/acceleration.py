@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import logging
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ _COMPILED_ATTR = "_ditcache_compiled_forward"
 # Each compiled forward is cached per code object, shared by every block of a class and by every model
 # of a family in the process; each model and shape regime adds entries, past Dynamo's default of 8.
 _RECOMPILE_LIMIT = 64
+# Per block class: its forward on a code object of its own, for the block compiled whole.
+_WHOLE_FORWARDS: dict[type[nn.Module], Callable[..., Any]] = {}
 
 
 class AccelerationError(ValueError):
@@ -273,9 +276,9 @@ def compile_blocks(
             continue
         # Taken before anything is installed inside the block: its modules as they are, sharing the
         # block's parameters, with no dispatcher that a later engine puts on the real ones.
-        whole = _shadow(block)
+        whole = types.MethodType(_whole_forward(type(block)), _shadow(block))
         _compile_forward(block, backend=backend, mode=mode)
-        offer_undispatched_forward(block, _entry(torch.compile(whole.forward, backend=backend, mode=mode)))
+        offer_undispatched_forward(block, _entry(torch.compile(whole, backend=backend, mode=mode)))
     for module in attention:
         if not is_compiled(module):
             _compile_forward(module, backend=backend, mode=mode)
@@ -298,6 +301,29 @@ def _entry(compiled: Callable[..., Any]) -> Callable[..., Any]:
         return _plain(compiled(*_plain(args), **{name: _plain(value) for name, value in kwargs.items()}))
 
     return forward
+
+
+def _whole_forward(cls: type[nn.Module]) -> Callable[..., Any]:
+    """``cls.forward`` on a code object of its own, one per class.
+
+    Dynamo keeps compiled entries per code object and takes the first whose guards pass; they do not
+    tell a block from its shadow, so on the class's own code a whole call could run the split form's
+    graphs (and their breaks). On its own code, the whole form has entries of its own; one per class
+    keeps every block of a class on one graph, as the split form is.
+    """
+    found = _WHOLE_FORWARDS.get(cls)
+    if found is None:
+        forward = cls.forward
+        found = types.FunctionType(
+            forward.__code__.replace(co_name=f"{forward.__name__}_whole"),
+            forward.__globals__,
+            f"{forward.__name__}_whole",
+            forward.__defaults__,
+            forward.__closure__,
+        )
+        found.__kwdefaults__ = forward.__kwdefaults__
+        _WHOLE_FORWARDS[cls] = found
+    return found
 
 
 def _shadow(module: nn.Module) -> nn.Module:

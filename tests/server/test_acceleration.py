@@ -158,6 +158,26 @@ def test_every_dispatcher_inside_a_compiled_block_is_sealed(
     assert acceleration.seal(compiled.pipeline.transformer) == 0  # already done at load
 
 
+def _compiled_regions(model: ResidentModel, config: object | None) -> tuple[int, int]:
+    """(compiled regions entered, blocks computed) in one generation under ``config``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        _, stats = _pixels(model, _params(model), config)
+    regions = sum(event.name.startswith("Torch-Compiled Region") for event in profile.events())
+    return regions, stats.blocks_computed
+
+
+def test_a_policy_acting_on_nothing_inside_a_block_runs_it_as_one_graph(
+    compiled_pair: tuple[ResidentModel, ResidentModel],
+) -> None:
+    _, compiled = compiled_pair
+    for method in ("none", "first_block_cache"):
+        regions, blocks = _compiled_regions(compiled, None if method == "none" else _config(method))
+        assert regions == blocks > 0, method
+    # A policy acting on attention runs each block in pieces around its attention calls.
+    regions, blocks = _compiled_regions(compiled, _config("pyramid_attention_broadcast"))
+    assert regions > blocks > 0
+
+
 def test_compiled_blocks_compose_with_every_method_across_sizes_without_recompiling(
     compiled_pair: tuple[ResidentModel, ResidentModel],
 ) -> None:
