@@ -314,6 +314,9 @@ def _whole_forward(cls: type[nn.Module]) -> Callable[..., Any]:
     found = _WHOLE_FORWARDS.get(cls)
     if found is None:
         forward = cls.forward
+        if not isinstance(forward, types.FunctionType):
+            # Nothing to copy (a forward that is no Python function): the form shares its code.
+            return forward
         found = types.FunctionType(
             forward.__code__.replace(co_name=f"{forward.__name__}_whole"),
             forward.__globals__,
