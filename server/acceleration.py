@@ -274,6 +274,14 @@ def compile_blocks(
     for block in blocks:
         if is_compiled(block):
             continue
+        if any("forward" in module.__dict__ for module in block.modules()):
+            # Someone's wrapper (an offload hook) is bound to the real modules: a copy would call
+            # through it, dispatchers included. The block runs as it is, split, for every policy.
+            logger.warning(
+                "%s has a forward set on it: compiled with its dispatchers only", type(block).__name__
+            )
+            _compile_forward(block, backend=backend, mode=mode)
+            continue
         # Taken before anything is installed inside the block: its modules as they are, sharing the
         # block's parameters, with no dispatcher that a later engine puts on the real ones.
         whole = types.MethodType(_whole_forward(type(block)), _shadow(block))

@@ -17,15 +17,18 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from diffusers.models import FluxTransformer2DModel
 
 from cache_engine import methods
 from cache_engine.hooks import undispatched_forward
+from cache_engine.targets import build_layout
 from server import acceleration
 from server.acceleration import Acceleration, AccelerationError
 from server.cli import _parser
 from server.generation import GenerationParams, generate
 from server.models import ModelLoadError, ResidentModel, load_model
 from server.settings import Settings
+from tests.cache_engine.support import seeded_model
 from tests.server.conftest import LiveServer, live_server
 
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
@@ -176,6 +179,35 @@ def test_a_policy_acting_on_nothing_inside_a_block_runs_it_as_one_graph(
     # A policy acting on attention runs each block in pieces around its attention calls.
     regions, blocks = _compiled_regions(compiled, _config("pyramid_attention_broadcast"))
     assert regions > blocks > 0
+
+
+def test_a_block_with_a_forward_set_inside_it_is_not_offered_whole() -> None:
+    # A wrapper bound to a real module (an offload hook) would be called from the block's copy too.
+    transformer = seeded_model(
+        FluxTransformer2DModel,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        axes_dims_rope=(2, 2, 4),
+    )
+    layout = build_layout(transformer)
+    hooked = transformer.transformer_blocks[0].attn
+    hooked.forward = functools.partial(type(hooked).forward, hooked)
+    acceleration.compile_blocks(
+        [site.module for site in layout.blocks], [site.module for site in layout.attention], backend="eager"
+    )
+    offered = {site.name: undispatched_forward(site.module) is not None for site in layout.blocks}
+    assert offered == {
+        "transformer_blocks.0": False,
+        "transformer_blocks.1": True,
+        "single_transformer_blocks.0": True,
+    }
+    assert all(acceleration.is_compiled(site.module) for site in layout.blocks)
 
 
 def test_compiled_blocks_compose_with_every_method_across_sizes_without_recompiling(
