@@ -2,7 +2,8 @@
 
 Per family, two pipelines built from the same seed, each with a :class:`cache_engine.CacheEngine`; one
 has its blocks compiled the way the server's ``--compile`` does it (``server.acceleration``). The
-compiled one is warmed at two sizes, then run at five other request sizes under every method, counting
+compiled one is warmed at two sizes in both of a block's compiled forms (whole, and split around its
+attention calls), then run at five other request sizes under every method, counting
 the frames Dynamo compiles (recompilations; the target is none). Then, interleaved and repeated, each
 configuration runs on both pipelines back to back: the ratio eager/compiled per configuration is the
 speedup of compilation under that method, and compiled-uncached/compiled-method the method's own

@@ -3,7 +3,7 @@
 ``python -m benchmarks.gpu`` measures what ``python -m benchmarks.engine --compile`` measures on the
 CPU, at production sizes: per family, two identically seeded pipelines with a cache engine, one with
 its blocks compiled as the server's ``--compile`` does it, both with the same attention backend
-(``flash`` where the machine runs it, else ``native``); the compiled one warmed at two sizes, then run
+(``flash`` where the machine runs it, else ``native``); the compiled one warmed at two sizes in both forms, then run
 at five request sizes under every cache method, counting recompilations; then each configuration
 timed on both, interleaved, in wall-clock time with the device synchronised.
 
