@@ -356,12 +356,17 @@ def seeded_model(model_class: Callable[..., ModelT], **config: Any) -> ModelT:
 
 def single_block_flux() -> FluxTransformer2DModel:
     """A Flux transformer of one double-stream block and nothing else, with seeded weights."""
+    return small_flux(double_blocks=1, single_blocks=0)
+
+
+def small_flux(*, double_blocks: int, single_blocks: int) -> FluxTransformer2DModel:
+    """A Flux transformer of the given blocks at the smallest widths, with seeded weights."""
     return seeded_model(
         FluxTransformer2DModel,
         patch_size=1,
         in_channels=4,
-        num_layers=1,
-        num_single_layers=0,
+        num_layers=double_blocks,
+        num_single_layers=single_blocks,
         attention_head_dim=8,
         num_attention_heads=2,
         joint_attention_dim=16,

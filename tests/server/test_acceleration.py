@@ -17,7 +17,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from diffusers.models import FluxTransformer2DModel
 
 from cache_engine import methods
 from cache_engine.hooks import undispatched_forward
@@ -28,7 +27,7 @@ from server.cli import _parser
 from server.generation import GenerationParams, generate
 from server.models import ModelLoadError, ResidentModel, load_model
 from server.settings import Settings
-from tests.cache_engine.support import seeded_model
+from tests.cache_engine.support import small_flux
 from tests.server.conftest import LiveServer, live_server
 
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
@@ -183,20 +182,9 @@ def test_a_policy_acting_on_nothing_inside_a_block_runs_it_as_one_graph(
 
 def test_a_block_with_a_forward_set_inside_it_is_not_offered_whole() -> None:
     # A wrapper bound to a real module (an offload hook) would be called from the block's copy too.
-    transformer = seeded_model(
-        FluxTransformer2DModel,
-        patch_size=1,
-        in_channels=4,
-        num_layers=2,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-        axes_dims_rope=(2, 2, 4),
-    )
+    transformer = small_flux(double_blocks=2, single_blocks=1)
     layout = build_layout(transformer)
-    hooked = transformer.transformer_blocks[0].attn
+    hooked = next(site.module for site in layout.attention if site.name == "transformer_blocks.0.attn")
     hooked.forward = functools.partial(type(hooked).forward, hooked)
     acceleration.compile_blocks(
         [site.module for site in layout.blocks], [site.module for site in layout.attention], backend="eager"
