@@ -144,7 +144,10 @@ def test_cancel_flags_and_queued_cancels(store: JobStore) -> None:
 
 def test_orphans_are_claimed_once(store: JobStore) -> None:
     now = time.time()
+    # Both claimers are live processes, which beat a heartbeat before they claim (as ``Jobs.start``
+    # does): a job claimed by an owner never seen would be an orphan again at once.
     store.heartbeat("alive", now)
+    store.heartbeat("other", now)
     store.heartbeat("dead", now - 60)
     for job_id, owner in (("mine", "alive"), ("lost", "dead"), ("nobody", ""), ("ghost", "never-seen")):
         store.create(record(job_id, owner))
