@@ -10,7 +10,13 @@ from typing import Any
 from torch import nn
 
 from . import methods
-from .hooks import DispatchHandle, install_dispatcher, installed_handle, undispatched_forward
+from .hooks import (
+    DispatchHandle,
+    install_dispatcher,
+    installed_handle,
+    undispatched_forward,
+    undispatched_taps,
+)
 from .session import CacheSession, Plan, Role, UndispatchedBlock, active_session, bound, branch
 from .targets import ModelLayout, build_layout
 
@@ -135,7 +141,7 @@ class CacheEngine:
                 session = self._ambient
                 if session is None:
                     offered = self._undispatched.get(module) if role is Role.BLOCK else None
-                    return (forward if offered is None else offered.forward)(*args, **kwargs)
+                    return (forward if offered is None else offered.call)(*args, **kwargs)
             return session.dispatch(role, module, forward, args, kwargs)
 
         return dispatch
@@ -149,7 +155,8 @@ class CacheEngine:
             if forward is None:
                 continue
             inside = frozenset(module for module in site.module.modules() if module is not site.module)
-            offers[site.module] = UndispatchedBlock(forward, inside, len(inside & attention))
+            taps = {module: tap for module, tap in undispatched_taps(site.module).items() if module in inside}
+            offers[site.module] = UndispatchedBlock(forward, inside, len(inside & attention), taps)
         return offers
 
     def _install(self, module: nn.Module, role: Role) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 from . import _validation as check
 from .errors import InvalidConfigValue, UnsupportedMethodError
 from .pyramid_attention_broadcast import timestep_reader
-from .session import Handler, ModuleCall, Plan
+from .session import CacheSession, Handler, ModuleCall, Plan
 from .targets import GENERIC_FAMILY, ModelLayout, TensorFormat
 
 NAME = "faster_cache"
@@ -245,7 +245,7 @@ class _DenoiserHandler:
         self.layout = layout
         self.batched_arguments = config._unconditional_conditional_input_kwargs_identifiers + extra_batched
         self.flags_key = flags_key
-        self.timestep = timestep_reader(config.current_timestep_callback)
+        self.timestep = _call_timestep(timestep_reader(config.current_timestep_callback))
         self.low_weight, self.high_weight = _frequency_weights(config, self.timestep)
 
     def _should_skip_uncond(self, iteration: int, call: ModuleCall) -> bool:
@@ -372,7 +372,7 @@ class _AttentionHandler:
         self.block_skip_range = block_skip_range
         self.low, self.high = timestep_skip_range
         self.flags_key = flags_key
-        self.timestep = timestep_reader(config.current_timestep_callback)
+        self.timestep = _call_timestep(timestep_reader(config.current_timestep_callback))
         callback = config.attention_weight_callback
         self.weight: Callable[[nn.Module], float] = callback if callback is not None else (lambda _: 0.5)
 
@@ -438,6 +438,10 @@ def _extrapolate(before: torch.Tensor, last: torch.Tensor, weight: float, batch_
     if last.size(0) != batch_size:
         last = last[batch_size:]
     return last + (last - before) * weight
+
+
+def _call_timestep(reader: Callable[[CacheSession], Any]) -> Callable[[ModuleCall], Any]:
+    return lambda call: reader(call.session)
 
 
 def _frequency_weights(

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import _validation as check
 from .errors import UnsupportedMethodError
-from .session import Handler, ModuleCall, Plan
+from .session import CacheSession, Handler, ModuleCall, Plan
 from .targets import AttentionSite, ModelLayout
 
 NAME = "pyramid_attention_broadcast"
@@ -69,15 +69,18 @@ class _State:
 
 class _BroadcastHandler:
     def __init__(
-        self, block_skip_range: int, timestep_skip_range: tuple[float, float], timestep: Callable[..., Any]
+        self,
+        block_skip_range: int,
+        timestep_skip_range: tuple[float, float],
+        timestep: Callable[[CacheSession], Any],
     ):
         self.block_skip_range = block_skip_range
         self.low, self.high = timestep_skip_range
         self.timestep = timestep
 
-    def __call__(self, call: ModuleCall) -> Any:
-        state = call.session.state(self, _State)
-        timestep = self.timestep(call)
+    def decide(self, session: CacheSession, module: nn.Module) -> Any:
+        state = session.state(self, _State)
+        timestep = self.timestep(session)
         in_range = timestep is not None and self.low < timestep < self.high
         if (
             state.cache is None
@@ -85,11 +88,20 @@ class _BroadcastHandler:
             or not in_range
             or state.iteration % self.block_skip_range == 0
         ):
-            output = call.run()
-        else:
-            output = state.cache
+            return None
+        return state.cache
+
+    def record(self, session: CacheSession, module: nn.Module, output: Any, computed: bool) -> None:
+        state = session.state(self, _State)
         state.cache = output
         state.iteration += 1
+
+    def __call__(self, call: ModuleCall) -> Any:
+        output = self.decide(call.session, call.module)
+        computed = output is None
+        if computed:
+            output = call.run()
+        self.record(call.session, call.module, output, computed)
         return output
 
 
@@ -118,10 +130,10 @@ def _classify(
     return None
 
 
-def timestep_reader(callback: Callable[[], Any] | None) -> Callable[[ModuleCall], Any]:
+def timestep_reader(callback: Callable[[], Any] | None) -> Callable[[CacheSession], Any]:
     if callback is None:
-        return lambda call: call.session.current_timestep
-    return lambda call: callback()
+        return lambda session: session.current_timestep
+    return lambda session: callback()
 
 
 def plan(config: PyramidAttentionBroadcastConfig, layout: ModelLayout) -> Plan:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
 
+from .hooks import Tap
 from .targets import ModelLayout
 
 DEFAULT_BRANCH = "default"
@@ -71,6 +74,22 @@ class Handler(Protocol):
     def __call__(self, call: ModuleCall) -> Any: ...
 
 
+@runtime_checkable
+class ForeseeingHandler(Protocol):
+    """A handler whose decision needs the session and the module, not the call's arguments: it can
+    decide before a block runs its module inside a compiled graph, and be told the output after.
+
+    ``decide`` returns the output to use instead of running the module, or None to run it; ``record``
+    then receives the output used, computed or not. Calling the handler does both around the call.
+    """
+
+    def __call__(self, call: ModuleCall) -> Any: ...
+
+    def decide(self, session: CacheSession, module: nn.Module) -> Any: ...
+
+    def record(self, session: CacheSession, module: nn.Module, output: Any, computed: bool) -> None: ...
+
+
 @dataclass(frozen=True)
 class Plan:
     """What one method does on one model: a handler per module it acts on."""
@@ -88,10 +107,28 @@ class UndispatchedBlock:
     """A block's offered forward with no dispatcher inside (``hooks.offer_undispatched_forward``)."""
 
     forward: Callable[..., Any]
-    # Every module inside the block: a policy with a handler on any of them needs the dispatchers.
+    # Every module inside the block: a policy with a handler on any other of them needs the dispatchers.
     inside: frozenset[nn.Module]
     # The attention sites inside: what the bypassed attention dispatchers would have counted.
     attention: int
+    # The modules inside with a slot in ``forward``, in the block's order; held under ``lock`` while set.
+    taps: Mapping[nn.Module, Tap] = dataclasses.field(default_factory=dict)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        """``forward`` running every tapped module."""
+        if not self.taps:
+            return self.forward(*args, **kwargs)
+        with self.lock:
+            try:
+                return self.forward(*args, **kwargs)
+            finally:
+                for tap in self.taps.values():
+                    tap.clear()
+
+
+# A policy's handlers on the tapped modules inside one block: (module, handler, its slot).
+Foreseen = tuple[tuple[nn.Module, ForeseeingHandler, Tap], ...]
 
 
 @dataclass(frozen=True)
@@ -147,12 +184,13 @@ class CacheSession:
         self.config = config
         self.request_id = request_id
         self._handlers = plan.handlers
-        # The blocks this policy acts on nothing inside of: they run their undispatched forward.
-        self._undispatched = {
-            block: offer
-            for block, offer in (undispatched or {}).items()
-            if not any(module in plan.handlers for module in offer.inside)
-        }
+        # The blocks that run their undispatched forward: those this policy acts on nothing inside of,
+        # and those it acts on only through handlers that decide ahead, on tapped modules.
+        self._undispatched: dict[nn.Module, tuple[UndispatchedBlock, Foreseen]] = {}
+        for block, offer in (undispatched or {}).items():
+            foreseen = _foreseen(offer, plan.handlers)
+            if foreseen is not None:
+                self._undispatched[block] = (offer, foreseen)
         self._state: dict[tuple[object, str], Any] = {}
         self._raw_timestep: Any = None
         self._timestep: float | None = None
@@ -235,9 +273,9 @@ class CacheSession:
     ) -> Any:
         if role is Role.DENOISER:
             return self._dispatch_denoiser(module, forward, args, kwargs)
-        undispatched = self._undispatched.get(module) if role is Role.BLOCK else None
-        if undispatched is not None:
-            forward = undispatched.forward
+        offered = self._undispatched.get(module) if role is Role.BLOCK else None
+        if offered is not None:
+            forward = functools.partial(self._run_offered, *offered)
         handler = self._handlers.get(module)
         if handler is None:
             output = forward(*args, **kwargs)
@@ -246,13 +284,41 @@ class CacheSession:
             call = ModuleCall(self, module, forward, args, kwargs)
             output = handler(call)
             computed = call.computed
-        if undispatched is not None and computed:
-            self._attention_computed += undispatched.attention
         if role is Role.BLOCK:
             self._blocks_computed += computed
         elif role is Role.ATTENTION:
             self._attention_computed += computed
         if not computed:
+            self._in_call_reuse = True
+        return output
+
+    def _run_offered(self, offer: UndispatchedBlock, foreseen: Foreseen, *args: Any, **kwargs: Any) -> Any:
+        """A block's undispatched forward, its tapped modules decided before and recorded after."""
+        if not foreseen:
+            output = offer.call(*args, **kwargs)
+            self._attention_computed += offer.attention
+            return output
+        with offer.lock:
+            replays = []
+            try:
+                for module, handler, tap in foreseen:
+                    replay = handler.decide(self, module)
+                    replays.append(replay)
+                    tap.replay = replay
+                output = offer.forward(*args, **kwargs)
+                used = [tap.output for _, _, tap in foreseen]
+            finally:
+                for tap in offer.taps.values():
+                    tap.clear()
+        for (module, handler, _), replay, output_used in zip(foreseen, replays, used, strict=True):
+            if output_used is None:
+                raise RuntimeError(
+                    f"the undispatched forward of a block never called its {type(module).__name__}"
+                )
+            handler.record(self, module, output_used, replay is None)
+        reused = sum(replay is not None for replay in replays)
+        self._attention_computed += offer.attention - reused
+        if reused:
             self._in_call_reuse = True
         return output
 
@@ -300,6 +366,21 @@ class CacheSession:
             attention_reused=calls * len(self.layout.attention) - self._attention_computed,
             peak_bytes=self._peak_bytes,
         )
+
+
+def _foreseen(offer: UndispatchedBlock, handlers: Mapping[nn.Module, Handler]) -> Foreseen | None:
+    """The handlers ``offer`` runs its forward under, or None if a handler inside it needs the
+    dispatchers: one on a module without a slot, or one that cannot decide ahead."""
+    acting = [module for module in offer.inside if module in handlers]
+    if any(
+        module not in offer.taps or not isinstance(handlers[module], ForeseeingHandler) for module in acting
+    ):
+        return None
+    return tuple(
+        (module, handler, tap)
+        for module, tap in offer.taps.items()
+        if isinstance(handler := handlers.get(module), ForeseeingHandler)
+    )
 
 
 def held_bytes(values: Iterable[object]) -> int:

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import _validation as check
 from .errors import InvalidConfigValue, UnsupportedMethodError
-from .session import Handler, ModuleCall, Plan
+from .session import CacheSession, Handler, ModuleCall, Plan
 from .targets import ModelLayout
 
 NAME = "taylorseer"
@@ -148,9 +148,9 @@ class _TaylorSeerHandler:
     def _new_state(self) -> _State:
         return _State(self.config.taylor_factors_dtype, self.config.max_order, self.is_inactive)
 
-    def __call__(self, call: ModuleCall) -> Any:
+    def decide(self, session: CacheSession, module: nn.Module) -> Any:
         config = self.config
-        state = call.session.state(self, self._new_state)
+        state = session.state(self, self._new_state)
         state.current_step += 1
         step = state.current_step
         should_compute = (
@@ -162,11 +162,22 @@ class _TaylorSeerHandler:
             or (config.disable_cache_after_step is not None and step >= config.disable_cache_after_step)
         )
         if should_compute:
-            outputs = call.run()
-            state.update((outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs))
-            return outputs
+            return None
         predicted = state.predict()
         return predicted[0] if len(predicted) == 1 else tuple(predicted)
+
+    def record(self, session: CacheSession, module: nn.Module, output: Any, computed: bool) -> None:
+        if computed:
+            state = session.state(self, self._new_state)
+            state.update((output,) if isinstance(output, torch.Tensor) else tuple(output))
+
+    def __call__(self, call: ModuleCall) -> Any:
+        output = self.decide(call.session, call.module)
+        computed = output is None
+        if computed:
+            output = call.run()
+        self.record(call.session, call.module, output, computed)
+        return output
 
 
 def _resolve_patterns(config: TaylorSeerCacheConfig) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
