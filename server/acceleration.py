@@ -6,17 +6,22 @@ engine's dispatchers. Each transformer block's and attention module's own forwar
 the engine wraps it, so a block a policy skips is simply not called, and the dispatchers, whose Python
 decisions differ per request, never enter a graph. Each block is compiled in two forms:
 
-- whole, its attention traced into the block's graph. The engine runs this form for every policy
-  that acts on nothing inside the block (no cache, and the methods that skip whole blocks);
-- as it is, for a policy acting on attention (PAB, FasterCache, TaylorSeer on attention modules): the
-  dispatchers on modules inside the block are excluded from tracing (:func:`seal`), which splits the
-  block's graph around them, so those dispatchers decide in plain Python between the pieces.
+- whole, its attention traced into the block's graph, each attention module with a slot
+  (``cache_engine.hooks.Tap``) through which a policy can replay its output. The engine runs this form
+  for every policy that acts on nothing inside the block (no cache, and the methods that skip whole
+  blocks) and for those whose attention handlers decide before the block runs (PAB, TaylorSeer on
+  attention): run and replay of each attention module are graphs of their own, a replayed tensor an
+  input;
+- as it is, for a policy acting on attention per call (FasterCache): the dispatchers on modules inside
+  the block are excluded from tracing (:func:`seal`), which splits the block's graph around them, so
+  those dispatchers decide in plain Python between the pieces.
 
 Tensor views are handed across graph boundaries as plain tensors, because Dynamo guards on whether an
 input is a view, and a cached output (a fresh tensor) would otherwise recompile the graph that a
 computed output (a view) compiled. Shapes become dynamic after the second size seen; the server warms
-each model at two sizes in both forms before it is ready (``server.loading``), after which sizes and
-policies compile nothing more.
+each model at two sizes in both forms, and under policies replaying its attention in every combination
+(:func:`tap_warm_up_configs`), before it is ready (``server.loading``), after which sizes and policies
+compile nothing more.
 
 Quantization uses torchao (``pip install 'ditcache[quantize]'``): int8 weight-only anywhere, fp8 where
 the device has it. The attention backend is diffusers' dispatcher (``native``, ``flash``, ``sage``,
@@ -42,6 +47,7 @@ from torch import nn
 from server.policy import dtype_name
 
 if TYPE_CHECKING:
+    from cache_engine.hooks import Tap
     from server.generation import GenerationParams
     from server.models import ResidentModel
 
@@ -259,9 +265,10 @@ def compile_blocks(
 
     A block's forward becomes the block compiled as it is, in which each attention call is a graph
     break once the engine's dispatchers are sealed (what a policy acting on attention needs), and the
-    block is also offered to the engine compiled whole, attention included
-    (``cache_engine.hooks.offer_undispatched_forward``), which the engine runs for every policy that
-    acts on nothing inside the block: no cache, or any method that skips whole blocks.
+    block is also offered to the engine compiled whole, attention included, with a slot on each
+    attention module (``cache_engine.hooks.offer_undispatched_forward``), which the engine runs for
+    every policy that acts on nothing inside the block (no cache, or any method that skips whole
+    blocks), or on its attention only through handlers that decide ahead (PAB, TaylorSeer).
 
     Compiled per module but cached per code object: every block of one class shares its graphs, as
     with diffusers' ``compile_repeated_blocks``.
@@ -271,6 +278,8 @@ def compile_blocks(
     from cache_engine.hooks import offer_undispatched_forward
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+    attention = list(attention)
+    tapped = set(attention)
     for block in blocks:
         if is_compiled(block):
             continue
@@ -284,9 +293,12 @@ def compile_blocks(
             continue
         # Taken before anything is installed inside the block: its modules as they are, sharing the
         # block's parameters, with no dispatcher that a later engine puts on the real ones.
-        whole = types.MethodType(_whole_forward(type(block)), _shadow(block))
+        shadow = _shadow(block)
+        taps = _tap(block, shadow, tapped)
+        whole = types.MethodType(_whole_forward(type(block)), shadow)
         _compile_forward(block, backend=backend, mode=mode)
-        offer_undispatched_forward(block, _entry(torch.compile(whole, backend=backend, mode=mode)))
+        compiled = torch.compile(whole, backend=backend, mode=mode)
+        offer_undispatched_forward(block, _tapped_entry(compiled, tuple(taps.values())), taps)
     for module in attention:
         if not is_compiled(module):
             _compile_forward(module, backend=backend, mode=mode)
@@ -309,6 +321,42 @@ def _entry(compiled: Callable[..., Any]) -> Callable[..., Any]:
         return _plain(compiled(*_plain(args), **{name: _plain(value) for name, value in kwargs.items()}))
 
     return forward
+
+
+def _tapped_entry(compiled: Callable[..., Any], taps: tuple[Tap, ...]) -> Callable[..., Any]:
+    entry = _entry(compiled)
+    if not taps:
+        return entry
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        for tap in taps:
+            if tap.replay is not None:
+                # Outputs replayed are outputs a graph gave (views among them) or fresh predictions:
+                # one layout for all, so that no guard tells them apart.
+                tap.replay = _contiguous(tap.replay)
+        return entry(*args, **kwargs)
+
+    return forward
+
+
+def _contiguous(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _plain(value.contiguous())
+    if type(value) is tuple:
+        return tuple(_contiguous(item) for item in value)
+    return value
+
+
+def _tap(block: nn.Module, shadow: nn.Module, modules: set[nn.Module]) -> dict[nn.Module, Tap]:
+    """A slot on each of ``modules`` inside ``block``, installed on its counterpart in ``shadow``."""
+    from cache_engine.hooks import Tap, install_tap
+
+    taps: dict[nn.Module, Tap] = {}
+    for name, module in block.named_modules():
+        if module in modules and module is not block:
+            taps[module] = tap = Tap()
+            install_tap(shadow.get_submodule(name), tap)
+    return taps
 
 
 def _whole_forward(cls: type[nn.Module]) -> Callable[..., Any]:
@@ -461,10 +509,37 @@ def warm_up_params(model: ResidentModel) -> list[GenerationParams]:
     return [first]
 
 
+# Replaying policies run over this many steps at warm-up: PAB's ranges of 2 and 3 cycle in four.
+_TAP_WARM_UP_STEPS = 4
+
+
+def tap_warm_up_configs() -> tuple[object, ...]:
+    """Policies that replay tapped attention in every combination a request makes of it.
+
+    Over four steps, PAB with ranges 2 (spatial, temporal) and 3 (cross) runs and replays each kind of
+    attention inside a block against the other; TaylorSeer replays every attention module at once, with
+    a prediction rather than a former output. Each combination is a graph of the whole block.
+    """
+    import cache_engine as ce
+
+    everywhere = (-1.0, 1001.0)
+    return (
+        ce.PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2,
+            temporal_attention_block_skip_range=2,
+            cross_attention_block_skip_range=3,
+            spatial_attention_timestep_skip_range=everywhere,
+            temporal_attention_timestep_skip_range=everywhere,
+            cross_attention_timestep_skip_range=everywhere,
+        ),
+        ce.TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1),
+    )
+
+
 def warm_up(model: ResidentModel) -> CompileClock:
-    """Run the warm-up generations on ``model`` (no cache policy) and time them: each twice, once with
-    the blocks compiled whole (what most policies run) and once through the dispatchers inside them
-    (what a policy acting on attention runs)."""
+    """Run the warm-up generations on ``model`` and time them: each with no cache policy twice, once
+    with the blocks compiled whole (what most policies run) and once through the dispatchers inside
+    them (what FasterCache runs), then under the policies that replay attention inside whole blocks."""
     from server.generation import generate
 
     clock = CompileClock()
@@ -473,4 +548,12 @@ def warm_up(model: ResidentModel) -> CompileClock:
             for params in warm_up_params(model):
                 with model.cache.session(None, whole_blocks=whole_blocks):
                     generate(model, params)
+        for config in tap_warm_up_configs():
+            try:
+                model.cache.check(config)
+            except ValueError:
+                continue  # nothing of it applies to this model
+            for params in warm_up_params(model):
+                with model.cache.session(config):
+                    generate(model, dataclasses.replace(params, steps=max(params.steps, _TAP_WARM_UP_STEPS)))
     return clock

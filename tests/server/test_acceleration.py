@@ -168,15 +168,16 @@ def _compiled_regions(model: ResidentModel, config: object | None) -> tuple[int,
     return regions, stats.blocks_computed
 
 
-def test_a_policy_acting_on_nothing_inside_a_block_runs_it_as_one_graph(
+def test_a_policy_deciding_ahead_of_a_block_runs_it_as_one_graph(
     compiled_pair: tuple[ResidentModel, ResidentModel],
 ) -> None:
     _, compiled = compiled_pair
-    for method in ("none", "first_block_cache"):
+    # Acting on nothing inside the block, or on its attention through handlers that decide before it.
+    for method in ("none", "first_block_cache", "pyramid_attention_broadcast", "taylorseer"):
         regions, blocks = _compiled_regions(compiled, None if method == "none" else _config(method))
         assert regions == blocks > 0, method
-    # A policy acting on attention runs each block in pieces around its attention calls.
-    regions, blocks = _compiled_regions(compiled, _config("pyramid_attention_broadcast"))
+    # FasterCache's attention handler reads the call's batch: each block runs in pieces around it.
+    regions, blocks = _compiled_regions(compiled, _config("faster_cache"))
     assert regions > blocks > 0
 
 
