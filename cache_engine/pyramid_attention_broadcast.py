@@ -16,7 +16,7 @@ from torch import nn
 
 from . import _validation as check
 from .errors import UnsupportedMethodError
-from .session import CacheSession, Handler, ModuleCall, Plan
+from .session import CacheSession, Handler, ModuleCall, Plan, decide_and_record
 from .targets import AttentionSite, ModelLayout
 
 NAME = "pyramid_attention_broadcast"
@@ -97,12 +97,7 @@ class _BroadcastHandler:
         state.iteration += 1
 
     def __call__(self, call: ModuleCall) -> Any:
-        output = self.decide(call.session, call.module)
-        computed = output is None
-        if computed:
-            output = call.run()
-        self.record(call.session, call.module, output, computed)
-        return output
+        return decide_and_record(self, call)
 
 
 def _classify(

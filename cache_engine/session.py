@@ -127,6 +127,17 @@ class UndispatchedBlock:
                     tap.clear()
 
 
+def decide_and_record(handler: ForeseeingHandler, call: ModuleCall) -> Any:
+    """A foreseeing handler called on its module's call: decide, run the module unless a replay was
+    decided, record."""
+    output = handler.decide(call.session, call.module)
+    computed = output is None
+    if computed:
+        output = call.run()
+    handler.record(call.session, call.module, output, computed)
+    return output
+
+
 # A policy's handlers on the tapped modules inside one block: (module, handler, its slot).
 Foreseen = tuple[tuple[nn.Module, ForeseeingHandler, Tap], ...]
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import _validation as check
 from .errors import InvalidConfigValue, UnsupportedMethodError
-from .session import CacheSession, Handler, ModuleCall, Plan
+from .session import CacheSession, Handler, ModuleCall, Plan, decide_and_record
 from .targets import ModelLayout
 
 NAME = "taylorseer"
@@ -172,12 +172,7 @@ class _TaylorSeerHandler:
             state.update((output,) if isinstance(output, torch.Tensor) else tuple(output))
 
     def __call__(self, call: ModuleCall) -> Any:
-        output = self.decide(call.session, call.module)
-        computed = output is None
-        if computed:
-            output = call.run()
-        self.record(call.session, call.module, output, computed)
-        return output
+        return decide_and_record(self, call)
 
 
 def _resolve_patterns(config: TaylorSeerCacheConfig) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
