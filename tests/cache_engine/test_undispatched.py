@@ -64,14 +64,15 @@ def _offer_copies(transformer: torch.nn.Module, taps: list[Tap] | None = None) -
     return ran
 
 
-@pytest.mark.parametrize(("family", "cfg"), CASES)
-@pytest.mark.parametrize("method", list(ACTS_INSIDE_BLOCKS))
-def test_the_offer_runs_where_the_policy_acts_on_nothing_inside_the_block(
-    family: str, cfg: str, method: str
-) -> None:
+def _offered_run(
+    family: str, cfg: str, method: str, taps: list[Tap] | None = None
+) -> tuple[list[str], ce.SessionStats]:
+    """``method`` on a pipeline whose blocks offer copies of themselves (``_offer_copies``), checked
+    equal in output and stats to the same pipeline on a plain engine; the blocks that ran the offer,
+    and the stats."""
     offered, plain = tiny(family, cfg), tiny(family, cfg)
     config = None if method == "none" else our_config(method, offered)
-    ran = _offer_copies(offered.pipe.transformer)
+    ran = _offer_copies(offered.pipe.transformer, taps)
     engine = ce.CacheEngine(offered.pipe.transformer)
     try:
         output, stats = session_run(engine, offered, config)
@@ -80,6 +81,15 @@ def test_the_offer_runs_where_the_policy_acts_on_nothing_inside_the_block(
     expected, expected_stats = our_run(plain, config)
     assert torch.equal(output, expected)
     assert stats == expected_stats
+    return ran, stats
+
+
+@pytest.mark.parametrize(("family", "cfg"), CASES)
+@pytest.mark.parametrize("method", list(ACTS_INSIDE_BLOCKS))
+def test_the_offer_runs_where_the_policy_acts_on_nothing_inside_the_block(
+    family: str, cfg: str, method: str
+) -> None:
+    ran, stats = _offered_run(family, cfg, method)
     if ACTS_INSIDE_BLOCKS[method]:
         assert ran == []
     else:
@@ -93,18 +103,8 @@ def test_the_offer_runs_where_the_policy_acts_on_nothing_inside_the_block(
 def test_with_taps_the_offer_also_runs_where_the_handlers_inside_decide_ahead(
     family: str, cfg: str, method: str
 ) -> None:
-    offered, plain = tiny(family, cfg), tiny(family, cfg)
-    config = None if method == "none" else our_config(method, offered)
     taps: list[Tap] = []
-    ran = _offer_copies(offered.pipe.transformer, taps)
-    engine = ce.CacheEngine(offered.pipe.transformer)
-    try:
-        output, stats = session_run(engine, offered, config)
-    finally:
-        engine.close()
-    expected, expected_stats = our_run(plain, config)
-    assert torch.equal(output, expected)
-    assert stats == expected_stats
+    ran, stats = _offered_run(family, cfg, method, taps)
     if ACTS_INSIDE_BLOCKS[method] and method not in FORESEEING:
         assert ran == []  # FasterCache reads each attention call's batch: it needs the dispatchers
     else:
