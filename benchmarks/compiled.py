@@ -149,16 +149,11 @@ def bench_family(
     log(f"{family}: compiling (warm-up at {warm})")
     timer = acceleration.CompileClock()
     with timer.measure():
-        # As the server's warm-up: both forms of each block (whole, and through its dispatchers), then
-        # the whole form replaying its attention in every combination.
-        for whole_blocks in (True, False):
+        # The server's warm-up passes: both forms of each block, and the whole one replaying attention.
+        for warm_up in acceleration.warm_up_passes():
             for size in warm:
-                with engines["compiled"].session(None, whole_blocks=whole_blocks):
-                    _call(compiled, _resized(compiled, size, 2))
-        for config in acceleration.tap_warm_up_configs():
-            for size in warm:
-                with engines["compiled"].session(config):
-                    _call(compiled, _resized(compiled, size, 4))
+                with engines["compiled"].session(warm_up.config, whole_blocks=warm_up.whole_blocks):
+                    _call(compiled, _resized(compiled, size, warm_up.min_steps))
         sync()
     log(f"{family}: {timer.frames} graphs in {timer.seconds:.0f} s; five request sizes under every method")
     before = acceleration.compiled_frames()

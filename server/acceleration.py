@@ -20,7 +20,7 @@ Tensor views are handed across graph boundaries as plain tensors, because Dynamo
 input is a view, and a cached output (a fresh tensor) would otherwise recompile the graph that a
 computed output (a view) compiled. Shapes become dynamic after the second size seen; the server warms
 each model at two sizes in both forms, and under policies replaying its attention in every combination
-(:func:`tap_warm_up_configs`), before it is ready (``server.loading``), after which sizes and policies
+(:func:`warm_up_passes`), before it is ready (``server.loading``), after which sizes and policies
 compile nothing more.
 
 Quantization uses torchao (``pip install 'ditcache[quantize]'``): int8 weight-only anywhere, fp8 where
@@ -62,6 +62,7 @@ __all__ = [
     "seal",
     "warm_up",
     "warm_up_params",
+    "warm_up_passes",
     "weight_bytes",
 ]
 
@@ -509,12 +510,25 @@ def warm_up_params(model: ResidentModel) -> list[GenerationParams]:
     return [first]
 
 
+@dataclass(frozen=True)
+class WarmUpPass:
+    """One pass of a compiled model's warm-up: run at each warm-up size under ``config``, in the block
+    form ``whole_blocks`` picks, with at least ``min_steps`` steps."""
+
+    config: object | None
+    whole_blocks: bool = True
+    min_steps: int = 2
+
+
 # Replaying policies run over this many steps at warm-up: PAB's ranges of 2 and 3 cycle in four.
 _TAP_WARM_UP_STEPS = 4
 
 
-def tap_warm_up_configs() -> tuple[object, ...]:
-    """Policies that replay tapped attention in every combination a request makes of it.
+def warm_up_passes() -> tuple[WarmUpPass, ...]:
+    """What leaves every compiled form of a block ready, the server's warm-up and the benchmark's alike:
+    no cache policy twice, once with the blocks compiled whole (what most policies run) and once through
+    the dispatchers inside them (what FasterCache runs), then the policies replaying tapped attention in
+    every combination a request makes of it.
 
     Over four steps, PAB with ranges 2 (spatial, temporal) and 3 (cross) runs and replays each kind of
     attention inside a block against the other; TaylorSeer replays every attention module at once, with
@@ -523,7 +537,7 @@ def tap_warm_up_configs() -> tuple[object, ...]:
     import cache_engine as ce
 
     everywhere = (-1.0, 1001.0)
-    return (
+    replaying = (
         ce.PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=2,
             temporal_attention_block_skip_range=2,
@@ -534,26 +548,27 @@ def tap_warm_up_configs() -> tuple[object, ...]:
         ),
         ce.TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1),
     )
+    return (
+        WarmUpPass(None, whole_blocks=True),
+        WarmUpPass(None, whole_blocks=False),
+        *(WarmUpPass(config, min_steps=_TAP_WARM_UP_STEPS) for config in replaying),
+    )
 
 
 def warm_up(model: ResidentModel) -> CompileClock:
-    """Run the warm-up generations on ``model`` and time them: each with no cache policy twice, once
-    with the blocks compiled whole (what most policies run) and once through the dispatchers inside
-    them (what FasterCache runs), then under the policies that replay attention inside whole blocks."""
+    """Run the warm-up generations on ``model``, one per warm-up size and pass
+    (:func:`warm_up_passes`), and time them."""
     from server.generation import generate
 
     clock = CompileClock()
     with clock.measure():
-        for whole_blocks in (True, False):
+        for warm in warm_up_passes():
+            if warm.config is not None:
+                try:
+                    model.cache.check(warm.config)
+                except ValueError:
+                    continue  # nothing of it applies to this model
             for params in warm_up_params(model):
-                with model.cache.session(None, whole_blocks=whole_blocks):
-                    generate(model, params)
-        for config in tap_warm_up_configs():
-            try:
-                model.cache.check(config)
-            except ValueError:
-                continue  # nothing of it applies to this model
-            for params in warm_up_params(model):
-                with model.cache.session(config):
-                    generate(model, dataclasses.replace(params, steps=max(params.steps, _TAP_WARM_UP_STEPS)))
+                with model.cache.session(warm.config, whole_blocks=warm.whole_blocks):
+                    generate(model, dataclasses.replace(params, steps=max(params.steps, warm.min_steps)))
     return clock
