@@ -31,6 +31,7 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY cache_engine ./cache_engine
+COPY tiny_pipelines ./tiny_pipelines
 COPY server ./server
 RUN pip install .
 

@@ -1,7 +1,7 @@
 """Compiled blocks against eager, uncached and under each cache method: ``python -m benchmarks.engine --compile``.
 
 Per family, two pipelines built from the same seed, each with a :class:`cache_engine.CacheEngine`; one
-has its blocks compiled the way the server's ``--compile`` does it (``server.acceleration``). The
+has its blocks compiled the way the server's ``--compile`` does it (``server.ops.acceleration``). The
 compiled one is warmed at two sizes in both of a block's compiled forms (whole, and split around its
 attention calls), then run at five other request sizes under every method, counting
 the frames Dynamo compiles (recompilations; the target is none). Then, interleaved and repeated, each
@@ -28,7 +28,7 @@ from torch import nn
 
 import cache_engine as ce
 from cache_engine.targets import build_layout
-from server import acceleration
+from server.ops import acceleration
 
 Clock = Callable[[], float]
 

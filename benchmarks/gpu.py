@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from server import acceleration
+from server.ops import acceleration
 
 from . import compiled
 from .engine import METHODS

@@ -1,6 +1,6 @@
 """Seeded random-weight pipelines for the engine benchmark, large enough for timing to mean something.
 
-Each family is a pipeline of the tiny-pipeline factory (``server.tiny``: the genuine diffusers
+Each family is a pipeline of the tiny-pipeline factory (``tiny_pipelines``: the genuine diffusers
 pipeline and transformer classes, random weights, nothing downloaded) with its transformer resized to
 a scale, built without text encoders (prompt embeddings are passed directly) and run with
 ``output_type="latent"``, so a run is the denoising loop and nothing else. The ``bench`` scale makes
@@ -20,8 +20,8 @@ from typing import Any, Literal
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-from server.tiny import Recipe, tiny_pipeline
-from server.tiny.wan import RECIPE as WAN_RECIPE
+from tiny_pipelines import Recipe, tiny_pipeline
+from tiny_pipelines.wan import RECIPE as WAN_RECIPE
 
 ScaleName = Literal["bench", "quick"]
 CfgMode = Literal["distilled", "batched", "separate"]

@@ -2,7 +2,7 @@
 
     python -m benchmarks.quality            # writes docs/quality.md, docs/quality.png, docs/quality.json
 
-Every policy of the calibration sweep (``server.calibrate.sweep_policies``: each method's main knobs;
+Every policy of the calibration sweep (``server.policy.calibrate.sweep_policies``: each method's main knobs;
 MagCache and TeaCache on the values fitted for the model, read from its shipped calibration) runs over
 the same prompts and seeds, at each step count, with and without true CFG. Per point: the fraction of
 transformer blocks and attention modules executed, the wall-clock speedup, PSNR (pooled, median and
@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from cache_engine import CacheConfig, CacheEngine
-from server.calibrate import engine_config, policy_key, sweep_policies
-from server.calibration import Calibration, load_calibration, psnr_from_json, psnr_to_json
-from server.models import CALIBRATION_FILE
-from server.targets import PRESET_FLOORS
+from server.models.calibration import Calibration, load_calibration, psnr_from_json, psnr_to_json
+from server.models.registry import CALIBRATION_FILE
+from server.policy.calibrate import engine_config, policy_key, sweep_policies
+from server.policy.named import PRESET_FLOORS
 from shapes import detector, evaluate
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "server" / "assets" / "shapes-flux"

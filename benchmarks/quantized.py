@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from cache_engine import methods
-from server.acceleration import Acceleration, quantize, weight_bytes
-from server.generation import GenerationParams, generate
-from server.models import ResidentModel, load_model
+from server.models.generation import GenerationParams, generate
+from server.models.registry import ResidentModel, load_model
+from server.ops.acceleration import Acceleration, quantize, weight_bytes
 
 from . import models
 

@@ -1,1 +1,1 @@
-"""The HTTP server: ``server.app.create_app`` builds the application, ``ditcache serve`` runs it."""
+"""The HTTP server: ``server.api.app.create_app`` builds the application, ``ditcache serve`` runs it."""

@@ -1,5 +1,5 @@
 """``python -m server serve ...``, the same as the ``ditcache`` command."""
 
-from .cli import main
+from server.cli import main
 
 raise SystemExit(main())

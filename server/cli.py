@@ -13,7 +13,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from .settings import Settings, load_settings
+from server.settings import Settings, load_settings
 
 # Settings with no flag. A key on the command line shows in the process list (use DITCACHE_API_KEY);
 # per-model limits are nested (environment or config file); retry_after_s never had one.
@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, field in Settings.model_fields.items():
         if name not in _NO_FLAG:
             _add_flag(serve, name, field)
-    from .calibrate import add_arguments
+    from server.policy.calibrate import add_arguments
 
     add_arguments(commands.add_parser("calibrate", help="measure speed against fidelity for target requests"))
     return parser
@@ -106,7 +106,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "calibrate":
-        from .calibrate import run
+        from server.policy.calibrate import run
 
         return run(args)
     try:
@@ -114,13 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValidationError, OSError, ValueError) as exc:
         print(f"ditcache: invalid settings: {exc}", file=sys.stderr)
         return 2
-    from . import logs
-    from .app import create_app
-    from .serving import serve
+    from server import logs
+    from server.api.app import create_app
+    from server.api.serving import serve
 
     logs.configure(settings.log_level, settings.log_format)
     if settings.backend == "ray":
-        from . import ray_backend
+        from server import ray_backend
 
         ray_backend.start(settings, blocking=True)
         return 0

@@ -26,7 +26,7 @@ and an ``X-Request-Id`` header. The tree, with the HTTP status and ``code`` each
     │                                                             client that cancelled; stored on the job)
     └── GenerationFailed                 500 generation_failed   the pipeline raised; details stay in logs
 
-Framework errors are mapped into the same envelope by the handlers in ``app.py``: a pydantic
+Framework errors are mapped into the same envelope by the handlers in ``api/app.py``: a pydantic
 ``RequestValidationError`` is a 422 ``invalid_request`` naming the field path, a Starlette
 ``HTTPException`` keeps its status.
 """

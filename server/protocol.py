@@ -2,7 +2,7 @@
 
 Requests are strict (no "5" for 5), forbid unknown keys and bound every field, so a request that
 reaches the worker is well formed; what depends on the model (its limits, its cache methods) is
-checked in ``service.py``. Cache policies carry the reference config's parameter names; callbacks,
+checked in ``runtime/service.py``. Cache policies carry the reference config's parameter names; callbacks,
 dtypes and the model-structure fields (block identifiers, tensor format, guidance distillation) are
 left out because the engine knows them per model family and a client should not have to.
 """
@@ -25,8 +25,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .model_settings import Kind, ModelDefaults, ModelLimits
-from .presets import PRESET_NAMES, PresetName
+from server.models.limits import Kind, ModelDefaults, ModelLimits
+from server.models.presets import PRESET_NAMES, PresetName
 
 CACHE_METHODS: tuple[str, ...] = (
     "none",

@@ -12,7 +12,7 @@ with its own models, so the HTTP API is the one ``--backend local`` serves. Ray 
 for each request and scales their number between ``ray_min_replicas`` and ``ray_max_replicas`` on
 ``ray_target_ongoing_requests``. Jobs live in the shared job store (``job_store``: the default
 SQLite file on one host, Redis across hosts), so a job is followed, fetched and cancelled through
-any replica, and a job whose replica died is run again by another (``server.jobs``).
+any replica, and a job whose replica died is run again by another (``server.runtime.jobs``).
 
 The ingress exists for one reason: a replica that dies mid-request. Ray's proxy would answer such a
 request with a bare 500; the ingress sends it once more, to another replica (a generation is
@@ -32,7 +32,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-from .settings import Settings
+from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ class AppReplica:
     """One replica: ``create_app(settings)`` with its lifespan, driven over ASGI by ``handle``."""
 
     async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]
-        from . import logs
-        from .app import create_app
+        from server import logs
+        from server.api.app import create_app
 
         logs.configure(settings.log_level, settings.log_format)
         self.app = create_app(settings)
@@ -223,8 +223,8 @@ async def _read_body(receive: Receive, max_bytes: int) -> bytes:
 
 async def _unavailable(scope: Message, receive: Receive, send: Send) -> None:
     """The 503 envelope, with the request id, as the app itself answers one (see server.errors)."""
-    from .errors import envelope
-    from .request_id import RequestIdMiddleware
+    from server.api.request_id import RequestIdMiddleware
+    from server.errors import envelope
 
     async def answer(scope: Message, receive: Receive, send: Send) -> None:
         response = envelope(
@@ -282,7 +282,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     The Serve config's own ``deployments`` entries (replica bounds, ``ray_actor_options``) override
     what the settings set here, as Ray Serve documents.
     """
-    from .settings import load_settings
+    from server.settings import load_settings
 
     return build_application(load_settings(**args))
 

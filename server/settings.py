@@ -31,7 +31,7 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 
 
 class LimitOverrides(BaseModel):
-    """Per-model replacements for the limits a model declares (``server.model_settings.ModelLimits``)."""
+    """Per-model replacements for the limits a model declares (``server.models.limits.ModelLimits``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

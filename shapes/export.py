@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.folders import write_folder_atomically
-from server.tiny.flux import FLOW_MATCH_SCHEDULER
 from shapes import text
 from shapes.denoiser import Denoiser
+from tiny_pipelines.flux import FLOW_MATCH_SCHEDULER
+from tiny_pipelines.folders import write_folder_atomically
 
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL

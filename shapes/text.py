@@ -1,5 +1,5 @@
 """The shapes model's tokenizers and tiny CLIP / T5 text encoders: the tiny pipelines' builders
-(``server.tiny``) over the words of the shapes captions.
+(``tiny_pipelines``) over the words of the shapes captions.
 
 Both tokenizers are the real transformers classes (so ``FluxPipeline.save_pretrained`` writes them
 and ``from_pretrained`` reads them back offline), with a vocabulary in which every word of
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from server.tiny import tokenizers
-from server.tiny.text_encoders import CLIP_TEXT, T5_ENCODER, clip_text_model
 from shapes import dataset
+from tiny_pipelines import tokenizers
+from tiny_pipelines.text_encoders import CLIP_TEXT, T5_ENCODER, clip_text_model
 
 if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
@@ -41,7 +41,7 @@ def clip_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 def t5_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
     """Two layers of 64 channels, from the shared recipe.
 
-    Not ``server.tiny.text_encoders.t5_encoder``, which also sets ``decoder_start_token_id``: an
+    Not ``tiny_pipelines.text_encoders.t5_encoder``, which also sets ``decoder_start_token_id``: an
     encoder never reads it, and without it a new checkpoint's config is the shipped one's.
     """
     from transformers import T5Config, T5EncoderModel

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from server.tiny.flux import IMAGE_VAE
 from shapes import dataset
 from shapes.options import Options
 from shapes.progress import Stop, atomic_save, cosine_lr, log
+from tiny_pipelines.flux import IMAGE_VAE
 
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL

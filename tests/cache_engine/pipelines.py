@@ -1,6 +1,6 @@
 """Tiny, real diffusers pipelines for the cache engine's tests, built by the tiny-pipeline factory.
 
-Every family is a ``server.tiny`` pipeline (the genuine diffusers pipeline and transformer classes,
+Every family is a ``tiny_pipelines`` pipeline (the genuine diffusers pipeline and transformer classes,
 shrunk to a few blocks and a few dozen tokens, seeded random weights, nothing downloaded) without its
 text encoders: the prompt embeddings are fed directly, and the pipelines return latents
 (``output_type="latent"``), so the VAE only gives the pipeline its compression ratios. A whole 10-step
@@ -25,7 +25,7 @@ from typing import Any, cast
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-from server.tiny import tiny_pipeline
+from tiny_pipelines import tiny_pipeline
 
 FAMILIES: tuple[str, ...] = ("flux", "cogvideox", "wan", "hunyuan_video", "ltx", "sd3", "cogview4", "pixart")
 

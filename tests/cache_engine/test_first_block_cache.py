@@ -76,7 +76,7 @@ def test_threshold_zero_computes_everything(rig: RigFactory) -> None:
 def test_a_skipped_call_on_a_joint_stream_tail_reproduces_the_computed_one() -> None:
     """Flux2's last blocks see text and image as one stream: a call skipped on the same inputs as the
     computed one must give the same output, text and image residuals split where the stream joined."""
-    from server.tiny import tiny_pipeline
+    from tiny_pipelines import tiny_pipeline
 
     # DiffusionPipeline declares no __call__; each pipeline class defines its own.
     pipeline: Any = tiny_pipeline("flux2").build()

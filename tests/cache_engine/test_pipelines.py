@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import torch
 
-from server.tiny import tiny_pipeline
 from tests.cache_engine.pipelines import (
     CALLS,
     CFG_MODES,
@@ -26,6 +25,7 @@ from tests.cache_engine.pipelines import (
     clone_with_shared_transformer,
     run,
 )
+from tiny_pipelines import tiny_pipeline
 
 
 @pytest.fixture(autouse=True)

@@ -25,9 +25,9 @@ import torch
 import uvicorn
 from PIL import Image
 
-from server.app import create_app
+from server.api.app import create_app
 from server.logs import request_id_var
-from server.runtime import Runtime
+from server.runtime.state import Runtime
 from server.settings import Settings
 
 _READY_TIMEOUT_S = 300.0

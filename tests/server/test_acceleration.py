@@ -21,11 +21,11 @@ import torch
 from cache_engine import methods
 from cache_engine.hooks import undispatched_forward
 from cache_engine.targets import build_layout
-from server import acceleration
-from server.acceleration import Acceleration, AccelerationError
 from server.cli import _parser
-from server.generation import GenerationParams, generate
-from server.models import ModelLoadError, ResidentModel, load_model
+from server.models.generation import GenerationParams, generate
+from server.models.registry import ModelLoadError, ResidentModel, load_model
+from server.ops import acceleration
+from server.ops.acceleration import Acceleration, AccelerationError
 from server.settings import Settings
 from tests.cache_engine.support import small_flux
 from tests.server.conftest import LiveServer, live_server
@@ -130,7 +130,9 @@ def test_int8_weights_take_under_a_third_and_every_method_still_runs(model_cache
 def compiled_server(model_cache: Path) -> Any:
     """A server started with --compile serving tiny-flux; Dynamo runs with the eager backend."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("server.loading.Acceleration", functools.partial(Acceleration, compile_backend="eager"))
+        patch.setattr(
+            "server.runtime.loading.Acceleration", functools.partial(Acceleration, compile_backend="eager")
+        )
         yield from live_server(model_cache, models=["tiny-flux"], compile=True)
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.builtin_models import BUILTIN_MODELS, materialize
-from server.tiny import DEFAULT_SEED
-from server.tiny.tokenizers import clip_tokenizer, t5_tokenizer
+from server.models.builtin import BUILTIN_MODELS, materialize
+from tiny_pipelines import DEFAULT_SEED
+from tiny_pipelines.tokenizers import clip_tokenizer, t5_tokenizer
 
 # Built from a recipe; a shipped model (``folder``) has its own tests in tests/shapes.
 NAMES = tuple(name for name, model in BUILTIN_MODELS.items() if model.folder is None)
@@ -101,13 +101,13 @@ def test_a_fresh_process_imports_lightly_and_loads_builtins_offline(tmp_path: Pa
         """
         import sys
         from pathlib import Path
-        import server.generation
-        from server.models import load_model
+        import server.models.generation
+        from server.models.registry import load_model
         heavy = {"diffusers", "transformers"} & set(sys.modules)
         assert not heavy, f"importing the registry imported {heavy}"
 
-        from server.builtin_models import BUILTIN_MODELS
-        from server.tiny.tokenizers import clip_tokenizer, t5_tokenizer
+        from server.models.builtin import BUILTIN_MODELS
+        from tiny_pipelines.tokenizers import clip_tokenizer, t5_tokenizer
 
         expected = {"CLIPTokenizer": clip_tokenizer(), "T5Tokenizer": t5_tokenizer()}
         for name in (name for name, model in BUILTIN_MODELS.items() if model.folder is None):

@@ -10,8 +10,8 @@ import torch
 
 from cache_engine import CacheEngine, FirstBlockCacheConfig
 from cache_engine.session import active_session
-from server.caching import ModelCache
-from server.tiny import tiny_pipeline
+from server.models.caching import ModelCache
+from tiny_pipelines import tiny_pipeline
 
 STEPS = 4
 

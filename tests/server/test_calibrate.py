@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from server import calibrate
-from server.calibration import load_calibration
-from server.models import calibration_path, load_model
+from server.models.calibration import load_calibration
+from server.models.registry import calibration_path, load_model
+from server.policy import calibrate
 from tests.server.conftest import LiveServer, error_of, live_server
 
 POLICIES = [
@@ -230,7 +230,7 @@ def test_the_fitted_ratios_serve_a_magcache_request_that_gives_none(server: Live
 def test_every_swept_policy_is_a_valid_cache_body() -> None:
     from pydantic import TypeAdapter
 
-    from server import policy
+    from server.policy import engine_config as policy
     from server.protocol import CacheSpec
 
     fitted = {"mag_cache": {"mag_ratios": [1.0, 0.9]}}

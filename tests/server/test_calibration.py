@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.calibration import Calibration, Curve, CurvePoint, load_calibration, merged
+from server.models.calibration import Calibration, Curve, CurvePoint, load_calibration, merged
 
 
 def _curve(steps: int, guidance: bool, points: list[tuple[str, float, float]]) -> Curve:

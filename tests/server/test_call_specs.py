@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from server.call_specs import _SPECS, KNOWN_PIPELINES, CallSpec, UnservablePipeline, call_spec
-from server.tiny import tiny_pipeline
+from server.models.call_specs import _SPECS, KNOWN_PIPELINES, CallSpec, UnservablePipeline, call_spec
+from tiny_pipelines import tiny_pipeline
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -11,16 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from server.generation import (
+from server.models.generation import (
     GenerationParams,
     GenerationResult,
     InvalidGenerationParams,
     check_params,
     generate,
 )
-from server.model_settings import ModelDefaults
-from server.models import ResidentModel, load_model
-from server.stages import STAGES, StageProbe
+from server.models.limits import ModelDefaults
+from server.models.registry import ResidentModel, load_model
+from server.models.stages import STAGES, StageProbe
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from server.app import create_app
+from server.api.app import create_app
 from server.logs import JsonFormatter, RequestIdFilter, bound_request_id
 from server.settings import Settings
 

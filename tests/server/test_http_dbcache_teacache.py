@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from cache_engine import TeaCacheConfig
-from server import policy
+from server.policy import engine_config as policy
 from server.protocol import GenerationRequest
 
 from .conftest import error_of

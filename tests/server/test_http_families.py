@@ -26,9 +26,9 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
-from server import media
-from server.models import ModelLoadError, load_model
-from server.tiny import TINY_PIPELINE_NAMES, tiny_pipeline
+from server.models import media
+from server.models.registry import ModelLoadError, load_model
+from tiny_pipelines import TINY_PIPELINE_NAMES, tiny_pipeline
 
 from .conftest import LiveServer, b64_items, error_of, live_server
 

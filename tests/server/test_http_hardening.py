@@ -276,7 +276,7 @@ def test_out_of_memory_at_a_step_is_503_and_the_next_job_equals_a_fresh_run(
     assert again.status_code == 200 and b64_items(again.json()) == reference_bytes
     # Every line of the failed request, on the event loop or on the worker thread, has its id.
     mine = [record for record in capture.records if record.request_id == "oom-1"]
-    assert {record.name for record in mine} >= {"server.worker", "server.access"}
+    assert {record.name for record in mine} >= {"server.runtime.worker", "server.api.access"}
     line = json.loads(JsonFormatter().format(mine[0]))
     assert line["request_id"] == "oom-1" and line["message"]
 

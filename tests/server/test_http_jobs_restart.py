@@ -24,8 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
-from server.job_store import JobRecord, JobStore, open_store
-from server.jobs import MAX_RUNS
+from server.runtime.job_store import JobRecord, JobStore, open_store
+from server.runtime.jobs import MAX_RUNS
 from server.settings import Settings
 
 from .conftest import LiveServer, b64_items, error_of, gated, wait_until

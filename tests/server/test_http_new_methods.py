@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from cache_engine import MagCacheConfig
-from server import policy
+from server.policy import engine_config as policy
 from server.protocol import GenerationRequest
 
 from .conftest import LiveServer, error_of, live_server

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from server.job_store import JobRecord, JobStore, RedisJobStore, SqliteJobStore, open_store
+from server.runtime.job_store import JobRecord, JobStore, RedisJobStore, SqliteJobStore, open_store
 
 
 def _free_port() -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server import media
+from server.models import media
 
 from .conftest import decode_image, decode_video
 

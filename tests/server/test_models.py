@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from server.builtin_models import BUILTIN_MODELS
-from server.generation import GenerationParams, generate
-from server.models import (
+from server.models.builtin import BUILTIN_MODELS
+from server.models.generation import GenerationParams, generate
+from server.models.registry import (
     PRESET_NAMES,
     ModelDefaults,
     ModelLimits,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from server.api.responses import negotiate, server_timing
 from server.errors import NotAcceptable
-from server.responses import negotiate, server_timing
-from server.stages import StageTimings
+from server.models.stages import StageTimings
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from server.app import create_app
+from server.api.app import create_app
 from server.settings import Settings
 
 from .conftest import LiveServer, error_of, live_server

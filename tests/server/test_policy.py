@@ -16,8 +16,8 @@ from cache_engine import (
     PyramidAttentionBroadcastConfig,
     TaylorSeerCacheConfig,
 )
-from server import policy
 from server.errors import InvalidRequest
+from server.policy import engine_config as policy
 from server.protocol import POLICY_CLASSES, GenerationRequest
 
 PRESETS: Mapping[str, CacheConfig | None] = {

@@ -26,7 +26,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from server.app import create_app
+from server.api.app import create_app
 from server.settings import Settings
 
 from .conftest import LiveServer, live_server

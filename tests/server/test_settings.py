@@ -10,8 +10,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from server.builtin_models import BUILTIN_MODEL_NAMES
 from server.cli import _NO_FLAG, _parser, settings_from_args
+from server.models.builtin import BUILTIN_MODEL_NAMES
 from server.settings import DEFAULT_MODELS, Settings, load_settings
 
 

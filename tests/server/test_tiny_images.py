@@ -14,7 +14,7 @@ import torch
 
 from cache_engine import CacheEngine
 from cache_engine.methods import METHOD_NAMES
-from server.tiny import DEFAULT_SEED, tiny_pipeline
+from tiny_pipelines import DEFAULT_SEED, tiny_pipeline
 
 PROMPT = "a small red circle on a blue background"
 OTHER_PROMPT = "a big green tree by the river"
@@ -183,7 +183,7 @@ def test_the_same_seed_builds_the_same_weights_and_another_seed_others(name: str
 
 
 def test_qwenimage_drops_exactly_its_template_from_the_prompt() -> None:
-    from server.tiny.qwenimage import PROMPT_TEMPLATE
+    from tiny_pipelines.qwenimage import PROMPT_TEMPLATE
 
     pipe = tiny_pipeline("qwenimage").build(DEFAULT_SEED)
     assert pipe.prompt_template_encode == PROMPT_TEMPLATE

@@ -14,7 +14,7 @@ import torch
 
 from cache_engine import CacheEngine
 from cache_engine.methods import METHOD_NAMES
-from server.tiny import TinyPipeline, tiny_pipeline
+from tiny_pipelines import TinyPipeline, tiny_pipeline
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.builtin_models import BUILTIN_MODELS, SHAPES_FLUX_FOLDER
-from server.generation import GenerationParams, generate
-from server.models import PRESET_NAMES, ResidentModel, load_model
+from server.models.builtin import BUILTIN_MODELS, SHAPES_FLUX_FOLDER
+from server.models.generation import GenerationParams, generate
+from server.models.registry import PRESET_NAMES, ResidentModel, load_model
 from server.settings import DEFAULT_MODELS
 from shapes import detector, evaluate
 

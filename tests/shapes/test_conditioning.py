@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from server.builtin_models import SHAPES_FLUX_FOLDER
+from server.models.builtin import SHAPES_FLUX_FOLDER
 from shapes import conditioning, dataset, evaluate
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.builtin_models import SHAPES_FLUX_FOLDER
+from server.models.builtin import SHAPES_FLUX_FOLDER
 from shapes import dataset, evaluate
 from shapes.critic import critic_loss, image_labels, train_critic
 from shapes.options import Options

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import quality
-from server.calibration import Calibration, Curve, CurvePoint
+from server.models.calibration import Calibration, Curve, CurvePoint
 
 
 def test_ssim_and_psnr_are_sane() -> None:

@@ -1,0 +1,200 @@
+"""One generation on a resident model: the pipeline's own ``__call__``, once, with its stages timed.
+
+The request's fields become the pipeline's arguments through the model's call spec
+(``server.models.call_specs``); the stages are timed by the hooks of the model's stage probe
+(``server.models.stages``), so every family is timed, cancelled and stopped at its deadline the same way, and
+the output is the one a direct call of the pipeline with the same arguments and seed gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from server.models.limits import ModelDefaults
+    from server.models.registry import ResidentModel
+
+__all__ = [
+    "GenerationParams",
+    "GenerationResult",
+    "InvalidGenerationParams",
+    "call_arguments",
+    "check_params",
+    "generate",
+]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_frames: int | None
+    steps: int
+    guidance_scale: float
+    seed: int
+    n: int
+    # Videos: the rate the pipeline is told, where it takes one (LTX), and the container's rate.
+    fps: int | None = None
+
+    @classmethod
+    def from_defaults(cls, defaults: ModelDefaults, *, prompt: str, **overrides: Any) -> GenerationParams:
+        """A model's defaults for size, frames, steps, guidance and fps, with one image or video of
+        seed 0 and no negative prompt; ``overrides`` replaces any field by name.
+
+        An unknown field name raises TypeError, as the constructor does.
+        """
+        params = cls(
+            prompt=prompt,
+            negative_prompt=None,
+            width=defaults.width,
+            height=defaults.height,
+            num_frames=defaults.num_frames,
+            steps=defaults.steps,
+            guidance_scale=defaults.guidance_scale,
+            seed=0,
+            n=1,
+            fps=defaults.fps,
+        )
+        return replace(params, **overrides)
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image] | None
+    videos: list[list[Image.Image]] | None
+    # Milliseconds per stage the pipeline went through (keys from server.stages.STAGES); a stage it
+    # does not have is absent.
+    timings_ms: Mapping[str, float]
+    # Milliseconds per denoising step.
+    step_times_ms: list[float]
+
+
+class InvalidGenerationParams(ValueError):
+    """Parameters the model cannot honour; ``param`` names the field at fault."""
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_params(model: ResidentModel, params: GenerationParams) -> None:
+    """Raise InvalidGenerationParams unless ``model`` can run ``params`` exactly as asked.
+
+    Pipelines round a size or frame count they cannot use and only log it, and drop arguments they do
+    not use; this refuses instead, so that the media returned is what was asked for.
+    """
+    limits = model.limits
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(params, name)
+        if text is not None and len(text) > limits.max_prompt_chars:
+            raise InvalidGenerationParams(f"{name} is over {limits.max_prompt_chars} characters", param=name)
+    if params.negative_prompt is not None and not model.call_spec.negative_prompt:
+        raise InvalidGenerationParams(
+            f"{model.name} ({type(model.pipeline).__name__}) takes no negative prompt",
+            param="negative_prompt",
+        )
+    for name, value, low, high in (
+        ("width", params.width, 1, limits.max_width),
+        ("height", params.height, 1, limits.max_height),
+        ("steps", params.steps, model.call_spec.min_steps, limits.max_steps),
+        ("n", params.n, 1, limits.max_n),
+    ):
+        if not low <= value <= high:
+            raise InvalidGenerationParams(f"{name} must be between {low} and {high}, got {value}", param=name)
+    for name, value in (("width", params.width), ("height", params.height)):
+        if value % model.size_multiple:
+            raise InvalidGenerationParams(
+                f"{name} must be a multiple of {model.size_multiple} for {model.name}, got {value}",
+                param=name,
+            )
+    if params.width * params.height > limits.max_pixels:
+        raise InvalidGenerationParams(
+            f"{params.width}x{params.height} is over {limits.max_pixels} pixels", param="width"
+        )
+    if params.guidance_scale < 0:
+        raise InvalidGenerationParams("guidance_scale must not be negative", param="guidance_scale")
+    if model.kind == "image":
+        if params.num_frames is not None:
+            raise InvalidGenerationParams("num_frames applies to video models only", param="num_frames")
+        return
+    frames = params.num_frames
+    if frames is None or not 1 <= frames <= limits.max_frames or (frames - 1) % model.frame_step:
+        raise InvalidGenerationParams(
+            f"num_frames must be 1 + a multiple of {model.frame_step}, at most {limits.max_frames}, "
+            f"got {frames}",
+            param="num_frames",
+        )
+
+
+def call_arguments(model: ResidentModel, params: GenerationParams) -> dict[str, Any]:
+    """The keyword arguments of the pipeline call for ``params``, the step callback and generator aside.
+
+    A direct call of the pipeline with these, a generator seeded with ``params.seed`` on the
+    pipeline's device and ``output_type="pil"`` is the reference for what the server returns uncached.
+    """
+    spec = model.call_spec
+    kwargs: dict[str, Any] = {
+        "prompt": params.prompt,
+        "height": params.height,
+        "width": params.width,
+        "num_inference_steps": params.steps,
+        spec.per_prompt_argument: params.n,
+    }
+    if model.kind == "video":
+        kwargs["num_frames"] = params.num_frames
+    if spec.guidance_argument is not None:
+        kwargs[spec.guidance_argument] = params.guidance_scale
+    negative_prompt = params.negative_prompt
+    if negative_prompt is None and spec.guidance_argument == "true_cfg_scale" and params.guidance_scale > 1:
+        # True CFG runs only against a negative prompt; without one, the empty prompt is the
+        # unconditional branch, as in classifier-free guidance everywhere else.
+        negative_prompt = ""
+    if negative_prompt is not None:
+        kwargs["negative_prompt"] = negative_prompt
+    if spec.fps_argument is not None and params.fps is not None:
+        kwargs[spec.fps_argument] = params.fps
+    kwargs.update(spec.fixed_arguments)
+    kwargs.update(model.call_kwargs)
+    return kwargs
+
+
+def generate(
+    model: ResidentModel,
+    params: GenerationParams,
+    *,
+    on_step_end: Callable[[int], None] | None = None,
+) -> GenerationResult:
+    """Run one generation of ``params.n`` images or videos, checked beforehand by ``check_params``.
+
+    ``on_step_end(step_index)`` runs after each denoising step; what it raises stops the pipeline and
+    propagates out of here.
+    """
+    pipeline: Any = model.pipeline
+    kwargs = call_arguments(model, params)
+    with model.stages.measure(on_step_end) as clock:
+        if model.call_spec.steps_observed_by == "callback":
+            kwargs["callback_on_step_end"] = clock.step_callback
+        output = pipeline(
+            **kwargs,
+            generator=torch.Generator(pipeline.device).manual_seed(params.seed),
+            output_type="pil",
+        )
+    images, videos = None, None
+    if model.kind == "video":
+        videos = [list(frames) for frames in output.frames]
+    else:
+        images = list(output.images)
+    return GenerationResult(
+        images=images,
+        videos=videos,
+        timings_ms=dict(clock.stage_ms),
+        step_times_ms=list(clock.step_times_ms),
+    )

@@ -1,8 +1,0 @@
-"""Thin routers: parse, call a service, shape the answer."""
-
-from . import generations, health, images, jobs, models
-
-# Open to all: probes and scrapers.
-OPEN_ROUTERS = (health.router,)
-# Behind the API key when the server has one.
-V1_ROUTERS = (models.router, images.router, generations.router, jobs.router)

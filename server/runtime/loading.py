@@ -1,0 +1,87 @@
+"""Start-up: every model of the settings loaded, each given a worker, behind one Generations."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+from server.models.limits import ModelLimits
+from server.ops.acceleration import Acceleration
+from server.runtime.metrics import Metrics
+from server.runtime.replicas import Replica
+from server.runtime.service import Generations
+from server.settings import LimitOverrides, Settings
+
+if TYPE_CHECKING:
+    from server.models.registry import ResidentModel
+
+logger = logging.getLogger(__name__)
+
+
+def load_generations(settings: Settings, metrics: Metrics) -> Generations:
+    """Load every model in ``settings``, ``replicas`` copies on each device, each copy with its worker
+    (not started). Blocking."""
+    import torch
+
+    from server.models.registry import load_model
+    from server.runtime.worker import Worker
+
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    accelerate = Acceleration(
+        compile=settings.compile, quantize=settings.quantize, attention_backend=settings.attention_backend
+    )
+    replicas: dict[str, list[Replica]] = {}
+    for spec in settings.models:
+        copies: list[Replica] = []
+        for device in settings.device:
+            for _ in range(settings.replicas):
+                logger.info("loading model %s on %s (%s)", spec, device, settings.dtype)
+                model = load_model(
+                    spec,
+                    device=device,
+                    dtype=settings.dtype,
+                    cache_dir=settings.cache_dir,
+                    cache_hooks=settings.install_cache_hooks,
+                    accelerate=accelerate,
+                )
+                if accelerate.compile:
+                    _warm_up(model, metrics)
+                replica_id = str(len(copies))
+                worker = Worker(
+                    model,
+                    max_queue=settings.queue_size,
+                    retry_after_s=settings.retry_after_s,
+                    replica=replica_id,
+                )
+                copies.append(Replica(id=replica_id, device=device, model=model, worker=worker))
+        name = copies[0].model.name
+        if name in replicas:
+            raise ValueError(f"two model specs resolve to the same name {name!r}")
+        replicas[name] = copies
+    unknown = sorted(set(settings.model_limits) - set(replicas))
+    if unknown:
+        raise ValueError(f"model_limits names models that are not served: {', '.join(unknown)}")
+    for name, overrides in settings.model_limits.items():
+        for replica in replicas[name]:
+            replica.model.limits = _with_overrides(replica.model.limits, overrides)
+    for name, copies in replicas.items():
+        for replica in copies:
+            metrics.watch_worker(name, replica.id, replica.worker)
+    return Generations(replicas, metrics=metrics)
+
+
+def _warm_up(model: ResidentModel, metrics: Metrics) -> None:
+    """Compile the model's blocks for the shapes requests will bring, before it is served."""
+    from server.ops.acceleration import warm_up
+
+    clock = warm_up(model)
+    logger.info(
+        "compiled %s: %d graphs in %.1f s (warm-up at two sizes)", model.name, clock.frames, clock.seconds
+    )
+    metrics.model_compiled(model.name, clock.seconds)
+
+
+def _with_overrides(limits: ModelLimits, overrides: LimitOverrides) -> ModelLimits:
+    return dataclasses.replace(limits, **overrides.model_dump(exclude_none=True))

@@ -1,0 +1,340 @@
+"""Generations: from a validated body to encoded media, through the model's worker.
+
+``prepare`` checks what depends on the model (limits, formats, cache methods) and fixes every
+default, so that what is queued is complete; ``submit`` queues it; ``finish`` waits for the worker
+and encodes the media off the event loop. Routes and jobs share these three steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio.to_thread
+
+from cache_engine import CacheConfig, SessionStats, UnsupportedMethodError
+from server.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    ServerError,
+    UnknownModel,
+    UnsupportedCacheMethod,
+)
+from server.models import media
+from server.models.generation import GenerationParams, InvalidGenerationParams, check_params
+from server.models.limits import Kind
+from server.models.registry import ResidentModel
+from server.models.stages import STAGES, StageTimings
+from server.policy import engine_config as policy
+from server.policy import named as targets
+from server.protocol import CachePreset, CacheTarget, GenerationRequest
+from server.runtime.metrics import Metrics
+from server.runtime.replicas import Replica, least_loaded
+from server.runtime.worker import Outcome, Task, Worker
+
+T = TypeVar("T")
+
+# Seeds drawn for requests without one stay below 2**32 so that any client can store them.
+_SEED_BOUND = 2**32
+# For a video model whose defaults do not say: the rate most video models are trained at.
+_FALLBACK_FPS = 16
+# How often a waiting request checks whether its client has gone.
+_DISCONNECT_POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request with every default filled in, checked against its model."""
+
+    request_id: str
+    model: ResidentModel
+    params: GenerationParams
+    config: CacheConfig | None
+    output_format: str
+    fps: int | None
+    received_at: float
+    created: int
+    # time.monotonic() past which the generation stops and answers 504; None: no deadline.
+    deadline: float | None = None
+    # For a policy chosen from a PSNR floor: the floor, what was measured, on which setting.
+    target: Mapping[str, Any] | None = None
+
+    @property
+    def kind(self) -> Kind:
+        return self.model.kind
+
+    @property
+    def media_type(self) -> str:
+        return media.media_type(self.model.kind, self.output_format)
+
+
+@dataclass(frozen=True)
+class Finished:
+    prepared: Prepared
+    media: list[bytes]
+    timings: StageTimings
+    # What the cache did: summed over the model's transformers; None without cache hooks.
+    stats: SessionStats | None
+
+
+class Generations:
+    """The resident models, their workers, and the three steps of a generation."""
+
+    def __init__(self, replicas: Mapping[str, Sequence[Replica]], *, metrics: Metrics) -> None:
+        self.replicas = {name: tuple(copies) for name, copies in replicas.items() if copies}
+        # The first replica of each model answers for it (its limits, defaults and presets): every
+        # replica of a model is loaded from the same spec and settings.
+        self.models = {name: copies[0].model for name, copies in self.replicas.items()}
+        self.metrics = metrics
+
+    @property
+    def workers(self) -> dict[str, Worker]:
+        """Each model's first replica's worker."""
+        return {name: copies[0].worker for name, copies in self.replicas.items()}
+
+    def all_workers(self) -> list[Worker]:
+        return [replica.worker for copies in self.replicas.values() for replica in copies]
+
+    @property
+    def ready(self) -> bool:
+        workers = self.all_workers()
+        return bool(workers) and all(worker.alive for worker in workers)
+
+    def supported_methods(self, model: ResidentModel) -> tuple[str, ...]:
+        return ("none", *model.supported_methods)
+
+    def resolve_model(self, name: str | None, kind: Kind | None = None) -> ResidentModel:
+        if name is None:
+            for model in self.models.values():
+                if kind is None or model.kind == kind:
+                    return model
+            raise InvalidRequest(f"no {kind} model is resident; name one in 'model'", param="model")
+        if name not in self.models:
+            raise UnknownModel(name, tuple(self.models))
+        model = self.models[name]
+        if kind is not None and model.kind != kind:
+            raise InvalidRequest(
+                f"model {name!r} makes {model.kind}s; this endpoint needs a {kind} model", param="model"
+            )
+        return model
+
+    # -- step 1 -----------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        body: GenerationRequest,
+        request_id: str,
+        *,
+        kind: Kind | None = None,
+        size_param: str | None = None,
+        timeout_s: float | None = None,
+        model: ResidentModel | None = None,
+    ) -> Prepared:
+        """Check ``body`` against its model and fill in the defaults; raises InvalidRequest.
+
+        ``size_param`` names the field to blame for a bad width or height (``size`` in the OpenAI
+        request, which has no width and height of its own). ``timeout_s`` starts the deadline now.
+        ``model`` is the body's model when the caller has resolved it already.
+        """
+        received_at = time.perf_counter()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if model is None:
+            model = self.resolve_model(body.model, kind)
+        defaults = model.defaults
+        video = model.kind == "video"
+        if not video:
+            for field in ("num_frames", "fps"):
+                if getattr(body, field) is not None:
+                    raise InvalidRequest(f"{field} applies to video models only", param=field)
+        if body.guidance_scale is not None and model.call_spec.guidance_argument is None:
+            raise InvalidRequest(
+                f"model {model.name!r} ({type(model.pipeline).__name__}) takes no guidance scale",
+                param="guidance_scale",
+            )
+        fps = _or(body.fps, defaults.fps or _FALLBACK_FPS) if video else None
+        params = GenerationParams(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            width=_or(body.width, defaults.width),
+            height=_or(body.height, defaults.height),
+            num_frames=_or(body.num_frames, defaults.num_frames) if video else None,
+            steps=_or(body.steps, defaults.steps),
+            guidance_scale=_or(body.guidance_scale, defaults.guidance_scale),
+            seed=_or(body.seed, secrets.randbelow(_SEED_BOUND)),
+            n=body.n,
+            fps=fps,
+        )
+        try:
+            check_params(model, params)
+        except InvalidGenerationParams as exc:
+            param = size_param if size_param and exc.param in ("width", "height") else exc.param
+            raise InvalidRequest(str(exc), param=param) from exc
+
+        output_format = body.output_format or media.DEFAULT_FORMAT[model.kind]
+        formats = media.MEDIA_TYPES[model.kind]
+        if output_format not in formats:
+            raise InvalidRequest(
+                f"{model.kind} models write {', '.join(formats)}, not {output_format!r}",
+                param="output_format",
+            )
+        if output_format == "mp4" and not media.mp4_size_ok(params.width, params.height):
+            raise InvalidRequest("mp4 needs an even width and height", param=size_param or "width")
+
+        config, target = self._cache_config(body, model, params)
+        return Prepared(
+            request_id=request_id,
+            model=model,
+            params=params,
+            config=config,
+            output_format=output_format,
+            fps=fps,
+            received_at=received_at,
+            created=int(time.time()),
+            deadline=deadline,
+            target=target,
+        )
+
+    def _cache_config(
+        self, body: GenerationRequest, model: ResidentModel, params: GenerationParams
+    ) -> tuple[CacheConfig | None, Mapping[str, Any] | None]:
+        spec, target = targets.resolve(model, body.cache, params.steps, params.guidance_scale)
+        config = policy.to_engine_config(
+            spec, model.presets, model.calibration.method_values, steps=params.steps
+        )
+        if config is None:
+            return None, target
+        method = policy.method_of(config)
+        supported = self.supported_methods(model)
+        param = (
+            "cache.target"
+            if isinstance(body.cache, CacheTarget)
+            else "cache.preset"
+            if isinstance(body.cache, CachePreset)
+            else "cache.method"
+        )
+        if method not in supported:
+            why = "" if model.cache.installed else " (the server runs without cache hooks)"
+            raise UnsupportedCacheMethod(
+                f"model {model.name!r} does not support cache method {method!r}{why}; "
+                f"supported: {', '.join(supported)}",
+                param=param,
+            )
+        try:
+            model.cache.check(config)
+        except UnsupportedMethodError as exc:
+            raise UnsupportedCacheMethod(str(exc), param=param) from exc
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param=policy.param_of(exc)) from exc
+        return config, target
+
+    # -- step 2 -----------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prepared: Prepared,
+        *,
+        on_start: Callable[[], None] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+        poll_cancel: Callable[[], bool] | None = None,
+    ) -> Task:
+        """Queue ``prepared`` on its model's least loaded replica; raises QueueFull. Callbacks run on the
+        worker; ``poll_cancel`` is asked at each step whether to stop (see ``Task``)."""
+        worker = least_loaded(self.replicas.get(prepared.model.name, ())).worker
+        task = Task(
+            request_id=prepared.request_id,
+            params=prepared.params,
+            config=prepared.config,
+            on_start=on_start,
+            on_step=on_step,
+            deadline=prepared.deadline,
+            poll_cancel=poll_cancel,
+        )
+        worker.submit(task)
+        return task
+
+    def position(self, prepared: Prepared, task: Task) -> int | None:
+        """The task's place in its replica's queue."""
+        return None if task.worker is None else task.worker.position(task)
+
+    def cancel(self, prepared: Prepared, task: Task, reason: ServerError | None = None) -> bool:
+        """True if ``task`` was still queued and is now dropped; False if it will stop at a step."""
+        assert task.worker is not None, "a task is cancelled only after it was submitted"
+        return task.worker.cancel(task, reason)
+
+    def cancel_all(self, reason: ServerError) -> None:
+        for worker in self.all_workers():
+            worker.cancel_all(reason)
+
+    def idle(self) -> bool:
+        """No worker runs or holds a task."""
+        return all(worker.idle() for worker in self.all_workers())
+
+    # -- step 3 -----------------------------------------------------------------------------------
+
+    async def finish(self, prepared: Prepared, task: Task) -> Finished:
+        """Wait for ``task`` and encode its media; raises what the worker raised."""
+        method = policy.method_of(prepared.config)
+        try:
+            outcome = await asyncio.wrap_future(task.future)
+            encode_started = time.perf_counter()
+            encoded = await anyio.to_thread.run_sync(_encode_all, prepared, outcome)
+        except Exception as exc:
+            self.metrics.generation_done(prepared.model.name, method, type(exc).__name__, None, None)
+            raise
+        done = time.perf_counter()
+        result = outcome.result
+        timings = StageTimings(
+            queue_wait=outcome.queue_wait_ms,
+            pipeline={stage: result.timings_ms[stage] for stage in STAGES if stage in result.timings_ms},
+            denoising_steps=list(result.step_times_ms),
+            encoding=(done - encode_started) * 1000,
+            total=(done - prepared.received_at) * 1000,
+        )
+        self.metrics.generation_done(prepared.model.name, method, "ok", timings, outcome.stats)
+        return Finished(prepared=prepared, media=encoded, timings=timings, stats=outcome.stats)
+
+    async def run(self, prepared: Prepared, is_disconnected: Callable[[], Awaitable[bool]]) -> Finished:
+        """All three steps for a client that waits; cancels the generation if the client goes away.
+
+        A task still queued when its deadline passes is dropped here; a running one is stopped by
+        its worker at the next step. Either way the answer is DeadlineExceeded.
+        """
+        task = self.submit(prepared)
+        finishing = asyncio.ensure_future(self.finish(prepared, task))
+        try:
+            while True:
+                done, _ = await asyncio.wait({finishing}, timeout=_DISCONNECT_POLL_S)
+                if done:
+                    return finishing.result()
+                if task.expired():
+                    self.cancel(prepared, task, DeadlineExceeded("the request's timeout passed while queued"))
+                    return await finishing
+                if await is_disconnected():
+                    self.cancel(prepared, task)
+                    # The worker stops within a step; what finishing raises then is the answer.
+                    return await finishing
+        except asyncio.CancelledError:
+            self.cancel(prepared, task)
+            raise
+
+    def start(self) -> None:
+        for worker in self.all_workers():
+            worker.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        for worker in self.all_workers():
+            worker.stop(timeout)
+
+
+def _or(value: T | None, default: T) -> T:
+    return default if value is None else value
+
+
+def _encode_all(prepared: Prepared, outcome: Outcome) -> list[bytes]:
+    result = outcome.result
+    items = (result.images if prepared.kind == "image" else result.videos) or []
+    return [media.encode(prepared.kind, prepared.output_format, item, prepared.fps) for item in items]

@@ -1,0 +1,239 @@
+"""One worker thread per resident model, fed by a bounded queue.
+
+The worker is the only code that runs its model's pipeline, so the text encoding, denoising and
+decoding of one request never interleave with another's. Cancellation and deadlines are checked by
+the step callback between denoising steps; raising from that callback stops the pipeline.
+
+A generation that raises (an out-of-memory error, any exception from the pipeline) fails only its
+own task: the cache session is discarded by its context manager, and the loop takes the next task.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from cache_engine import CacheConfig, SessionStats
+from server.errors import (
+    DeadlineExceeded,
+    GenerationCancelled,
+    GenerationFailed,
+    OutOfMemory,
+    QueueFull,
+    ServerError,
+    Unavailable,
+)
+from server.logs import bound_request_id
+from server.models.generation import GenerationParams, GenerationResult, generate
+from server.models.registry import ResidentModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: GenerationResult
+    stats: SessionStats | None
+    queue_wait_ms: float
+
+
+class _StopRequested(Exception):
+    """Raised from the step callback to unwind the pipeline; never leaves the worker."""
+
+
+@dataclass(eq=False)
+class Task:
+    """One generation waiting for, or running on, a worker. Callbacks run on the worker thread."""
+
+    request_id: str
+    params: GenerationParams
+    config: CacheConfig | None
+    on_start: Callable[[], None] | None = None
+    on_step: Callable[[int, int], None] | None = None
+    # Written by the worker thread only: denoising steps finished so far.
+    steps_done: int = 0
+    future: Future[Outcome] = field(default_factory=Future)
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    # time.monotonic() past which the task stops at its next step (504); None: no deadline.
+    deadline: float | None = None
+    # What a cancelled task answers; None: GenerationCancelled.
+    cancel_reason: ServerError | None = None
+    # The worker that took it (the model's least loaded replica's), set by Worker.submit.
+    worker: Worker | None = None
+    # Asked before the task starts and at the end of each step: True cancels it. For a cancel that
+    # another process asks for (a job's flag in the shared store), which no local call can deliver.
+    poll_cancel: Callable[[], bool] | None = None
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def poll(self) -> None:
+        """Raise the cancel flag if ``poll_cancel`` says so; a failing poll cancels nothing."""
+        if self.poll_cancel is None or self.cancel_requested.is_set():
+            return
+        try:
+            if self.poll_cancel():
+                self.cancel_requested.set()
+        except Exception:
+            logger.warning("could not read the cancel flag of %s", self.request_id, exc_info=True)
+
+
+class Worker:
+    def __init__(
+        self, model: ResidentModel, *, max_queue: int, retry_after_s: int = 1, replica: str = "0"
+    ) -> None:
+        self.model = model
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self.replica = replica
+        self._queue: deque[Task] = deque()
+        self._running: Task | None = None
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"worker-{model.name}-{replica}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        with self._condition:
+            return len(self._queue)
+
+    @property
+    def busy(self) -> int:
+        """1 while a task runs, else 0."""
+        with self._condition:
+            return int(self._running is not None)
+
+    def idle(self) -> bool:
+        with self._condition:
+            return self._running is None and not self._queue
+
+    def submit(self, task: Task) -> None:
+        with self._condition:
+            if self._stopping:
+                raise Unavailable("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(self.model.name, len(self._queue), self.retry_after_s)
+            task.worker = self
+            self._queue.append(task)
+            self._condition.notify()
+
+    def position(self, task: Task) -> int | None:
+        """0 for the next task to run; None once it has left the queue."""
+        with self._condition:
+            try:
+                return self._queue.index(task)
+            except ValueError:
+                return None
+
+    def cancel(self, task: Task, reason: ServerError | None = None) -> bool:
+        """A queued task is dropped at once (returns True); a running one stops at its next step.
+
+        ``reason`` is what a dropped task's future raises (default: GenerationCancelled).
+        """
+        if task.cancel_reason is None:
+            task.cancel_reason = reason
+        task.cancel_requested.set()
+        with self._condition:
+            try:
+                self._queue.remove(task)
+            except ValueError:
+                return False
+        task.future.set_exception(reason or GenerationCancelled("cancelled before it started"))
+        return True
+
+    def cancel_all(self, reason: ServerError) -> None:
+        """Drop every queued task and stop the running one at its next step, all answering ``reason``."""
+        with self._condition:
+            tasks = [*self._queue, *([self._running] if self._running is not None else [])]
+        for task in tasks:
+            self.cancel(task, reason)
+
+    def stop(self, timeout: float | None = None) -> None:
+        with self._condition:
+            self._stopping = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            if self._running is not None:
+                self._running.cancel_requested.set()
+            self._condition.notify_all()
+        for task in waiting:
+            task.future.set_exception(Unavailable("the server is shutting down"))
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._condition:
+                while not self._queue and not self._stopping:
+                    self._condition.wait()
+                if self._stopping:
+                    return
+                task = self._queue.popleft()
+                self._running = task
+            try:
+                with bound_request_id(task.request_id):
+                    self._run(task)
+            finally:
+                with self._condition:
+                    self._running = None
+
+    def _run(self, task: Task) -> None:
+        queue_wait_ms = (time.perf_counter() - task.enqueued_at) * 1000
+        task.poll()
+        if task.cancel_requested.is_set():
+            task.future.set_exception(GenerationCancelled("cancelled before it started"))
+            return
+        if task.expired():
+            task.future.set_exception(DeadlineExceeded("the request's timeout passed while it was queued"))
+            return
+        total_steps = task.params.steps
+
+        def on_step_end(step: int) -> None:
+            task.steps_done = step + 1
+            task.poll()
+            if task.cancel_requested.is_set() or task.expired():
+                raise _StopRequested
+            if task.on_step is not None:
+                task.on_step(step + 1, total_steps)
+
+        try:
+            if task.on_start is not None:
+                task.on_start()
+            with self.model.cache.session(task.config, request_id=task.request_id) as run:
+                result = generate(self.model, task.params, on_step_end=on_step_end)
+            stats = run.stats
+        except Exception as exc:
+            task.future.set_exception(self._failure(task, exc))
+            return
+        task.future.set_result(Outcome(result=result, stats=stats, queue_wait_ms=queue_wait_ms))
+
+    def _failure(self, task: Task, exc: Exception) -> ServerError:
+        """What the client hears about a generation that raised; the details go to the log only."""
+        # The pipeline may wrap what the callback raised, so the flags decide, not the type. The
+        # deadline comes first: a waiter that sees it pass also cancels the task.
+        if task.expired():
+            return DeadlineExceeded(f"the request's timeout passed after {task.steps_done} steps")
+        if task.cancel_requested.is_set():
+            return task.cancel_reason or GenerationCancelled("cancelled during denoising")
+        if isinstance(exc, torch.OutOfMemoryError):
+            logger.error("generation %s on %s ran out of memory", task.request_id, self.model.name)
+            # Hand the failed run's cached blocks back to the device, so that the next job can fit.
+            if self.model.pipeline.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return OutOfMemory("the device ran out of memory; retry with a smaller request or later")
+        logger.exception("generation %s on %s failed", task.request_id, self.model.name)
+        return GenerationFailed(f"generation failed: {type(exc).__name__}")

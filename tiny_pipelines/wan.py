@@ -1,0 +1,111 @@
+"""Tiny WanPipeline (Wan 2.1): 4 blocks, a UMT5 text encoder, a causal 3D VAE."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from tiny_pipelines.seeding import seeded
+from tiny_pipelines.text_encoders import T5_ENCODER, t5_config
+from tiny_pipelines.tokenizers import t5_tokenizer
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
+LATENT_CHANNELS = 8
+
+TRANSFORMER: Mapping[str, Any] = {
+    # 4 blocks, 2 heads of 16 channels, 2x2 spatial patches.
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "in_channels": LATENT_CHANNELS,
+    "out_channels": LATENT_CHANNELS,
+    "text_dim": 64,
+    "freq_dim": 32,
+    "ffn_dim": 64,
+    "num_layers": 4,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 32,
+}
+
+RECIPE: Mapping[str, Mapping[str, Any]] = {
+    "transformer": TRANSFORMER,
+    # 8x spatial and 4x temporal compression, as in Wan 2.1: 5 frames of 32x32 -> 2 latent frames of
+    # 4x4. The latent statistics are not the identity so that decoding exercises them.
+    "vae": {
+        "base_dim": 8,
+        "z_dim": LATENT_CHANNELS,
+        "dim_mult": [1, 1, 1, 1],
+        "num_res_blocks": 1,
+        "temperal_downsample": [False, True, True],
+        "latents_mean": [round(0.1 * i - 0.35, 2) for i in range(LATENT_CHANNELS)],
+        "latents_std": [round(0.8 + 0.05 * i, 2) for i in range(LATENT_CHANNELS)],
+    },
+    "text_encoder": T5_ENCODER,
+    # Wan 2.1's text-to-video scheduler.
+    "scheduler": {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0},
+}
+
+SMALL_CALL: Mapping[str, Any] = {"width": 32, "height": 32, "num_frames": 5}
+
+
+def build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeline:
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers.pipelines.wan.pipeline_wan import WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = t5_tokenizer()
+    modules = seeded(
+        seed,
+        {
+            "transformer": lambda: WanTransformer3DModel(**recipe["transformer"]),
+            "vae": lambda: AutoencoderKLWan(**recipe["vae"]),
+            "text_encoder": lambda: UMT5EncoderModel(
+                UMT5Config(**t5_config(tokenizer, recipe["text_encoder"]))
+            ),
+        },
+    )
+    modules.update(tokenizer=tokenizer, scheduler=UniPCMultistepScheduler(**recipe["scheduler"]))
+    return WanPipeline(**modules)
+
+
+# Wan 2.2 A14B: the same transformer twice, a high-noise expert (``transformer``) for timesteps at or above
+# boundary_ratio x 1000 and a low-noise expert (``transformer_2``) below, with Wan 2.1's VAE and text encoder.
+WAN22_RECIPE: Mapping[str, Mapping[str, Any]] = {
+    "transformer": TRANSFORMER,
+    "transformer_2": TRANSFORMER,
+    "vae": RECIPE["vae"],
+    "text_encoder": T5_ENCODER,
+    # The text-to-video A14B's shift: with 4 steps the timesteps are about 1000, 973, 923 and 800, so three
+    # steps go to the high-noise expert and the last to the low-noise one.
+    "scheduler": {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 12.0},
+    "pipeline": {"boundary_ratio": 0.875},
+}
+
+# 64x64 pixels -> 8x8 latents -> a 4x4 token grid (Wan 2.1's SMALL_CALL stops at 2x2); 5 frames -> 2 latent
+# frames.
+WAN22_SMALL_CALL: Mapping[str, Any] = {"width": 64, "height": 64, "num_frames": 5}
+
+
+def wan22_build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeline:
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers.pipelines.wan.pipeline_wan import WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = t5_tokenizer()
+    # One seed stream per component name, so the two experts start from different weights.
+    modules = seeded(
+        seed,
+        {
+            "transformer": lambda: WanTransformer3DModel(**recipe["transformer"]),
+            "transformer_2": lambda: WanTransformer3DModel(**recipe["transformer_2"]),
+            "vae": lambda: AutoencoderKLWan(**recipe["vae"]),
+            "text_encoder": lambda: UMT5EncoderModel(
+                UMT5Config(**t5_config(tokenizer, recipe["text_encoder"]))
+            ),
+        },
+    )
+    modules.update(tokenizer=tokenizer, scheduler=UniPCMultistepScheduler(**recipe["scheduler"]))
+    return WanPipeline(**modules, **recipe["pipeline"])
