@@ -29,6 +29,7 @@ from torch import nn
 import cache_engine as ce
 from cache_engine.targets import build_layout
 from server.ops import acceleration
+from server.runtime.warm_up import warm_up_passes
 
 Clock = Callable[[], float]
 
@@ -150,7 +151,7 @@ def bench_family(
     timer = acceleration.CompileClock()
     with timer.measure():
         # The server's warm-up passes: both forms of each block, and the whole one replaying attention.
-        for warm_up in acceleration.warm_up_passes():
+        for warm_up in warm_up_passes():
             for size in warm:
                 with engines["compiled"].session(warm_up.config, whole_blocks=warm_up.whole_blocks):
                     _call(compiled, _resized(compiled, size, warm_up.min_steps))

@@ -26,7 +26,7 @@ and an ``X-Request-Id`` header. The tree, with the HTTP status and ``code`` each
     │                                                             client that cancelled; stored on the job)
     └── GenerationFailed                 500 generation_failed   the pipeline raised; details stay in logs
 
-Framework errors are mapped into the same envelope by the handlers in ``api/app.py``: a pydantic
+Framework errors are mapped into the same envelope (``api/envelope.py``) by the handlers in ``api/app.py``: a pydantic
 ``RequestValidationError`` is a 422 ``invalid_request`` naming the field path, a Starlette
 ``HTTPException`` keeps its status.
 """
@@ -35,8 +35,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, ClassVar
-
-from fastapi.responses import JSONResponse
 
 
 class ServerError(Exception):
@@ -156,25 +154,3 @@ def error_body(
     if param is not None:
         error["param"] = param
     return {"error": error}
-
-
-def envelope(
-    status_code: int,
-    code: str,
-    message: str,
-    request_id: str | None,
-    *,
-    param: str | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> JSONResponse:
-    """The error response every handler returns."""
-    all_headers = dict(headers or {})
-    if request_id is not None:
-        all_headers["X-Request-Id"] = request_id
-    return JSONResponse(
-        error_body(code, message, request_id, param), status_code=status_code, headers=all_headers
-    )
-
-
-def from_exception(exc: ServerError, request_id: str | None) -> JSONResponse:
-    return envelope(exc.status_code, exc.code, exc.message, request_id, param=exc.param, headers=exc.headers)

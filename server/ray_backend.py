@@ -223,8 +223,8 @@ async def _read_body(receive: Receive, max_bytes: int) -> bytes:
 
 async def _unavailable(scope: Message, receive: Receive, send: Send) -> None:
     """The 503 envelope, with the request id, as the app itself answers one (see server.errors)."""
+    from server.api.envelope import envelope
     from server.api.request_id import RequestIdMiddleware
-    from server.errors import envelope
 
     async def answer(scope: Message, receive: Receive, send: Send) -> None:
         response = envelope(

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from server import errors
+from server.api import envelope
 from server.api.access import AccessMiddleware
 from server.api.auth import require_api_key
 from server.api.body_limit import BodySizeLimitMiddleware
@@ -167,19 +168,19 @@ async def _load(runtime: Runtime) -> None:
 def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.ServerError)
     async def server_error(request: Request, exc: errors.ServerError) -> JSONResponse:
-        return errors.from_exception(exc, request_id_of(request))
+        return envelope.from_exception(exc, request_id_of(request))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [_describe(problem) for problem in exc.errors()]
         param = problems[0][0] if problems else None
         message = "; ".join(f"{path}: {text}" if path else text for path, text in problems)
-        return errors.envelope(422, "invalid_request", message, request_id_of(request), param=param or None)
+        return envelope.envelope(422, "invalid_request", message, request_id_of(request), param=param or None)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return errors.envelope(
+        return envelope.envelope(
             exc.status_code, code, str(exc.detail), request_id_of(request), headers=exc.headers
         )
 
@@ -188,7 +189,7 @@ def _install_handlers(app: FastAPI) -> None:
         # The traceback goes to the log (the server logs what Starlette re-raises), never to the client.
         request_id = request_id_of(request)
         logger.error("unhandled %s in request %s", type(exc).__name__, request_id)
-        return errors.envelope(500, "internal_error", "internal server error", request_id)
+        return envelope.envelope(500, "internal_error", "internal server error", request_id)
 
 
 def _describe(problem: dict[str, object]) -> tuple[str, str]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import PayloadTooLarge, from_exception
+from server.api.envelope import from_exception
+from server.errors import PayloadTooLarge
 
 
 class BodySizeLimitMiddleware:

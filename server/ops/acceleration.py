@@ -20,7 +20,7 @@ Tensor views are handed across graph boundaries as plain tensors, because Dynamo
 input is a view, and a cached output (a fresh tensor) would otherwise recompile the graph that a
 computed output (a view) compiled. Shapes become dynamic after the second size seen; the server warms
 each model at two sizes in both forms, and under policies replaying its attention in every combination
-(:func:`warm_up_passes`), before it is ready (``server.runtime.loading``), after which sizes and policies
+(``server.runtime.warm_up``), before it is ready (``server.runtime.loading``), after which sizes and policies
 compile nothing more.
 
 Quantization uses torchao (``pip install 'ditcache[quantize]'``): int8 weight-only anywhere, fp8 where
@@ -31,7 +31,6 @@ the device has it. The attention backend is diffusers' dispatcher (``native``, `
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import logging
 import time
@@ -44,12 +43,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from server.policy.engine_config import dtype_name
+from server.ops.dtypes import dtype_name
 
 if TYPE_CHECKING:
     from cache_engine.hooks import Tap
-    from server.models.generation import GenerationParams
-    from server.models.registry import ResidentModel
 
 __all__ = [
     "QUANTIZATIONS",
@@ -60,9 +57,6 @@ __all__ = [
     "compiled_frames",
     "is_compiled",
     "seal",
-    "warm_up",
-    "warm_up_params",
-    "warm_up_passes",
     "weight_bytes",
 ]
 
@@ -467,108 +461,3 @@ class CompileClock:
         finally:
             self.seconds += time.perf_counter() - start
             self.frames += compiled_frames() - frames
-
-
-# -- warm-up ----------------------------------------------------------------------------------------------
-
-
-def warm_up_params(model: ResidentModel) -> list[GenerationParams]:
-    """Two generations that leave the compiled blocks ready for any request.
-
-    The first compiles for the default size; the second differs in width, height and frames, which
-    makes Dynamo recompile once with those sizes dynamic. Non-square, so that no two sizes look equal
-    by accident and get tied together. Both make one image or video: Dynamo specialises a batch of
-    one, so the first request for more (``n`` > 1) compiles once more, and no further batch does.
-    """
-    from server.models.generation import GenerationParams, InvalidGenerationParams, check_params
-
-    defaults, limits = model.defaults, model.limits
-    steps = max(2, model.call_spec.min_steps)
-    first = GenerationParams.from_defaults(defaults, prompt="warm-up", steps=steps)
-    step = model.size_multiple
-    frames = defaults.num_frames
-    if frames is not None:
-        frames = (
-            frames + model.frame_step
-            if frames + model.frame_step <= limits.max_frames
-            else frames - model.frame_step
-        )
-    candidates = [
-        dataclasses.replace(first, width=width, height=height, num_frames=frames)
-        for width, height in (
-            (defaults.width - step, defaults.height - 2 * step),
-            (defaults.width + step, defaults.height + 2 * step),
-            (defaults.width - step, defaults.height + step),
-        )
-    ]
-    for params in candidates:
-        try:
-            check_params(model, params)
-        except InvalidGenerationParams:
-            continue
-        return [first, params]
-    return [first]
-
-
-@dataclass(frozen=True)
-class WarmUpPass:
-    """One pass of a compiled model's warm-up: run at each warm-up size under ``config``, in the block
-    form ``whole_blocks`` picks, with at least ``min_steps`` steps."""
-
-    config: object | None
-    whole_blocks: bool = True
-    min_steps: int = 2
-
-
-# Replaying policies run over this many steps at warm-up: PAB's ranges of 2 and 3 cycle in four.
-_TAP_WARM_UP_STEPS = 4
-
-
-def warm_up_passes() -> tuple[WarmUpPass, ...]:
-    """What leaves every compiled form of a block ready, the server's warm-up and the benchmark's alike:
-    no cache policy twice, once with the blocks compiled whole (what most policies run) and once through
-    the dispatchers inside them (what FasterCache runs), then the policies replaying tapped attention in
-    every combination a request makes of it.
-
-    Over four steps, PAB with ranges 2 (spatial, temporal) and 3 (cross) runs and replays each kind of
-    attention inside a block against the other; TaylorSeer replays every attention module at once, with
-    a prediction rather than a former output. Each combination is a graph of the whole block.
-    """
-    import cache_engine as ce
-
-    everywhere = (-1.0, 1001.0)
-    replaying = (
-        ce.PyramidAttentionBroadcastConfig(
-            spatial_attention_block_skip_range=2,
-            temporal_attention_block_skip_range=2,
-            cross_attention_block_skip_range=3,
-            spatial_attention_timestep_skip_range=everywhere,
-            temporal_attention_timestep_skip_range=everywhere,
-            cross_attention_timestep_skip_range=everywhere,
-        ),
-        ce.TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1),
-    )
-    return (
-        WarmUpPass(None, whole_blocks=True),
-        WarmUpPass(None, whole_blocks=False),
-        *(WarmUpPass(config, min_steps=_TAP_WARM_UP_STEPS) for config in replaying),
-    )
-
-
-def warm_up(model: ResidentModel) -> CompileClock:
-    """Run the warm-up generations on ``model``, one per warm-up size and pass
-    (:func:`warm_up_passes`), and time them."""
-    from server.models.generation import generate
-
-    clock = CompileClock()
-    with clock.measure():
-        for warm in warm_up_passes():
-            if warm.config is not None:
-                try:
-                    model.cache.check(warm.config)
-                except ValueError:
-                    continue  # nothing of it applies to this model
-            for params in warm_up_params(model):
-                with model.cache.session(warm.config, whole_blocks=warm.whole_blocks):
-                    generate(model, dataclasses.replace(params, steps=max(params.steps, warm.min_steps)))
-    return clock

@@ -13,6 +13,7 @@ import torch
 
 from cache_engine import CONFIG_CLASSES, CacheConfig, InvalidConfigValue, method_name
 from server.errors import InvalidRequest
+from server.ops.dtypes import dtype_name, dtype_named
 from server.protocol import POLICY_CLASSES, CachePreset, CacheSpec, CacheTarget, NoCache
 
 # Config fields that describe the run rather than the policy: the server knows them from the request.
@@ -74,17 +75,6 @@ def describe(config: CacheConfig | None) -> dict[str, Any]:
         if isinstance(values.get(name), torch.dtype):
             values[name] = dtype_name(values[name])
     return wire.model_validate({"method": method, **values}).model_dump(mode="json")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The wire's name of ``dtype``: ``"bfloat16"`` for ``torch.bfloat16``."""
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_named(name: str) -> torch.dtype:
-    """The torch dtype the wire's ``name`` stands for; the inverse of ``dtype_name``."""
-    dtype: torch.dtype = getattr(torch, name)
-    return dtype
 
 
 def param_of(exc: ValueError) -> str:

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from server.api.responses import generation_response
 from server.errors import Conflict, GenerationCancelled, NotFound, QueueFull, ServerError, Unavailable
 from server.protocol import ErrorDetail, GenerationRequest, GenerationResponse, JobProgress, JobView
 from server.runtime.job_store import FINAL, JobRecord, JobStore
 from server.runtime.service import Generations, Prepared
+from server.runtime.views import generation_response
 from server.runtime.worker import Task
 
 logger = logging.getLogger(__name__)

@@ -74,7 +74,7 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
 
 def _warm_up(model: ResidentModel, metrics: Metrics) -> None:
     """Compile the model's blocks for the shapes requests will bring, before it is served."""
-    from server.ops.acceleration import warm_up
+    from server.runtime.warm_up import warm_up
 
     clock = warm_up(model)
     logger.info(

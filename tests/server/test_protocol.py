@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from cache_engine import CONFIG_CLASSES, SessionStats
-from server.policy.engine_config import dtype_name, dtype_named
+from server.ops.dtypes import dtype_name, dtype_named
 from server.protocol import (
     CACHE_METHODS,
     POLICY_CLASSES,

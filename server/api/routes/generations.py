@@ -8,10 +8,11 @@ from fastapi import APIRouter, Header, Request, Response
 
 from server.api.deps import GenerationsDep, RequestIdDep, TimeoutDep
 from server.api.openapi import GENERATION, errors
-from server.api.responses import generation_response, negotiate, raw_response, server_timing
+from server.api.responses import negotiate, raw_response, server_timing
 from server.errors import NotAcceptable
 from server.models import media
 from server.protocol import GenerationRequest, GenerationResponse
+from server.runtime.views import generation_response
 
 router = APIRouter(tags=["generations"])
 

@@ -6,8 +6,9 @@ from fastapi import APIRouter, Request, Response
 
 from server.api.deps import GenerationsDep, RequestIdDep, TimeoutDep
 from server.api.openapi import GENERATION, errors
-from server.api.responses import images_response, server_timing
+from server.api.responses import server_timing
 from server.protocol import ImageGenerationRequest, ImagesResponse
+from server.runtime.views import images_response
 
 router = APIRouter(tags=["images"])
 

@@ -6,8 +6,8 @@ from fastapi import APIRouter
 
 from server.api.deps import GenerationsDep
 from server.api.openapi import V1, errors
-from server.api.responses import model_card
 from server.protocol import ModelCard, ModelList
+from server.runtime.views import model_card
 
 router = APIRouter(tags=["models"])
 

@@ -25,6 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from server import errors
+from server.api import envelope
 from server.api.request_id import request_id_of
 from server.api.routes.docs import asset_url
 
@@ -76,7 +77,7 @@ def _check_key(request: Request) -> tuple[str, Response | None]:
         else "the API key is not valid"
     )
     headers = {**_HEADERS, "WWW-Authenticate": 'Basic realm="ditcache", charset="UTF-8"'}
-    return "", errors.envelope(401, "unauthorized", message, request_id_of(request), headers=headers)
+    return "", envelope.envelope(401, "unauthorized", message, request_id_of(request), headers=headers)
 
 
 @router.get("/playground", response_class=HTMLResponse)
