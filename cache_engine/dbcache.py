@@ -365,6 +365,20 @@ def chains(layout: ModelLayout) -> tuple[tuple[BlockSite, ...], ...]:
     return (layout.blocks,) if layout.blocks else ()
 
 
+def fitted_defaults(layout: ModelLayout) -> dict[str, Any]:
+    """The fields whose reference default cannot act on ``layout``, with values that can.
+
+    cache-dit's F8B0 suits FLUX's 19 and 38 blocks; on a chain of eight or fewer, eight front blocks
+    leave nothing between them to cache (or do not fit). There DBCache runs as cache-dit's F1B0: one
+    front block decides, every other block may be reused.
+    """
+    default = DBCacheConfig()
+    runs = [run for run in chains(layout) if run]
+    if not runs or default.Fn_compute_blocks + default.Bn_compute_blocks < min(len(run) for run in runs):
+        return {}
+    return {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0}
+
+
 def plan(config: DBCacheConfig, layout: ModelLayout) -> Plan:
     runs = chains(layout)
     if not any(len(run) >= 2 for run in runs):

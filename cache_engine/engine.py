@@ -61,6 +61,11 @@ class CacheEngine:
     def supported_methods(self) -> tuple[str, ...]:
         return methods.supported_methods(self.layout)
 
+    def fitted_defaults(self, method: str) -> dict[str, Any]:
+        """The fields of ``method`` whose reference default cannot act on this model, with the values a
+        config should take here instead: DBCache's front blocks on a model of eight blocks or fewer."""
+        return methods.fitted_defaults(method, self.layout)
+
     def plan(self, config: object | None) -> Plan:
         """The handlers ``config`` puts on this model; raises ValueError if it cannot apply here."""
         if config is None:

@@ -58,6 +58,11 @@ _PROBE_CONFIGS: dict[type, Callable[[], object]] = {
     TeaCacheConfig: lambda: TeaCacheConfig(coefficients=(1.0, 0.0)),
 }
 
+# Methods whose reference defaults cannot act on every model say what they run with there instead.
+_FITTERS: dict[type, Callable[[ModelLayout], dict[str, Any]]] = {
+    DBCacheConfig: dbcache.fitted_defaults,
+}
+
 METHOD_NAMES: tuple[str, ...] = tuple(name for name, _ in _PLANNERS.values())
 # Method name -> config class: how a caller turns a method name (e.g. from a request) into a config.
 CONFIG_CLASSES: dict[str, type] = {name: cls for cls, (name, _) in _PLANNERS.items()}
@@ -91,3 +96,12 @@ def supported_methods(layout: ModelLayout) -> tuple[str, ...]:
             continue
         supported.append(name)
     return tuple(supported)
+
+
+def fitted_defaults(method: str, layout: ModelLayout) -> dict[str, Any]:
+    """The fields of ``method`` whose reference default cannot act on this model, with the values it runs
+    with here instead (empty: the reference defaults apply as they are)."""
+    if method not in CONFIG_CLASSES:
+        raise ValueError(f"unknown cache method {method!r}; expected one of {list(METHOD_NAMES)}")
+    fitter = _FITTERS.get(CONFIG_CLASSES[method])
+    return {} if fitter is None else fitter(layout)

@@ -497,6 +497,14 @@ class ModelCard(Response):
         description="bytes of the transformers' weights as served (after any quantization)"
     )
     presets: dict[str, dict[str, Any]]
+    method_defaults: dict[str, dict[str, Any]] = Field(
+        description=(
+            'per cache method, the policy `{"method": M}` with no other field runs on this model at its '
+            "default steps: the reference defaults, fitted to the model where they cannot act on it; a "
+            "listed method missing here needs a field the model cannot fill (MagCache's mag_ratios on a "
+            "model never calibrated, TeaCache's coefficients on a family without published ones)"
+        )
+    )
     replicas: list[ReplicaView] = Field(description="copies of the model; a request goes to the least loaded")
 
 

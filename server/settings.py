@@ -23,7 +23,7 @@ from pydantic_settings import (
 
 ENV_PREFIX = "DITCACHE_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
-# Kept equal to server.models.BUILTIN_MODEL_NAMES (a test checks it); spelled out here so that reading
+# Kept equal to server.models.builtin.BUILTIN_MODEL_NAMES (a test checks it); spelled out here so that reading
 # the settings does not import diffusers.
 DEFAULT_MODELS = ("shapes-flux", "tiny-flux", "tiny-wan")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from cache_engine import CacheEngine, SessionStats
 
@@ -38,6 +39,14 @@ class ModelCache:
         return tuple(
             method for method in first.supported_methods if all(method in e.supported_methods for e in others)
         )
+
+    def fitted_defaults(self, method: str) -> dict[str, Any]:
+        """What ``method`` runs with on these transformers where its reference defaults cannot act; the
+        first engine's value wins where two differ (a pipeline's transformers share a family)."""
+        fitted: dict[str, Any] = {}
+        for engine in reversed(self.engines):
+            fitted.update(engine.fitted_defaults(method))
+        return fitted
 
     def check(self, config: object | None) -> None:
         """Raise ValueError (UnsupportedMethodError) unless ``config`` applies to every transformer."""

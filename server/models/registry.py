@@ -99,6 +99,18 @@ class ResidentModel:
     def supported_methods(self) -> tuple[str, ...]:
         return self.cache.supported_methods
 
+    @property
+    def method_values(self) -> dict[str, dict[str, Any]]:
+        """Per method, the values this model gives the fields a request leaves out: where the reference
+        default cannot act here (DBCache's front blocks on a small model), and what its calibration
+        measured per checkpoint (MagCache's ``mag_ratios``), which wins where both speak."""
+        values: dict[str, dict[str, Any]] = {}
+        for method in self.supported_methods:
+            fitted = {**self.cache.fitted_defaults(method), **self.calibration.method_values.get(method, {})}
+            if fitted:
+                values[method] = fitted
+        return values
+
 
 # -- per-family knowledge -------------------------------------------------------------------------------
 

@@ -202,9 +202,7 @@ class Generations:
         self, body: GenerationRequest, model: ResidentModel, params: GenerationParams
     ) -> tuple[CacheConfig | None, Mapping[str, Any] | None]:
         spec, target = targets.resolve(model, body.cache, params.steps, params.guidance_scale)
-        config = policy.to_engine_config(
-            spec, model.presets, model.calibration.method_values, steps=params.steps
-        )
+        config = policy.to_engine_config(spec, model.presets, model.method_values, steps=params.steps)
         if config is None:
             return None, target
         method = policy.method_of(config)

@@ -31,6 +31,7 @@ from tests.cache_engine.support import (
     rigs,
     session_run,
     single_block_flux,
+    small_flux,
     tiny,
     tiny_flux2,
 )
@@ -203,6 +204,28 @@ def test_front_and_back_blocks_must_fit_the_chain(pairs: RigFactory) -> None:
     ):
         error = assert_refused_on_the_model(engine, config, field, method="dbcache")
         assert "4 blocks" in str(error)
+
+
+def test_a_small_model_is_fitted_one_front_block_and_a_long_chain_keeps_the_reference_default(
+    pairs: RigFactory,
+) -> None:
+    small = pairs("cogvideox", "batched").engine  # four blocks: the default's 8 cannot act
+    fitted = small.fitted_defaults("dbcache")
+    assert fitted == {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0}
+    small.check(Config(**fitted))
+    # Flux's two lists are one chain: nine blocks leave one to cache behind the default's eight front
+    # blocks, so the reference default stands; eight leave none, so the model's own is used.
+    for blocks, fitted_there in ((9, False), (8, True)):
+        engine = ce.CacheEngine(small_flux(double_blocks=4, single_blocks=blocks - 4))
+        try:
+            assert bool(engine.fitted_defaults("dbcache")) is fitted_there, blocks
+            engine.check(Config(**engine.fitted_defaults("dbcache")))
+        finally:
+            engine.close()
+    # Methods whose defaults act anywhere they are offered fit nothing.
+    assert small.fitted_defaults("first_block_cache") == {}
+    with pytest.raises(ValueError, match="unknown cache method"):
+        small.fitted_defaults("no_such_method")
 
 
 def test_a_single_block_model_is_unsupported() -> None:
