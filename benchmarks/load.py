@@ -18,7 +18,7 @@ per model and against one with N (each replica a worker with ``--torch-threads``
 against the one-replica server's serial references, and prints the throughput ratio per level.
 
 With ``--backend ray`` the servers are ``ditcache serve --backend ray`` on a local Ray cluster of their
-own: N Ray Serve replicas (``--ray-min-replicas`` = ``--ray-max-replicas`` = N, one CPU each) behind
+own: N Ray Serve replicas (``--replicas N --backend ray``, one CPU each) behind
 the ingress, instead of N workers in one process. The references are still taken from the first
 server, so a Ray run is checked byte for byte too.
 
@@ -209,11 +209,9 @@ def start_server(
         # Jobs are not part of the mix; a store of its own keeps runs apart.
         "--job-store", f"sqlite:{cache_dir / f'jobs-{port}.sqlite'}",
     ]  # fmt: skip
+    command += ["--replicas", str(replicas)]
     if backend == "ray":
-        bound = str(replicas)
-        command += ["--backend", "ray", "--ray-min-replicas", bound, "--ray-max-replicas", bound]
-    else:
-        command += ["--replicas", str(replicas)]
+        command += ["--backend", "ray"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}"

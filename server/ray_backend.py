@@ -8,9 +8,9 @@ The Ray Serve application has two deployments::
                                                                   on ongoing requests, num_gpus each
 
 Each ``ditcache`` replica runs the whole app of ``create_app`` (routes, errors, headers, metrics)
-with its own models, so the HTTP API is the one ``--backend local`` serves. Ray chooses the replica
-for each request and scales their number between ``ray_min_replicas`` and ``ray_max_replicas`` on
-``ray_target_ongoing_requests``. Jobs live in the shared job store (``job_store``: the default
+with its own models (one copy per device), so the HTTP API is the one ``--backend local`` serves. Ray
+chooses the replica for each request; their number is ``replicas``, or, when ``ray_min_replicas`` and
+``ray_max_replicas`` are given instead, autoscaled between them on ``ray_target_ongoing_requests``. Jobs live in the shared job store (``job_store``: the default
 SQLite file on one host, Redis across hosts), so a job is followed, fetched and cancelled through
 any replica, and a job whose replica died is run again by another (``server.runtime.jobs``).
 
@@ -246,13 +246,16 @@ def build_application(settings: Settings) -> Any:
     """The Ray Serve application of ``settings``: the ingress bound to the app replicas."""
     from ray import serve
 
+    fewest, most = settings.ray_replica_range
+    # Each Ray replica is one copy of every model per device: ``replicas`` counted the Ray replicas.
+    in_replica = settings.model_copy(update={"replicas": 1})
     replicas = serve.deployment(
         name=REPLICA_DEPLOYMENT,
         ray_actor_options={"num_gpus": settings.ray_num_gpus, "num_cpus": settings.ray_num_cpus},
         autoscaling_config={
-            "min_replicas": settings.ray_min_replicas,
-            "initial_replicas": settings.ray_min_replicas,
-            "max_replicas": settings.ray_max_replicas,
+            "min_replicas": fewest,
+            "initial_replicas": fewest,
+            "max_replicas": most,
             "target_ongoing_requests": settings.ray_target_ongoing_requests,
         },
         max_ongoing_requests=_MAX_ONGOING,
@@ -272,7 +275,7 @@ def build_application(settings: Settings) -> Any:
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=_MAX_ONGOING,
     )(serve.ingress(forwarder)())
-    return ingress.bind(replicas.bind(settings))
+    return ingress.bind(replicas.bind(in_replica))
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -284,7 +287,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     """
     from server.settings import load_settings
 
-    return build_application(load_settings(**args))
+    return build_application(load_settings(**{"backend": "ray", **args}))
 
 
 def start(settings: Settings, *, blocking: bool = False) -> None:

@@ -58,7 +58,12 @@ class Settings(BaseSettings):
         description="torch devices, each holding every model's replicas, e.g. cpu, cuda, cuda:1",
     )
     replicas: int = Field(
-        default=1, ge=1, le=64, description="copies of each model per device, each with its own worker"
+        default=1,
+        ge=1,
+        le=64,
+        description="copies of each model serving, each with its own worker: per device in one process "
+        "(local), or Ray Serve replicas, a fixed number (ray; ray_min_replicas and ray_max_replicas "
+        "autoscale instead)",
     )
     dtype: Dtype = "float32"
     host: str = "127.0.0.1"
@@ -140,9 +145,28 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> Settings:
+        given = self.model_fields_set
+        if self.backend == "local":
+            meaningless = sorted(name for name in given if name.startswith("ray_"))
+            if meaningless:
+                raise ValueError(
+                    f"{', '.join(meaningless)}: only with backend 'ray' (the backend is 'local')"
+                )
+        elif "replicas" in given and given & {"ray_min_replicas", "ray_max_replicas"}:
+            raise ValueError(
+                "replicas (a fixed number of Ray Serve replicas) or ray_min_replicas and ray_max_replicas "
+                "(an autoscaled range): not both"
+            )
         if self.ray_max_replicas < self.ray_min_replicas:
             raise ValueError("ray_max_replicas must be at least ray_min_replicas")
         return self
+
+    @property
+    def ray_replica_range(self) -> tuple[int, int]:
+        """The fewest and most Ray Serve replicas: ``replicas`` when given, else the autoscaled range."""
+        if "replicas" in self.model_fields_set:
+            return self.replicas, self.replicas
+        return self.ray_min_replicas, self.ray_max_replicas
 
     @field_validator("models", "cors_origins", "device", mode="before")
     @classmethod

@@ -1,14 +1,16 @@
 """``--backend ray`` on a local Ray cluster (``ray.init(num_cpus=2)``): two replicas of tiny-flux behind
 the ingress, sharing one job store.
 
-The same bytes as the in-process server with one replica for the same body and seed; requests spread
-over both replicas; the app's errors and headers; a job created through one call and followed,
-fetched and cancelled through others; one replica killed during a load run, after which every
-request has been answered (200, or the 503 envelope), the job it was running is run again by the
-other replica to the same bytes, and the server still serves.
+The same bytes as the in-process server with one replica for the same body and seed; the app's errors
+and headers; a job created, followed, fetched and cancelled through the ingress; one replica killed
+during a load run, after which every request has been answered (200, or the 503 envelope), the job it
+was running is run again by the other replica to the same bytes, and the server still serves.
 
-Which replica answered is in each answer's ``X-Replica`` header (the Ray actor's name), so a test
-can tell the job's owner from the replica that served a later call. Needs the ``ray`` extra.
+Which replica Ray's router picks is its own choice, so no test here waits for a particular one: that
+a replica answers for the jobs of another is held by two in-process servers on one store
+(``test_http_jobs_restart``), and after the kill only the other replica is left to answer. Which
+replica answered is in each answer's ``X-Replica`` header (the Ray actor's name). Needs the ``ray``
+extra.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ def ray_url(model_cache: Path, single: LiveServer, tmp_path_factory: pytest.Temp
         host="127.0.0.1",
         port=port,
         torch_threads=1,
-        ray_min_replicas=2,
-        ray_max_replicas=2,
+        backend="ray",
+        replicas=2,
         ray_num_cpus=1,
         job_store=f"sqlite:{tmp_path_factory.mktemp('ray-jobs') / 'jobs.sqlite'}",
         job_owner_timeout_s=OWNER_TIMEOUT_S,
@@ -115,12 +117,12 @@ def _reference(single: LiveServer, body: dict[str, Any]) -> list[bytes]:
         return b64_items(client.post("/v1/generations", json=body).json())
 
 
-def test_same_bytes_as_one_replica_and_spread_over_both(client: httpx.Client, single: LiveServer) -> None:
+def test_same_bytes_as_one_replica_whichever_answers(client: httpx.Client, single: LiveServer) -> None:
     bodies = [{**BODY, "seed": seed} for seed in range(8)]
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda body: client.post("/v1/generations", json=body), bodies))
     assert [answer.status_code for answer in answers] == [200] * 8
-    assert len({answer.headers["x-replica"] for answer in answers}) == 2, "both replicas answered"
+    assert {answer.headers["x-replica"] for answer in answers} <= set(_replicas())
     for body, answer in zip(bodies, answers, strict=True):
         assert b64_items(answer.json()) == _reference(single, body)
 
@@ -156,21 +158,14 @@ def _events(client: httpx.Client, job_id: str, until: str) -> list[tuple[str, di
     return seen
 
 
-def _follow_and_cancel(client: httpx.Client, body: dict[str, Any]) -> bool:
-    """A job followed, fetched and cancelled through whichever replicas Ray picks; True when the
-    cancel was served by a replica other than the job's owner."""
+def test_a_job_is_followed_fetched_and_cancelled_through_the_ingress(client: httpx.Client) -> None:
+    body = {**BODY, "steps": 1000}
     created = client.post("/v1/jobs", json=body)
     assert created.status_code == 202
-    job_id, owner = created.json()["id"], created.headers["x-replica"]
+    job_id = created.json()["id"]
     wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["step"] >= 1, 60, "a running job")
-    fetched_by = set()
-    for _ in range(40):
-        view = client.get(f"/v1/jobs/{job_id}")
-        assert view.json()["status"] == "running"
-        fetched_by.add(view.headers["x-replica"])
-        if len(fetched_by) == 2:
-            break
-    assert len(fetched_by) == 2, "every replica answers for the job"
+    view = client.get(f"/v1/jobs/{job_id}")
+    assert view.json()["status"] == "running" and view.headers["x-replica"] in _replicas()
     followed = _events(client, job_id, until="progress")
     assert [name for name, _ in followed][-1] == "progress"
     cancel = client.delete(f"/v1/jobs/{job_id}")
@@ -178,14 +173,6 @@ def _follow_and_cancel(client: httpx.Client, body: dict[str, Any]) -> bool:
     wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled", 30, "cancelled")
     ended = client.get(f"/v1/jobs/{job_id}").json()
     assert ended["error"]["code"] == "cancelled" and ended["progress"]["step"] < body["steps"]
-    return bool(cancel.headers["x-replica"] != owner)
-
-
-def test_a_job_is_followed_fetched_and_cancelled_through_any_replica(client: httpx.Client) -> None:
-    # Ray picks the replica of each call: try until a replica other than the job's owner cancels it.
-    long = {**BODY, "steps": 1000}
-    if not any(_follow_and_cancel(client, long) for _ in range(6)):
-        pytest.fail("no cancel was served by a replica other than the job's owner in six tries")
 
 
 def test_a_killed_replica_loses_no_request_and_no_job(client: httpx.Client, single: LiveServer) -> None:

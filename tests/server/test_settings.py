@@ -121,6 +121,34 @@ def test_cli_flags_become_settings(tmp_path: Path) -> None:
     assert settings_from_args(_parser().parse_args(["serve"])).models == list(DEFAULT_MODELS)
 
 
+def _serve(*flags: str) -> Settings:
+    return settings_from_args(_parser().parse_args(["serve", *flags]))
+
+
+def test_replicas_means_the_copies_that_serve_on_either_backend() -> None:
+    local = _serve("--replicas", "2")
+    assert (local.backend, local.replicas) == ("local", 2)
+    ray = _serve("--backend", "ray", "--replicas", "3")
+    assert ray.ray_replica_range == (3, 3)
+    autoscaled = _serve("--backend", "ray", "--ray-min-replicas", "1", "--ray-max-replicas", "4")
+    assert autoscaled.ray_replica_range == (1, 4)
+    assert _serve("--backend", "ray").ray_replica_range == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--ray-max-replicas", "2"], "ray_max_replicas"),
+        (["--backend", "local", "--ray-num-gpus", "1"], "ray_num_gpus"),
+        (["--backend", "ray", "--replicas", "2", "--ray-max-replicas", "4"], "not both"),
+        (["--backend", "ray", "--ray-min-replicas", "3", "--ray-max-replicas", "2"], "at least"),
+    ],
+)
+def test_a_combination_that_means_nothing_is_refused_at_start(flags: list[str], named: str) -> None:
+    with pytest.raises(ValidationError, match=named):
+        _serve(*flags)
+
+
 def test_cli_values_are_checked_against_the_setting() -> None:
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--dtype", "float8"])
