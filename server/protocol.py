@@ -385,7 +385,10 @@ class ImageGenerationRequest(_GenerationFields):
 class Timings(Response):
     """Milliseconds per stage; ``denoising_steps`` has one entry per denoising step.
 
-    A stage the pipeline does not go through is absent, not 0.
+    The stages add up to ``total``, from the request's receipt to its encoded media: ``queue_wait``
+    (receipt to the worker's start), the pipeline's run (``text_encoding``, ``denoising``, ``decoding``
+    and ``pipeline_overhead``), then ``encoding``. A stage the pipeline does not go through is absent,
+    not 0.
     """
 
     queue_wait: float
@@ -393,6 +396,11 @@ class Timings(Response):
     denoising: float | None = Field(default=None, description="the denoising steps, summed")
     denoising_steps: list[float]
     decoding: float | None = Field(default=None, description="VAE decoding; absent when nothing was decoded")
+    pipeline_overhead: float = Field(
+        default=0.0,
+        description="the rest of the pipeline's run: its own preparation (scheduler, latents) and "
+        "post-processing (to images or frames), and the worker's around the call",
+    )
     encoding: float
     total: float
 
@@ -410,6 +418,7 @@ class Timings(Response):
                 ("text_encoding", self.text_encoding),
                 ("denoising", self.denoising),
                 ("decoding", self.decoding),
+                ("pipeline_overhead", self.pipeline_overhead),
                 ("encoding", self.encoding),
                 ("total", self.total),
             )

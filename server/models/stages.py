@@ -1,7 +1,9 @@
 """Stage timings for any pipeline, from its own components, without re-implementing its call.
 
-A :class:`StageProbe` is installed once on a resident pipeline: forward hooks on its text encoders, a
-pre-forward hook on each denoiser (Wan 2.2 has two), and a wrapper around its VAE's ``decode``. They do
+A :class:`StageProbe` is installed once on a resident pipeline: a wrapper around its ``encode_prompt``
+(tokenization and templates included; forward hooks on its text encoders where it has none), a
+pre-forward hook on each denoiser (Wan 2.2 has two), and a wrapper around its VAE's ``decode``. What
+else the pipeline's run takes (its preparation and post-processing) is its overhead (``OVERHEAD``). They do
 nothing unless a generation is being measured (a ``ContextVar``, as the cache engine binds its
 sessions), so the pipeline's output is untouched.
 
@@ -33,9 +35,11 @@ from server.models.call_specs import StepObserver
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-__all__ = ["STAGES", "StageClock", "StageProbe", "StageTimings"]
+__all__ = ["OVERHEAD", "STAGES", "StageClock", "StageProbe", "StageTimings"]
 
 STAGES: tuple[str, ...] = ("text_encoding", "denoising", "decoding")
+# The rest of a pipeline run, in none of STAGES: the pipeline's own preparation and post-processing.
+OVERHEAD = "pipeline_overhead"
 
 # The clock of the generation being measured and the probe measuring it: a pipeline carries one probe,
 # but a probe's hooks must never feed another probe's clock.
@@ -44,14 +48,32 @@ _ACTIVE: ContextVar[tuple[StageProbe, StageClock] | None] = ContextVar("ditcache
 
 @dataclass(frozen=True)
 class StageTimings:
-    """Milliseconds per stage of one request, from the queue to the encoded media."""
+    """Milliseconds per stage of one request, from its receipt to the encoded media; they add up to
+    ``total``."""
 
     queue_wait: float
-    # The pipeline's own stages (server.stages.STAGES) that it went through.
+    # The pipeline's own stages (STAGES) that it went through, and the rest of its run (OVERHEAD).
     pipeline: Mapping[str, float]
     denoising_steps: list[float]
     encoding: float
     total: float
+
+    @classmethod
+    def of_run(
+        cls,
+        *,
+        queue_wait: float,
+        run: float,
+        stages: Mapping[str, float],
+        denoising_steps: list[float],
+        encoding: float,
+        total: float,
+    ) -> StageTimings:
+        """The timings of a request whose worker ran for ``run`` ms, of which ``stages`` (keys of
+        STAGES) were measured inside the pipeline: the rest of the run is its overhead."""
+        measured = {stage: stages[stage] for stage in STAGES if stage in stages}
+        pipeline = {**measured, OVERHEAD: max(0.0, run - sum(measured.values()))}
+        return cls(queue_wait, pipeline, denoising_steps, encoding, total)
 
     def stages(self) -> dict[str, float]:
         """Every stage present, in the order of a request, ``total`` last."""
@@ -156,9 +178,13 @@ class StageProbe:
             for name, module in pipeline.components.items()
             if name.startswith("text_encoder") and isinstance(module, nn.Module)
         )
-        for encoder in self.text_encoders:
-            encoder.register_forward_pre_hook(self._encoding_started)
-            encoder.register_forward_hook(self._encoding_done)
+        if callable(getattr(pipeline, "encode_prompt", None)):
+            # The pipeline's own prompt encoding, tokenization and templates included, as a whole.
+            pipeline.encode_prompt = self._timed_encode_prompt(pipeline.encode_prompt)
+        else:
+            for encoder in self.text_encoders:
+                encoder.register_forward_pre_hook(self._encoding_started)
+                encoder.register_forward_hook(self._encoding_done)
         for denoiser in denoisers:
             denoiser.register_forward_pre_hook(self._denoiser_hook(denoiser), with_kwargs=True)
         vae = getattr(pipeline, "vae", None)
@@ -206,6 +232,21 @@ class StageProbe:
             clock.denoiser_called(timestep)
 
         return called
+
+    def _timed_encode_prompt(self, encode_prompt: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(encode_prompt)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            clock = self._clock()
+            if clock is None or clock._encoding_started is not None:
+                return encode_prompt(*args, **kwargs)  # not measured, or inside an outer call
+            clock._encoding_started = started = clock.now()
+            try:
+                return encode_prompt(*args, **kwargs)
+            finally:
+                clock._encoding_started = None
+                clock.add("text_encoding", started)
+
+        return timed
 
     def _timed_decode(self, decode: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(decode)

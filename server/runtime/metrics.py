@@ -7,7 +7,8 @@ several apps in one process (the tests) count apart.
     ditcache_http_request_duration_seconds{route,method}       latency of whole requests
     ditcache_generations_total{model,method,outcome}           outcome: ok or the exception's name
     ditcache_generation_stage_seconds{model,stage}             queue_wait, text_encoding, denoising,
-                                                                decoding, encoding, total
+                                                                decoding, pipeline_overhead,
+                                                                encoding, total
     ditcache_denoising_steps_total{model,method,result}        result: computed or cached
     ditcache_transformer_blocks_total{model,method,result}     result: computed or reused
     ditcache_attention_total{model,method,result}              result: computed or reused

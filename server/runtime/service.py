@@ -28,7 +28,7 @@ from server.models import media
 from server.models.generation import GenerationParams, InvalidGenerationParams, check_params
 from server.models.limits import Kind
 from server.models.registry import ResidentModel
-from server.models.stages import STAGES, StageTimings
+from server.models.stages import StageTimings
 from server.policy import engine_config as policy
 from server.policy import named as targets
 from server.protocol import CachePreset, CacheTarget, GenerationRequest
@@ -250,6 +250,7 @@ class Generations:
             on_step=on_step,
             deadline=prepared.deadline,
             poll_cancel=poll_cancel,
+            enqueued_at=prepared.received_at,
         )
         worker.submit(task)
         return task
@@ -278,18 +279,20 @@ class Generations:
         method = policy.method_of(prepared.config)
         try:
             outcome = await asyncio.wrap_future(task.future)
-            encode_started = time.perf_counter()
             encoded = await anyio.to_thread.run_sync(_encode_all, prepared, outcome)
         except Exception as exc:
             self.metrics.generation_done(prepared.model.name, method, type(exc).__name__, None, None)
             raise
         done = time.perf_counter()
         result = outcome.result
-        timings = StageTimings(
+        # Encoding counts from the worker's result: handing it to the event loop and to the encoding
+        # thread is part of getting the media out.
+        timings = StageTimings.of_run(
             queue_wait=outcome.queue_wait_ms,
-            pipeline={stage: result.timings_ms[stage] for stage in STAGES if stage in result.timings_ms},
+            run=outcome.run_ms,
+            stages=result.timings_ms,
             denoising_steps=list(result.step_times_ms),
-            encoding=(done - encode_started) * 1000,
+            encoding=(done - outcome.finished_at) * 1000,
             total=(done - prepared.received_at) * 1000,
         )
         self.metrics.generation_done(prepared.model.name, method, "ok", timings, outcome.stats)

@@ -42,6 +42,10 @@ class Outcome:
     result: GenerationResult
     stats: SessionStats | None
     queue_wait_ms: float
+    # The worker's run, from taking the task to its result (the pipeline's stages are inside it).
+    run_ms: float
+    # time.perf_counter() when the result was ready: where encoding's time starts.
+    finished_at: float
 
 
 class _StopRequested(Exception):
@@ -61,6 +65,7 @@ class Task:
     steps_done: int = 0
     future: Future[Outcome] = field(default_factory=Future)
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    # time.perf_counter() when the request arrived: its queue wait counts from there.
     enqueued_at: float = field(default_factory=time.perf_counter)
     # time.monotonic() past which the task stops at its next step (504); None: no deadline.
     deadline: float | None = None
@@ -192,7 +197,8 @@ class Worker:
                     self._running = None
 
     def _run(self, task: Task) -> None:
-        queue_wait_ms = (time.perf_counter() - task.enqueued_at) * 1000
+        started = time.perf_counter()
+        queue_wait_ms = (started - task.enqueued_at) * 1000
         task.poll()
         if task.cancel_requested.is_set():
             task.future.set_exception(GenerationCancelled("cancelled before it started"))
@@ -219,7 +225,16 @@ class Worker:
         except Exception as exc:
             task.future.set_exception(self._failure(task, exc))
             return
-        task.future.set_result(Outcome(result=result, stats=stats, queue_wait_ms=queue_wait_ms))
+        finished = time.perf_counter()
+        task.future.set_result(
+            Outcome(
+                result=result,
+                stats=stats,
+                queue_wait_ms=queue_wait_ms,
+                run_ms=(finished - started) * 1000,
+                finished_at=finished,
+            )
+        )
 
     def _failure(self, task: Task, exc: Exception) -> ServerError:
         """What the client hears about a generation that raised; the details go to the log only."""

@@ -24,6 +24,7 @@ import pytest
 import torch
 import uvicorn
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.api.app import create_app
 from server.logs import request_id_var
@@ -235,3 +236,13 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
     assert {"code", "message", "request_id"} <= set(error) <= {"code", "message", "request_id", "param"}
     assert error["request_id"] == response.headers["x-request-id"]
     return error
+
+
+def metric(client: httpx.Client, name: str, **labels: str) -> float:
+    """The value of one sample of ``GET /metrics``, 0 when it is not there yet."""
+    text = client.get("/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0

@@ -10,11 +10,11 @@ import pytest
 
 from cache_engine import METHOD_NAMES
 
-from .conftest import b64_items, decode_image, decode_video, error_of
+from .conftest import b64_items, decode_image, decode_video, error_of, metric
 
 STEPS = 3
 VIDEO = {"model": "tiny-wan", "prompt": "a red fish swimming", "steps": STEPS, "seed": 5}
-STAGES = ("queue_wait", "text_encoding", "denoising", "decoding", "encoding", "total")
+STAGES = ("queue_wait", "text_encoding", "denoising", "decoding", "pipeline_overhead", "encoding", "total")
 
 
 def _check_result_fields(body: dict[str, Any], response: httpx.Response, steps: int) -> None:
@@ -26,6 +26,45 @@ def _check_result_fields(body: dict[str, Any], response: httpx.Response, steps: 
     assert [m.group(1) for m in re.finditer(r"(\w+);dur=", response.headers["server-timing"])] == list(STAGES)
     assert body["cache"]["method"] == "none" and body["cache_policy"] == {"method": "none"}
     assert body["cache"]["steps_computed"] == body["cache"]["denoiser_calls"] > 0
+
+
+def _stage_sums(client: httpx.Client) -> dict[str, float]:
+    return {
+        stage: metric(client, "ditcache_generation_stage_seconds_sum", model="tiny-flux", stage=stage)
+        for stage in STAGES
+    }
+
+
+def test_the_stages_add_up_to_total_in_the_body_the_header_and_the_metrics(client: httpx.Client) -> None:
+    before = _stage_sums(client)
+    response = client.post(
+        "/v1/generations",
+        json={
+            "model": "tiny-flux",
+            "prompt": "a red circle",
+            "steps": 4,
+            "seed": 2,
+            "width": 64,
+            "height": 64,
+        },
+    )
+    assert response.status_code == 200, response.text
+    timings = response.json()["timings"]
+    parts = [timings[stage] for stage in STAGES[:-1]]
+    assert all(ms > 0 for ms in parts), timings
+    assert sum(parts) == pytest.approx(timings["total"], rel=0.01)
+    header = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"(\w+);dur=([0-9.]+)", response.headers["server-timing"])
+    }
+    # Each value is rounded to 0.1 ms.
+    assert sum(header[stage] for stage in STAGES[:-1]) == pytest.approx(
+        header["total"], rel=0.01, abs=0.05 * len(STAGES)
+    )
+    after = _stage_sums(client)
+    observed = {stage: after[stage] - before[stage] for stage in STAGES}
+    assert observed["total"] == pytest.approx(timings["total"] / 1000, rel=1e-6)
+    assert sum(observed[stage] for stage in STAGES[:-1]) == pytest.approx(observed["total"], rel=0.01)
 
 
 def test_health_and_ready(client: httpx.Client) -> None:

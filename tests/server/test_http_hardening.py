@@ -20,12 +20,11 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from cache_engine.session import CacheSession, active_session
 from server.logs import JsonFormatter, RequestIdFilter
 
-from .conftest import LiveServer, b64_items, error_of, live_server, wait_until
+from .conftest import LiveServer, b64_items, error_of, live_server, metric, wait_until
 
 KEY = "k-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -89,16 +88,6 @@ def gated(server: LiveServer) -> Iterator[threading.Event]:
             yield release
         finally:
             release.set()
-
-
-def metric(client: httpx.Client, name: str, **labels: str) -> float:
-    """The value of one sample of ``GET /metrics``, 0 when it is not there yet."""
-    text = client.get("/metrics").text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 # -- limits ---------------------------------------------------------------------------------------------
