@@ -36,7 +36,7 @@ from cache_engine import CacheConfig, CacheEngine
 from server.models.calibration import Calibration, load_calibration, psnr_from_json, psnr_to_json
 from server.models.registry import CALIBRATION_FILE
 from server.policy.calibrate import engine_config, policy_key, sweep_policies
-from server.policy.named import PRESET_FLOORS
+from server.policy.resolve import PRESET_FLOORS
 from shapes import detector, evaluate
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "server" / "assets" / "shapes-flux"

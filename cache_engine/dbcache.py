@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import _validation as check
+from ._fields import documented
 from .errors import InvalidConfigValue, UnsupportedMethodError
 from .session import Handler, ModuleCall, Plan
 from .targets import BlockSite, ModelLayout
@@ -36,18 +37,57 @@ StepsComputationPolicy = Literal["dynamic", "static"]
 class DBCacheConfig:
     """cache-dit's ``DBCacheConfig`` fields (same names and defaults), plus its TaylorSeer calibrator."""
 
-    Fn_compute_blocks: int = 8
-    Bn_compute_blocks: int = 0
-    residual_diff_threshold: float = 0.08
-    max_accumulated_residual_diff_threshold: float | None = None
-    max_warmup_steps: int = 8
-    warmup_interval: int = 1
-    max_cached_steps: int = -1
-    max_continuous_cached_steps: int = -1
-    steps_computation_mask: tuple[int, ...] | None = None
-    steps_computation_policy: StepsComputationPolicy = "dynamic"
-    enable_taylorseer: bool = False
-    taylorseer_order: int = 1
+    Fn_compute_blocks: int = documented(
+        8,
+        "Number of blocks at the front of a chain, always run; their residual decides.",
+    )
+    Bn_compute_blocks: int = documented(
+        0,
+        "Number of blocks at the back of a chain, always run, on whatever the middle gave.",
+    )
+    residual_diff_threshold: float = documented(
+        0.08,
+        "Reuse the middle while the front residual's relative mean absolute change (against the last call "
+        "that ran the middle) is below this; 0 never reuses, 1 or more always does, without measuring.",
+    )
+    max_accumulated_residual_diff_threshold: float | None = documented(
+        None,
+        "Stop reusing once the measured changes add up to this (None or 0: no limit).",
+    )
+    max_warmup_steps: int = documented(
+        8,
+        "Number of initial steps that always compute (the warmup; see warmup_interval).",
+    )
+    warmup_interval: int = documented(
+        1,
+        "Within the warmup, only every n-th step must compute.",
+    )
+    max_cached_steps: int = documented(
+        -1,
+        "At most this many reused steps per run (-1: no limit).",
+    )
+    max_continuous_cached_steps: int = documented(
+        -1,
+        "At most this many reused steps in a row (-1: no limit).",
+    )
+    steps_computation_mask: tuple[int, ...] | None = documented(
+        None,
+        "One 0 or 1 per step: 1 always computes; its leading 1s cap the warmup. None: no mask.",
+    )
+    steps_computation_policy: StepsComputationPolicy = documented(
+        "dynamic",
+        "On a 0 of the mask, or a step past its end: dynamic measures as usual, static reuses without "
+        "measuring.",
+    )
+    enable_taylorseer: bool = documented(
+        False,
+        "Predict the middle's residual with cache-dit's TaylorSeer calibrator instead of reusing the last "
+        "one (both streams).",
+    )
+    taylorseer_order: int = documented(
+        1,
+        "The calibrator's order, 1 or 2 (with enable_taylorseer).",
+    )
 
     def __post_init__(self) -> None:
         check.positive_int("Fn_compute_blocks", self.Fn_compute_blocks)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import _validation as check
+from ._fields import documented
 from .errors import InvalidConfigValue, UnsupportedMethodError
 from .pyramid_attention_broadcast import timestep_reader
 from .session import CacheSession, Handler, ModuleCall, Plan
@@ -46,34 +47,116 @@ _SEPARATE_BRANCHES = ("cond", "uncond")
 
 @dataclass(frozen=True)
 class FasterCacheConfig:
-    spatial_attention_block_skip_range: int = 2
-    temporal_attention_block_skip_range: int | None = None
-    spatial_attention_timestep_skip_range: tuple[float, float] = (-1, 681)
-    temporal_attention_timestep_skip_range: tuple[float, float] = (-1, 681)
-    low_frequency_weight_update_timestep_range: tuple[float, float] = (99, 901)
-    high_frequency_weight_update_timestep_range: tuple[float, float] = (-1, 301)
-    alpha_low_frequency: float = 1.1
-    alpha_high_frequency: float = 1.1
-    unconditional_batch_skip_range: int = 5
-    unconditional_batch_timestep_skip_range: tuple[float, float] = (-1, 641)
-    spatial_attention_block_identifiers: tuple[str, ...] = (
-        "^blocks.*attn",
-        "^transformer_blocks.*attn",
-        "^single_transformer_blocks.*attn",
+    spatial_attention_block_skip_range: int = documented(
+        2,
+        "Compute each spatial self-attention module every N-th call; on the calls between, within "
+        "spatial_attention_timestep_skip_range, a call made without the unconditional pass (skipped, or "
+        "absent) extrapolates its output from the last two.",
     )
-    temporal_attention_block_identifiers: tuple[str, ...] = ("^temporal_transformer_blocks.*attn",)
-    attention_weight_callback: Callable[[nn.Module], float] | None = None
-    low_frequency_weight_callback: Callable[[nn.Module], float] | None = None
-    high_frequency_weight_callback: Callable[[nn.Module], float] | None = None
-    tensor_format: str = "BCFHW"
-    is_guidance_distilled: bool = False
-    current_timestep_callback: Callable[[], Any] | None = None
-    _unconditional_conditional_input_kwargs_identifiers: tuple[str, ...] = (
-        "hidden_states",
-        "encoder_hidden_states",
-        "timestep",
-        "attention_mask",
-        "encoder_attention_mask",
+    temporal_attention_block_skip_range: int | None = documented(
+        None,
+        "Compute each temporal self-attention module every N-th call; on the calls between, within "
+        "temporal_attention_timestep_skip_range, a call made without the unconditional pass (skipped, or "
+        "absent) extrapolates its output from the last two. None: temporal attention is not cached.",
+    )
+    spatial_attention_timestep_skip_range: tuple[float, float] = documented(
+        (-1, 681),
+        "(low, high) timesteps on the 0..1000 scale: spatial attention may be skipped only while "
+        "low < timestep < high; the default skips from timestep 681 to the end of denoising.",
+    )
+    temporal_attention_timestep_skip_range: tuple[float, float] = documented(
+        (-1, 681),
+        "(low, high) timesteps on the 0..1000 scale: temporal attention may be skipped only while "
+        "low < timestep < high.",
+    )
+    low_frequency_weight_update_timestep_range: tuple[float, float] = documented(
+        (99, 901),
+        "(low, high) timesteps on the 0..1000 scale within which alpha_low_frequency scales the "
+        "low-frequency difference (1.0 outside it); unused with low_frequency_weight_callback.",
+    )
+    high_frequency_weight_update_timestep_range: tuple[float, float] = documented(
+        (-1, 301),
+        "(low, high) timesteps on the 0..1000 scale within which alpha_high_frequency scales the "
+        "high-frequency difference (1.0 outside it); unused with high_frequency_weight_callback.",
+    )
+    alpha_low_frequency: float = documented(
+        1.1,
+        "Factor applied to the recorded low-frequency difference between the unconditional and conditional "
+        "outputs at each step that rebuilds the unconditional output from the conditional one.",
+    )
+    alpha_high_frequency: float = documented(
+        1.1,
+        "Factor applied to the recorded high-frequency difference between the unconditional and "
+        "conditional outputs at each step that rebuilds the unconditional output from the conditional one.",
+    )
+    unconditional_batch_skip_range: int = documented(
+        5,
+        "Compute the unconditional (CFG) pass every N-th step; on the N - 1 steps between, within "
+        "unconditional_batch_timestep_skip_range, it is rebuilt from the conditional output plus the "
+        "low- and high-frequency difference recorded at the last step that computed both.",
+    )
+    unconditional_batch_timestep_skip_range: tuple[float, float] = documented(
+        (-1, 641),
+        "(low, high) timesteps on the 0..1000 scale: the unconditional pass may be skipped only while "
+        "low < timestep < high.",
+    )
+    spatial_attention_block_identifiers: tuple[str, ...] = documented(
+        (
+            "^blocks.*attn",
+            "^transformer_blocks.*attn",
+            "^single_transformer_blocks.*attn",
+        ),
+        "Regular expressions searched (re.search) in the names of the transformer blocks' self-attention "
+        "modules: a module matching one is cached as spatial attention.",
+    )
+    temporal_attention_block_identifiers: tuple[str, ...] = documented(
+        ("^temporal_transformer_blocks.*attn",),
+        "Regular expressions searched (re.search) in the names of the transformer blocks' self-attention "
+        "modules: a module matching one, and no spatial identifier, is cached as temporal attention.",
+    )
+    attention_weight_callback: Callable[[nn.Module], float] | None = documented(
+        None,
+        "Called with the attention module, returns the weight w of a skipped call's extrapolation, "
+        "last + (last - before) * w. None: 0.5 at every step.",
+    )
+    low_frequency_weight_callback: Callable[[nn.Module], float] | None = documented(
+        None,
+        "Called with the denoiser, returns the factor applied to the low-frequency difference at a step "
+        "that rebuilds the unconditional output. None: alpha_low_frequency within "
+        "low_frequency_weight_update_timestep_range, 1.0 outside it.",
+    )
+    high_frequency_weight_callback: Callable[[nn.Module], float] | None = documented(
+        None,
+        "Called with the denoiser, returns the factor applied to the high-frequency difference at a step "
+        "that rebuilds the unconditional output. None: alpha_high_frequency within "
+        "high_frequency_weight_update_timestep_range, 1.0 outside it.",
+    )
+    tensor_format: str = documented(
+        "BCFHW",
+        "Layout of the denoiser's output, one of BCFHW, BFCHW or BCHW, along which the low and high "
+        "frequencies are split; used only for families the model table does not describe.",
+    )
+    is_guidance_distilled: bool = documented(
+        False,
+        "Whether the model is guidance-distilled, with no unconditional pass to skip: then only attention "
+        "is cached, extrapolated on every call between computed ones within its timestep range.",
+    )
+    current_timestep_callback: Callable[[], Any] | None = documented(
+        None,
+        "Returns the current denoising timestep on the 0..1000 scale. None: the timestep is read from the "
+        "denoiser's timestep argument, mapped to that scale by the model's family table.",
+    )
+    _unconditional_conditional_input_kwargs_identifiers: tuple[str, ...] = documented(
+        (
+            "hidden_states",
+            "encoder_hidden_states",
+            "timestep",
+            "attention_mask",
+            "encoder_attention_mask",
+        ),
+        "Exact names of the denoiser's keyword arguments that hold the unconditional and conditional "
+        "inputs concatenated along the batch; at a step that skips the unconditional pass, they are cut "
+        "to their conditional half.",
     )
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import _validation as check
+from ._fields import documented
 from .errors import UnsupportedMethodError
 from .session import Handler, ModuleCall, Plan
 from .targets import BlockSite, ModelLayout
@@ -23,7 +24,12 @@ NAME = "first_block_cache"
 
 @dataclass(frozen=True)
 class FirstBlockCacheConfig:
-    threshold: float = 0.05
+    threshold: float = documented(
+        0.05,
+        "Skip the blocks after the first (replaced by the residual they added the last time they ran) while "
+        "the relative mean absolute change of the first block's residual since that call is at most this; "
+        ">= 0, higher skips more at some cost in quality.",
+    )
 
     def __post_init__(self) -> None:
         check.number("threshold", self.threshold, minimum=0.0)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import _validation as check
+from ._fields import documented
 from .errors import InvalidConfigValue, UnsupportedMethodError
 from .session import CacheSession, Handler, ModuleCall, Plan
 from .targets import BlockSite, ModelLayout
@@ -40,13 +41,34 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class MagCacheConfig:
-    threshold: float = 0.06
-    max_skip_steps: int = 3
-    retention_ratio: float = 0.2
-    num_inference_steps: int = 28
+    threshold: float = documented(
+        0.06,
+        "Budget of the accumulated error (how far the running product of ratios strays from 1): the blocks "
+        "are skipped while it stays within this; higher skips more, at some cost in quality.",
+    )
+    max_skip_steps: int = documented(
+        3,
+        "At most this many skipped steps in a row (0: never skip).",
+    )
+    retention_ratio: float = documented(
+        0.2,
+        "The first round(retention_ratio × num_inference_steps) steps always compute (0..1).",
+    )
+    num_inference_steps: int = documented(
+        28,
+        "The run's steps: mag_ratios is resampled to it, and the state restarts after it.",
+    )
     # A list, tuple or 1-D tensor, as the reference takes; kept as a tuple of floats.
-    mag_ratios: Sequence[float] | torch.Tensor | None = None
-    calibrate: bool = False
+    mag_ratios: Sequence[float] | torch.Tensor | None = documented(
+        None,
+        "The checkpoint's magnitude-ratio curve, one ratio per step (a list, tuple or 1-D tensor; kept as "
+        "a tuple). None: planning refuses the config unless calibrate is set.",
+    )
+    calibrate: bool = documented(
+        False,
+        "Skip nothing and measure the magnitude-ratio curve instead: each branch's is logged once it has "
+        "run num_inference_steps steps, and returned by cache_engine.mag_cache.calibrated_ratios.",
+    )
 
     def __post_init__(self) -> None:
         check.number("threshold", self.threshold, minimum=0.0)

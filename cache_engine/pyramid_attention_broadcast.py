@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from . import _validation as check
+from ._fields import documented
 from .errors import UnsupportedMethodError
 from .session import CacheSession, Handler, ModuleCall, Plan, decide_and_record
 from .targets import AttentionSite, ModelLayout
@@ -27,23 +28,65 @@ _DEFAULT_SKIP_RANGE = 2
 
 @dataclass(frozen=True)
 class PyramidAttentionBroadcastConfig:
-    spatial_attention_block_skip_range: int | None = None
-    temporal_attention_block_skip_range: int | None = None
-    cross_attention_block_skip_range: int | None = None
-    spatial_attention_timestep_skip_range: tuple[float, float] = (100, 800)
-    temporal_attention_timestep_skip_range: tuple[float, float] = (100, 800)
-    cross_attention_timestep_skip_range: tuple[float, float] = (100, 800)
-    spatial_attention_block_identifiers: tuple[str, ...] = (
-        "blocks",
-        "transformer_blocks",
-        "single_transformer_blocks",
-        "layers",
-        "visual_transformer_blocks",
+    spatial_attention_block_skip_range: int | None = documented(
+        None,
+        "Compute each spatial self-attention module every N-th call and reuse its last output for the "
+        "N - 1 calls between, within spatial_attention_timestep_skip_range. None: spatial attention is not "
+        "cached, unless all three skip ranges are None, in which case 2 is used.",
     )
-    temporal_attention_block_identifiers: tuple[str, ...] = ("temporal_transformer_blocks",)
-    cross_attention_block_identifiers: tuple[str, ...] = ("blocks", "transformer_blocks", "layers")
-    # Accepted for API compatibility; without it the timestep is read from the denoiser's arguments.
-    current_timestep_callback: Callable[[], Any] | None = None
+    temporal_attention_block_skip_range: int | None = documented(
+        None,
+        "Compute each temporal self-attention module every N-th call and reuse its last output for the "
+        "N - 1 calls between, within temporal_attention_timestep_skip_range. None: temporal attention is not "
+        "cached.",
+    )
+    cross_attention_block_skip_range: int | None = documented(
+        None,
+        "Compute each cross-attention module every N-th call and reuse its last output for the N - 1 calls "
+        "between, within cross_attention_timestep_skip_range. None: cross-attention is not cached.",
+    )
+    spatial_attention_timestep_skip_range: tuple[float, float] = documented(
+        (100, 800),
+        "(low, high) timesteps on the 0..1000 scale: spatial attention may be reused only while "
+        "low < timestep < high.",
+    )
+    temporal_attention_timestep_skip_range: tuple[float, float] = documented(
+        (100, 800),
+        "(low, high) timesteps on the 0..1000 scale: temporal attention may be reused only while "
+        "low < timestep < high.",
+    )
+    cross_attention_timestep_skip_range: tuple[float, float] = documented(
+        (100, 800),
+        "(low, high) timesteps on the 0..1000 scale: cross-attention may be reused only while "
+        "low < timestep < high.",
+    )
+    spatial_attention_block_identifiers: tuple[str, ...] = documented(
+        (
+            "blocks",
+            "transformer_blocks",
+            "single_transformer_blocks",
+            "layers",
+            "visual_transformer_blocks",
+        ),
+        "Regular expressions searched (re.search) in attention module names: a self-attention module "
+        "matching one is cached as spatial attention.",
+    )
+    temporal_attention_block_identifiers: tuple[str, ...] = documented(
+        ("temporal_transformer_blocks",),
+        "Regular expressions searched (re.search) in attention module names: a self-attention module "
+        "matching one is cached as temporal attention (spatial identifiers take precedence).",
+    )
+    cross_attention_block_identifiers: tuple[str, ...] = documented(
+        ("blocks", "transformer_blocks", "layers"),
+        "Regular expressions searched (re.search) in attention module names: a cross-attention module "
+        "matching one is cached as cross-attention.",
+    )
+    # The reference requires it; here it is optional.
+    current_timestep_callback: Callable[[], Any] | None = documented(
+        None,
+        "Returns the current denoising timestep on the 0..1000 scale. None: the timestep is read from the "
+        "denoiser's timestep argument, mapped to that scale by the model's family table.",
+    )
 
     def __post_init__(self) -> None:
         for kind in ("spatial", "temporal", "cross"):

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import _validation as check
+from ._fields import documented
 from .errors import InvalidConfigValue, UnsupportedMethodError
 from .session import Handler, ModuleCall, Plan
 from .targets import BlockSite, ModelLayout
@@ -48,16 +49,42 @@ RawVisionCallback = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], list[
 
 @dataclass(frozen=True)
 class SeaCacheConfig:
-    threshold: float = 0.25
-    residual_order: int = 1
-    retention_steps: int = 1
-    cache_end_steps: int = 1
-    max_consecutive_cached: int = 2
-    power_exp: float = 3.0
-    raw_vision_callback: RawVisionCallback | None = None
-    # Not in the reference, whose pipeline passes it to cache_context: the run's step count, which
-    # places the last cache_end_steps steps.
-    num_inference_steps: int | None = None
+    threshold: float = documented(
+        0.25,
+        "Budget of the accumulated relative L1 change of the SEA indicator: the blocks are replaced by the "
+        "cached residual while the sum stays below it.",
+    )
+    residual_order: int = documented(
+        1,
+        "0 reuses the last residual; 1 extrapolates linearly from the last two.",
+    )
+    retention_steps: int = documented(
+        1,
+        "Number of initial steps that always compute in full.",
+    )
+    cache_end_steps: int = documented(
+        1,
+        "Number of final steps that always compute in full (needs num_inference_steps).",
+    )
+    max_consecutive_cached: int = documented(
+        2,
+        "At most this many reuses in a row (0: no limit).",
+    )
+    power_exp: float = documented(
+        3.0,
+        "Exponent of the clean-signal power prior of the filter (> 0).",
+    )
+    raw_vision_callback: RawVisionCallback | None = documented(
+        None,
+        "(transformer, args, kwargs) -> [latent (C, T, H, W), ...], for models the family table does not "
+        "describe. None: the latents are the denoiser's hidden_states, laid out by the family table.",
+    )
+    # Not in the reference, whose pipeline passes it to cache_context.
+    num_inference_steps: int | None = documented(
+        None,
+        "The run's step count, which places the last cache_end_steps steps; calls past it run in full. "
+        "None: cache_end_steps cannot apply.",
+    )
 
     def __post_init__(self) -> None:
         check.number("threshold", self.threshold, minimum=0.0)

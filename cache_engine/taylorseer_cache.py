@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import _validation as check
+from ._fields import documented
 from .errors import InvalidConfigValue, UnsupportedMethodError
 from .session import CacheSession, Handler, ModuleCall, Plan, decide_and_record
 from .targets import ModelLayout
@@ -40,14 +41,44 @@ _LITE_CACHE_PATTERNS = ("^proj_out$",)
 
 @dataclass(frozen=True)
 class TaylorSeerCacheConfig:
-    cache_interval: int = 5
-    disable_cache_before_step: int = 3
-    disable_cache_after_step: int | None = None
-    max_order: int = 1
-    taylor_factors_dtype: torch.dtype | None = torch.bfloat16
-    skip_predict_identifiers: tuple[str, ...] | None = None
-    cache_identifiers: tuple[str, ...] | None = None
-    use_lite_mode: bool = False
+    cache_interval: int = documented(
+        5,
+        "Once caching begins, the modules compute in full every N-th step and their outputs are predicted "
+        "on the N - 1 steps between.",
+    )
+    disable_cache_before_step: int = documented(
+        3,
+        "Steps 0 to N - 1 always compute in full, gathering the Taylor factors; prediction begins at step N.",
+    )
+    disable_cache_after_step: int | None = documented(
+        None,
+        "From this step index on, every step computes in full. None: caching runs to the last step.",
+    )
+    max_order: int = documented(
+        1,
+        "Highest order of the Taylor expansion that predicts a module's output (0: reuse the last output); "
+        "higher orders approximate better but keep more tensors.",
+    )
+    taylor_factors_dtype: torch.dtype | None = documented(
+        torch.bfloat16,
+        "Dtype in which the Taylor factors are stored: lower precision saves memory, higher is more "
+        "accurate. None: the module output's own dtype.",
+    )
+    skip_predict_identifiers: tuple[str, ...] | None = documented(
+        None,
+        "Regular expressions matched (re.fullmatch) against module names: a matching module computes on "
+        "full steps and returns zeros of its recorded shape on predicted steps. None: no such module.",
+    )
+    cache_identifiers: tuple[str, ...] | None = documented(
+        None,
+        "Regular expressions matched (re.fullmatch) against module names: a matching module's output is "
+        "predicted by its Taylor series on predicted steps. None: the transformer blocks' attention modules.",
+    )
+    use_lite_mode: bool = documented(
+        False,
+        "Save memory with fixed patterns in place of skip_predict_identifiers and cache_identifiers: the "
+        "transformer blocks return zeros on predicted steps and only proj_out is predicted.",
+    )
 
     def __post_init__(self) -> None:
         check.positive_int("cache_interval", self.cache_interval)

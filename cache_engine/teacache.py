@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import _validation as check
+from ._fields import documented
 from .errors import InvalidConfigValue, UnsupportedMethodError
 from .session import CacheSession, Handler, ModuleCall, Plan
 from .targets import BlockSite, ModelLayout, has_modulated_input, modulated_input
@@ -46,10 +47,27 @@ class TeaCacheConfig:
     ``coefficients`` are a polynomial's, highest power first (``numpy.poly1d`` order), as published.
     """
 
-    rel_l1_thresh: float = 0.25
-    coefficients: tuple[float, ...] | None = None
-    num_steps: int | None = None
-    calibrate: bool = False
+    rel_l1_thresh: float = documented(
+        0.25,
+        "Skip the blocks while the accumulated rescaled relative L1 change of the first block's "
+        "timestep-modulated input stays below this; 0 never skips.",
+    )
+    coefficients: tuple[float, ...] | None = documented(
+        None,
+        "The polynomial that rescales the relative L1 change, highest power first (numpy.poly1d order). "
+        "None: the family's published one; planning refuses the config on a family that has none.",
+    )
+    num_steps: int | None = documented(
+        None,
+        "The run's steps: when given, the last one always computes (and the count restarts after it). "
+        "None: only the first call is forced.",
+    )
+    calibrate: bool = documented(
+        False,
+        "Skip nothing and record what the polynomial is fitted to instead: each branch's relative L1 "
+        "changes of the first block's modulated input and of the output, returned by "
+        "cache_engine.teacache.calibration_pairs.",
+    )
 
     def __post_init__(self) -> None:
         check.number("rel_l1_thresh", self.rel_l1_thresh, minimum=0.0)

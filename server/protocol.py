@@ -2,16 +2,19 @@
 
 Requests are strict (no "5" for 5), forbid unknown keys and bound every field, so a request that
 reaches the worker is well formed; what depends on the model (its limits, its cache methods) is
-checked in ``runtime/service.py``. Cache policies carry the reference config's parameter names; callbacks,
-dtypes and the model-structure fields (block identifiers, tensor format, guidance distillation) are
-left out because the engine knows them per model family and a client should not have to.
+checked in ``runtime/service.py``. Cache policies carry the engine config's parameter names, defaults and
+descriptions (taken from the config, where each field is documented once); callbacks and the
+model-structure fields (block identifiers, tensor format, guidance distillation) are left out
+(``NOT_ON_THE_WIRE``) because the engine knows them per model family and a client should not have to.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
+import torch
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -25,8 +28,19 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from cache_engine import (
+    DBCacheConfig,
+    FasterCacheConfig,
+    FirstBlockCacheConfig,
+    MagCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    SeaCacheConfig,
+    TaylorSeerCacheConfig,
+    TeaCacheConfig,
+)
 from server.models.limits import Kind, ModelDefaults, ModelLimits
 from server.models.presets import PRESET_NAMES, PresetName
+from server.ops.dtypes import dtype_name
 
 CACHE_METHODS: tuple[str, ...] = (
     "none",
@@ -67,50 +81,120 @@ TimestepRange = Annotated[tuple[float, float], BeforeValidator(_list_to_tuple)]
 SkipRange = Annotated[int, Field(ge=1, le=1000)]
 
 
+def _engine(config: type, name: str, *, note: str | None = None, **bounds: Any) -> Any:
+    """The wire field ``name`` of an engine config: the config's default and description (the one place
+    a field is documented), with the wire's bounds; ``note`` adds what the server does with it."""
+    field = {field.name: field for field in dataclasses.fields(config)}[name]
+    default = dtype_name(field.default) if isinstance(field.default, torch.dtype) else field.default
+    doc = field.metadata.get("doc")
+    description = doc if note is None else f"{doc} ({note})" if doc else note
+    return Field(default=default, description=description, **bounds)
+
+
+# The config fields a client cannot set: callbacks, and what the engine knows per model family (block
+# identifiers, tensor format, guidance distillation, its reference's private input names), or runs
+# that measure rather than cache (calibrate: ``ditcache calibrate`` runs those).
+NOT_ON_THE_WIRE: dict[str, frozenset[str]] = {
+    "pyramid_attention_broadcast": frozenset(
+        {
+            "spatial_attention_block_identifiers",
+            "temporal_attention_block_identifiers",
+            "cross_attention_block_identifiers",
+            "current_timestep_callback",
+        }
+    ),
+    "faster_cache": frozenset(
+        {
+            "spatial_attention_block_identifiers",
+            "temporal_attention_block_identifiers",
+            "attention_weight_callback",
+            "low_frequency_weight_callback",
+            "high_frequency_weight_callback",
+            "tensor_format",
+            "is_guidance_distilled",
+            "current_timestep_callback",
+            "_unconditional_conditional_input_kwargs_identifiers",
+        }
+    ),
+    "first_block_cache": frozenset(),
+    "taylorseer": frozenset({"skip_predict_identifiers", "cache_identifiers"}),
+    "mag_cache": frozenset({"calibrate"}),
+    "sea_cache": frozenset({"raw_vision_callback"}),
+    "dbcache": frozenset(),
+    "teacache": frozenset({"calibrate"}),
+}
+
+
 class NoCache(Request):
     method: Literal["none"]
 
 
+_PAB = PyramidAttentionBroadcastConfig
+
+
 class PyramidAttentionBroadcast(Request):
     method: Literal["pyramid_attention_broadcast"]
-    spatial_attention_block_skip_range: SkipRange | None = None
-    temporal_attention_block_skip_range: SkipRange | None = None
-    cross_attention_block_skip_range: SkipRange | None = None
-    spatial_attention_timestep_skip_range: TimestepRange = (100, 800)
-    temporal_attention_timestep_skip_range: TimestepRange = (100, 800)
-    cross_attention_timestep_skip_range: TimestepRange = (100, 800)
+    spatial_attention_block_skip_range: SkipRange | None = _engine(_PAB, "spatial_attention_block_skip_range")
+    temporal_attention_block_skip_range: SkipRange | None = _engine(
+        _PAB, "temporal_attention_block_skip_range"
+    )
+    cross_attention_block_skip_range: SkipRange | None = _engine(_PAB, "cross_attention_block_skip_range")
+    spatial_attention_timestep_skip_range: TimestepRange = _engine(
+        _PAB, "spatial_attention_timestep_skip_range"
+    )
+    temporal_attention_timestep_skip_range: TimestepRange = _engine(
+        _PAB, "temporal_attention_timestep_skip_range"
+    )
+    cross_attention_timestep_skip_range: TimestepRange = _engine(_PAB, "cross_attention_timestep_skip_range")
+
+
+_FASTER = FasterCacheConfig
 
 
 class FasterCache(Request):
     method: Literal["faster_cache"]
-    spatial_attention_block_skip_range: SkipRange = 2
-    temporal_attention_block_skip_range: SkipRange | None = None
-    spatial_attention_timestep_skip_range: TimestepRange = (-1, 681)
-    temporal_attention_timestep_skip_range: TimestepRange = (-1, 681)
-    low_frequency_weight_update_timestep_range: TimestepRange = (99, 901)
-    high_frequency_weight_update_timestep_range: TimestepRange = (-1, 301)
-    alpha_low_frequency: float = Field(default=1.1, ge=0, le=10)
-    alpha_high_frequency: float = Field(default=1.1, ge=0, le=10)
-    unconditional_batch_skip_range: SkipRange = 5
-    unconditional_batch_timestep_skip_range: TimestepRange = (-1, 641)
+    spatial_attention_block_skip_range: SkipRange = _engine(_FASTER, "spatial_attention_block_skip_range")
+    temporal_attention_block_skip_range: SkipRange | None = _engine(
+        _FASTER, "temporal_attention_block_skip_range"
+    )
+    spatial_attention_timestep_skip_range: TimestepRange = _engine(
+        _FASTER, "spatial_attention_timestep_skip_range"
+    )
+    temporal_attention_timestep_skip_range: TimestepRange = _engine(
+        _FASTER, "temporal_attention_timestep_skip_range"
+    )
+    low_frequency_weight_update_timestep_range: TimestepRange = _engine(
+        _FASTER, "low_frequency_weight_update_timestep_range"
+    )
+    high_frequency_weight_update_timestep_range: TimestepRange = _engine(
+        _FASTER, "high_frequency_weight_update_timestep_range"
+    )
+    alpha_low_frequency: float = _engine(_FASTER, "alpha_low_frequency", ge=0, le=10)
+    alpha_high_frequency: float = _engine(_FASTER, "alpha_high_frequency", ge=0, le=10)
+    unconditional_batch_skip_range: SkipRange = _engine(_FASTER, "unconditional_batch_skip_range")
+    unconditional_batch_timestep_skip_range: TimestepRange = _engine(
+        _FASTER, "unconditional_batch_timestep_skip_range"
+    )
 
 
 class FirstBlockCache(Request):
     method: Literal["first_block_cache"]
-    threshold: float = Field(default=0.05, ge=0, le=10)
+    threshold: float = _engine(FirstBlockCacheConfig, "threshold", ge=0, le=10)
+
+
+_TAYLOR = TaylorSeerCacheConfig
 
 
 class TaylorSeer(Request):
     method: Literal["taylorseer"]
-    cache_interval: SkipRange = 5
-    disable_cache_before_step: int = Field(default=3, ge=0, le=1000)
-    disable_cache_after_step: int | None = Field(default=None, ge=0, le=1000)
-    max_order: int = Field(default=1, ge=0, le=4)
-    taylor_factors_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        default="bfloat16",
-        description="what the Taylor factors are kept in; float32 keeps step-to-step differences bfloat16 loses",
+    cache_interval: SkipRange = _engine(_TAYLOR, "cache_interval")
+    disable_cache_before_step: int = _engine(_TAYLOR, "disable_cache_before_step", ge=0, le=1000)
+    disable_cache_after_step: int | None = _engine(_TAYLOR, "disable_cache_after_step", ge=0, le=1000)
+    max_order: int = _engine(_TAYLOR, "max_order", ge=0, le=4)
+    taylor_factors_dtype: Literal["bfloat16", "float16", "float32"] = _engine(
+        _TAYLOR, "taylor_factors_dtype", note="named without its module: float32, not torch.float32"
     )
-    use_lite_mode: bool = False
+    use_lite_mode: bool = _engine(_TAYLOR, "use_lite_mode")
 
 
 # MagCache's magnitude ratios, one per step of the checkpoint's calibration run; a list in JSON.
@@ -123,25 +207,27 @@ MagRatios = Annotated[
 
 class MagCache(Request):
     method: Literal["mag_cache"]
-    threshold: float = Field(default=0.06, ge=0, le=10)
-    max_skip_steps: int = Field(default=3, ge=0, le=1000)
-    retention_ratio: float = Field(default=0.2, ge=0, le=1)
-    num_inference_steps: int = Field(default=28, ge=1, le=1000)
-    mag_ratios: MagRatios | None = Field(
-        default=None, description="per checkpoint; default: the model's calibrated ratios, if it has any"
+    threshold: float = _engine(MagCacheConfig, "threshold", ge=0, le=10)
+    max_skip_steps: int = _engine(MagCacheConfig, "max_skip_steps", ge=0, le=1000)
+    retention_ratio: float = _engine(MagCacheConfig, "retention_ratio", ge=0, le=1)
+    num_inference_steps: int = _engine(
+        MagCacheConfig, "num_inference_steps", ge=1, le=1000, note="default here: the request's steps"
+    )
+    mag_ratios: MagRatios | None = _engine(
+        MagCacheConfig, "mag_ratios", note="default here: the model's calibrated ratios, if it has any"
     )
 
 
 class SeaCache(Request):
     method: Literal["sea_cache"]
-    threshold: float = Field(default=0.25, ge=0, le=10)
-    residual_order: int = Field(default=1, ge=0, le=1)
-    retention_steps: int = Field(default=1, ge=0, le=1000)
-    cache_end_steps: int = Field(default=1, ge=0, le=1000)
-    max_consecutive_cached: int = Field(default=2, ge=0, le=1000)
-    power_exp: float = Field(default=3.0, gt=0, le=100)
-    num_inference_steps: int | None = Field(
-        default=None, ge=1, le=1000, description="the run's steps; cache_end_steps applies only with it"
+    threshold: float = _engine(SeaCacheConfig, "threshold", ge=0, le=10)
+    residual_order: int = _engine(SeaCacheConfig, "residual_order", ge=0, le=1)
+    retention_steps: int = _engine(SeaCacheConfig, "retention_steps", ge=0, le=1000)
+    cache_end_steps: int = _engine(SeaCacheConfig, "cache_end_steps", ge=0, le=1000)
+    max_consecutive_cached: int = _engine(SeaCacheConfig, "max_consecutive_cached", ge=0, le=1000)
+    power_exp: float = _engine(SeaCacheConfig, "power_exp", gt=0, le=100)
+    num_inference_steps: int | None = _engine(
+        SeaCacheConfig, "num_inference_steps", ge=1, le=1000, note="default here: the request's steps"
     )
 
 
@@ -157,22 +243,28 @@ class DBCache(Request):
     """cache-dit's Dual Block Cache, with cache-dit's parameter names."""
 
     method: Literal["dbcache"]
-    Fn_compute_blocks: int = Field(default=8, ge=1, le=1000)
-    Bn_compute_blocks: int = Field(default=0, ge=0, le=1000)
-    residual_diff_threshold: float = Field(default=0.08, ge=0, le=10)
-    max_accumulated_residual_diff_threshold: float | None = Field(default=None, ge=0, le=1000)
-    max_warmup_steps: int = Field(default=8, ge=0, le=1000)
-    warmup_interval: int = Field(default=1, ge=1, le=1000)
-    max_cached_steps: int = Field(default=-1, ge=-1, le=1000, description="-1: no limit")
-    max_continuous_cached_steps: int = Field(default=-1, ge=-1, le=1000, description="-1: no limit")
-    steps_computation_mask: StepsMask | None = Field(
-        default=None, description="one per step: 1 always computes, 0 leaves the step to the policy"
+    Fn_compute_blocks: int = _engine(
+        DBCacheConfig,
+        "Fn_compute_blocks",
+        ge=1,
+        le=1000,
+        note="default here on a model whose chain of blocks is 8 or shorter: 1, see the model's method_defaults",
     )
-    steps_computation_policy: Literal["dynamic", "static"] = Field(
-        default="dynamic", description="on a 0 of the mask: dynamic measures, static reuses"
+    Bn_compute_blocks: int = _engine(DBCacheConfig, "Bn_compute_blocks", ge=0, le=1000)
+    residual_diff_threshold: float = _engine(DBCacheConfig, "residual_diff_threshold", ge=0, le=10)
+    max_accumulated_residual_diff_threshold: float | None = _engine(
+        DBCacheConfig, "max_accumulated_residual_diff_threshold", ge=0, le=1000
     )
-    enable_taylorseer: bool = False
-    taylorseer_order: int = Field(default=1, ge=1, le=2)
+    max_warmup_steps: int = _engine(DBCacheConfig, "max_warmup_steps", ge=0, le=1000)
+    warmup_interval: int = _engine(DBCacheConfig, "warmup_interval", ge=1, le=1000)
+    max_cached_steps: int = _engine(DBCacheConfig, "max_cached_steps", ge=-1, le=1000)
+    max_continuous_cached_steps: int = _engine(DBCacheConfig, "max_continuous_cached_steps", ge=-1, le=1000)
+    steps_computation_mask: StepsMask | None = _engine(DBCacheConfig, "steps_computation_mask")
+    steps_computation_policy: Literal["dynamic", "static"] = _engine(
+        DBCacheConfig, "steps_computation_policy"
+    )
+    enable_taylorseer: bool = _engine(DBCacheConfig, "enable_taylorseer")
+    taylorseer_order: int = _engine(DBCacheConfig, "taylorseer_order", ge=1, le=2)
 
 
 # TeaCache's rescaling polynomial, highest power first; a list in JSON.
@@ -185,13 +277,14 @@ Coefficients = Annotated[
 
 class TeaCache(Request):
     method: Literal["teacache"]
-    rel_l1_thresh: float = Field(default=0.25, ge=0, le=10)
-    coefficients: Coefficients | None = Field(
-        default=None,
-        description="default: the model's calibrated ones, else the paper's for its family",
+    rel_l1_thresh: float = _engine(TeaCacheConfig, "rel_l1_thresh", ge=0, le=10)
+    coefficients: Coefficients | None = _engine(
+        TeaCacheConfig,
+        "coefficients",
+        note="default here: the model's calibrated ones, else the paper's for its family",
     )
-    num_steps: int | None = Field(
-        default=None, ge=1, le=1000, description="the run's steps; when given, the last one always computes"
+    num_steps: int | None = _engine(
+        TeaCacheConfig, "num_steps", ge=1, le=1000, note="default here: the request's steps"
     )
 
 

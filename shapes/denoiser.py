@@ -15,7 +15,7 @@ from shapes.vae import LATENT_CHANNELS, LATENT_SIDE
 if TYPE_CHECKING:
     from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
-# The tiny Flux recipe's transformer (server.tiny.flux) has 2 heads; this one has 4, because it is
+# The tiny Flux recipe's transformer (tiny_pipelines.flux) has 2 heads; this one has 4, because it is
 # trained rather than drawn at random, and the shipped checkpoint's weights have this shape.
 TRANSFORMER_CONFIG: dict[str, Any] = {
     "patch_size": 1,

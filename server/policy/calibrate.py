@@ -27,17 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import TypeAdapter
 
 from cache_engine import CacheConfig
 from server.models.calibration import Calibration, Curve, CurvePoint, load_calibration, merged
 from server.models.generation import GenerationParams, check_params, generate
 from server.models.registry import ResidentModel, calibration_path, load_model
 from server.policy import engine_config as policies
-from server.policy.named import PRESET_FLOORS
-from server.protocol import CacheSpec
-
-_SPEC: TypeAdapter[CacheSpec] = TypeAdapter(CacheSpec)
+from server.policy.resolve import PRESET_FLOORS
 
 # Subjects, colours and places drawn in turn: generic prompts, for a model whose traffic is not known.
 # A model trained on a narrow domain is better calibrated on prompts like its own (--prompts-file).
@@ -146,8 +142,8 @@ def engine_config(
     policy: Mapping[str, Any], method_values: Mapping[str, Mapping[str, Any]], steps: int
 ) -> CacheConfig | None:
     """The engine config a swept policy runs as at ``steps``, with the model's fitted values filled in."""
-    spec = _SPEC.validate_python(dict(policy))
-    return policies.to_engine_config(spec, {}, method_values, steps=steps)
+    fields = {name: value for name, value in policy.items() if name != "method"}
+    return policies.engine_config(str(policy["method"]), fields, method_values, steps=steps)
 
 
 def _config(

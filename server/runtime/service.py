@@ -30,7 +30,7 @@ from server.models.limits import Kind
 from server.models.registry import ResidentModel
 from server.models.stages import StageTimings
 from server.policy import engine_config as policy
-from server.policy import named as targets
+from server.policy.resolve import resolve
 from server.protocol import CachePreset, CacheTarget, GenerationRequest
 from server.runtime.metrics import Metrics
 from server.runtime.replicas import Replica, least_loaded
@@ -201,8 +201,8 @@ class Generations:
     def _cache_config(
         self, body: GenerationRequest, model: ResidentModel, params: GenerationParams
     ) -> tuple[CacheConfig | None, Mapping[str, Any] | None]:
-        spec, target = targets.resolve(model, body.cache, params.steps, params.guidance_scale)
-        config = policy.to_engine_config(spec, model.presets, model.method_values, steps=params.steps)
+        resolved = resolve(model, body.cache, params.steps, params.guidance_scale)
+        config, target = resolved.config, resolved.promise
         if config is None:
             return None, target
         method = policy.method_of(config)

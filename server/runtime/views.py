@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from typing import Any
 
 from cache_engine import SessionStats
-from server.errors import InvalidRequest
 from server.models import media
 from server.models.registry import ResidentModel
 from server.models.stages import StageTimings
 from server.policy import engine_config as policy
-from server.policy.named import calibrated_presets
+from server.policy import resolve as named
 from server.protocol import (
-    POLICY_CLASSES,
     CacheStats,
     GenerationResponse,
     ImagesResponse,
@@ -41,13 +38,6 @@ def stats_view(stats: SessionStats | None) -> CacheStats | None:
 
 def model_card(model: ResidentModel, methods: tuple[str, ...], replicas: Sequence[Replica]) -> ModelCard:
     """``model`` on the wire; ``methods`` are the cache methods a request may name for it."""
-    presets = calibrated_presets(model)
-    if presets is None:
-        presets = {
-            name: policy.describe(config)
-            for name, config in model.presets.items()
-            if policy.method_of(config) in methods
-        }
     return ModelCard(
         id=model.name,
         kind=model.kind,
@@ -60,8 +50,8 @@ def model_card(model: ResidentModel, methods: tuple[str, ...], replicas: Sequenc
         size_multiple=model.size_multiple,
         frame_step=model.frame_step,
         weight_bytes=model.weight_bytes,
-        presets=presets,
-        method_defaults=method_defaults(model, methods),
+        presets=named.presets(model, methods),
+        method_defaults=named.method_defaults(model, methods),
         replicas=[
             ReplicaView(
                 id=replica.id,
@@ -72,23 +62,6 @@ def model_card(model: ResidentModel, methods: tuple[str, ...], replicas: Sequenc
             for replica in replicas
         ],
     )
-
-
-def method_defaults(model: ResidentModel, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per method of ``methods``, what a request naming only that method runs on ``model``; a method left
-    out needs a field this model cannot fill (MagCache's ``mag_ratios`` on a model never calibrated)."""
-    described = {}
-    for method in methods:
-        if method == "none":
-            continue
-        spec = POLICY_CLASSES[method].model_validate({"method": method})
-        try:
-            config = policy.to_engine_config(spec, {}, model.method_values, steps=model.defaults.steps)
-            model.cache.check(config)
-        except (InvalidRequest, ValueError):
-            continue
-        described[method] = policy.describe(config)
-    return described
 
 
 def _data(finished: Finished) -> list[MediaItem]:

@@ -12,10 +12,8 @@ from benchmarks import request_path
 
 @pytest.mark.slow
 def test_a_short_run_reports_every_measure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status = request_path.main(
-        ["--model", "tiny-flux", "--size", "32", "--requests", "3", "--warm-up", "1", "--target-ms", "1e9"]
-        + ["--cache-dir", str(tmp_path)]
-    )
+    quick = ["--size", "32", "--requests", "3", "--warm-up", "1", "--target-ms", "1e9"]
+    status = request_path.main(["--model", "tiny-flux", *quick, "--cache-dir", str(tmp_path)])
     assert status == 0
     out = capsys.readouterr().out
     for measure in ("own cost: wall - stages", "app: http - stages", "stage pipeline_overhead"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import pickle
 import subprocess
@@ -116,3 +117,15 @@ def test_import_has_no_side_effects() -> None:
         cwd=Path(__file__).parents[2],
     )
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("method", ce.METHOD_NAMES)
+def test_every_config_field_is_described_on_the_config(method: str) -> None:
+    """Each field says what it does in its metadata (the one place it is described), and describing it
+    changed no default: the config still builds from its defaults, and keeps them."""
+    config_class = ce.CONFIG_CLASSES[method]
+    config = config_class()
+    for field in dataclasses.fields(config_class):
+        doc = field.metadata.get("doc")
+        assert isinstance(doc, str) and doc.strip(), f"{config_class.__name__}.{field.name} has no doc"
+        assert getattr(config, field.name) == field.default, f"{config_class.__name__}.{field.name}"

@@ -67,7 +67,7 @@ def test_each_runs_on_tiny_flux_and_reuses_blocks(client: httpx.Client, cache: d
         ({"method": "dbcache", "steps_computation_mask": [1, 2]}, "cache.steps_computation_mask.1"),
         ({"method": "dbcache", "max_cached_steps": -2}, "cache.max_cached_steps"),
         # Only the model knows it has too few blocks: the engine's refusal names the field.
-        ({"method": "dbcache"}, "cache.Fn_compute_blocks"),
+        ({"method": "dbcache", "Fn_compute_blocks": 8}, "cache.Fn_compute_blocks"),
         ({"method": "dbcache", "Fn_compute_blocks": 2, "Bn_compute_blocks": 9}, "cache.Bn_compute_blocks"),
         ({"method": "teacache", "rel_l1_thresh": -1}, "cache.rel_l1_thresh"),
         ({"method": "teacache", "coefficients": []}, "cache.coefficients"),
@@ -100,7 +100,7 @@ def test_calibrated_coefficients_fill_what_the_request_leaves_out() -> None:
 
     def config(cache: dict[str, Any]) -> Any:
         body = GenerationRequest.model_validate({"prompt": "p", "cache": cache})
-        return policy.to_engine_config(body.cache, {}, calibration)
+        return policy.to_engine_config(body.cache, calibration)
 
     assert config({"method": "teacache"}) == TeaCacheConfig(coefficients=(2.0, 0.0))
     assert config({"method": "teacache", "coefficients": [3, 1]}) == TeaCacheConfig(coefficients=(3.0, 1.0))

@@ -37,7 +37,7 @@ from .conftest import LiveServer, b64_items, error_of, live_server
 class Family:
     """How a direct diffusers call of one family looks, written out here independently of the server."""
 
-    # The server.tiny entry the folder is built from.
+    # The tiny_pipelines entry the folder is built from.
     tiny: str
     pipeline_class: str
     # The __call__ argument that receives the request's guidance_scale; None: the model takes none.

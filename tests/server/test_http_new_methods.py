@@ -86,11 +86,11 @@ def test_models_list_both_methods(client: httpx.Client) -> None:
 def test_a_models_calibration_fills_what_the_request_leaves_out() -> None:
     calibration = {"mag_cache": {"mag_ratios": (1.0, 0.9)}}
     unset = GenerationRequest.model_validate({"prompt": "p", "cache": {"method": "mag_cache"}})
-    config = policy.to_engine_config(unset.cache, {}, calibration)
+    config = policy.to_engine_config(unset.cache, calibration)
     assert config == MagCacheConfig(mag_ratios=(1.0, 0.9))
     given = GenerationRequest.model_validate(
         {"prompt": "p", "cache": {"method": "mag_cache", "mag_ratios": [1.0, 1.2, 1.1]}}
     )
-    assert policy.to_engine_config(given.cache, {}, calibration) == MagCacheConfig(mag_ratios=(1.0, 1.2, 1.1))
+    assert policy.to_engine_config(given.cache, calibration) == MagCacheConfig(mag_ratios=(1.0, 1.2, 1.1))
     # Without calibration, the config is built and refused where it is planned on the model.
-    assert policy.to_engine_config(unset.cache, {}) == MagCacheConfig()
+    assert policy.to_engine_config(unset.cache) == MagCacheConfig()

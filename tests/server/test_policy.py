@@ -1,8 +1,10 @@
-"""body.cache → the engine's frozen config, and back."""
+"""body.cache → the engine's frozen config, and back; presets and targets resolved on a model."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +19,9 @@ from cache_engine import (
     TaylorSeerCacheConfig,
 )
 from server.errors import InvalidRequest
+from server.models.registry import ResidentModel, load_model
 from server.policy import engine_config as policy
+from server.policy import resolve
 from server.protocol import POLICY_CLASSES, GenerationRequest
 
 PRESETS: Mapping[str, CacheConfig | None] = {
@@ -26,9 +30,19 @@ PRESETS: Mapping[str, CacheConfig | None] = {
 }
 
 
-def _config(cache: dict[str, Any] | None, presets: Mapping[str, CacheConfig | None] = PRESETS) -> Any:
+def _config(cache: dict[str, Any] | None) -> Any:
     body = GenerationRequest.model_validate({"prompt": "p", "cache": cache})
-    return policy.to_engine_config(body.cache, presets)
+    return policy.to_engine_config(body.cache)
+
+
+@pytest.fixture(scope="module")
+def flux(model_cache: Path) -> ResidentModel:
+    return load_model("tiny-flux", cache_dir=model_cache)
+
+
+def _resolved(model: ResidentModel, cache: dict[str, Any]) -> resolve.Resolved:
+    body = GenerationRequest.model_validate({"prompt": "p", "cache": cache})
+    return resolve.resolve(model, body.cache, steps=4, guidance_scale=1.0)
 
 
 def test_none_and_absent_mean_no_config() -> None:
@@ -56,12 +70,34 @@ def test_each_method_builds_its_engine_config_with_the_given_values() -> None:
     )
 
 
-def test_presets_come_from_the_model() -> None:
-    assert _config({"preset": "fast"}) is PRESETS["fast"]
-    assert _config({"preset": "quality"}) is None
+def test_presets_come_from_the_model(flux: ResidentModel) -> None:
+    model = dataclasses.replace(flux, presets=PRESETS)
+    assert _resolved(model, {"preset": "fast"}) == resolve.Resolved(PRESETS["fast"])
+    assert _resolved(model, {"preset": "quality"}) == resolve.Resolved(None)
     with pytest.raises(InvalidRequest) as caught:
-        _config({"preset": "balanced"})
+        _resolved(model, {"preset": "balanced"})
     assert caught.value.param == "cache.preset"
+
+
+def test_a_method_resolves_through_the_one_conversion_and_a_target_needs_a_calibration(
+    flux: ResidentModel,
+) -> None:
+    cache = {"method": "first_block_cache", "threshold": 0.3}
+    assert _resolved(flux, cache) == resolve.Resolved(_config(cache))
+    with pytest.raises(InvalidRequest) as caught:
+        _resolved(flux, {"target": {"min_psnr": 30}})
+    assert caught.value.param == "cache.target"
+    # A named policy never reaches the conversion unresolved.
+    with pytest.raises(TypeError, match="resolved"):
+        _config({"preset": "fast"})
+
+
+def test_a_policy_written_as_plain_fields_is_the_same_config_as_from_the_wire() -> None:
+    fields = {"cache_interval": 3, "taylor_factors_dtype": "float32", "use_lite_mode": True}
+    assert policy.engine_config("taylorseer", fields) == _config({"method": "taylorseer", **fields})
+    with pytest.raises(InvalidRequest) as caught:
+        policy.engine_config("taylorseer", {"no_such_field": 1})
+    assert caught.value.param == "cache.no_such_field"
 
 
 def test_engine_refusal_names_the_field() -> None:

@@ -13,6 +13,7 @@ from cache_engine import CONFIG_CLASSES, SessionStats
 from server.ops.dtypes import dtype_name, dtype_named
 from server.protocol import (
     CACHE_METHODS,
+    NOT_ON_THE_WIRE,
     POLICY_CLASSES,
     CachePreset,
     CacheStats,
@@ -147,6 +148,24 @@ def test_wire_fields_are_the_engine_config_fields() -> None:
             if isinstance(expected, torch.dtype):
                 expected = dtype_name(expected)
             assert value == expected, f"{method}.{name}: default differs from the engine's"
+
+
+def test_the_wire_takes_each_policy_field_and_its_description_from_the_engine_config() -> None:
+    """A field is documented once, on the engine's config: the wire's policy classes have every config
+    field a client may set, each described by the config's own words (and what the server adds)."""
+    for method, engine_cls in CONFIG_CLASSES.items():
+        engine = {field.name: field for field in dataclasses.fields(engine_cls)}
+        wire = {
+            name: field for name, field in POLICY_CLASSES[method].model_fields.items() if name != "method"
+        }
+        hidden = NOT_ON_THE_WIRE[method]
+        assert not hidden & set(wire), method
+        assert set(wire) | hidden == set(engine), f"{method}: a config field neither on the wire nor hidden"
+        for name, field in wire.items():
+            doc = engine[name].metadata.get("doc")
+            assert doc, f"{method}.{name} has no description on the engine config"
+            assert field.description is not None, f"{method}.{name}"
+            assert field.description == doc or field.description.startswith(f"{doc} ("), f"{method}.{name}"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,122 @@
+"""A request's ``cache`` resolved to the engine config it runs on a model: the one way in, for a method
+with its fields, a preset and a quality target alike.
+
+Presets and targets are one kind of thing, a policy the model offers by name. On a model with a
+calibration (``server/models/calibration.py``), a target's floor, or a preset's (``PRESET_FLOORS``),
+picks, for the request's step count and guidance, the fastest policy whose pooled PSNR against the
+uncached output meets the floor with 95% confidence on prompts other than the calibration's; the
+answer's ``cache_policy.target`` says which policy ran, what was measured for it, and whether the
+request's setting was the one calibrated or only the nearest to it. On a model without one, a preset is
+the model's fixed config and a target is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cache_engine import CacheConfig
+from server.errors import InvalidRequest
+from server.models.calibration import psnr_to_json
+from server.models.presets import PresetName
+from server.models.registry import ResidentModel
+from server.policy.engine_config import describe, engine_config, to_engine_config
+from server.protocol import CachePreset, CacheSpec, CacheTarget, NoCache
+
+# The floor each preset keeps on a calibrated model: presets are targets on the same curve.
+PRESET_FLOORS: dict[PresetName, float] = {"fast": 30.0, "balanced": 35.0, "quality": 40.0}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a request's ``cache`` runs: the engine config, and, for a policy chosen from a PSNR floor,
+    what the choice promises (the floor, what was measured, on which setting)."""
+
+    config: CacheConfig | None
+    promise: Mapping[str, Any] | None = None
+
+
+def resolve(model: ResidentModel, spec: CacheSpec | None, steps: int, guidance_scale: float) -> Resolved:
+    """The engine config ``spec`` runs on ``model`` at ``steps`` and ``guidance_scale``.
+
+    Raises InvalidRequest naming the field: a preset the model lacks, a target on a model with no
+    calibration, a value the engine refuses.
+    """
+    if spec is None or isinstance(spec, NoCache):
+        return Resolved(None)
+    if isinstance(spec, CacheTarget):
+        return _chosen(model, spec.target.min_psnr, "cache.target", steps, guidance_scale)
+    if isinstance(spec, CachePreset):
+        if model.calibration.curves:
+            return _chosen(model, PRESET_FLOORS[spec.preset], "cache.preset", steps, guidance_scale)
+        if spec.preset not in model.presets:
+            raise InvalidRequest(f"this model has no preset {spec.preset!r}", param="cache.preset")
+        return Resolved(model.presets[spec.preset])
+    return Resolved(to_engine_config(spec, model.method_values, steps=steps))
+
+
+def presets(model: ResidentModel, methods: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """What each preset runs at the model's default steps and guidance, in the wire's vocabulary; a preset
+    whose method is not among ``methods`` (those a request may name) is left out."""
+    defaults = model.defaults
+    described: dict[str, dict[str, Any]] = {}
+    for name in PRESET_FLOORS:
+        try:
+            config = resolve(model, CachePreset(preset=name), defaults.steps, defaults.guidance_scale).config
+        except InvalidRequest:
+            continue  # no such preset on this model, or no calibrated policy at its floor
+        if describe(config)["method"] in methods:
+            described[name] = describe(config)
+    return described
+
+
+def method_defaults(model: ResidentModel, methods: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Per method of ``methods``, what a request naming only that method runs on ``model`` at its default
+    steps; a method left out needs a field this model cannot fill (MagCache's ``mag_ratios`` on a model
+    never calibrated, TeaCache's ``coefficients`` on a family without published ones)."""
+    described = {}
+    for method in methods:
+        if method == "none":
+            continue
+        try:
+            config = engine_config(method, {}, model.method_values, steps=model.defaults.steps)
+            model.cache.check(config)
+        except (InvalidRequest, ValueError):
+            continue
+        described[method] = describe(config)
+    return described
+
+
+def _db(value: float) -> float | None:
+    db = psnr_to_json(value)
+    return None if db is None else round(db, 2)
+
+
+def _chosen(model: ResidentModel, floor: float, param: str, steps: int, guidance_scale: float) -> Resolved:
+    choice = model.calibration.choose(floor, steps, guidance_scale > 1)
+    if choice is None:
+        raise InvalidRequest(
+            f"model {model.name!r} has no calibration to choose a policy from; "
+            f"run `ditcache calibrate --model {model.source.split(':', 1)[-1]}`, or name a method",
+            param=param,
+        )
+    point, curve = choice.point, choice.curve
+    promise = {
+        "min_psnr": floor,
+        "measured_psnr": _db(point.psnr),
+        # What the floor was held to: the PSNR other prompts keep with 95% confidence.
+        "psnr_lower_bound": _db(point.psnr_bound),
+        "worst_prompt_psnr": _db(point.worst_psnr),
+        "measured_speedup": round(point.speedup, 2),
+        "calibrated": {
+            "steps": curve.steps,
+            "guidance_scale": curve.guidance_scale,
+            "prompts": model.calibration.prompts,
+        },
+        # The request's setting is not the calibrated one: the numbers are the nearest curve's.
+        "outside_calibration": not choice.exact,
+    }
+    fields = {name: value for name, value in point.policy.items() if name != "method"}
+    config = engine_config(str(point.policy["method"]), fields, model.method_values, steps=steps)
+    return Resolved(config, promise)
