@@ -29,6 +29,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("shapes",),
     ("benchmarks",),
 )
+# The wire types the runtime and model layers may name: results leave through runtime.views, which
+# maps them; a generation's body comes in as parsed, and a job's view is what the jobs service answers.
+WIRE = "server.protocol"
+WIRE_ALLOWED: dict[str, frozenset[str] | None] = {
+    "server.runtime.views": None,  # any
+    "server.runtime.service": frozenset({"GenerationRequest"}),
+    "server.runtime.jobs": frozenset({"GenerationRequest", "JobView"}),
+}
 # The web framework stays in the HTTP layer.
 WEB_FRAMEWORKS = ("fastapi", "starlette")
 WEB_ROOMS = ("server.api", "server.ray_backend")
@@ -147,6 +155,24 @@ def test_the_web_framework_stays_in_the_http_layer() -> None:
         if name.split(".")[0] in WEB_FRAMEWORKS
     ]
     assert leaks == []
+
+
+def test_the_runtime_and_models_name_wire_types_only_where_they_map_to_the_wire() -> None:
+    named: dict[str, set[str]] = {}
+    for module, path in sources().items():
+        if not module.startswith(("server.runtime", "server.models", "server.ops")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module == WIRE:
+                named.setdefault(module, set()).update(alias.name for alias in node.names)
+            elif isinstance(node, ast.Import) and any(alias.name == WIRE for alias in node.names):
+                named.setdefault(module, set()).add("*")
+    beyond = {}
+    for module, names in named.items():
+        allowed = WIRE_ALLOWED.get(module, frozenset())
+        if allowed is not None and names - allowed:
+            beyond[module] = sorted(names - allowed)
+    assert beyond == {}
 
 
 @pytest.mark.parametrize(

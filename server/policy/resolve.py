@@ -35,6 +35,8 @@ class Resolved:
 
     config: CacheConfig | None
     promise: Mapping[str, Any] | None = None
+    # The request's field that chose it, for an error about what it chose.
+    param: str = "cache.method"
 
 
 def resolve(model: ResidentModel, spec: CacheSpec | None, steps: int, guidance_scale: float) -> Resolved:
@@ -52,7 +54,7 @@ def resolve(model: ResidentModel, spec: CacheSpec | None, steps: int, guidance_s
             return _chosen(model, PRESET_FLOORS[spec.preset], "cache.preset", steps, guidance_scale)
         if spec.preset not in model.presets:
             raise InvalidRequest(f"this model has no preset {spec.preset!r}", param="cache.preset")
-        return Resolved(model.presets[spec.preset])
+        return Resolved(model.presets[spec.preset], param="cache.preset")
     return Resolved(to_engine_config(spec, model.method_values, steps=steps))
 
 
@@ -119,4 +121,4 @@ def _chosen(model: ResidentModel, floor: float, param: str, steps: int, guidance
     }
     fields = {name: value for name, value in point.policy.items() if name != "method"}
     config = engine_config(str(point.policy["method"]), fields, model.method_values, steps=steps)
-    return Resolved(config, promise)
+    return Resolved(config, promise, param)

@@ -30,10 +30,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
-from server.protocol import JobStatus
-
+# A job's status as the store keeps it; the wire's JobView.status has the same values (a test holds them).
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL: frozenset[JobStatus] = frozenset({"succeeded", "failed", "cancelled"})
 UNFINISHED: frozenset[JobStatus] = frozenset({"queued", "running"})
 
@@ -56,7 +56,7 @@ class JobRecord:
     step: int = 0
     # As last written by the owner; the owner itself answers with the live position.
     queue_position: int | None = None
-    # The GenerationResponse and the ErrorDetail, as wire JSON.
+    # The answer and the error, as the wire writes them (``server.runtime.views``).
     result: str | None = None
     error: str | None = None
     # Who runs it; "" when nobody does (released, to be claimed).

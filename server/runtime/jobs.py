@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from server.errors import Conflict, GenerationCancelled, NotFound, QueueFull, ServerError, Unavailable
-from server.protocol import ErrorDetail, GenerationRequest, GenerationResponse, JobProgress, JobView
+from server.protocol import GenerationRequest, JobView
+from server.runtime import views
 from server.runtime.job_store import FINAL, JobRecord, JobStore
 from server.runtime.service import Generations, Prepared
-from server.runtime.views import generation_response
 from server.runtime.worker import Task
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class Jobs:
         assert job.task is not None
         try:
             finished = await self.generations.finish(job.prepared, job.task)
-            self._end(job, "succeeded", result=generation_response(finished).model_dump_json())
+            self._end(job, "succeeded", result=views.result_json(finished))
         except GenerationCancelled as exc:
             self._end(job, "cancelled", error=_detail(exc, job.record))
         except ServerError as exc:
@@ -275,10 +275,8 @@ class Jobs:
             raise
         except Exception:
             logger.exception("job %s failed", job.record.id)
-            error = ErrorDetail(
-                code="internal_error", message="internal error", request_id=job.record.request_id
-            )
-            self._end(job, "failed", error=error.model_dump_json())
+            error = views.error_json("internal_error", "internal error", job.record.request_id)
+            self._end(job, "failed", error=error)
 
     def _end(self, job: Job, status: str, *, result: str | None = None, error: str | None = None) -> None:
         record = job.record
@@ -338,7 +336,7 @@ class Jobs:
 
     def _resume(self, record: JobRecord, now: float) -> None:
         def fail(code: str, message: str) -> None:
-            error = ErrorDetail(code=code, message=message, request_id=record.request_id).model_dump_json()
+            error = views.error_json(code, message, record.request_id)
             self._write(record.id, status="failed", finished=now, queue_position=None, error=error)
             logger.warning("job %s could not be run again: %s", record.id, message)
 
@@ -399,23 +397,7 @@ class Jobs:
             step = job.task.steps_done
             if record.status == "queued":
                 position = self.generations.position(job.prepared, job.task)
-        result = None
-        if with_result and record.result is not None:
-            result = GenerationResponse.model_validate_json(record.result)
-        return JobView(
-            id=record.id,
-            status=record.status,
-            model=record.model,
-            request_id=record.request_id,
-            seed=record.seed,
-            created=record.created,
-            started=record.started,
-            finished=record.finished,
-            queue_position=position,
-            progress=JobProgress(step=step, total_steps=record.total_steps),
-            result=result,
-            error=None if record.error is None else ErrorDetail.model_validate_json(record.error),
-        )
+        return views.job_view(record, step=step, queue_position=position, with_result=with_result)
 
     async def _events(self, job_id: str, job: Job | None) -> AsyncIterator[str]:
         watcher = asyncio.Event()
@@ -471,12 +453,11 @@ class Jobs:
 
 
 def _detail(exc: ServerError, record: JobRecord) -> str:
-    detail = ErrorDetail(code=exc.code, message=exc.message, request_id=record.request_id, param=exc.param)
-    return detail.model_dump_json()
+    return views.error_json(exc.code, exc.message, record.request_id, exc.param)
 
 
 def _cancelled_detail(record: JobRecord, message: str) -> str:
-    return ErrorDetail(code="cancelled", message=message, request_id=record.request_id).model_dump_json()
+    return views.error_json("cancelled", message, record.request_id)
 
 
 def _event(name: str, view: JobView) -> str:

@@ -31,7 +31,7 @@ from server.models.registry import ResidentModel
 from server.models.stages import StageTimings
 from server.policy import engine_config as policy
 from server.policy.resolve import resolve
-from server.protocol import CachePreset, CacheTarget, GenerationRequest
+from server.protocol import GenerationRequest
 from server.runtime.metrics import Metrics
 from server.runtime.replicas import Replica, least_loaded
 from server.runtime.worker import Outcome, Task, Worker
@@ -207,13 +207,7 @@ class Generations:
             return None, target
         method = policy.method_of(config)
         supported = self.supported_methods(model)
-        param = (
-            "cache.target"
-            if isinstance(body.cache, CacheTarget)
-            else "cache.preset"
-            if isinstance(body.cache, CachePreset)
-            else "cache.method"
-        )
+        param = resolved.param
         if method not in supported:
             why = "" if model.cache.installed else " (the server runs without cache hooks)"
             raise UnsupportedCacheMethod(

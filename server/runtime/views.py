@@ -1,5 +1,6 @@
 """Results on the wire: the one place where what the runtime holds (finished generations, resident models,
-stage timings, cache stats) becomes the protocol's response models."""
+stage timings, cache stats, jobs) becomes the protocol's response models, or the wire JSON a job
+keeps in the store."""
 
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ from server.policy import engine_config as policy
 from server.policy import resolve as named
 from server.protocol import (
     CacheStats,
+    ErrorDetail,
     GenerationResponse,
     ImagesResponse,
+    JobProgress,
+    JobView,
     MediaItem,
     ModelCard,
     ReplicaView,
     Timings,
 )
+from server.runtime.job_store import JobRecord
 from server.runtime.replicas import Replica
 from server.runtime.service import Finished
 
@@ -112,3 +117,36 @@ def _policy(finished: Finished) -> dict[str, object]:
     if finished.prepared.target is not None:
         described["target"] = dict(finished.prepared.target)
     return described
+
+
+def result_json(finished: Finished) -> str:
+    """A job's answer as the store keeps it: the native answer's JSON."""
+    return generation_response(finished).model_dump_json()
+
+
+def error_json(code: str, message: str, request_id: str | None, param: str | None = None) -> str:
+    """A job's error as the store keeps it: the error envelope's inner object."""
+    return ErrorDetail(code=code, message=message, request_id=request_id, param=param).model_dump_json()
+
+
+def job_view(
+    record: JobRecord, *, step: int, queue_position: int | None, with_result: bool = True
+) -> JobView:
+    """A job on the wire, from its stored record and its owner's live ``step`` and ``queue_position``."""
+    result = None
+    if with_result and record.result is not None:
+        result = GenerationResponse.model_validate_json(record.result)
+    return JobView(
+        id=record.id,
+        status=record.status,
+        model=record.model,
+        request_id=record.request_id,
+        seed=record.seed,
+        created=record.created,
+        started=record.started,
+        finished=record.finished,
+        queue_position=queue_position,
+        progress=JobProgress(step=step, total_steps=record.total_steps),
+        result=result,
+        error=None if record.error is None else ErrorDetail.model_validate_json(record.error),
+    )

@@ -72,8 +72,8 @@ def test_each_method_builds_its_engine_config_with_the_given_values() -> None:
 
 def test_presets_come_from_the_model(flux: ResidentModel) -> None:
     model = dataclasses.replace(flux, presets=PRESETS)
-    assert _resolved(model, {"preset": "fast"}) == resolve.Resolved(PRESETS["fast"])
-    assert _resolved(model, {"preset": "quality"}) == resolve.Resolved(None)
+    assert _resolved(model, {"preset": "fast"}) == resolve.Resolved(PRESETS["fast"], param="cache.preset")
+    assert _resolved(model, {"preset": "quality"}) == resolve.Resolved(None, param="cache.preset")
     with pytest.raises(InvalidRequest) as caught:
         _resolved(model, {"preset": "balanced"})
     assert caught.value.param == "cache.preset"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import torch
 from pydantic import BaseModel, ValidationError
 
 from cache_engine import CONFIG_CLASSES, SessionStats
+from server import protocol
 from server.ops.dtypes import dtype_name, dtype_named
 from server.protocol import (
     CACHE_METHODS,
@@ -23,6 +24,7 @@ from server.protocol import (
     NoCache,
     field_path,
 )
+from server.runtime import job_store
 
 
 def _errors(body: dict[str, Any], model: type[BaseModel] = GenerationRequest) -> list[tuple[str, str]]:
@@ -174,6 +176,10 @@ def test_the_wire_takes_each_policy_field_and_its_description_from_the_engine_co
 def test_a_dtype_is_named_on_the_wire_without_its_module(dtype: torch.dtype, name: str) -> None:
     assert dtype_name(dtype) == name
     assert dtype_named(name) is dtype
+
+
+def test_a_stored_job_status_is_a_wire_status() -> None:
+    assert get_args(job_store.JobStatus) == get_args(protocol.JobStatus)
 
 
 def test_cache_stats_carry_every_count_the_engine_keeps() -> None:
