@@ -40,6 +40,7 @@ from cache_engine import (
 )
 from server.models.limits import Kind, ModelDefaults, ModelLimits
 from server.models.presets import PRESET_NAMES, PresetName
+from server.models.tasks import Task
 from server.ops.dtypes import dtype_name
 
 CACHE_METHODS: tuple[str, ...] = (
@@ -437,6 +438,24 @@ class GenerationRequest(_GenerationFields):
         default=None,
         description="images: png, jpeg, webp (default png); videos: mp4, gif, webp (default mp4)",
     )
+    image: str | list[str] | None = Field(
+        default=None,
+        description="an image to start from (image-to-image; inpainting with a mask): PNG, JPEG or WebP, "
+        "base64 or a data URL, a list where the model's pipeline takes several. Sets the size "
+        "unless width and height are given (down to the model's size multiple)",
+    )
+    mask: str | None = Field(
+        default=None,
+        description="inpainting: a PNG of the image's size whose transparent pixels are the ones to "
+        "change (OpenAI's convention), base64 or a data URL",
+    )
+    strength: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="with an image: how far from it to go, 1 repainting it whole (default 0.6); "
+        "the pipeline runs strength x steps of the steps",
+    )
 
 
 class ImageGenerationRequest(_GenerationFields):
@@ -542,6 +561,10 @@ class MediaItem(Response):
 
 class _ResultFields(Response):
     model: str
+    # A default only for answers a job store kept from before tasks existed.
+    task: Task | None = Field(
+        default=None, description="what ran: text_to_image, text_to_video, image_to_image or inpainting"
+    )
     seed: int
     request_id: str
     timings: Timings
@@ -561,6 +584,10 @@ class GenerationResponse(_ResultFields):
     fps: int | None
     steps: int
     guidance_scale: float
+    strength: float | None = Field(
+        default=None,
+        description="with an image: how far from it the pipeline went, over strength x steps steps",
+    )
     data: list[MediaItem]
 
 
@@ -597,6 +624,10 @@ class ModelCard(Response):
     frame_step: int = Field(description="videos: num_frames - 1 must be a multiple of this")
     weight_bytes: int = Field(
         description="bytes of the transformers' weights as served (after any quantization)"
+    )
+    tasks: list[Task] = Field(
+        description="what the model does: text_to_image or text_to_video, then image_to_image and "
+        "inpainting where it has their pipelines (a request with an image, and a mask)"
     )
     presets: dict[str, dict[str, Any]]
     method_defaults: dict[str, dict[str, Any]] = Field(

@@ -32,7 +32,7 @@ from server.models.limits import Kind
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-__all__ = ["CallSpec", "UnservablePipeline", "call_spec"]
+__all__ = ["CallSpec", "UnservablePipeline", "call_spec", "task_call_spec"]
 
 GuidanceKind = Literal["cfg", "embedded", "none"]
 StepObserver = Literal["callback", "denoiser"]
@@ -72,6 +72,9 @@ class CallSpec:
     min_steps: int = 1
     # Conditioning inputs this pipeline takes but does not need (Flux2's optional reference images).
     optional_inputs: tuple[str, ...] = ()
+    # Conditioning inputs a request fills, with ``strength``: an image-conditioned task's pipeline
+    # (``image``; ``mask_image`` for inpainting). Empty for text to image or video.
+    inputs: tuple[str, ...] = ()
     # Known variants whose model card says otherwise than the pipeline's signature.
     default_steps: int | None = None
     default_guidance: float | None = None
@@ -95,7 +98,8 @@ class CallSpec:
             "callback_on_step_end" if self.steps_observed_by == "callback" else None,
             self.per_prompt_argument,
         )
-        return (*_ALWAYS_PASSED, *(name for name in optional if name), *self.fixed_arguments)
+        conditioning = (*self.inputs, "strength") if self.inputs else ()
+        return (*_ALWAYS_PASSED, *(name for name in optional if name), *conditioning, *self.fixed_arguments)
 
 
 def _image(guidance_argument: str | None, negative_prompt: bool, **kwargs: Any) -> CallSpec:
@@ -160,6 +164,15 @@ def call_spec(pipeline: DiffusionPipeline) -> CallSpec:
     return spec
 
 
+def task_call_spec(pipeline: DiffusionPipeline, base: CallSpec, inputs: tuple[str, ...]) -> CallSpec:
+    """The spec of an image-conditioned task's pipeline built from a served model's components: the
+    model's own spec (its guidance, variants and defaults) with the task's ``inputs``, checked against
+    the task pipeline's signature; raises UnservablePipeline."""
+    spec = dataclasses.replace(base, inputs=inputs)
+    _check(type(pipeline).__name__, spec, inspect.signature(pipeline.__call__).parameters)
+    return spec
+
+
 def _variant(name: str, spec: CallSpec, pipeline: DiffusionPipeline) -> CallSpec:
     config = getattr(getattr(pipeline, "transformer", None), "config", None)
     if name == "FluxPipeline" and not getattr(config, "guidance_embeds", True):
@@ -205,7 +218,11 @@ def _check(name: str, spec: CallSpec, accepted: Mapping[str, inspect.Parameter])
     missing = [arg for arg in spec.passed_arguments() if arg not in accepted]
     if missing:
         raise UnservablePipeline(f"{name} does not take {', '.join(missing)}, which its call spec passes")
-    needs = [arg for arg in _CONDITIONING_INPUTS if arg in accepted and arg not in spec.optional_inputs]
+    needs = [
+        arg
+        for arg in _CONDITIONING_INPUTS
+        if arg in accepted and arg not in spec.optional_inputs and arg not in spec.inputs
+    ]
     if needs:
         raise UnservablePipeline(
             f"{name} takes {', '.join(needs)}: only text-to-image and text-to-video pipelines are served"

@@ -14,11 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from server.models.tasks import steps_run, text_task
+
 if TYPE_CHECKING:
     from PIL import Image
 
     from server.models.limits import ModelDefaults
     from server.models.registry import ResidentModel
+    from server.models.tasks import Task, TaskPipeline
 
 __all__ = [
     "GenerationParams",
@@ -27,6 +30,7 @@ __all__ = [
     "call_arguments",
     "check_params",
     "generate",
+    "task_of",
 ]
 
 
@@ -43,6 +47,23 @@ class GenerationParams:
     n: int
     # Videos: the rate the pipeline is told, where it takes one (LTX), and the container's rate.
     fps: int | None = None
+    # An image-conditioned task: the image it starts from, the mask of what to repaint (the pipelines'
+    # convention: white is painted), and how far from the image to go (1: all the way to noise).
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    strength: float | None = None
+
+    @property
+    def task(self) -> Task | None:
+        """The image-conditioned task these parameters ask for; None: text to image or video."""
+        if self.mask is not None:
+            return "inpainting"
+        return "image_to_image" if self.image is not None else None
+
+    @property
+    def steps_run(self) -> int:
+        """The denoising steps the pipeline runs: all of ``steps``, or ``strength`` of them."""
+        return steps_run(self.steps, self.strength if self.image is not None else None)
 
     @classmethod
     def from_defaults(cls, defaults: ModelDefaults, *, prompt: str, **overrides: Any) -> GenerationParams:
@@ -121,6 +142,7 @@ def check_params(model: ResidentModel, params: GenerationParams) -> None:
         )
     if params.guidance_scale < 0:
         raise InvalidGenerationParams("guidance_scale must not be negative", param="guidance_scale")
+    _check_task(model, params)
     if model.kind == "image":
         if params.num_frames is not None:
             raise InvalidGenerationParams("num_frames applies to video models only", param="num_frames")
@@ -134,13 +156,39 @@ def check_params(model: ResidentModel, params: GenerationParams) -> None:
         )
 
 
+def _check_task(model: ResidentModel, params: GenerationParams) -> None:
+    if params.image is None:
+        for name in ("mask", "strength"):
+            if getattr(params, name) is not None:
+                raise InvalidGenerationParams(f"{name} applies to a request with an image", param=name)
+        return
+    task = params.task
+    assert task is not None
+    if task not in model.tasks:
+        does = ", ".join(model.task_names)
+        raise InvalidGenerationParams(
+            f"{model.name} ({type(model.pipeline).__name__}) has no {task.replace('_', '-')} pipeline; "
+            f"it does: {does}",
+            param="mask" if task == "inpainting" and "image_to_image" in model.tasks else "image",
+        )
+    # Any strength above 0 runs at least one step: diffusers counts the steps skipped rounding down.
+    if params.strength is None or not 0 < params.strength <= 1:
+        raise InvalidGenerationParams(f"strength must be in (0, 1], got {params.strength}", param="strength")
+
+
+def task_of(model: ResidentModel, params: GenerationParams) -> TaskPipeline:
+    """The pipeline that runs ``params`` on ``model``: its text pipeline, or the task's."""
+    return model.task_pipeline(params.task or text_task(model.kind))
+
+
 def call_arguments(model: ResidentModel, params: GenerationParams) -> dict[str, Any]:
     """The keyword arguments of the pipeline call for ``params``, the step callback and generator aside.
 
-    A direct call of the pipeline with these, a generator seeded with ``params.seed`` on the
-    pipeline's device and ``output_type="pil"`` is the reference for what the server returns uncached.
+    A direct call of the task's pipeline (``task_of``) with these, a generator seeded with
+    ``params.seed`` on the pipeline's device and ``output_type="pil"`` is the reference for what the
+    server returns uncached.
     """
-    spec = model.call_spec
+    spec = task_of(model, params).call_spec
     kwargs: dict[str, Any] = {
         "prompt": params.prompt,
         "height": params.height,
@@ -161,6 +209,11 @@ def call_arguments(model: ResidentModel, params: GenerationParams) -> dict[str, 
         kwargs["negative_prompt"] = negative_prompt
     if spec.fps_argument is not None and params.fps is not None:
         kwargs[spec.fps_argument] = params.fps
+    if spec.inputs:
+        kwargs["image"] = params.image
+        if "mask_image" in spec.inputs:
+            kwargs["mask_image"] = params.mask
+        kwargs["strength"] = params.strength
     kwargs.update(spec.fixed_arguments)
     kwargs.update(model.call_kwargs)
     return kwargs
@@ -177,7 +230,7 @@ def generate(
     ``on_step_end(step_index)`` runs after each denoising step; what it raises stops the pipeline and
     propagates out of here.
     """
-    pipeline: Any = model.pipeline
+    pipeline: Any = task_of(model, params).pipeline
     kwargs = call_arguments(model, params)
     with model.stages.measure(on_step_end) as clock:
         if model.call_spec.steps_observed_by == "callback":

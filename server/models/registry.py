@@ -32,6 +32,7 @@ from server.models.call_specs import CallSpec, UnservablePipeline, call_spec
 from server.models.limits import Kind, ModelDefaults, ModelLimits
 from server.models.presets import PRESET_NAMES
 from server.models.stages import StageProbe
+from server.models.tasks import Task, TaskPipeline, image_tasks, text_task
 from server.ops import acceleration
 from server.ops.acceleration import Acceleration
 
@@ -94,6 +95,19 @@ class ResidentModel:
     weight_bytes: int = 0
     # What was done to the transformers at load (compiled blocks, quantized weights, attention backend).
     acceleration: Acceleration = field(default_factory=Acceleration)
+    # Its image-conditioned tasks, each a pipeline built from these components (server.models.tasks).
+    tasks: Mapping[Task, TaskPipeline] = field(default_factory=dict)
+
+    @property
+    def task_names(self) -> tuple[Task, ...]:
+        """What the model does: text to image or video, then its image-conditioned tasks."""
+        return (text_task(self.kind), *self.tasks)
+
+    def task_pipeline(self, task: Task) -> TaskPipeline:
+        """The pipeline and call spec of ``task``; raises KeyError for a task the model lacks."""
+        if task == text_task(self.kind):
+            return TaskPipeline(task, self.pipeline, self.call_spec)
+        return self.tasks[task]
 
     @property
     def supported_methods(self) -> tuple[str, ...]:
@@ -304,6 +318,13 @@ def load_model(
         for denoiser in denoisers:
             acceleration.seal(denoiser)
     defaults = builtin.defaults if builtin else geometry.defaults(pipeline, spec_of_call)
+    try:
+        tasks = image_tasks(pipeline, spec_of_call)
+    except UnservablePipeline as exc:
+        raise ModelLoadError(f"{spec!r} cannot be served: {exc}") from exc
+    stages = StageProbe(pipeline, denoisers, spec_of_call.steps_observed_by)
+    for task in tasks.values():
+        stages.attach(task.pipeline)
     return ResidentModel(
         name=name,
         kind=kind,
@@ -312,7 +333,7 @@ def load_model(
         pipeline=pipeline,
         call_spec=spec_of_call,
         cache=cache,
-        stages=StageProbe(pipeline, denoisers, spec_of_call.steps_observed_by),
+        stages=stages,
         defaults=defaults,
         limits=builtin.limits if builtin else geometry.limits(defaults, kind),
         presets=_presets(family, kind, cache, builtin.presets() if builtin and builtin.presets else None),
@@ -322,4 +343,5 @@ def load_model(
         frame_step=geometry.frame_step(pipeline, spec_of_call) if kind == "video" else 1,
         weight_bytes=sum(acceleration.weight_bytes(denoiser) for denoiser in denoisers),
         acceleration=accelerate,
+        tasks=tasks,
     )

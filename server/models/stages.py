@@ -179,8 +179,7 @@ class StageProbe:
             if name.startswith("text_encoder") and isinstance(module, nn.Module)
         )
         if callable(getattr(pipeline, "encode_prompt", None)):
-            # The pipeline's own prompt encoding, tokenization and templates included, as a whole.
-            pipeline.encode_prompt = self._timed_encode_prompt(pipeline.encode_prompt)
+            self.attach(pipeline)
         else:
             for encoder in self.text_encoders:
                 encoder.register_forward_pre_hook(self._encoding_started)
@@ -190,6 +189,13 @@ class StageProbe:
         vae = getattr(pipeline, "vae", None)
         if vae is not None and callable(getattr(vae, "decode", None)):
             vae.decode = self._timed_decode(vae.decode)
+
+    def attach(self, pipeline: DiffusionPipeline) -> None:
+        """Time ``pipeline``'s own prompt encoding, tokenization and templates included, as a whole: the
+        model's pipeline, and each task's built from its components (which share its denoisers and VAE,
+        already hooked)."""
+        if callable(getattr(pipeline, "encode_prompt", None)):
+            pipeline.encode_prompt = self._timed_encode_prompt(pipeline.encode_prompt)
 
     @contextmanager
     def measure(self, on_step_end: Callable[[int], None] | None = None) -> Iterator[StageClock]:

@@ -127,7 +127,7 @@ class Jobs:
             request_id=request_id,
             seed=prepared.params.seed,
             created=time.time(),
-            total_steps=prepared.params.steps,
+            total_steps=prepared.params.steps_run,
             body=json.dumps(replay),
             timeout_s=timeout_s,
             owner=self.owner,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio.to_thread
+from PIL import Image
 
 from cache_engine import CacheConfig, SessionStats, UnsupportedMethodError
 from server.errors import (
@@ -24,11 +25,12 @@ from server.errors import (
     UnknownModel,
     UnsupportedCacheMethod,
 )
-from server.models import media
+from server.models import media, uploads
 from server.models.generation import GenerationParams, InvalidGenerationParams, check_params
 from server.models.limits import Kind
 from server.models.registry import ResidentModel
 from server.models.stages import StageTimings
+from server.models.tasks import DEFAULT_STRENGTH
 from server.policy import engine_config as policy
 from server.policy.resolve import resolve
 from server.protocol import GenerationRequest
@@ -42,6 +44,8 @@ T = TypeVar("T")
 _SEED_BOUND = 2**32
 # For a video model whose defaults do not say: the rate most video models are trained at.
 _FALLBACK_FPS = 16
+# Room for an upload's headers and metadata over its pixels.
+_UPLOAD_SLACK_BYTES = 64 * 1024
 # How often a waiting request checks whether its client has gone.
 _DISCONNECT_POLL_S = 0.25
 
@@ -156,22 +160,34 @@ class Generations:
                 param="guidance_scale",
             )
         fps = _or(body.fps, defaults.fps or _FALLBACK_FPS) if video else None
+        image, mask = _uploads(body, model)
+        # An image sets the size when the body does not: its own, down to the multiple the model needs.
+        width = _or(body.width, defaults.width if image is None else _snapped(image.width, model, "image"))
+        height = _or(
+            body.height, defaults.height if image is None else _snapped(image.height, model, "image")
+        )
         params = GenerationParams(
             prompt=body.prompt,
             negative_prompt=body.negative_prompt,
-            width=_or(body.width, defaults.width),
-            height=_or(body.height, defaults.height),
+            width=width,
+            height=height,
             num_frames=_or(body.num_frames, defaults.num_frames) if video else None,
             steps=_or(body.steps, defaults.steps),
             guidance_scale=_or(body.guidance_scale, defaults.guidance_scale),
             seed=_or(body.seed, secrets.randbelow(_SEED_BOUND)),
             n=body.n,
             fps=fps,
+            image=None if image is None else image.convert("RGB"),
+            mask=mask,
+            strength=body.strength if image is None or body.strength is not None else DEFAULT_STRENGTH,
         )
         try:
             check_params(model, params)
         except InvalidGenerationParams as exc:
-            param = size_param if size_param and exc.param in ("width", "height") else exc.param
+            param = exc.param
+            if param in ("width", "height"):
+                given = body.width if param == "width" else body.height
+                param = size_param or ("image" if given is None and image is not None else param)
             raise InvalidRequest(str(exc), param=param) from exc
 
         output_format = body.output_format or media.DEFAULT_FORMAT[model.kind]
@@ -201,7 +217,8 @@ class Generations:
     def _cache_config(
         self, body: GenerationRequest, model: ResidentModel, params: GenerationParams
     ) -> tuple[CacheConfig | None, Mapping[str, Any] | None]:
-        resolved = resolve(model, body.cache, params.steps, params.guidance_scale)
+        # Image-to-image runs strength x steps steps: the run fields and a target count those.
+        resolved = resolve(model, body.cache, params.steps_run, params.guidance_scale)
         config, target = resolved.config, resolved.promise
         if config is None:
             return None, target
@@ -327,6 +344,38 @@ class Generations:
 
 def _or(value: T | None, default: T) -> T:
     return default if value is None else value
+
+
+def _uploads(body: GenerationRequest, model: ResidentModel) -> tuple[Image.Image | None, Image.Image | None]:
+    """The body's image and mask (as the pipelines take it), decoded within the model's bounds."""
+    if body.image is None:
+        if body.mask is not None:
+            raise InvalidRequest("mask needs an image to paint on", param="mask")
+        return None, None
+    images = [body.image] if isinstance(body.image, str) else body.image
+    if len(images) != 1:
+        raise InvalidRequest(f"{model.name} takes one image, got {len(images)}", param="image")
+    pixels = model.limits.max_pixels
+    # A compressed image larger than its raw pixels twice over is no image this model could take.
+    max_bytes = pixels * 4 * 2 + _UPLOAD_SLACK_BYTES
+    try:
+        image = uploads.decode_image(images[0], param="image", max_bytes=max_bytes, max_pixels=pixels)
+        mask = None
+        if body.mask is not None:
+            alpha = uploads.decode_image(body.mask, param="mask", max_bytes=max_bytes, max_pixels=pixels)
+            mask = uploads.mask_from_alpha(alpha, image.size)
+    except uploads.InvalidUpload as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from exc
+    return image, mask
+
+
+def _snapped(side: int, model: ResidentModel, param: str) -> int:
+    snapped = side - side % model.size_multiple
+    if snapped < model.size_multiple:
+        raise InvalidRequest(
+            f"{param} is {side} pixels across, under the {model.size_multiple} this model needs", param=param
+        )
+    return snapped
 
 
 def _encode_all(prepared: Prepared, outcome: Outcome) -> list[bytes]:

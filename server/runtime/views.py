@@ -11,6 +11,7 @@ from cache_engine import SessionStats
 from server.models import media
 from server.models.registry import ResidentModel
 from server.models.stages import StageTimings
+from server.models.tasks import Task, text_task
 from server.policy import engine_config as policy
 from server.policy import resolve as named
 from server.protocol import (
@@ -55,6 +56,7 @@ def model_card(model: ResidentModel, methods: tuple[str, ...], replicas: Sequenc
         size_multiple=model.size_multiple,
         frame_step=model.frame_step,
         weight_bytes=model.weight_bytes,
+        tasks=list(model.task_names),
         presets=named.presets(model, methods),
         method_defaults=named.method_defaults(model, methods),
         replicas=[
@@ -78,6 +80,7 @@ def generation_response(finished: Finished) -> GenerationResponse:
     return GenerationResponse(
         created=prepared.created,
         model=prepared.model.name,
+        task=_task(finished),
         kind=prepared.kind,
         output_format=prepared.output_format,  # type: ignore[arg-type]
         media_type=prepared.media_type,
@@ -87,6 +90,7 @@ def generation_response(finished: Finished) -> GenerationResponse:
         fps=prepared.fps,
         steps=params.steps,
         guidance_scale=params.guidance_scale,
+        strength=params.strength,
         seed=params.seed,
         request_id=prepared.request_id,
         data=_data(finished),
@@ -104,12 +108,17 @@ def images_response(finished: Finished) -> ImagesResponse:
         output_format=prepared.output_format,  # type: ignore[arg-type]
         size=f"{params.width}x{params.height}",
         model=prepared.model.name,
+        task=_task(finished),
         seed=params.seed,
         request_id=prepared.request_id,
         timings=timings_view(finished.timings),
         cache=stats_view(finished.stats),
         cache_policy=_policy(finished),
     )
+
+
+def _task(finished: Finished) -> Task:
+    return finished.prepared.params.task or text_task(finished.prepared.kind)
 
 
 def _policy(finished: Finished) -> dict[str, object]:

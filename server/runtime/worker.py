@@ -206,7 +206,7 @@ class Worker:
         if task.expired():
             task.future.set_exception(DeadlineExceeded("the request's timeout passed while it was queued"))
             return
-        total_steps = task.params.steps
+        total_steps = task.params.steps_run
 
         def on_step_end(step: int) -> None:
             task.steps_done = step + 1

@@ -1,0 +1,68 @@
+"""What a served model does besides text to image or video: its image-conditioned tasks, each a diffusers
+pipeline built from the model's resident components (``from_pipe``), never a second copy of its weights.
+
+The transformers are the model's own, so every cache policy acts on a task as it does on the model's
+text pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from server.models.call_specs import CallSpec, task_call_spec
+from server.models.limits import Kind
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
+__all__ = ["DEFAULT_STRENGTH", "TASKS", "Task", "TaskPipeline", "image_tasks", "steps_run", "text_task"]
+
+Task = Literal["text_to_image", "text_to_video", "image_to_image", "inpainting"]
+TASKS: tuple[Task, ...] = ("text_to_image", "text_to_video", "image_to_image", "inpainting")
+# diffusers' default for its image-to-image and inpainting pipelines.
+DEFAULT_STRENGTH = 0.6
+
+# Per text pipeline class, the diffusers classes of its image-conditioned tasks. Each pair is tested end
+# to end (the direct call's output, over HTTP); a class that is not here has no such task.
+_IMAGE_TASKS: Mapping[str, Mapping[Task, str]] = {
+    "FluxPipeline": {"image_to_image": "FluxImg2ImgPipeline", "inpainting": "FluxInpaintPipeline"},
+}
+# What a request fills in each task's call, besides strength.
+_INPUTS: Mapping[Task, tuple[str, ...]] = {
+    "image_to_image": ("image",),
+    "inpainting": ("image", "mask_image"),
+}
+
+
+@dataclass(frozen=True)
+class TaskPipeline:
+    task: Task
+    pipeline: DiffusionPipeline
+    call_spec: CallSpec
+
+
+def text_task(kind: Kind) -> Task:
+    return "text_to_image" if kind == "image" else "text_to_video"
+
+
+def image_tasks(pipeline: DiffusionPipeline, spec: CallSpec) -> dict[Task, TaskPipeline]:
+    """The image-conditioned tasks of ``pipeline``, whose call spec is ``spec``; raises UnservablePipeline
+    when a task's pipeline does not take what its spec passes."""
+    import diffusers
+
+    tasks: dict[Task, TaskPipeline] = {}
+    for task, class_name in _IMAGE_TASKS.get(type(pipeline).__name__, {}).items():
+        task_pipeline = getattr(diffusers, class_name).from_pipe(pipeline)
+        task_pipeline.set_progress_bar_config(disable=True)
+        tasks[task] = TaskPipeline(task, task_pipeline, task_call_spec(task_pipeline, spec, _INPUTS[task]))
+    return tasks
+
+
+def steps_run(steps: int, strength: float | None) -> int:
+    """The denoising steps a pipeline runs for ``steps`` at ``strength`` (None: text, all of them): those
+    past the first ``steps - strength x steps``, as diffusers' ``get_timesteps`` counts them."""
+    if strength is None:
+        return steps
+    return steps - int(max(steps - min(steps * strength, steps), 0))
