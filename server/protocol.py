@@ -11,6 +11,7 @@ model-structure fields (block identifiers, tensor format, guidance distillation)
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -598,6 +599,44 @@ class ImagesResponse(_ResultFields):
     data: list[MediaItem]
     output_format: ImageFormat
     size: str
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """``POST /v1/images/edits``: OpenAI's image edit, as the form fields of a multipart body (its images
+    and mask come as files), plus our fields; ``cache`` is JSON text."""
+
+    # Form fields are text: numbers come as "5", so this model converts where the JSON ones do not.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    strength: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="how far from the image to go, 1 repainting it whole (default 0.6)",
+    )
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_from_json_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise PydanticCustomError(
+                    "cache_not_json", "cache is not JSON text: {error}", {"error": str(exc)}
+                ) from exc
+        return value
+
+    def to_edit(self, images: list[str], mask: str | None) -> GenerationRequest:
+        """The same request in the native shape, with its images and mask as base64 text."""
+        native = self.to_native()
+        return native.model_copy(
+            update={
+                "image": images[0] if len(images) == 1 else images,
+                "mask": mask,
+                "strength": self.strength,
+            }
+        )
 
 
 # -- models ------------------------------------------------------------------------------------------

@@ -266,3 +266,100 @@ def test_more_bytes_than_the_body_limit_are_refused_before_they_are_read(server:
     with server.client() as client:
         response = client.post("/v1/generations", json=_body(image="A" * (limit + 1)))
     assert response.status_code == 413
+
+
+# -- OpenAI's image edits ---------------------------------------------------------------------------------
+
+
+def test_the_openai_sdk_edits_an_image_and_inpaints_behind_a_mask(server: LiveServer, folder: Path) -> None:
+    from openai import OpenAI
+
+    sdk = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    ours = {"seed": 7, "steps": STEPS, "strength": 0.5, "cache": '{"method": "none"}'}
+    edited = sdk.images.edit(
+        model="flux",
+        image=("image.png", _png(IMAGE), "image/png"),
+        prompt=PROMPT,
+        size=f"{WIDTH}x{HEIGHT}",
+        response_format="b64_json",
+        extra_body=ours,
+    )
+    assert edited.data is not None and edited.data[0].b64_json is not None
+    answer = edited.model_dump()
+    assert (answer["task"], answer["size"], answer["seed"]) == ("image_to_image", f"{WIDTH}x{HEIGHT}", 7)
+    expected = _direct(folder, "FluxImg2ImgPipeline", image=IMAGE, strength=0.5)
+    assert np.array_equal(_pixels({"data": [{"b64_json": edited.data[0].b64_json}]}), expected)
+
+    inpainted = sdk.images.edit(
+        model="flux",
+        image=("image.png", _png(IMAGE), "image/png"),
+        mask=("mask.png", _png(MASK), "image/png"),
+        prompt=PROMPT,
+        response_format="b64_json",
+        extra_body={**ours, "strength": 0.8},
+    )
+    assert inpainted.model_dump()["task"] == "inpainting"
+    painted = Image.new("L", (WIDTH, HEIGHT), 0)
+    painted.paste(255, (0, 0, WIDTH // 2, HEIGHT))
+    expected = _direct(folder, "FluxInpaintPipeline", image=IMAGE, mask_image=painted, strength=0.8)
+    assert inpainted.data is not None
+    assert np.array_equal(_pixels({"data": [{"b64_json": inpainted.data[0].b64_json}]}), expected)
+
+
+def _edit(client: httpx.Client, files: list[tuple[str, Any]], **fields: str) -> httpx.Response:
+    data = {"model": "flux", "prompt": PROMPT, "steps": str(STEPS), **fields}
+    return client.post("/v1/images/edits", data=data, files=files)
+
+
+def test_an_edit_takes_our_fields_as_form_fields(client: httpx.Client) -> None:
+    png = ("image.png", _png(IMAGE), "image/png")
+    response = _edit(
+        client,
+        [("image", png)],
+        seed="3",
+        strength="0.5",
+        cache='{"method": "first_block_cache", "threshold": 10}',
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert (answer["seed"], answer["cache_policy"]["method"]) == (3, "first_block_cache")
+    assert answer["cache"]["steps_cached"] > 0
+    assert "denoising" in response.headers["server-timing"]
+
+
+@pytest.mark.parametrize(
+    ("files", "fields", "param"),
+    [
+        ([], {}, "image"),
+        ([("image", ("a.png", _png(IMAGE), "image/png"))], {"quality": "high"}, "quality"),
+        ([("image", ("a.png", _png(IMAGE), "image/png"))], {"steps": "many"}, "steps"),
+        ([("image", ("a.png", _png(IMAGE), "image/png"))], {"cache": "{not json"}, "cache"),
+        ([("image", ("a.png", _png(IMAGE), "image/png"))], {"cache": '{"method": "nope"}'}, "cache.method"),
+        ([("image", ("a.png", _png(IMAGE), "image/png"))], {"response_format": "url"}, "response_format"),
+        ([("image", ("a.gif", _gif(), "image/gif"))], {}, "image"),
+        ([("image", ("a.png", _bomb(), "image/png"))], {}, "image"),
+        ([("image[]", ("a.png", _png(IMAGE), "image/png"))] * 2, {}, "image"),
+        (
+            [("image", ("a.png", _png(IMAGE), "image/png")), ("mask", ("m.png", _png(IMAGE), "image/png"))],
+            {},
+            "mask",
+        ),
+        (
+            [("image", ("a.png", _png(IMAGE), "image/png")), ("photo", ("p.png", b"x", "image/png"))],
+            {},
+            "photo",
+        ),
+    ],
+)
+def test_an_edit_this_server_cannot_take_is_a_4xx_naming_the_field(
+    client: httpx.Client, files: list[tuple[str, Any]], fields: dict[str, str], param: str
+) -> None:
+    response = _edit(client, files, **fields)
+    assert 400 <= response.status_code < 500, response.text
+    assert error_of(response)["param"] == param, response.text
+    assert client.get("/ready").status_code == 200
+
+
+def test_an_edit_must_be_a_multipart_body(client: httpx.Client) -> None:
+    response = client.post("/v1/images/edits", json={"prompt": PROMPT, "image": _b64(_png(IMAGE))})
+    assert response.status_code == 422 and "multipart" in error_of(response)["message"]
