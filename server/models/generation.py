@@ -30,6 +30,7 @@ __all__ = [
     "call_arguments",
     "check_params",
     "generate",
+    "keep_outside_the_mask",
     "task_of",
 ]
 
@@ -219,6 +220,19 @@ def call_arguments(model: ResidentModel, params: GenerationParams) -> dict[str, 
     return kwargs
 
 
+def keep_outside_the_mask(pipeline: Any, params: GenerationParams, painted: Image.Image) -> Image.Image:
+    """``painted`` with the request's own pixels wherever its mask does not paint, as diffusers'
+    ``apply_overlay`` lays them: the pipeline works on latents, and its decoder would otherwise return
+    even the pixels it was told to keep changed."""
+    assert params.image is not None and params.mask is not None
+    source, mask = params.image, params.mask
+    if source.size != painted.size:
+        source = pipeline.image_processor.resize(source, height=painted.height, width=painted.width)
+        mask = pipeline.mask_processor.resize(mask, height=painted.height, width=painted.width)
+    kept: Image.Image = pipeline.image_processor.apply_overlay(mask, source, painted)
+    return kept
+
+
 def generate(
     model: ResidentModel,
     params: GenerationParams,
@@ -245,6 +259,8 @@ def generate(
         videos = [list(frames) for frames in output.frames]
     else:
         images = list(output.images)
+        if params.task == "inpainting":
+            images = [keep_outside_the_mask(pipeline, params, image) for image in images]
     return GenerationResult(
         images=images,
         videos=videos,

@@ -100,7 +100,9 @@ def _pixels(answer: dict[str, Any]) -> np.ndarray:
 
 
 def _direct(folder: Path, pipeline_class: str, **arguments: Any) -> np.ndarray:
-    """diffusers' own task pipeline, loaded from the folder, called as its documentation shows."""
+    """diffusers' own task pipeline, loaded from the folder, called as its documentation shows; an
+    inpainting laid over the image outside its mask with diffusers' ``apply_overlay``, as its
+    documentation shows too."""
     import diffusers
 
     pipeline = getattr(diffusers, pipeline_class).from_pretrained(folder, local_files_only=True)
@@ -120,7 +122,10 @@ def _direct(folder: Path, pipeline_class: str, **arguments: Any) -> np.ndarray:
         output_type="pil",
         **arguments,
     )
-    return np.asarray(output.images[0].convert("RGB"))
+    image = output.images[0]
+    if "mask_image" in arguments:
+        image = pipeline.image_processor.apply_overlay(arguments["mask_image"], arguments["image"], image)
+    return np.asarray(image.convert("RGB"))
 
 
 def test_each_card_lists_its_tasks(client: httpx.Client) -> None:
@@ -159,6 +164,10 @@ def test_inpainting_is_the_direct_call_with_the_mask_read_as_openai_writes_it(
     painted.paste(255, (0, 0, WIDTH // 2, HEIGHT))
     expected = _direct(folder, "FluxInpaintPipeline", image=IMAGE, mask_image=painted, strength=0.8)
     assert np.array_equal(_pixels(answer), expected)
+    # What lies outside the mask is the image's own, to the pixel; inside, it was painted.
+    pixels, source = _pixels(answer), np.asarray(IMAGE)
+    assert np.array_equal(pixels[:, WIDTH // 2 :], source[:, WIDTH // 2 :])
+    assert not np.array_equal(pixels[:, : WIDTH // 2], source[:, : WIDTH // 2])
 
 
 def test_the_image_sets_the_size_down_to_the_models_multiple(client: httpx.Client) -> None:
