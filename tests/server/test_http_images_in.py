@@ -1,4 +1,5 @@
-"""Images in: image-to-image and inpainting on a Flux model served from its folder, over real HTTP.
+"""Images in: image-to-image and inpainting on Flux, SD3 and Qwen-Image models served from their folders,
+over real HTTP.
 
 The pipelines of these tasks are built from the resident model's components; what the server answers
 uncached is what a direct call of diffusers' own task pipeline (loaded from the same folder) gives for
@@ -12,7 +13,8 @@ import base64
 import io
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,20 +60,53 @@ IMAGE = _picture()
 MASK = _mask()
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("images-in") / "flux"
-    tiny_pipeline("flux").build().save_pretrained(path)
-    return path
+@dataclass(frozen=True)
+class Family:
+    """A family's task pipelines and how a direct call of them passes the request's guidance, written
+    out here independently of the server."""
+
+    image_to_image: str
+    # None: the family's inpainting is not claimed.
+    inpainting: str | None
+    guidance_scale: float
+    guidance: Mapping[str, Any]
+
+
+FAMILIES: Mapping[str, Family] = {
+    # The tiny Flux has no guidance embedding: guidance is true CFG, off at 1.
+    "flux": Family("FluxImg2ImgPipeline", "FluxInpaintPipeline", 1.0, {"true_cfg_scale": 1.0}),
+    "sd3": Family("StableDiffusion3Img2ImgPipeline", None, 3.0, {"guidance_scale": 3.0}),
+    # True CFG runs against a negative prompt: the empty one when the request gives none.
+    "qwenimage": Family(
+        "QwenImageImg2ImgPipeline",
+        "QwenImageInpaintPipeline",
+        3.0,
+        {"true_cfg_scale": 3.0, "negative_prompt": ""},
+    ),
+}
 
 
 @pytest.fixture(scope="module")
-def server(model_cache: Path, folder: Path) -> Iterator[LiveServer]:
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("images-in")
+    for name in FAMILIES:
+        tiny_pipeline(name).build().save_pretrained(root / name)
+    return {name: root / name for name in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def folder(folders: dict[str, Path]) -> Path:
+    return folders["flux"]
+
+
+@pytest.fixture(scope="module")
+def server(model_cache: Path, folders: dict[str, Path]) -> Iterator[LiveServer]:
     threads = torch.get_num_threads()
     try:
         # One torch thread for the server and the direct calls alike: another count may sum in
         # another order and move the last bit.
-        yield from live_server(model_cache, models=[str(folder), "tiny-wan"], torch_threads=1)
+        models = [*(str(path) for path in folders.values()), "tiny-wan"]
+        yield from live_server(model_cache, models=models, torch_threads=1)
     finally:
         torch.set_num_threads(threads)
 
@@ -99,7 +134,7 @@ def _pixels(answer: dict[str, Any]) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def _direct(folder: Path, pipeline_class: str, **arguments: Any) -> np.ndarray:
+def _direct(folder: Path, pipeline_class: str, *, family: str = "flux", **arguments: Any) -> np.ndarray:
     """diffusers' own task pipeline, loaded from the folder, called as its documentation shows; an
     inpainting laid over the image outside its mask with diffusers' ``apply_overlay``, as its
     documentation shows too."""
@@ -116,8 +151,8 @@ def _direct(folder: Path, pipeline_class: str, **arguments: Any) -> np.ndarray:
         height=HEIGHT,
         width=WIDTH,
         num_inference_steps=STEPS,
-        guidance_scale=1.0,
         num_images_per_prompt=1,
+        **FAMILIES[family].guidance,
         generator=torch.Generator("cpu").manual_seed(7),
         output_type="pil",
         **arguments,
@@ -130,8 +165,34 @@ def _direct(folder: Path, pipeline_class: str, **arguments: Any) -> np.ndarray:
 
 def test_each_card_lists_its_tasks(client: httpx.Client) -> None:
     cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
-    assert cards["flux"]["tasks"] == ["text_to_image", "image_to_image", "inpainting"]
+    for name, family in FAMILIES.items():
+        inpainting = ["inpainting"] if family.inpainting else []
+        assert cards[name]["tasks"] == ["text_to_image", "image_to_image", *inpainting]
     assert cards["tiny-wan"]["tasks"] == ["text_to_video"]
+
+
+@pytest.mark.parametrize("name", [name for name in FAMILIES if name != "flux"])
+def test_each_familys_tasks_are_the_direct_calls_of_its_pipelines(
+    client: httpx.Client, folders: dict[str, Path], name: str
+) -> None:
+    family = FAMILIES[name]
+    image = _b64(_png(IMAGE))
+    fields = {"model": name, "guidance_scale": family.guidance_scale, "image": image}
+    edited = _generate(client, _body(**fields, strength=0.5))
+    assert np.array_equal(
+        _pixels(edited), _direct(folders[name], family.image_to_image, family=name, image=IMAGE, strength=0.5)
+    )
+    if family.inpainting is None:
+        refused = client.post("/v1/generations", json=_body(**fields, mask=_b64(_png(MASK))))
+        assert refused.status_code == 422 and error_of(refused)["param"] == "mask"
+        return
+    inpainted = _generate(client, _body(**fields, mask=_b64(_png(MASK)), strength=0.8))
+    painted = Image.new("L", (WIDTH, HEIGHT), 0)
+    painted.paste(255, (0, 0, WIDTH // 2, HEIGHT))
+    expected = _direct(
+        folders[name], family.inpainting, family=name, image=IMAGE, mask_image=painted, strength=0.8
+    )
+    assert np.array_equal(_pixels(inpainted), expected)
 
 
 def test_image_to_image_is_the_direct_call_of_diffusers_pipeline(
