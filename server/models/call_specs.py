@@ -72,9 +72,15 @@ class CallSpec:
     min_steps: int = 1
     # Conditioning inputs this pipeline takes but does not need (Flux2's optional reference images).
     optional_inputs: tuple[str, ...] = ()
-    # Conditioning inputs a request fills, with ``strength``: an image-conditioned task's pipeline
-    # (``image``; ``mask_image`` for inpainting). Empty for text to image or video.
+    # Conditioning inputs a request fills: an image-conditioned task's pipeline (``image``;
+    # ``mask_image`` for inpainting). Empty for text to image or video.
     inputs: tuple[str, ...] = ()
+    # Whether the task's pipeline starts from the image noised to ``strength`` (image-to-image,
+    # inpainting), or takes it as a whole (an edit model's in-context image).
+    takes_strength: bool = False
+    # The argument that bounds the output's area, where a pipeline rescales to it (Flux Kontext's
+    # ``max_area``): it gets the request's width x height, so that the size asked is the size made.
+    area_argument: str | None = None
     # Known variants whose model card says otherwise than the pipeline's signature.
     default_steps: int | None = None
     default_guidance: float | None = None
@@ -98,8 +104,12 @@ class CallSpec:
             "callback_on_step_end" if self.steps_observed_by == "callback" else None,
             self.per_prompt_argument,
         )
-        conditioning = (*self.inputs, "strength") if self.inputs else ()
-        return (*_ALWAYS_PASSED, *(name for name in optional if name), *conditioning, *self.fixed_arguments)
+        conditioning = (*self.inputs, *(("strength",) if self.takes_strength else ()), self.area_argument)
+        return (
+            *_ALWAYS_PASSED,
+            *(name for name in (*optional, *conditioning) if name),
+            *self.fixed_arguments,
+        )
 
 
 def _image(guidance_argument: str | None, negative_prompt: bool, **kwargs: Any) -> CallSpec:
@@ -117,6 +127,18 @@ _SPECS: Mapping[str, CallSpec] = MappingProxyType(
     {
         # FLUX.1-dev: guidance embedded in the transformer, no negative prompt (true CFG: see below).
         "FluxPipeline": _image("guidance_scale", False, guidance_kind="embedded", packing=2),
+        # An edit model: the request's image, when it has one, is the context it edits, at no strength.
+        # The image is taken at its own size, as a request's image is everywhere here: diffusers' auto
+        # resize would scale any image to about a megapixel, whatever size the request asks for.
+        "FluxKontextPipeline": _image(
+            "guidance_scale",
+            False,
+            guidance_kind="embedded",
+            packing=2,
+            optional_inputs=("image",),
+            area_argument="max_area",
+            fixed_arguments=MappingProxyType({"_auto_resize": False}),
+        ),
         "Flux2Pipeline": _image(
             "guidance_scale", False, guidance_kind="embedded", packing=2, optional_inputs=("image",)
         ),
@@ -164,18 +186,21 @@ def call_spec(pipeline: DiffusionPipeline) -> CallSpec:
     return spec
 
 
-def task_call_spec(pipeline: DiffusionPipeline, base: CallSpec, inputs: tuple[str, ...]) -> CallSpec:
-    """The spec of an image-conditioned task's pipeline built from a served model's components: the
-    model's own spec (its guidance, variants and defaults) with the task's ``inputs``, checked against
-    the task pipeline's signature; raises UnservablePipeline."""
-    spec = dataclasses.replace(base, inputs=inputs)
+def task_call_spec(
+    pipeline: DiffusionPipeline, base: CallSpec, inputs: tuple[str, ...], *, strength: bool
+) -> CallSpec:
+    """The spec of an image-conditioned task's pipeline (built from a served model's components, or the
+    model's own edit pipeline): the model's own spec (its guidance, variants and defaults) with the
+    task's ``inputs``, and ``strength`` where it starts from the noised image, checked against the task
+    pipeline's signature; raises UnservablePipeline."""
+    spec = dataclasses.replace(base, inputs=inputs, takes_strength=strength)
     _check(type(pipeline).__name__, spec, inspect.signature(pipeline.__call__).parameters)
     return spec
 
 
 def _variant(name: str, spec: CallSpec, pipeline: DiffusionPipeline) -> CallSpec:
     config = getattr(getattr(pipeline, "transformer", None), "config", None)
-    if name == "FluxPipeline" and not getattr(config, "guidance_embeds", True):
+    if name in ("FluxPipeline", "FluxKontextPipeline") and not getattr(config, "guidance_embeds", True):
         # A Flux without guidance embedding (schnell) takes guidance only as true CFG against a
         # negative prompt, one extra pass per step; its card calls for 4 steps and no guidance.
         return dataclasses.replace(

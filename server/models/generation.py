@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from server.models.tasks import steps_run, text_task
+from server.models.tasks import STRENGTH_TASKS, steps_run, text_task
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -53,18 +53,18 @@ class GenerationParams:
     image: Image.Image | None = None
     mask: Image.Image | None = None
     strength: float | None = None
+    # The image-conditioned task asked for; None: text to image or video. Left out with an image, it is
+    # inpainting with a mask, else image-to-image (an edit model's edit is asked by name).
+    task: Task | None = None
 
-    @property
-    def task(self) -> Task | None:
-        """The image-conditioned task these parameters ask for; None: text to image or video."""
-        if self.mask is not None:
-            return "inpainting"
-        return "image_to_image" if self.image is not None else None
+    def __post_init__(self) -> None:
+        if self.task is None and self.image is not None:
+            object.__setattr__(self, "task", "inpainting" if self.mask is not None else "image_to_image")
 
     @property
     def steps_run(self) -> int:
         """The denoising steps the pipeline runs: all of ``steps``, or ``strength`` of them."""
-        return steps_run(self.steps, self.strength if self.image is not None else None)
+        return steps_run(self.steps, self.strength if self.task in STRENGTH_TASKS else None)
 
     @classmethod
     def from_defaults(cls, defaults: ModelDefaults, *, prompt: str, **overrides: Any) -> GenerationParams:
@@ -164,14 +164,20 @@ def _check_task(model: ResidentModel, params: GenerationParams) -> None:
                 raise InvalidGenerationParams(f"{name} applies to a request with an image", param=name)
         return
     task = params.task
-    assert task is not None
-    if task not in model.tasks:
+    if task is None or task not in model.tasks:
         does = ", ".join(model.task_names)
         raise InvalidGenerationParams(
-            f"{model.name} ({type(model.pipeline).__name__}) has no {task.replace('_', '-')} pipeline; "
+            f"{model.name} ({type(model.pipeline).__name__}) has no {str(task).replace('_', '-')} pipeline; "
             f"it does: {does}",
-            param="mask" if task == "inpainting" and "image_to_image" in model.tasks else "image",
+            # A model that takes an image, just not a mask: the mask is at fault.
+            param="mask" if task == "inpainting" and model.tasks else "image",
         )
+    if task not in STRENGTH_TASKS:
+        if params.strength is not None:
+            raise InvalidGenerationParams(
+                f"{model.name} edits from the image as a whole: it takes no strength", param="strength"
+            )
+        return
     # Any strength above 0 runs at least one step: diffusers counts the steps skipped rounding down.
     if params.strength is None or not 0 < params.strength <= 1:
         raise InvalidGenerationParams(f"strength must be in (0, 1], got {params.strength}", param="strength")
@@ -214,7 +220,10 @@ def call_arguments(model: ResidentModel, params: GenerationParams) -> dict[str, 
         kwargs["image"] = params.image
         if "mask_image" in spec.inputs:
             kwargs["mask_image"] = params.mask
-        kwargs["strength"] = params.strength
+        if spec.takes_strength:
+            kwargs["strength"] = params.strength
+    if spec.area_argument is not None:
+        kwargs[spec.area_argument] = params.width * params.height
     kwargs.update(spec.fixed_arguments)
     kwargs.update(model.call_kwargs)
     return kwargs

@@ -17,10 +17,22 @@ from server.models.limits import Kind
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-__all__ = ["DEFAULT_STRENGTH", "TASKS", "Task", "TaskPipeline", "image_tasks", "steps_run", "text_task"]
+__all__ = [
+    "DEFAULT_STRENGTH",
+    "STRENGTH_TASKS",
+    "TASKS",
+    "Task",
+    "TaskPipeline",
+    "image_task",
+    "image_tasks",
+    "steps_run",
+    "text_task",
+]
 
-Task = Literal["text_to_image", "text_to_video", "image_to_image", "inpainting"]
-TASKS: tuple[Task, ...] = ("text_to_image", "text_to_video", "image_to_image", "inpainting")
+Task = Literal["text_to_image", "text_to_video", "image_to_image", "inpainting", "edit"]
+TASKS: tuple[Task, ...] = ("text_to_image", "text_to_video", "image_to_image", "inpainting", "edit")
+# The tasks that start from the image noised to a strength; an edit takes it whole, as context.
+STRENGTH_TASKS: tuple[Task, ...] = ("image_to_image", "inpainting")
 # diffusers' default for its image-to-image and inpainting pipelines.
 DEFAULT_STRENGTH = 0.6
 
@@ -36,10 +48,13 @@ _IMAGE_TASKS: Mapping[str, Mapping[Task, str]] = {
         "inpainting": "QwenImageInpaintPipeline",
     },
 }
+# Edit models: their own pipeline edits the request's image (in context, at no strength).
+_EDIT_MODELS: tuple[str, ...] = ("FluxKontextPipeline",)
 # What a request fills in each task's call, besides strength.
 _INPUTS: Mapping[Task, tuple[str, ...]] = {
     "image_to_image": ("image",),
     "inpainting": ("image", "mask_image"),
+    "edit": ("image",),
 }
 
 
@@ -60,11 +75,26 @@ def image_tasks(pipeline: DiffusionPipeline, spec: CallSpec) -> dict[Task, TaskP
     import diffusers
 
     tasks: dict[Task, TaskPipeline] = {}
-    for task, class_name in _IMAGE_TASKS.get(type(pipeline).__name__, {}).items():
+    name = type(pipeline).__name__
+    if name in _EDIT_MODELS:
+        tasks["edit"] = TaskPipeline(
+            "edit", pipeline, task_call_spec(pipeline, spec, _INPUTS["edit"], strength=False)
+        )
+    for task, class_name in _IMAGE_TASKS.get(name, {}).items():
         task_pipeline = getattr(diffusers, class_name).from_pipe(pipeline)
         task_pipeline.set_progress_bar_config(disable=True)
-        tasks[task] = TaskPipeline(task, task_pipeline, task_call_spec(task_pipeline, spec, _INPUTS[task]))
+        tasks[task] = TaskPipeline(
+            task, task_pipeline, task_call_spec(task_pipeline, spec, _INPUTS[task], strength=True)
+        )
     return tasks
+
+
+def image_task(tasks: Mapping[Task, TaskPipeline], *, masked: bool) -> Task:
+    """The task a request with an image asks of a model with ``tasks``: inpainting with a mask, else
+    the edit of an edit model, else image-to-image (whether or not the model has it)."""
+    if masked:
+        return "inpainting"
+    return "edit" if "edit" in tasks else "image_to_image"
 
 
 def steps_run(steps: int, strength: float | None) -> int:

@@ -30,7 +30,7 @@ from server.models.generation import GenerationParams, InvalidGenerationParams, 
 from server.models.limits import Kind
 from server.models.registry import ResidentModel
 from server.models.stages import StageTimings
-from server.models.tasks import DEFAULT_STRENGTH
+from server.models.tasks import DEFAULT_STRENGTH, STRENGTH_TASKS, image_task
 from server.policy import engine_config as policy
 from server.policy.resolve import resolve
 from server.protocol import GenerationRequest
@@ -161,6 +161,7 @@ class Generations:
             )
         fps = _or(body.fps, defaults.fps or _FALLBACK_FPS) if video else None
         image, mask = _uploads(body, model)
+        task = None if image is None else image_task(model.tasks, masked=mask is not None)
         # An image sets the size when the body does not: its own, down to the multiple the model needs.
         width = _or(body.width, defaults.width if image is None else _snapped(image.width, model, "image"))
         height = _or(
@@ -179,7 +180,10 @@ class Generations:
             fps=fps,
             image=None if image is None else image.convert("RGB"),
             mask=mask,
-            strength=body.strength if image is None or body.strength is not None else DEFAULT_STRENGTH,
+            strength=body.strength
+            if task not in STRENGTH_TASKS or body.strength is not None
+            else DEFAULT_STRENGTH,
+            task=task,
         )
         try:
             check_params(model, params)

@@ -95,17 +95,29 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def kontext_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An edit model: Flux Kontext on the tiny Flux's components."""
+    from diffusers import FluxKontextPipeline
+
+    path = tmp_path_factory.mktemp("images-in-kontext") / "kontext"
+    # Typed Any: diffusers exports its pipelines lazily, and mypy misses their inherited methods.
+    pipeline: Any = FluxKontextPipeline(**tiny_pipeline("flux").build().components)
+    pipeline.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def folder(folders: dict[str, Path]) -> Path:
     return folders["flux"]
 
 
 @pytest.fixture(scope="module")
-def server(model_cache: Path, folders: dict[str, Path]) -> Iterator[LiveServer]:
+def server(model_cache: Path, folders: dict[str, Path], kontext_folder: Path) -> Iterator[LiveServer]:
     threads = torch.get_num_threads()
     try:
         # One torch thread for the server and the direct calls alike: another count may sum in
         # another order and move the last bit.
-        models = [*(str(path) for path in folders.values()), "tiny-wan"]
+        models = [*(str(path) for path in folders.values()), str(kontext_folder), "tiny-wan"]
         yield from live_server(model_cache, models=models, torch_threads=1)
     finally:
         torch.set_num_threads(threads)
@@ -169,6 +181,7 @@ def test_each_card_lists_its_tasks(client: httpx.Client) -> None:
         inpainting = ["inpainting"] if family.inpainting else []
         assert cards[name]["tasks"] == ["text_to_image", "image_to_image", *inpainting]
     assert cards["tiny-wan"]["tasks"] == ["text_to_video"]
+    assert cards["kontext"]["tasks"] == ["text_to_image", "edit"]
 
 
 @pytest.mark.parametrize("name", [name for name in FAMILIES if name != "flux"])
@@ -433,3 +446,69 @@ def test_an_edit_this_server_cannot_take_is_a_4xx_naming_the_field(
 def test_an_edit_must_be_a_multipart_body(client: httpx.Client) -> None:
     response = client.post("/v1/images/edits", json={"prompt": PROMPT, "image": _b64(_png(IMAGE))})
     assert response.status_code == 422 and "multipart" in error_of(response)["message"]
+
+
+# -- an edit model ----------------------------------------------------------------------------------------
+
+
+def _kontext(folder: Path, **arguments: Any) -> np.ndarray:
+    """diffusers' FluxKontextPipeline from the folder, called as documented, its output's area bounded
+    to the size asked and its image taken at its own size (max_area and _auto_resize would otherwise
+    rescale both to a megapixel)."""
+    from diffusers import FluxKontextPipeline
+
+    pipeline: Any = FluxKontextPipeline.from_pretrained(folder, local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    own_memory(pipeline)
+    output = pipeline(
+        prompt=PROMPT,
+        height=HEIGHT,
+        width=WIDTH,
+        max_area=WIDTH * HEIGHT,
+        _auto_resize=False,
+        num_inference_steps=STEPS,
+        num_images_per_prompt=1,
+        true_cfg_scale=1.0,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="pil",
+        **arguments,
+    )
+    return np.asarray(output.images[0].convert("RGB"))
+
+
+def test_an_edit_model_edits_the_image_as_a_direct_call_does(
+    server: LiveServer, client: httpx.Client, kontext_folder: Path
+) -> None:
+    body = _body(model="kontext", width=WIDTH, height=HEIGHT)
+    plain = _generate(client, body)
+    assert plain["task"] == "text_to_image"
+    assert np.array_equal(_pixels(plain), _kontext(kontext_folder))
+    edited = _generate(client, {**body, "image": _b64(_png(IMAGE))})
+    assert (edited["task"], edited["strength"]) == ("edit", None)
+    # No strength: every step runs.
+    assert len(edited["timings"]["denoising_steps"]) == STEPS
+    expected = _kontext(kontext_folder, image=IMAGE)
+    assert np.array_equal(_pixels(edited), expected)
+
+    from openai import OpenAI
+
+    sdk = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    answer = sdk.images.edit(
+        model="kontext",
+        image=("image.png", _png(IMAGE), "image/png"),
+        prompt=PROMPT,
+        response_format="b64_json",
+        extra_body={"seed": 7, "steps": STEPS},
+    )
+    assert answer.data is not None and answer.model_dump()["task"] == "edit"
+    assert np.array_equal(_pixels({"data": [{"b64_json": answer.data[0].b64_json}]}), expected)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"), [({"strength": 0.5}, "strength"), ({"mask": _b64(_png(MASK))}, "mask")]
+)
+def test_an_edit_model_takes_no_strength_and_no_mask(
+    client: httpx.Client, fields: dict[str, Any], param: str
+) -> None:
+    response = client.post("/v1/generations", json=_body(model="kontext", image=_b64(_png(IMAGE)), **fields))
+    assert response.status_code == 422 and error_of(response)["param"] == param, response.text
