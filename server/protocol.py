@@ -564,7 +564,8 @@ class _ResultFields(Response):
     model: str
     # A default only for answers a job store kept from before tasks existed.
     task: Task | None = Field(
-        default=None, description="what ran: text_to_image, text_to_video, image_to_image or inpainting"
+        default=None,
+        description="what ran: text_to_image, text_to_video, image_to_image, inpainting, edit or image_to_video",
     )
     seed: int
     request_id: str
@@ -665,8 +666,8 @@ class ModelCard(Response):
         description="bytes of the transformers' weights as served (after any quantization)"
     )
     tasks: list[Task] = Field(
-        description="what the model does: text_to_image or text_to_video, then image_to_image and "
-        "inpainting where it has their pipelines (a request with an image, and a mask)"
+        description="what the model does: text_to_image or text_to_video, then what it does with a "
+        "request's image: image_to_image and inpainting (with a mask), edit (an edit model), image_to_video"
     )
     presets: dict[str, dict[str, Any]]
     method_defaults: dict[str, dict[str, Any]] = Field(

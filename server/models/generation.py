@@ -59,7 +59,8 @@ class GenerationParams:
 
     def __post_init__(self) -> None:
         if self.task is None and self.image is not None:
-            object.__setattr__(self, "task", "inpainting" if self.mask is not None else "image_to_image")
+            still: Task = "inpainting" if self.mask is not None else "image_to_image"
+            object.__setattr__(self, "task", still if self.num_frames is None else "image_to_video")
 
     @property
     def steps_run(self) -> int:
@@ -175,7 +176,7 @@ def _check_task(model: ResidentModel, params: GenerationParams) -> None:
     if task not in STRENGTH_TASKS:
         if params.strength is not None:
             raise InvalidGenerationParams(
-                f"{model.name} edits from the image as a whole: it takes no strength", param="strength"
+                f"{model.name} takes the image whole for {task}: it takes no strength", param="strength"
             )
         return
     # Any strength above 0 runs at least one step: diffusers counts the steps skipped rounding down.

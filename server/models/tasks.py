@@ -29,8 +29,15 @@ __all__ = [
     "text_task",
 ]
 
-Task = Literal["text_to_image", "text_to_video", "image_to_image", "inpainting", "edit"]
-TASKS: tuple[Task, ...] = ("text_to_image", "text_to_video", "image_to_image", "inpainting", "edit")
+Task = Literal["text_to_image", "text_to_video", "image_to_image", "inpainting", "edit", "image_to_video"]
+TASKS: tuple[Task, ...] = (
+    "text_to_image",
+    "text_to_video",
+    "image_to_image",
+    "inpainting",
+    "edit",
+    "image_to_video",
+)
 # The tasks that start from the image noised to a strength; an edit takes it whole, as context.
 STRENGTH_TASKS: tuple[Task, ...] = ("image_to_image", "inpainting")
 # diffusers' default for its image-to-image and inpainting pipelines.
@@ -47,6 +54,8 @@ _IMAGE_TASKS: Mapping[str, Mapping[Task, str]] = {
         "image_to_image": "QwenImageImg2ImgPipeline",
         "inpainting": "QwenImageInpaintPipeline",
     },
+    # LTX conditions its first latent frame on the image, with the text model's own transformer.
+    "LTXPipeline": {"image_to_video": "LTXImageToVideoPipeline"},
 }
 # Edit models: their own pipeline edits the request's image (in context, at no strength).
 _EDIT_MODELS: tuple[str, ...] = ("FluxKontextPipeline",)
@@ -55,6 +64,7 @@ _INPUTS: Mapping[Task, tuple[str, ...]] = {
     "image_to_image": ("image",),
     "inpainting": ("image", "mask_image"),
     "edit": ("image",),
+    "image_to_video": ("image",),
 }
 
 
@@ -84,16 +94,21 @@ def image_tasks(pipeline: DiffusionPipeline, spec: CallSpec) -> dict[Task, TaskP
         task_pipeline = getattr(diffusers, class_name).from_pipe(pipeline)
         task_pipeline.set_progress_bar_config(disable=True)
         tasks[task] = TaskPipeline(
-            task, task_pipeline, task_call_spec(task_pipeline, spec, _INPUTS[task], strength=True)
+            task,
+            task_pipeline,
+            task_call_spec(task_pipeline, spec, _INPUTS[task], strength=task in STRENGTH_TASKS),
         )
     return tasks
 
 
-def image_task(tasks: Mapping[Task, TaskPipeline], *, masked: bool) -> Task:
-    """The task a request with an image asks of a model with ``tasks``: inpainting with a mask, else
-    the edit of an edit model, else image-to-image (whether or not the model has it)."""
+def image_task(tasks: Mapping[Task, TaskPipeline], *, masked: bool, kind: Kind) -> Task:
+    """The task a request with an image asks of a model of ``kind`` with ``tasks``: inpainting with a
+    mask, else a video from the image, else the edit of an edit model, else image-to-image (whether or
+    not the model has the task: a missing one is refused, naming the field)."""
     if masked:
         return "inpainting"
+    if kind == "video":
+        return "image_to_video"
     return "edit" if "edit" in tasks else "image_to_image"
 
 

@@ -161,7 +161,7 @@ class Generations:
             )
         fps = _or(body.fps, defaults.fps or _FALLBACK_FPS) if video else None
         image, mask = _uploads(body, model)
-        task = None if image is None else image_task(model.tasks, masked=mask is not None)
+        task = None if image is None else image_task(model.tasks, masked=mask is not None, kind=model.kind)
         # An image sets the size when the body does not: its own, down to the multiple the model needs.
         width = _or(body.width, defaults.width if image is None else _snapped(image.width, model, "image"))
         height = _or(

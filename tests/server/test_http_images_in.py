@@ -512,3 +512,62 @@ def test_an_edit_model_takes_no_strength_and_no_mask(
 ) -> None:
     response = client.post("/v1/generations", json=_body(model="kontext", image=_b64(_png(IMAGE)), **fields))
     assert response.status_code == 422 and error_of(response)["param"] == param, response.text
+
+
+# -- a video from an image ---------------------------------------------------------------------------------
+
+VIDEO: dict[str, Any] = {
+    "width": 128,
+    "height": 128,
+    "num_frames": 9,
+    "steps": 2,
+    "fps": 12,
+    "guidance_scale": 3.0,
+}
+
+
+@pytest.fixture(scope="module")
+def ltx_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("images-in-ltx") / "ltx"
+    tiny_pipeline("ltx").build().save_pretrained(path)
+    return path
+
+
+def test_a_video_model_animates_an_image_as_a_direct_call_does(
+    model_cache: Path, ltx_folder: Path, server: LiveServer
+) -> None:
+    from diffusers import LTXImageToVideoPipeline
+
+    from server.models import media
+
+    # The LTX model in a server of its own, with the module's thread count (the ``server`` fixture's).
+    for ltx in live_server(model_cache, models=[str(ltx_folder)], torch_threads=1):
+        with ltx.client() as client:
+            assert client.get("/v1/models/ltx").json()["tasks"] == ["text_to_video", "image_to_video"]
+            start = _picture(VIDEO["width"], VIDEO["height"], seed=3)
+            body = {"model": "ltx", "prompt": PROMPT, "seed": 7, "output_format": "webp", **VIDEO}
+            answer = _generate(client, {**body, "image": _b64(_png(start))})
+            refused = client.post(
+                "/v1/generations", json={**body, "image": _b64(_png(start)), "strength": 0.5}
+            )
+            assert refused.status_code == 422 and error_of(refused)["param"] == "strength"
+    assert (answer["task"], answer["num_frames"]) == ("image_to_video", VIDEO["num_frames"])
+    assert len(answer["timings"]["denoising_steps"]) == VIDEO["steps"]
+    pipeline: Any = LTXImageToVideoPipeline.from_pretrained(ltx_folder, local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    own_memory(pipeline)
+    frames = pipeline(
+        image=start,
+        prompt=PROMPT,
+        width=VIDEO["width"],
+        height=VIDEO["height"],
+        num_frames=VIDEO["num_frames"],
+        frame_rate=VIDEO["fps"],
+        num_inference_steps=VIDEO["steps"],
+        guidance_scale=VIDEO["guidance_scale"],
+        num_videos_per_prompt=1,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="pil",
+    ).frames[0]
+    # The server's deterministic encoder on the direct call's frames: equal frames, equal files.
+    assert b64_items(answer) == [media.encode_video(frames, "webp", VIDEO["fps"])]
