@@ -14,7 +14,12 @@ const page = {
   models: new Map(), // id -> model card
   cacheKinds: [], // what a policy slot can be, read from the schema
   runs: [], // the columns of the current comparison
+  inputs: { image: null, mask: null }, // the files given, each { name, url, width, height, ready }
+  sizeTouched: false, // whether the user edited width or height since choosing the model
 };
+// The tasks of a model card that take an image in, and those of them that take a strength.
+const IMAGE_TASKS = ["image_to_image", "inpainting", "edit"];
+const STRENGTH_TASKS = ["image_to_image", "inpainting"];
 
 // -- talking to the API ----------------------------------------------------------------------------
 
@@ -287,6 +292,8 @@ function applyModel() {
   $("#model-info").textContent = `${model.kind}, ${model.family}`;
   const frames = video ? `, frames 1 + ${model.frame_step}k up to ${limits.max_frames}` : "";
   $("#limits").textContent = `Sizes in multiples of ${multiple}, up to ${limits.max_width}x${limits.max_height} and ${limits.max_pixels} pixels; steps up to ${limits.max_steps}${frames}.`;
+  page.sizeTouched = false;
+  applyImageControls();
   for (const slot of document.querySelectorAll("#policy-list .policy")) fillPolicyKinds(slot);
 }
 
@@ -306,14 +313,172 @@ function readRequest() {
   };
   if (model.kind === "video") body.num_frames = number("num_frames");
   if ($("#negative_prompt").value !== "") body.negative_prompt = $("#negative_prompt").value;
+  // What the image controls hold, where the model shows them. A mask or a strength goes as given,
+  // image or not: where it cannot apply, the server's 422 says so, and the field is outlined.
+  if (!$("#image-input").hidden) {
+    const { image, mask } = page.inputs;
+    if (image) body.image = inputUrl("image", image);
+    if (mask && !$("#mask").hidden) body.mask = inputUrl("mask", mask);
+    if (!$("#strength-field").hidden) body.strength = number("strength");
+  }
   for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
   return body;
+}
+
+// -- the image in (and its mask) ---------------------------------------------------------------------
+
+function takes(model, tasks) {
+  return (model.tasks || []).some((task) => tasks.includes(task));
+}
+
+// The image controls the model's card calls for: an image for any task that takes one, a mask for
+// inpainting, a strength for image-to-image and inpainting (an edit model's edit takes none).
+function applyImageControls() {
+  const model = currentModel();
+  $("#image-input").hidden = !takes(model, IMAGE_TASKS);
+  $("#mask").hidden = !takes(model, ["inpainting"]);
+  $("#strength-field").hidden = !takes(model, STRENGTH_TASKS);
+  applySize();
+}
+
+// The image the next run sends, if any: one is given and the model takes it.
+function activeImage() {
+  return $("#image-input").hidden ? null : page.inputs.image;
+}
+
+// Width and height with an image in. Without width and height, the server gives the output the
+// image's size (snapped down to the model's size multiple), which is what an edit usually wants,
+// and what a comparison of policies on it needs no more than once: so while the user has not
+// edited either field since choosing the model, both are emptied, left out of the request, and
+// show as their placeholder the size the server will pick. Once the user edits either, the two
+// are the user's, kept and sent as they are, image or not (a size half from the image and half
+// from the model's defaults is one nobody asked for). With no image, they hold the model's defaults.
+function applySize() {
+  const model = currentModel();
+  const image = activeImage();
+  const snap = (value) => Math.max(model.size_multiple, Math.floor(value / model.size_multiple) * model.size_multiple);
+  for (const id of ["width", "height"]) {
+    const input = $(`#${id}`);
+    input.placeholder = image && image.width ? `${snap(image[id])} (image)` : image ? "the image's" : "";
+    if (page.sizeTouched) continue;
+    input.value = image ? "" : (model.defaults[id] ?? "");
+  }
+}
+
+function readAsDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error || new Error("could not be read"));
+    reader.readAsDataURL(file);
+  });
+}
+
+// The picture's size as the browser decodes it; null where it cannot (the server will say why).
+async function pictureSize(url) {
+  const picture = new Image();
+  picture.src = url;
+  try {
+    await picture.decode();
+    return { width: picture.naturalWidth, height: picture.naturalHeight };
+  } catch {
+    return null;
+  }
+}
+
+// A file chosen or dropped: read as a data URL (what the request carries), shown, measured.
+function setInput(kind, file) {
+  const input = { name: file.name, url: null, width: null, height: null, error: null };
+  page.inputs[kind] = input;
+  renderInput(kind);
+  input.ready = (async () => {
+    try {
+      input.url = await readAsDataUrl(file);
+      Object.assign(input, await pictureSize(input.url));
+    } catch (error) {
+      input.error = error;
+    }
+    // A later file may have taken its place meanwhile.
+    if (page.inputs[kind] === input) {
+      renderInput(kind);
+      if (kind === "image") applySize();
+    }
+  })();
+}
+
+function clearInput(kind) {
+  page.inputs[kind] = null;
+  // So that choosing the same file again is a change.
+  $(`#${kind}-file`).value = "";
+  renderInput(kind);
+  if (kind === "image") applySize();
+}
+
+function renderInput(kind) {
+  const zone = $(`#${kind}`);
+  const input = page.inputs[kind];
+  const box = $(".drop-preview", zone);
+  const preview = $(".preview", zone);
+  zone.removeAttribute("aria-invalid");
+  box.hidden = !input;
+  zone.classList.toggle("filled", Boolean(input));
+  if (!input) {
+    preview.removeAttribute("src");
+    return;
+  }
+  // A data: URL, which the page's Content-Security-Policy allows for images (img-src data: blob:).
+  preview.hidden = !input.width;
+  if (input.url && input.width) preview.src = input.url;
+  let info;
+  if (input.error) info = `${input.name}: could not be read (${input.error.message || input.error})`;
+  else if (!input.url) info = `${input.name}: reading…`;
+  else if (!input.width) info = `${input.name}: not an image this browser can show; the server will say what it makes of it`;
+  else info = `${input.name}, ${input.width}×${input.height}`;
+  $(".drop-info", zone).textContent = info;
+  zone.dataset.state = input.error ? "error" : !input.url ? "reading" : input.width ? "ready" : "unreadable";
+}
+
+// The URL a request carries for a file; a file the browser could not read stops the run.
+function inputUrl(kind, input) {
+  if (input.url) return input.url;
+  const message = `${input.name} could not be read: ${input.error ? input.error.message || input.error : "no data"}`;
+  throw Object.assign(new Error(message), { envelope: { code: "invalid_request", message, param: kind } });
+}
+
+function wireDrop(kind) {
+  const zone = $(`#${kind}`);
+  $(`#${kind}-file`).addEventListener("change", (event) => {
+    const [file] = event.target.files;
+    if (file) setInput(kind, file);
+  });
+  $(".drop-clear", zone).addEventListener("click", () => clearInput(kind));
+  const hasFiles = (event) => event.dataTransfer && [...event.dataTransfer.types].includes("Files");
+  for (const type of ["dragenter", "dragover"]) {
+    zone.addEventListener(type, (event) => {
+      if (!hasFiles(event)) return;
+      event.preventDefault();
+      event.dataTransfer.dropEffect = "copy";
+      zone.classList.add("dragging");
+    });
+  }
+  zone.addEventListener("dragleave", (event) => {
+    if (!zone.contains(event.relatedTarget)) zone.classList.remove("dragging");
+  });
+  zone.addEventListener("drop", (event) => {
+    zone.classList.remove("dragging");
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    event.stopPropagation();
+    const [file] = event.dataTransfer.files;
+    if (file) setInput(kind, file);
+  });
 }
 
 // Marks the control a 422 blames: a request field, or a field of one column's policy.
 function markInvalid(param, run) {
   if (!param) return;
-  const [head, ...rest] = param.split(".");
+  // "image", "image.0" or "image[0]" (one of several images): the image's drop zone.
+  const [head, ...rest] = param.split(/[.[]/);
   let control = null;
   if (head === "cache" && run && run.slot) {
     control = rest.length && rest[0] !== "method" && rest[0] !== "preset"
@@ -543,6 +708,8 @@ function numbers(run, baseline, quality) {
   const { timings, cache } = run.result;
   const work = timings.total - timings.queue_wait;
   const rows = [
+    ["task", run.result.task || "–"],
+    ...(run.result.strength === undefined || run.result.strength === null ? [] : [["strength", String(run.result.strength)]]),
     ["denoising", `${ms(timings.denoising)}, ${timings.denoising_steps.length} steps`],
     ["total", ms(work)],
     ["queued", ms(timings.queue_wait)],
@@ -603,6 +770,8 @@ async function compare() {
 
 // -- curl ----------------------------------------------------------------------------------------------
 
+// The longest body given as an argument (-d '...'); a longer one goes on standard input.
+const CURL_ARGUMENT_MAX = 100_000;
 const EXTENSIONS = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "video/mp4": "mp4", "image/gif": "gif" };
 
 function curlOf(run) {
@@ -612,8 +781,17 @@ function curlOf(run) {
   const lines = [`curl -s ${quote(url)}`, "-H 'Content-Type: application/json'", `-H ${quote(`Accept: ${type}`)}`];
   // The key itself stays out of the clipboard: the command reads it from the environment.
   if (API_KEY) lines.push('-H "Authorization: Bearer $DITCACHE_API_KEY"');
-  lines.push(`-d ${quote(JSON.stringify(run.body))}`, `-o result.${EXTENSIONS[type] || "bin"}`);
-  return lines.join(" \\\n  ");
+  const body = JSON.stringify(run.body);
+  const output = `-o result.${EXTENSIONS[type] || "bin"}`;
+  if (body.length <= CURL_ARGUMENT_MAX) {
+    lines.push(`-d ${quote(body)}`, output);
+    return lines.join(" \\\n  ");
+  }
+  // Linux takes one argument of at most 128 KiB (MAX_ARG_STRLEN): a body that carries a larger
+  // image goes on curl's standard input, as a here-document. JSON.stringify writes no newline, so
+  // no line of the body can end the document early.
+  lines.push("--data-binary @-", `${output} <<'JSON'`);
+  return `${lines.join(" \\\n  ")}\n${body}\nJSON`;
 }
 
 async function copyText(text) {
@@ -654,6 +832,8 @@ async function runAll(event) {
   let body;
   let policies;
   try {
+    // A file just chosen or dropped may still be being read.
+    await Promise.all(Object.values(page.inputs).filter(Boolean).map((input) => input.ready));
     body = readRequest();
     policies = [...document.querySelectorAll("#policy-list .policy")].map(readPolicy);
   } catch (error) {
@@ -688,6 +868,14 @@ async function start() {
   $("#add-policy").addEventListener("click", () => addPolicy());
   $("#cancel-all").addEventListener("click", cancelAll);
   $("#model").addEventListener("change", applyModel);
+  for (const id of ["width", "height"]) $(`#${id}`).addEventListener("input", () => { page.sizeTouched = true; });
+  for (const kind of ["image", "mask"]) wireDrop(kind);
+  // A file dropped beside a drop zone would replace the page with itself: it is ignored instead.
+  for (const type of ["dragover", "drop"]) {
+    window.addEventListener(type, (event) => {
+      if (event.dataTransfer && [...event.dataTransfer.types].includes("Files")) event.preventDefault();
+    });
+  }
   try {
     const [openapi, models] = await Promise.all([
       fetch("openapi.json").then((response) => (response.ok ? response.json() : Promise.reject(new Error(`openapi.json: ${response.status}`)))),

@@ -571,3 +571,58 @@ def test_a_video_model_animates_an_image_as_a_direct_call_does(
     ).frames[0]
     # The server's deterministic encoder on the direct call's frames: equal frames, equal files.
     assert b64_items(answer) == [media.encode_video(frames, "webp", VIDEO["fps"])]
+
+
+# -- the trained shapes model ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapes(model_cache: Path, server: LiveServer) -> Iterator[LiveServer]:
+    # After ``server``: its one torch thread is the process's setting, for the direct call too.
+    yield from live_server(model_cache, models=["shapes-flux"], torch_threads=1)
+
+
+def test_shapes_flux_edits_as_its_direct_call_and_a_target_counts_the_steps_that_run(
+    shapes: LiveServer,
+) -> None:
+    from diffusers import FluxImg2ImgPipeline
+
+    from server.models.builtin import SHAPES_FLUX_FOLDER
+
+    scene = Image.new("RGB", (64, 64), (40, 80, 220))
+    scene.paste((220, 40, 40), (24, 24, 40, 40))
+    body = {
+        "model": "shapes-flux",
+        "prompt": "a small green square in the center on a blue background",
+        "seed": 5,
+    }
+    with shapes.client() as client:
+        edited = _generate(client, {**body, "image": _b64(_png(scene)), "strength": 0.8})
+        targeted = _generate(
+            client,
+            {**body, "image": _b64(_png(scene)), "strength": 0.5, "cache": {"target": {"min_psnr": 30}}},
+        )
+    pipeline: Any = FluxImg2ImgPipeline.from_pretrained(SHAPES_FLUX_FOLDER, local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    own_memory(pipeline)
+    # shapes-flux's served defaults: 20 steps at true CFG 3, prompts of 16 tokens.
+    expected = pipeline(
+        image=scene,
+        prompt=body["prompt"],
+        negative_prompt="",
+        true_cfg_scale=3.0,
+        strength=0.8,
+        height=64,
+        width=64,
+        num_inference_steps=20,
+        num_images_per_prompt=1,
+        max_sequence_length=16,
+        generator=torch.Generator("cpu").manual_seed(5),
+        output_type="pil",
+    ).images[0]
+    assert np.array_equal(_pixels(edited), np.asarray(expected.convert("RGB")))
+    # Half of 20 steps run: the target chose from the nearest calibrated curve, and says it is not the
+    # setting calibrated.
+    promise = targeted["cache_policy"]["target"]
+    assert len(targeted["timings"]["denoising_steps"]) == 10
+    assert promise["outside_calibration"] is True and promise["calibrated"]["steps"] == 20
