@@ -598,6 +598,16 @@ def test_shapes_flux_edits_as_its_direct_call_and_a_target_counts_the_steps_that
     }
     with shapes.client() as client:
         edited = _generate(client, {**body, "image": _b64(_png(scene)), "strength": 0.8})
+        from openai import OpenAI
+
+        sdk = OpenAI(base_url=f"{shapes.base_url}/v1", api_key="unused", max_retries=0)
+        through_sdk = sdk.images.edit(
+            model="shapes-flux",
+            image=("scene.png", _png(scene), "image/png"),
+            prompt=body["prompt"],
+            response_format="b64_json",
+            extra_body={"seed": 5, "strength": 0.8},
+        )
         targeted = _generate(
             client,
             {**body, "image": _b64(_png(scene)), "strength": 0.5, "cache": {"target": {"min_psnr": 30}}},
@@ -621,6 +631,8 @@ def test_shapes_flux_edits_as_its_direct_call_and_a_target_counts_the_steps_that
         output_type="pil",
     ).images[0]
     assert np.array_equal(_pixels(edited), np.asarray(expected.convert("RGB")))
+    assert through_sdk.data is not None
+    assert np.array_equal(_pixels({"data": [{"b64_json": through_sdk.data[0].b64_json}]}), _pixels(edited))
     # Half of 20 steps run: the target chose from the nearest calibrated curve, and says it is not the
     # setting calibrated.
     promise = targeted["cache_policy"]["target"]

@@ -3,6 +3,7 @@
 The server has an API key, so every test also goes through the page's key handling: the browser gives
 the key as HTTP Basic credentials, as a person types it into the browser's prompt, and the page sends
 it on to the API as a Bearer token. No request may leave the test server (see ``test_docs_offline``).
+Images in are given as a person gives them: a file chosen in the file dialog, or dropped on the page.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from PIL import Image
 
 from server.api.app import create_app
 from server.settings import Settings
+from tiny_pipelines import tiny_pipeline
 
 from .conftest import LiveServer, error_of, live_server
 from .test_docs_offline import Browser, browser
@@ -44,9 +46,23 @@ PAGE_FILES = {
 
 
 @pytest.fixture(scope="module")
-def server(model_cache: Path) -> Iterator[LiveServer]:
-    # The default model first, as `make serve` has it; a video model for the frames.
-    yield from live_server(model_cache, models=[DEFAULT_MODEL, "tiny-wan"], api_key=KEY)
+def kontext_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An edit model (tasks text_to_image and edit): Flux Kontext on the tiny Flux's components."""
+    from diffusers import FluxKontextPipeline
+
+    path = tmp_path_factory.mktemp("playground-kontext") / "kontext"
+    # Typed Any: diffusers exports its pipelines lazily, and mypy misses their inherited methods.
+    pipeline: Any = FluxKontextPipeline(**tiny_pipeline("flux").build().components)
+    pipeline.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_cache: Path, kontext_folder: Path) -> Iterator[LiveServer]:
+    # The default model first, as `make serve` has it; a video model for the frames; the tiny Flux for
+    # image-to-image and inpainting, and an edit model.
+    models = [DEFAULT_MODEL, "tiny-wan", "tiny-flux", str(kontext_folder)]
+    yield from live_server(model_cache, models=models, api_key=KEY)
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +288,257 @@ def test_a_video_model_compares_its_frames(page: Any) -> None:
     shown = _term(_card(page, "preset quality"), "PSNR")
     assert re.fullmatch(r"(∞ dB \(identical\)|[\d.]+ dB)", shown)
     assert _card(page, "uncached").locator(".card-media img").evaluate("img => img.naturalWidth") == 32
+
+
+# -- images in ----------------------------------------------------------------------------------------
+
+IMAGE_WIDTH, IMAGE_HEIGHT = 48, 32
+IMAGE_CONTROLS = ("#image-input", "#mask", "#strength-field")
+
+
+def _png(width: int = IMAGE_WIDTH, height: int = IMAGE_HEIGHT, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _mask_png(width: int = IMAGE_WIDTH, height: int = IMAGE_HEIGHT) -> bytes:
+    """OpenAI's convention: the transparent left half is what to change."""
+    mask = Image.new("RGBA", (width, height), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, width // 2, height))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _file(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def _job_bodies(page: Any) -> list[dict[str, Any]]:
+    """The body of every job the page submits from now on, in order."""
+    bodies: list[dict[str, Any]] = []
+
+    def seen(request: Any) -> None:
+        if request.method == "POST" and request.url.endswith("/v1/jobs"):
+            bodies.append(request.post_data_json)
+
+    page.on("request", seen)
+    return bodies
+
+
+def _drop(page: Any, selector: str, name: str, data: bytes) -> None:
+    """Drags a file from the desktop onto the element: dragenter, dragover and drop, as a browser sends."""
+    page.evaluate(
+        """([selector, name, b64]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "image/png" }));
+            const zone = document.querySelector(selector);
+            for (const type of ["dragenter", "dragover", "drop"]) {
+                zone.dispatchEvent(new DragEvent(type, { dataTransfer: transfer, bubbles: true, cancelable: true }));
+            }
+        }""",
+        [selector, name, base64.b64encode(data).decode("ascii")],
+    )
+
+
+def _visible(page: Any) -> tuple[bool, ...]:
+    return tuple(page.locator(selector).is_visible() for selector in IMAGE_CONTROLS)
+
+
+def _wait_for_columns(page: Any, status: str, count: int = 3, timeout: float = 60_000) -> None:
+    page.locator(f'.card[data-status="{status}"]').nth(count - 1).wait_for(state="attached", timeout=timeout)
+    assert page.locator(".card").count() == count
+
+
+def test_an_image_in_runs_image_to_image_in_every_column(
+    page: Any, server: LiveServer, tmp_path: Path
+) -> None:
+    page.locator("#model").select_option("tiny-flux")
+    assert _visible(page) == (True, True, True)
+    page.locator("#steps").fill("4")
+    image = _png()
+    page.locator("#image-file").set_input_files(_file(tmp_path, "in.png", image))
+    zone = page.locator('#image[data-state="ready"]')
+    zone.wait_for()
+    # The preview shows (a data: URL, which the page's Content-Security-Policy allows), with the size.
+    assert zone.locator(".preview").evaluate("img => img.complete && img.naturalWidth") == IMAGE_WIDTH
+    assert zone.locator(".drop-info").inner_text() == f"in.png, {IMAGE_WIDTH}×{IMAGE_HEIGHT}"
+    # The size is left to the image: the fields are emptied and say what it will be.
+    for field, side in (("#width", IMAGE_WIDTH), ("#height", IMAGE_HEIGHT)):
+        assert page.locator(field).input_value() == ""
+        assert page.locator(field).get_attribute("placeholder") == f"{side} (image)"
+    bodies = _job_bodies(page)
+    page.locator("#run").click()
+    _wait_for_columns(page, "succeeded")
+    page.locator('dd[data-term="PSNR"]', has_text="dB").nth(1).wait_for()
+
+    assert len(bodies) == 3
+    for body in bodies:
+        assert body["image"] == _data_url(image)
+        assert not {"width", "height", "mask", "strength"} & set(body)
+    cards = [_card(page, title) for title in ("uncached", "preset fast", "preset quality")]
+    for card in cards:
+        assert _term(card, "task") == "image_to_image"
+        assert _term(card, "strength") == "0.6"
+        assert re.fullmatch(r"[\d.]+ ms, \d+ steps", _term(card, "denoising"))
+        assert Image.open(io.BytesIO(_media_bytes(card))).size == (IMAGE_WIDTH, IMAGE_HEIGHT)
+    assert re.fullmatch(r"(∞ dB \(identical\)|[\d.]+ dB)", _term(cards[1], "PSNR"))
+
+    # The copied command carries the image and gives the same picture.
+    cards[1].locator(".card-copy").click()
+    cards[1].locator(".card-copied", has_text="copied").wait_for()
+    command: str = page.evaluate("() => navigator.clipboard.readText()")
+    words = shlex.split(command.replace("\\\n", " "))
+    body = json.loads(words[words.index("-d") + 1])
+    assert body["image"] == _data_url(image) and body["cache"] == {"preset": "fast"}
+    with server.client(headers=AUTH) as client:
+        again = client.post("/v1/generations", json=body, headers={"Accept": "image/png"})
+    assert again.status_code == 200 and again.content == _media_bytes(cards[1])
+
+
+def test_a_mask_makes_it_inpainting(page: Any, tmp_path: Path) -> None:
+    page.locator("#model").select_option("tiny-flux")
+    page.locator("#steps").fill("4")
+    page.locator("#strength").fill("0.8")
+    image, mask = _png(seed=1), _mask_png()
+    # The image dropped on its zone; the mask chosen in the file dialog.
+    _drop(page, "#image", "dropped.png", image)
+    page.locator('#image[data-state="ready"]').wait_for()
+    assert page.locator("#image .drop-info").inner_text() == f"dropped.png, {IMAGE_WIDTH}×{IMAGE_HEIGHT}"
+    page.locator("#mask-file").set_input_files(_file(tmp_path, "mask.png", mask))
+    page.locator('#mask[data-state="ready"]').wait_for()
+    assert page.locator("#mask .preview").evaluate("img => img.naturalWidth") == IMAGE_WIDTH
+    bodies = _job_bodies(page)
+    page.locator("#run").click()
+    _wait_for_columns(page, "succeeded")
+
+    assert len(bodies) == 3
+    for body in bodies:
+        assert body["image"] == _data_url(image) and body["mask"] == _data_url(mask)
+        assert body["strength"] == 0.8 and not {"width", "height"} & set(body)
+    given = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    for title in ("uncached", "preset fast", "preset quality"):
+        card = _card(page, title)
+        assert _term(card, "task") == "inpainting" and _term(card, "strength") == "0.8"
+        result = np.asarray(Image.open(io.BytesIO(_media_bytes(card))).convert("RGB"))
+        assert result.shape == given.shape
+        # Only the masked half may change.
+        assert np.array_equal(result[:, IMAGE_WIDTH // 2 :], given[:, IMAGE_WIDTH // 2 :])
+
+    # Cleared, the mask is no longer sent: the next run is image-to-image.
+    page.locator("#mask .drop-clear").click()
+    assert not page.locator("#mask .drop-preview").is_visible()
+    assert "mask" not in page.evaluate("() => readRequest()")
+
+
+def test_the_image_controls_follow_the_models_tasks(page: Any, tmp_path: Path) -> None:
+    assert _visible(page) == (True, True, True)  # shapes-flux: image-to-image and inpainting
+    page.locator("#model").select_option("tiny-wan")
+    assert _visible(page) == (False, False, False)
+    # An edit model takes an image, but neither a mask nor a strength.
+    page.locator("#model").select_option("kontext")
+    assert _visible(page) == (True, False, False)
+
+    page.locator("#model").select_option("tiny-flux")
+    page.locator("#strength").fill("0.5")
+    page.locator("#image-file").set_input_files(_file(tmp_path, "in.png", _png()))
+    page.locator('#image[data-state="ready"]').wait_for()
+    page.locator("#mask-file").set_input_files(_file(tmp_path, "mask.png", _mask_png()))
+    page.locator('#mask[data-state="ready"]').wait_for()
+    request = page.evaluate("() => readRequest()")
+    assert {"image", "mask", "strength"} <= set(request) and not {"width", "height"} & set(request)
+    # Hidden controls send nothing: the video model gets a plain text-to-video request...
+    page.locator("#model").select_option("tiny-wan")
+    request = page.evaluate("() => readRequest()")
+    assert not {"image", "mask", "strength"} & set(request)
+    assert (request["width"], request["height"]) == (32, 32)
+    # ...and the edit model the image alone.
+    page.locator("#model").select_option("kontext")
+    request = page.evaluate("() => readRequest()")
+    assert "image" in request and not {"mask", "strength", "width", "height"} & set(request)
+
+    # The size: the image's until the user sets one, the model's defaults once the image is cleared.
+    page.locator("#model").select_option("tiny-flux")
+    assert page.locator("#width").input_value() == ""
+    page.locator("#image .drop-clear").click()
+    assert not page.locator("#image .drop-preview").is_visible()
+    assert (page.locator("#width").input_value(), page.locator("#height").input_value()) == ("64", "64")
+    page.locator("#width").fill("40")
+    page.locator("#image-file").set_input_files(_file(tmp_path, "in.png", _png()))
+    page.locator('#image[data-state="ready"]').wait_for()
+    request = page.evaluate("() => readRequest()")
+    assert (request["width"], request["height"]) == (40, 64) and "image" in request
+
+
+def test_a_file_that_is_no_image_shows_the_servers_422_and_marks_the_image(page: Any, tmp_path: Path) -> None:
+    page.locator("#model").select_option("tiny-flux")
+    page.locator("#image-file").set_input_files(
+        _file(tmp_path, "notes.png", b"these are notes, not a picture\n")
+    )
+    zone = page.locator('#image[data-state="unreadable"]')
+    zone.wait_for()
+    assert "not an image this browser can show" in zone.locator(".drop-info").inner_text()
+    page.locator("#run").click()
+    _wait_for_columns(page, "failed")
+    for title in ("uncached", "preset fast", "preset quality"):
+        error = _card(page, title).locator(".card-error").inner_text()
+        assert error.startswith("422 invalid_request: ") and "field: image" in error
+        assert "request id: req_" in error
+    assert page.locator("#image").get_attribute("aria-invalid") == "true"
+    assert page.locator("#image").evaluate("zone => getComputedStyle(zone).outlineStyle") == "solid"
+    assert page.locator("#run").is_enabled()
+
+    # A strength with no image is refused by name too, and its field outlined.
+    page.locator("#image .drop-clear").click()
+    page.locator("#strength").fill("0.5")
+    page.locator("#run").click()
+    _card(page, "uncached").locator(".card-error", has_text="field: strength").wait_for()
+    assert page.locator("#strength").get_attribute("aria-invalid") == "true"
+    assert page.locator("#image").get_attribute("aria-invalid") is None
+
+
+def test_an_edit_model_edits_a_large_image_and_curl_reads_its_body_from_stdin(
+    page: Any, server: LiveServer, tmp_path: Path
+) -> None:
+    page.locator("#model").select_option("kontext")
+    page.locator("#steps").fill("3")
+    page.locator("#policy-list .policy .remove-policy").first.click()
+    # Over 128 KiB of base64: more than Linux takes in one argument.
+    width, height = 192, 160
+    image = _png(width, height, seed=2)
+    assert len(_data_url(image)) > 128 * 1024
+    page.locator("#image-file").set_input_files(_file(tmp_path, "large.png", image))
+    page.locator('#image[data-state="ready"]').wait_for()
+    bodies = _job_bodies(page)
+    page.locator("#run").click()
+    _wait_for_columns(page, "succeeded", count=2)
+    assert [body["image"] for body in bodies] == [_data_url(image)] * 2
+    assert not {"strength", "mask"} & set(bodies[0])
+    quality = _card(page, "preset quality")
+    for card in (_card(page, "uncached"), quality):
+        assert _term(card, "task") == "edit"
+        assert card.locator('dd[data-term="strength"]').count() == 0
+        assert Image.open(io.BytesIO(_media_bytes(card))).size == (width, height)
+
+    quality.locator(".card-copy").click()
+    quality.locator(".card-copied", has_text="copied").wait_for()
+    command: str = page.evaluate("() => navigator.clipboard.readText()")
+    head, body_line, end = command.rsplit("\n", 2)
+    assert head.endswith(" <<'JSON'") and end == "JSON"
+    words = shlex.split(head.removesuffix(" <<'JSON'").replace("\\\n", " "))
+    assert words[:3] == ["curl", "-s", f"{server.base_url}/v1/generations"]
+    assert "--data-binary" in words and words[words.index("--data-binary") + 1] == "@-"
+    body = json.loads(body_line)
+    assert body["image"] == _data_url(image) and body["model"] == "kontext"
+    with server.client(headers=AUTH) as client:
+        again = client.post("/v1/generations", json=body, headers={"Accept": "image/png"})
+    assert again.status_code == 200 and again.content == _media_bytes(quality)
