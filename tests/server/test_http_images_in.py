@@ -604,7 +604,7 @@ def test_shapes_flux_edits_as_its_direct_call_and_a_target_counts_the_steps_that
         through_sdk = sdk.images.edit(
             model="shapes-flux",
             image=("scene.png", _png(scene), "image/png"),
-            prompt=body["prompt"],
+            prompt=str(body["prompt"]),
             response_format="b64_json",
             extra_body={"seed": 5, "strength": 0.8},
         )
