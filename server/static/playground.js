@@ -18,7 +18,7 @@ const page = {
   sizeTouched: false, // whether the user edited width or height since choosing the model
 };
 // The tasks of a model card that take an image in, and those of them that take a strength.
-const IMAGE_TASKS = ["image_to_image", "inpainting", "edit"];
+const IMAGE_TASKS = ["image_to_image", "inpainting", "edit", "image_to_video"];
 const STRENGTH_TASKS = ["image_to_image", "inpainting"];
 
 // -- talking to the API ----------------------------------------------------------------------------
@@ -289,7 +289,7 @@ function applyModel() {
   format.replaceChildren(...model.output_formats.map((name) => new Option(name, name)));
   // Frames can be compared only where the browser decodes them one by one: animated WebP or GIF.
   format.value = video ? (["webp", "gif"].find((name) => model.output_formats.includes(name)) || model.output_formats[0]) : model.output_formats[0];
-  $("#model-info").textContent = `${model.kind}, ${model.family}`;
+  $("#model-info").textContent = `${model.kind}, ${model.family}; ${(model.tasks || []).join(", ")}`;
   const frames = video ? `, frames 1 + ${model.frame_step}k up to ${limits.max_frames}` : "";
   $("#limits").textContent = `Sizes in multiples of ${multiple}, up to ${limits.max_width}x${limits.max_height} and ${limits.max_pixels} pixels; steps up to ${limits.max_steps}${frames}.`;
   page.sizeTouched = false;
@@ -332,7 +332,8 @@ function takes(model, tasks) {
 }
 
 // The image controls the model's card calls for: an image for any task that takes one, a mask for
-// inpainting, a strength for image-to-image and inpainting (an edit model's edit takes none).
+// inpainting, a strength for image-to-image and inpainting (an edit, or an image animated into a
+// video, takes none).
 function applyImageControls() {
   const model = currentModel();
   $("#image-input").hidden = !takes(model, IMAGE_TASKS);

@@ -76,11 +76,18 @@ def chromium(server: LiveServer) -> Iterator[Browser]:
 @pytest.fixture
 def page(chromium: Browser) -> Iterator[Any]:
     page = chromium.new_page()
+    # What the page's Content-Security-Policy refused (previews of images in are data: URLs, say).
+    refused: list[str] = []
+    page.on(
+        "console",
+        lambda message: refused.append(message.text) if "Content Security Policy" in message.text else None,
+    )
     page.goto(chromium.base_url + "/playground")
     page.locator("body[data-ready=true]").wait_for(state="attached")
     yield page
     page.close()
     assert chromium.outside == [], "the page asked for something off the host"
+    assert refused == [], "the page's Content-Security-Policy refused what it did"
 
 
 def _card(page: Any, title: str) -> Any:
