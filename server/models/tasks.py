@@ -1,5 +1,6 @@
 """What a served model does besides text to image or video: its image-conditioned tasks, each a diffusers
-pipeline built from the model's resident components (``from_pipe``), never a second copy of its weights.
+pipeline built on the model's resident components (as ``from_pipe`` builds it, without its dtype cast), never a
+second copy of its weights.
 
 The transformers are the model's own, so every cache policy acts on a task as it does on the model's
 text pipeline.
@@ -7,9 +8,10 @@ text pipeline.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from server.models.call_specs import CallSpec, task_call_spec
 from server.models.limits import Kind
@@ -91,7 +93,7 @@ def image_tasks(pipeline: DiffusionPipeline, spec: CallSpec) -> dict[Task, TaskP
             "edit", pipeline, task_call_spec(pipeline, spec, _INPUTS["edit"], strength=False)
         )
     for task, class_name in _IMAGE_TASKS.get(name, {}).items():
-        task_pipeline = getattr(diffusers, class_name).from_pipe(pipeline)
+        task_pipeline = _on_the_same_components(pipeline, getattr(diffusers, class_name))
         task_pipeline.set_progress_bar_config(disable=True)
         tasks[task] = TaskPipeline(
             task,
@@ -99,6 +101,19 @@ def image_tasks(pipeline: DiffusionPipeline, spec: CallSpec) -> dict[Task, TaskP
             task_call_spec(task_pipeline, spec, _INPUTS[task], strength=task in STRENGTH_TASKS),
         )
     return tasks
+
+
+def _on_the_same_components(pipeline: DiffusionPipeline, cls: type[DiffusionPipeline]) -> DiffusionPipeline:
+    """An instance of ``cls`` on ``pipeline``'s very components and configuration, as ``from_pipe``
+    builds it, but without its cast of every component to its dtype argument (float32 by default):
+    that cast would reach the shared transformer, and a model served in bfloat16 would be in float32
+    for every task, its text pipeline included."""
+    parameters = inspect.signature(cls.__init__).parameters
+    components = pipeline.components
+    arguments: dict[str, Any] = {name: components[name] for name in parameters if name in components}
+    config = dict(pipeline.config)
+    arguments.update({name: config[name] for name in parameters if name not in arguments and name in config})
+    return cls(**arguments)
 
 
 def image_task(tasks: Mapping[Task, TaskPipeline], *, masked: bool, kind: Kind) -> Task:

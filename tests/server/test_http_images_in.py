@@ -638,3 +638,22 @@ def test_shapes_flux_edits_as_its_direct_call_and_a_target_counts_the_steps_that
     promise = targeted["cache_policy"]["target"]
     assert len(targeted["timings"]["denoising_steps"]) == 10
     assert promise["outside_calibration"] is True and promise["calibrated"]["steps"] == 20
+
+
+def test_the_task_pipelines_share_the_models_components_in_its_dtype(model_cache: Path) -> None:
+    """No second copy of the weights, and no cast: a model served in bfloat16 stays in bfloat16."""
+    from server.models.registry import load_model
+
+    model = load_model("tiny-flux", cache_dir=model_cache, dtype="bfloat16")
+    assert set(model.tasks) == {"image_to_image", "inpainting"}
+    for task in model.tasks.values():
+        shared = {
+            name: component for name, component in task.pipeline.components.items() if component is not None
+        }
+        assert shared and all(
+            component is model.pipeline.components[name] for name, component in shared.items()
+        )
+    for name in ("transformer", "vae", "text_encoder"):
+        assert {parameter.dtype for parameter in model.pipeline.components[name].parameters()} == {
+            torch.bfloat16
+        }
