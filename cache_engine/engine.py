@@ -188,7 +188,7 @@ class CacheEngine:
             inner: AbstractContextManager[Any] = (
                 original_context(name, **kwargs) if original_context is not None else nullcontext()
             )
-            with branch(name), inner:
+            with branch(name, kwargs), inner:
                 yield
 
         def _reset_stateful_cache(recurse: bool = True) -> None:

@@ -13,7 +13,8 @@ passes ``cache_context(name, step_index=..., sigma=..., num_inference_steps=...)
 adapter finds the latents (Wan text-to-video, Cosmos 3), and fails open (never skips) elsewhere:
 - the scheduler position comes from the session: the step index counts the branch's denoiser calls,
   ``sigma`` is the denoising timestep over 1000 (read through the family table), and the step count
-  is ``num_inference_steps`` of the config (an addition; without it, ``cache_end_steps`` cannot apply);
+  is ``num_inference_steps`` of the config (an addition), else the one the pipeline gives its
+  ``cache_context`` (Wan), as the reference reads it; with neither, ``cache_end_steps`` cannot apply;
 - the latents come from the denoiser's ``hidden_states`` laid out by the family table (channels,
   frames, height, width; a token sequence stands for the spatial axes), on every family;
 - a tail block that returns no text stream (SD3's last block) or the fused text+image sequence
@@ -299,7 +300,11 @@ class _DenoiserHandler:
             return None
         timestep = call.session.current_timestep
         sigma = None if timestep is None else timestep / 1000.0
+        # The config's count, else the one the pipeline gives its cache_context (Wan), as the reference reads.
         steps = config.num_inference_steps
+        if steps is None:
+            told = call.session.loop_position.get("num_inference_steps")
+            steps = told if isinstance(told, int) and told > 0 else None
         if sigma is None or not math.isfinite(sigma) or not 0.0 <= sigma <= 1.0:
             logger.debug("SeaCache found no noise level in [0, 1] (timestep %s); running in full", timestep)
             return None

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -29,6 +30,11 @@ DEFAULT_BRANCH = "default"
 # two transformers (Wan 2.2's experts) runs both under one request's policy.
 _ACTIVE_SESSIONS: ContextVar[tuple[CacheSession, ...]] = ContextVar("cache_engine_sessions", default=())
 _BRANCH: ContextVar[str | None] = ContextVar("cache_engine_branch", default=None)
+# Where the denoising loop is, as the pipeline tells its ``cache_context`` (Wan: step_index, sigma,
+# num_inference_steps); empty where it tells nothing.
+_LOOP_POSITION: ContextVar[Mapping[str, Any]] = ContextVar(
+    "cache_engine_loop_position", default=MappingProxyType({})
+)
 
 S = TypeVar("S")
 
@@ -219,6 +225,12 @@ class CacheSession:
     @property
     def branch(self) -> str:
         return _BRANCH.get() or DEFAULT_BRANCH
+
+    @property
+    def loop_position(self) -> Mapping[str, Any]:
+        """What the pipeline told ``cache_context`` of the denoising loop (``step_index``, ``sigma``,
+        ``num_inference_steps`` on Wan); empty where it told nothing."""
+        return _LOOP_POSITION.get()
 
     def state(self, owner: object, factory: Callable[[], S]) -> S:
         """The state ``owner`` keeps for the current branch (cond, uncond, ...), made on first use."""
@@ -460,10 +472,13 @@ def bound(session: CacheSession) -> Iterator[CacheSession]:
 
 
 @contextmanager
-def branch(name: str) -> Iterator[None]:
-    """Name the denoiser pass in progress (``cond``, ``uncond``, ``cond_uncond``) for this thread."""
+def branch(name: str, position: Mapping[str, Any] | None = None) -> Iterator[None]:
+    """Name the denoiser pass in progress (``cond``, ``uncond``, ``cond_uncond``) for this thread, with
+    what the pipeline says of the loop's ``position`` (its ``cache_context`` keywords)."""
     token = _BRANCH.set(name)
+    position_token = _LOOP_POSITION.set(MappingProxyType(dict(position or {})))
     try:
         yield
     finally:
+        _LOOP_POSITION.reset(position_token)
         _BRANCH.reset(token)
