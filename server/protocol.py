@@ -560,6 +560,13 @@ class MediaItem(Response):
     b64_json: str
 
 
+class TextCacheStats(Response):
+    hits: int = Field(
+        description="prompt encodings answered from the model's prompt cache, to the same bytes"
+    )
+    misses: int = Field(description="prompt encodings computed (and kept for the next request)")
+
+
 class _ResultFields(Response):
     model: str
     # A default only for answers a job store kept from before tasks existed.
@@ -572,6 +579,9 @@ class _ResultFields(Response):
     timings: Timings
     cache: CacheStats | None = Field(description="null when the server runs without cache hooks")
     cache_policy: dict[str, Any] = Field(description="the policy applied, presets expanded")
+    text_cache: TextCacheStats | None = Field(
+        default=None, description="the prompt cache's part in this request; null when the server keeps none"
+    )
 
 
 class GenerationResponse(_ResultFields):

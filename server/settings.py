@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         description="diffusers attention backend (native, flash, sage, ...), checked at start-up",
     )
     queue_size: int = Field(default=16, ge=1, le=10_000, description="requests waiting per model")
+    text_cache_mb: float = Field(
+        default=256.0,
+        ge=0,
+        description="prompt embeddings kept across requests, per model copy, in MiB; a repeated prompt "
+        "(the empty negative one, say) skips its text encoders, to the same bytes (0: keep none)",
+    )
     job_ttl_s: float = Field(default=3600.0, gt=0, description="how long a finished job's result is kept")
     max_finished_jobs: int = Field(default=256, ge=1, description="finished jobs kept, oldest dropped first")
     job_store: str | None = Field(

@@ -9,6 +9,7 @@ the output is the one a direct call of the pipeline with the same arguments and 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from server.models.limits import ModelDefaults
+    from server.models.prompt_cache import Tally
     from server.models.registry import ResidentModel
     from server.models.tasks import Task, TaskPipeline
 
@@ -98,6 +100,8 @@ class GenerationResult:
     timings_ms: Mapping[str, float]
     # Milliseconds per denoising step.
     step_times_ms: list[float]
+    # Prompt encodings answered from the model's prompt cache and computed; None: it keeps none.
+    text_cache: Tally | None = None
 
 
 class InvalidGenerationParams(ValueError):
@@ -256,7 +260,8 @@ def generate(
     """
     pipeline: Any = task_of(model, params).pipeline
     kwargs = call_arguments(model, params)
-    with model.stages.measure(on_step_end) as clock:
+    tallied = model.prompt_cache.tally() if model.prompt_cache is not None else nullcontext(None)
+    with tallied as text_cache, model.stages.measure(on_step_end) as clock:
         if model.call_spec.steps_observed_by == "callback":
             kwargs["callback_on_step_end"] = clock.step_callback
         output = pipeline(
@@ -276,4 +281,5 @@ def generate(
         videos=videos,
         timings_ms=dict(clock.stage_ms),
         step_times_ms=list(clock.step_times_ms),
+        text_cache=text_cache,
     )

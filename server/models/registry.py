@@ -31,6 +31,7 @@ from server.models.calibration import Calibration, load_calibration
 from server.models.call_specs import CallSpec, UnservablePipeline, call_spec
 from server.models.limits import Kind, ModelDefaults, ModelLimits
 from server.models.presets import PRESET_NAMES
+from server.models.prompt_cache import PromptCache
 from server.models.stages import StageProbe
 from server.models.tasks import Task, TaskPipeline, image_tasks, text_task
 from server.ops import acceleration
@@ -97,6 +98,8 @@ class ResidentModel:
     acceleration: Acceleration = field(default_factory=Acceleration)
     # Its image-conditioned tasks, each a pipeline built from these components (server.models.tasks).
     tasks: Mapping[Task, TaskPipeline] = field(default_factory=dict)
+    # Prompt embeddings kept across requests; None: every request runs its text encoders.
+    prompt_cache: PromptCache | None = None
 
     @property
     def task_names(self) -> tuple[Task, ...]:
@@ -264,12 +267,14 @@ def load_model(
     cache_dir: Path,
     cache_hooks: bool = True,
     accelerate: Acceleration | None = None,
+    text_cache_bytes: int = 0,
 ) -> ResidentModel:
     """Load ``spec`` onto ``device`` with a cache engine per transformer; raises ModelLoadError.
 
     ``cache_hooks=False`` serves the pipeline exactly as diffusers ships it (no engine, method "none").
     ``accelerate`` compiles, quantizes or changes the attention backend of the transformers, before
     the engines wrap them (``server.ops.acceleration``); compiled models still need a warm-up.
+    ``text_cache_bytes`` bounds the prompt embeddings kept across requests (0: none are kept).
     """
     from cache_engine import CacheEngine
     from cache_engine.targets import build_layout, family_for
@@ -322,9 +327,15 @@ def load_model(
         tasks = image_tasks(pipeline, spec_of_call)
     except UnservablePipeline as exc:
         raise ModelLoadError(f"{spec!r} cannot be served: {exc}") from exc
+    prompt_cache = PromptCache(text_cache_bytes) if text_cache_bytes > 0 else None
+    pipelines = [pipeline, *(task.pipeline for task in tasks.values() if task.pipeline is not pipeline)]
+    if prompt_cache is not None:
+        # Under the stage timing, which then counts a hit's time as the encoding it replaced.
+        for each in pipelines:
+            prompt_cache.attach(each)
     stages = StageProbe(pipeline, denoisers, spec_of_call.steps_observed_by)
-    for task in tasks.values():
-        stages.attach(task.pipeline)
+    for each in pipelines[1:]:
+        stages.attach(each)
     return ResidentModel(
         name=name,
         kind=kind,
@@ -344,4 +355,5 @@ def load_model(
         weight_bytes=sum(acceleration.weight_bytes(denoiser) for denoiser in denoisers),
         acceleration=accelerate,
         tasks=tasks,
+        prompt_cache=prompt_cache,
     )

@@ -45,6 +45,7 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
                     cache_dir=settings.cache_dir,
                     cache_hooks=settings.install_cache_hooks,
                     accelerate=accelerate,
+                    text_cache_bytes=int(settings.text_cache_mb * 2**20),
                 )
                 if accelerate.compile:
                     _warm_up(model, metrics)
@@ -69,6 +70,8 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
     for name, copies in replicas.items():
         for replica in copies:
             metrics.watch_worker(name, replica.id, replica.worker)
+            if replica.model.prompt_cache is not None:
+                metrics.watch_prompt_cache(name, replica.id, replica.model.prompt_cache)
     return Generations(replicas, metrics=metrics)
 
 

@@ -16,6 +16,8 @@ several apps in one process (the tests) count apart.
                                                                 state held at once (histogram)
     ditcache_cache_peak_bytes_max{model,method}                the largest of those so far
     ditcache_compile_seconds{model}                            --compile: warm-up (compile) time
+    ditcache_prompt_cache_total{model,result}                  prompt encodings: hit or miss
+    ditcache_prompt_cache_bytes{model,replica}                 memory of the prompt embeddings kept
     ditcache_queue_depth{model}                                requests waiting
     ditcache_jobs_in_flight{model}                             generations running (0 or 1)
 """
@@ -51,6 +53,13 @@ class Watched(Protocol):
 
     @property
     def busy(self) -> int: ...
+
+
+class SizedCache(Protocol):
+    """What the prompt cache's gauge reads."""
+
+    @property
+    def bytes(self) -> int: ...
 
 
 class Metrics:
@@ -114,6 +123,18 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.prompt_cache = Counter(
+            "ditcache_prompt_cache",
+            "Prompt encodings answered from the prompt cache (hit) or computed (miss)",
+            ["model", "result"],
+            registry=registry,
+        )
+        self.prompt_cache_bytes = Gauge(
+            "ditcache_prompt_cache_bytes",
+            "Memory the prompt embeddings kept across requests take",
+            ["model", "replica"],
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "ditcache_queue_depth", "Requests waiting", ["model", "replica"], registry=registry
         )
@@ -129,6 +150,13 @@ class Metrics:
         """Gauges read from the worker when scraped, so they can never drift from it."""
         self.queue_depth.labels(model, replica).set_function(lambda: worker.queue_depth)
         self.in_flight.labels(model, replica).set_function(lambda: worker.busy)
+
+    def watch_prompt_cache(self, model: str, replica: str, cache: SizedCache) -> None:
+        self.prompt_cache_bytes.labels(model, replica).set_function(lambda: cache.bytes)
+
+    def prompt_encodings(self, model: str, hits: int, misses: int) -> None:
+        self.prompt_cache.labels(model, "hit").inc(hits)
+        self.prompt_cache.labels(model, "miss").inc(misses)
 
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

@@ -28,6 +28,7 @@ from server.errors import (
 from server.models import media, uploads
 from server.models.generation import GenerationParams, InvalidGenerationParams, check_params
 from server.models.limits import Kind
+from server.models.prompt_cache import Tally
 from server.models.registry import ResidentModel
 from server.models.stages import StageTimings
 from server.models.tasks import DEFAULT_STRENGTH, STRENGTH_TASKS, image_task
@@ -83,6 +84,8 @@ class Finished:
     timings: StageTimings
     # What the cache did: summed over the model's transformers; None without cache hooks.
     stats: SessionStats | None
+    # Prompt encodings answered from the model's prompt cache, and computed; None: it keeps none.
+    text_cache: Tally | None = None
 
 
 class Generations:
@@ -311,7 +314,17 @@ class Generations:
             total=(done - prepared.received_at) * 1000,
         )
         self.metrics.generation_done(prepared.model.name, method, "ok", timings, outcome.stats)
-        return Finished(prepared=prepared, media=encoded, timings=timings, stats=outcome.stats)
+        if result.text_cache is not None:
+            self.metrics.prompt_encodings(
+                prepared.model.name, result.text_cache.hits, result.text_cache.misses
+            )
+        return Finished(
+            prepared=prepared,
+            media=encoded,
+            timings=timings,
+            stats=outcome.stats,
+            text_cache=result.text_cache,
+        )
 
     async def run(self, prepared: Prepared, is_disconnected: Callable[[], Awaitable[bool]]) -> Finished:
         """All three steps for a client that waits; cancels the generation if the client goes away.

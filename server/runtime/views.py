@@ -24,6 +24,7 @@ from server.protocol import (
     MediaItem,
     ModelCard,
     ReplicaView,
+    TextCacheStats,
     Timings,
 )
 from server.runtime.job_store import JobRecord
@@ -97,6 +98,7 @@ def generation_response(finished: Finished) -> GenerationResponse:
         timings=timings_view(finished.timings),
         cache=stats_view(finished.stats),
         cache_policy=_policy(finished),
+        text_cache=_text_cache(finished),
     )
 
 
@@ -114,7 +116,13 @@ def images_response(finished: Finished) -> ImagesResponse:
         timings=timings_view(finished.timings),
         cache=stats_view(finished.stats),
         cache_policy=_policy(finished),
+        text_cache=_text_cache(finished),
     )
+
+
+def _text_cache(finished: Finished) -> TextCacheStats | None:
+    tally = finished.text_cache
+    return None if tally is None else TextCacheStats(hits=tally.hits, misses=tally.misses)
 
 
 def _task(finished: Finished) -> Task:
