@@ -426,6 +426,12 @@ class _GenerationFields(Request):
     steps: int | None = Field(default=None, ge=1, le=1000)
     guidance_scale: float | None = Field(default=None, ge=0, le=100)
     cache: CacheSpec | None = Field(default=None, description="default: no caching")
+    reuse: Literal["none", "exact"] = Field(
+        default="none",
+        description="exact: an identical earlier request's result may answer this one, the very same bytes "
+        "(same model, fields, seed, image, policy; a request without a seed never matches); none: "
+        "always computed",
+    )
 
 
 class GenerationRequest(_GenerationFields):
@@ -581,6 +587,10 @@ class _ResultFields(Response):
     cache_policy: dict[str, Any] = Field(description="the policy applied, presets expanded")
     text_cache: TextCacheStats | None = Field(
         default=None, description="the prompt cache's part in this request; null when the server keeps none"
+    )
+    reused_from: str | None = Field(
+        default=None,
+        description='with "reuse": "exact", the request whose result this is, when an identical one came before',
     )
 
 

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         description="diffusers attention backend (native, flash, sage, ...), checked at start-up",
     )
     queue_size: int = Field(default=16, ge=1, le=10_000, description="requests waiting per model")
+    result_cache_mb: float = Field(
+        default=64.0,
+        ge=0,
+        description='whole results kept for requests with "reuse": "exact", in MiB; an identical request '
+        "is answered with the same bytes (0: keep none)",
+    )
     text_cache_mb: float = Field(
         default=256.0,
         ge=0,

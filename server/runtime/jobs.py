@@ -132,6 +132,20 @@ class Jobs:
             timeout_s=timeout_s,
             owner=self.owner,
         )
+        kept = self.generations.reused(prepared)
+        if kept is not None:
+            # An identical request's kept result: the job is done as it is created, and never queued.
+            now = time.time()
+            record = dataclasses.replace(
+                record,
+                status="succeeded",
+                started=now,
+                finished=now,
+                step=record.total_steps,
+                result=views.result_json(kept),
+            )
+            self.store.create(record)
+            return self._view(record, None)
         # Stored before it is queued: the worker may write its start before submit returns.
         self.store.create(record)
         try:

@@ -10,6 +10,7 @@ from server.models.limits import ModelLimits
 from server.ops.acceleration import Acceleration
 from server.runtime.metrics import Metrics
 from server.runtime.replicas import Replica
+from server.runtime.results import ResultCache
 from server.runtime.service import Generations
 from server.settings import LimitOverrides, Settings
 
@@ -72,7 +73,10 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
             metrics.watch_worker(name, replica.id, replica.worker)
             if replica.model.prompt_cache is not None:
                 metrics.watch_prompt_cache(name, replica.id, replica.model.prompt_cache)
-    return Generations(replicas, metrics=metrics)
+    results = ResultCache(int(settings.result_cache_mb * 2**20)) if settings.result_cache_mb > 0 else None
+    if results is not None:
+        metrics.watch_result_cache(results)
+    return Generations(replicas, metrics=metrics, results=results)
 
 
 def _warm_up(model: ResidentModel, metrics: Metrics) -> None:

@@ -5,7 +5,7 @@ several apps in one process (the tests) count apart.
 
     ditcache_http_requests_total{route,method,status}          requests answered
     ditcache_http_request_duration_seconds{route,method}       latency of whole requests
-    ditcache_generations_total{model,method,outcome}           outcome: ok or the exception's name
+    ditcache_generations_total{model,method,outcome}           outcome: ok, reused or the exception's name
     ditcache_generation_stage_seconds{model,stage}             queue_wait, text_encoding, denoising,
                                                                 decoding, pipeline_overhead,
                                                                 encoding, total
@@ -18,6 +18,7 @@ several apps in one process (the tests) count apart.
     ditcache_compile_seconds{model}                            --compile: warm-up (compile) time
     ditcache_prompt_cache_total{model,result}                  prompt encodings: hit or miss
     ditcache_prompt_cache_bytes{model,replica}                 memory of the prompt embeddings kept
+    ditcache_result_cache_bytes                                memory of the whole results kept
     ditcache_queue_depth{model}                                requests waiting
     ditcache_jobs_in_flight{model}                             generations running (0 or 1)
 """
@@ -135,6 +136,11 @@ class Metrics:
             ["model", "replica"],
             registry=registry,
         )
+        self.result_cache_bytes = Gauge(
+            "ditcache_result_cache_bytes",
+            'Memory the whole results kept for "reuse": "exact" take',
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "ditcache_queue_depth", "Requests waiting", ["model", "replica"], registry=registry
         )
@@ -150,6 +156,9 @@ class Metrics:
         """Gauges read from the worker when scraped, so they can never drift from it."""
         self.queue_depth.labels(model, replica).set_function(lambda: worker.queue_depth)
         self.in_flight.labels(model, replica).set_function(lambda: worker.busy)
+
+    def watch_result_cache(self, cache: SizedCache) -> None:
+        self.result_cache_bytes.set_function(lambda: cache.bytes)
 
     def watch_prompt_cache(self, model: str, replica: str, cache: SizedCache) -> None:
         self.prompt_cache_bytes.labels(model, replica).set_function(lambda: cache.bytes)

@@ -37,6 +37,7 @@ from server.policy.resolve import resolve
 from server.protocol import GenerationRequest
 from server.runtime.metrics import Metrics
 from server.runtime.replicas import Replica, least_loaded
+from server.runtime.results import ResultCache, Stored, result_key
 from server.runtime.worker import Outcome, Task, Worker
 
 T = TypeVar("T")
@@ -67,6 +68,8 @@ class Prepared:
     deadline: float | None = None
     # For a policy chosen from a PSNR floor: the floor, what was measured, on which setting.
     target: Mapping[str, Any] | None = None
+    # With "reuse": "exact" and a seed: what an identical request's result is kept under (results.py).
+    reuse_key: str | None = None
 
     @property
     def kind(self) -> Kind:
@@ -86,17 +89,27 @@ class Finished:
     stats: SessionStats | None
     # Prompt encodings answered from the model's prompt cache, and computed; None: it keeps none.
     text_cache: Tally | None = None
+    # The request whose kept result answered this one; None: computed for it.
+    reused_from: str | None = None
 
 
 class Generations:
     """The resident models, their workers, and the three steps of a generation."""
 
-    def __init__(self, replicas: Mapping[str, Sequence[Replica]], *, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        replicas: Mapping[str, Sequence[Replica]],
+        *,
+        metrics: Metrics,
+        results: ResultCache | None = None,
+    ) -> None:
         self.replicas = {name: tuple(copies) for name, copies in replicas.items() if copies}
         # The first replica of each model answers for it (its limits, defaults and presets): every
         # replica of a model is loaded from the same spec and settings.
         self.models = {name: copies[0].model for name, copies in self.replicas.items()}
         self.metrics = metrics
+        # Whole results, for requests that allow their reuse; None: none are kept.
+        self.results = results
 
     @property
     def workers(self) -> dict[str, Worker]:
@@ -208,6 +221,9 @@ class Generations:
             raise InvalidRequest("mp4 needs an even width and height", param=size_param or "width")
 
         config, target = self._cache_config(body, model, params)
+        reuse_key = None
+        if body.reuse == "exact" and body.seed is not None and self.results is not None:
+            reuse_key = result_key(model.name, params, config, output_format, fps)
         return Prepared(
             request_id=request_id,
             model=model,
@@ -219,6 +235,7 @@ class Generations:
             created=int(time.time()),
             deadline=deadline,
             target=target,
+            reuse_key=reuse_key,
         )
 
     def _cache_config(
@@ -318,6 +335,8 @@ class Generations:
             self.metrics.prompt_encodings(
                 prepared.model.name, result.text_cache.hits, result.text_cache.misses
             )
+        if prepared.reuse_key is not None and self.results is not None:
+            self.results.put(prepared.reuse_key, Stored(tuple(encoded), outcome.stats, prepared.request_id))
         return Finished(
             prepared=prepared,
             media=encoded,
@@ -326,12 +345,38 @@ class Generations:
             text_cache=result.text_cache,
         )
 
+    def reused(self, prepared: Prepared) -> Finished | None:
+        """The kept result of an identical earlier request, when ``prepared`` allows its reuse."""
+        if prepared.reuse_key is None or self.results is None:
+            return None
+        stored = self.results.get(prepared.reuse_key)
+        if stored is None:
+            return None
+        elapsed = (time.perf_counter() - prepared.received_at) * 1000
+        # No pipeline ran: what the answer took is the kept media handed out.
+        timings = StageTimings(
+            queue_wait=0.0, pipeline={}, denoising_steps=[], encoding=elapsed, total=elapsed
+        )
+        self.metrics.generation_done(
+            prepared.model.name, policy.method_of(prepared.config), "reused", timings, None
+        )
+        return Finished(
+            prepared=prepared,
+            media=list(stored.media),
+            timings=timings,
+            stats=stored.stats,
+            reused_from=stored.request_id,
+        )
+
     async def run(self, prepared: Prepared, is_disconnected: Callable[[], Awaitable[bool]]) -> Finished:
         """All three steps for a client that waits; cancels the generation if the client goes away.
 
         A task still queued when its deadline passes is dropped here; a running one is stopped by
         its worker at the next step. Either way the answer is DeadlineExceeded.
         """
+        kept = self.reused(prepared)
+        if kept is not None:
+            return kept
         task = self.submit(prepared)
         finishing = asyncio.ensure_future(self.finish(prepared, task))
         try:

@@ -99,6 +99,7 @@ def generation_response(finished: Finished) -> GenerationResponse:
         cache=stats_view(finished.stats),
         cache_policy=_policy(finished),
         text_cache=_text_cache(finished),
+        reused_from=finished.reused_from,
     )
 
 
@@ -117,6 +118,7 @@ def images_response(finished: Finished) -> ImagesResponse:
         cache=stats_view(finished.stats),
         cache_policy=_policy(finished),
         text_cache=_text_cache(finished),
+        reused_from=finished.reused_from,
     )
 
 

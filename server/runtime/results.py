@@ -1,0 +1,107 @@
+"""Whole results kept for requests that allow their reuse (``"reuse": "exact"``): an identical request is
+answered with the very bytes an earlier one got.
+
+A result is keyed by everything that decides its bytes: the model, every generation parameter with its
+defaults filled in (the seed included), the image and mask it started from, the engine config it ran,
+and the output format. A request without a seed of its own is never answered from here, nor kept: its
+seed is drawn anew each time. Bounded in bytes, the least recently used result leaving first; it
+empties with the process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cache_engine import SessionStats
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from PIL import Image
+
+    from server.models.generation import GenerationParams
+
+__all__ = ["ResultCache", "Stored", "result_key"]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What an identical request is answered with."""
+
+    media: Sequence[bytes]
+    stats: SessionStats | None
+    # The request that computed it: the answer names it.
+    request_id: str
+
+
+def result_key(
+    model: str, params: GenerationParams, config: object, output_format: str, fps: int | None
+) -> str:
+    """The digest of everything that decides a result's bytes."""
+    digest = hashlib.sha256()
+    fields = (
+        model,
+        params.prompt,
+        params.negative_prompt,
+        params.width,
+        params.height,
+        params.num_frames,
+        params.steps,
+        params.guidance_scale,
+        params.seed,
+        params.n,
+        params.fps,
+        params.strength,
+        params.task,
+        output_format,
+        fps,
+        # A frozen dataclass's repr names every field and its value: the engine config as it ran.
+        repr(config),
+    )
+    digest.update(repr(fields).encode())
+    for image in (params.image, params.mask):
+        digest.update(b"|" + _pixels_digest(image))
+    return digest.hexdigest()
+
+
+def _pixels_digest(image: Image.Image | None) -> bytes:
+    if image is None:
+        return b"none"
+    return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).digest()
+
+
+class ResultCache:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, Stored] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def get(self, key: str) -> Stored | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: str, stored: Stored) -> None:
+        size = sum(len(item) for item in stored.media)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            previous = self._entries.pop(key, None)
+            if previous is not None:
+                self._bytes -= sum(len(item) for item in previous.media)
+            self._entries[key] = stored
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= sum(len(item) for item in evicted.media)
