@@ -23,9 +23,10 @@ _NO_FLAG = frozenset({"api_key", "model_limits", "retry_after_s"})
 _FLAG_NAMES = {
     "models": "--model",
     "cors_origins": "--cors-origin",
+    "loras": "--lora",
     "install_cache_hooks": "--no-cache-hooks",
 }
-_METAVARS = {"models": "SPEC", "cors_origins": "ORIGIN", "device": "DEVICE"}
+_METAVARS = {"models": "SPEC", "cors_origins": "ORIGIN", "device": "DEVICE", "loras": "MODEL:NAME=SOURCE"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -413,6 +413,11 @@ def field_path(loc: Sequence[int | str], error_type: str = "") -> str:
 # -- generation requests -----------------------------------------------------------------------------
 
 
+class LoraChoice(Request):
+    name: str = Field(min_length=1, max_length=256, description="an adapter the model's card lists")
+    scale: float = Field(default=1.0, ge=-8, le=8, description="its weight (1: as trained)")
+
+
 class _GenerationFields(Request):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
@@ -426,6 +431,11 @@ class _GenerationFields(Request):
     steps: int | None = Field(default=None, ge=1, le=1000)
     guidance_scale: float | None = Field(default=None, ge=0, le=100)
     cache: CacheSpec | None = Field(default=None, description="default: no caching")
+    loras: list[LoraChoice] = Field(
+        default_factory=list,
+        max_length=32,
+        description="LoRA adapters of the model, by name, applied in this order for this request only",
+    )
     reuse: Literal["none", "exact"] = Field(
         default="none",
         description="exact: an identical earlier request's result may answer this one, the very same bytes "
@@ -611,6 +621,7 @@ class GenerationResponse(_ResultFields):
         description="with an image: how far from it the pipeline went, over strength x steps steps",
     )
     data: list[MediaItem]
+    loras: list[LoraChoice] = Field(default_factory=list, description="the adapters applied, in order")
 
 
 class ImagesResponse(_ResultFields):
@@ -636,7 +647,7 @@ class ImageEditRequest(ImageGenerationRequest):
         description="how far from the image to go, 1 repainting it whole (default 0.6)",
     )
 
-    @field_validator("cache", mode="before")
+    @field_validator("cache", "loras", mode="before")
     @classmethod
     def _cache_from_json_text(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -644,7 +655,7 @@ class ImageEditRequest(ImageGenerationRequest):
                 return json.loads(value)
             except json.JSONDecodeError as exc:
                 raise PydanticCustomError(
-                    "cache_not_json", "cache is not JSON text: {error}", {"error": str(exc)}
+                    "form_json_invalid", "not JSON text: {error}", {"error": str(exc)}
                 ) from exc
         return value
 
@@ -670,6 +681,13 @@ class ReplicaView(Response):
     running: int = Field(description="1 while this replica generates, else 0")
 
 
+class AdapterView(Response):
+    name: str
+    rank: int
+    modules: int = Field(description="linear modules of the transformer it changes")
+    bytes: int
+
+
 class ModelCard(Response):
     id: str
     object: Literal["model"] = "model"
@@ -684,6 +702,9 @@ class ModelCard(Response):
     frame_step: int = Field(description="videos: num_frames - 1 must be a multiple of this")
     weight_bytes: int = Field(
         description="bytes of the transformers' weights as served (after any quantization)"
+    )
+    adapters: list[AdapterView] = Field(
+        default_factory=list, description="LoRA adapters a request may name in loras"
     )
     tasks: list[Task] = Field(
         description="what the model does: text_to_image or text_to_video, then what it does with a "

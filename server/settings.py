@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         description="diffusers attention backend (native, flash, sage, ...), checked at start-up",
     )
     queue_size: int = Field(default=16, ge=1, le=10_000, description="requests waiting per model")
+    loras: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="LoRA adapters kept resident, each MODEL:NAME=SOURCE (a file, a folder or a hub id), "
+        "chosen per request by name",
+    )
+    max_loras_per_request: int = Field(default=4, ge=1, le=32, description="adapters one request may name")
     result_cache_mb: float = Field(
         default=64.0,
         ge=0,
@@ -180,7 +186,17 @@ class Settings(BaseSettings):
             return self.replicas, self.replicas
         return self.ray_min_replicas, self.ray_max_replicas
 
-    @field_validator("models", "cors_origins", "device", mode="before")
+    @field_validator("loras")
+    @classmethod
+    def _lora_specs(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            model, _, rest = spec.partition(":")
+            name, _, source = rest.partition("=")
+            if not (model and name and source):
+                raise ValueError(f"a LoRA is MODEL:NAME=SOURCE, got {spec!r}")
+        return value
+
+    @field_validator("models", "cors_origins", "device", "loras", mode="before")
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -58,6 +58,8 @@ class GenerationParams:
     # The image-conditioned task asked for; None: text to image or video. Left out with an image, it is
     # inpainting with a mask, else image-to-image (an edit model's edit is asked by name).
     task: Task | None = None
+    # LoRA adapters by name and weight, applied in this order (server.models.adapters).
+    loras: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.task is None and self.image is not None:
@@ -148,6 +150,14 @@ def check_params(model: ResidentModel, params: GenerationParams) -> None:
         )
     if params.guidance_scale < 0:
         raise InvalidGenerationParams("guidance_scale must not be negative", param="guidance_scale")
+    for index, (name, _) in enumerate(params.loras):
+        if model.adapters is None or name not in model.adapters:
+            offered = (
+                "none" if model.adapters is None else ", ".join(a.name for a in model.adapters) or "none"
+            )
+            raise InvalidGenerationParams(
+                f"{model.name} has no adapter {name!r}; it has: {offered}", param=f"loras.{index}.name"
+            )
     _check_task(model, params)
     if model.kind == "image":
         if params.num_frames is not None:
@@ -261,7 +271,10 @@ def generate(
     pipeline: Any = task_of(model, params).pipeline
     kwargs = call_arguments(model, params)
     tallied = model.prompt_cache.tally() if model.prompt_cache is not None else nullcontext(None)
-    with tallied as text_cache, model.stages.measure(on_step_end) as clock:
+    adapted = (
+        model.adapters.applied(params.loras) if params.loras and model.adapters is not None else nullcontext()
+    )
+    with tallied as text_cache, adapted, model.stages.measure(on_step_end) as clock:
         if model.call_spec.steps_observed_by == "callback":
             kwargs["callback_on_step_end"] = clock.step_callback
         output = pipeline(

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from server.models import geometry
+from server.models.adapters import Adapters
 from server.models.builtin import BUILTIN_MODEL_NAMES, BUILTIN_MODELS, BuiltinModel, materialize
 from server.models.caching import ModelCache
 from server.models.calibration import Calibration, load_calibration
@@ -100,6 +101,8 @@ class ResidentModel:
     tasks: Mapping[Task, TaskPipeline] = field(default_factory=dict)
     # Prompt embeddings kept across requests; None: every request runs its text encoders.
     prompt_cache: PromptCache | None = None
+    # LoRA adapters, chosen per request; None: the pipeline takes none.
+    adapters: Adapters | None = None
 
     @property
     def task_names(self) -> tuple[Task, ...]:
@@ -356,4 +359,5 @@ def load_model(
         acceleration=accelerate,
         tasks=tasks,
         prompt_cache=prompt_cache,
+        adapters=Adapters(pipeline) if hasattr(type(pipeline), "lora_state_dict") else None,
     )

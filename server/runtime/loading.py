@@ -73,10 +73,35 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
             metrics.watch_worker(name, replica.id, replica.worker)
             if replica.model.prompt_cache is not None:
                 metrics.watch_prompt_cache(name, replica.id, replica.model.prompt_cache)
+    _load_adapters(settings, replicas)
     results = ResultCache(int(settings.result_cache_mb * 2**20)) if settings.result_cache_mb > 0 else None
     if results is not None:
         metrics.watch_result_cache(results)
-    return Generations(replicas, metrics=metrics, results=results)
+    return Generations(replicas, metrics=metrics, results=results, max_loras=settings.max_loras_per_request)
+
+
+def _load_adapters(settings: Settings, replicas: dict[str, list[Replica]]) -> None:
+    """Each ``--lora MODEL:NAME=SOURCE`` into every replica of its model; raises ValueError at start."""
+    from server.models.adapters import AdapterError
+
+    if settings.loras and settings.compile:
+        # The adapters' hooks sit on linear modules inside the compiled blocks.
+        raise ValueError("loras and compile do not go together yet: serve the adapters uncompiled")
+    for spec in settings.loras:
+        model_name, _, rest = spec.partition(":")
+        name, _, source = rest.partition("=")
+        if model_name not in replicas:
+            raise ValueError(f"--lora {spec!r} names no served model; served: {', '.join(replicas)}")
+        for replica in replicas[model_name]:
+            adapters = replica.model.adapters
+            if adapters is None:
+                raise ValueError(
+                    f"{model_name} ({type(replica.model.pipeline).__name__}) takes no LoRA adapters"
+                )
+            try:
+                adapters.load(name, source)
+            except AdapterError as exc:
+                raise ValueError(str(exc)) from exc
 
 
 def _warm_up(model: ResidentModel, metrics: Metrics) -> None:

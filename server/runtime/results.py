@@ -57,6 +57,7 @@ def result_key(
         params.fps,
         params.strength,
         params.task,
+        params.loras,
         output_format,
         fps,
         # A frozen dataclass's repr names every field and its value: the engine config as it ran.

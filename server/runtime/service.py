@@ -102,6 +102,7 @@ class Generations:
         *,
         metrics: Metrics,
         results: ResultCache | None = None,
+        max_loras: int = 4,
     ) -> None:
         self.replicas = {name: tuple(copies) for name, copies in replicas.items() if copies}
         # The first replica of each model answers for it (its limits, defaults and presets): every
@@ -110,6 +111,8 @@ class Generations:
         self.metrics = metrics
         # Whole results, for requests that allow their reuse; None: none are kept.
         self.results = results
+        # The adapters one request may name.
+        self.max_loras = max_loras
 
     @property
     def workers(self) -> dict[str, Worker]:
@@ -176,6 +179,10 @@ class Generations:
                 param="guidance_scale",
             )
         fps = _or(body.fps, defaults.fps or _FALLBACK_FPS) if video else None
+        if len(body.loras) > self.max_loras:
+            raise InvalidRequest(
+                f"a request may name {self.max_loras} adapters at most, got {len(body.loras)}", param="loras"
+            )
         image, mask = _uploads(body, model)
         task = None if image is None else image_task(model.tasks, masked=mask is not None, kind=model.kind)
         # An image sets the size when the body does not: its own, down to the multiple the model needs.
@@ -200,6 +207,7 @@ class Generations:
             if task not in STRENGTH_TASKS or body.strength is not None
             else DEFAULT_STRENGTH,
             task=task,
+            loras=tuple((choice.name, choice.scale) for choice in body.loras),
         )
         try:
             check_params(model, params)

@@ -15,12 +15,14 @@ from server.models.tasks import Task, text_task
 from server.policy import engine_config as policy
 from server.policy import resolve as named
 from server.protocol import (
+    AdapterView,
     CacheStats,
     ErrorDetail,
     GenerationResponse,
     ImagesResponse,
     JobProgress,
     JobView,
+    LoraChoice,
     MediaItem,
     ModelCard,
     ReplicaView,
@@ -58,6 +60,12 @@ def model_card(model: ResidentModel, methods: tuple[str, ...], replicas: Sequenc
         frame_step=model.frame_step,
         weight_bytes=model.weight_bytes,
         tasks=list(model.task_names),
+        adapters=[
+            AdapterView(
+                name=adapter.name, rank=adapter.rank, modules=len(adapter.modules), bytes=adapter.bytes
+            )
+            for adapter in (model.adapters or [])
+        ],
         presets=named.presets(model, methods),
         method_defaults=named.method_defaults(model, methods),
         replicas=[
@@ -92,6 +100,7 @@ def generation_response(finished: Finished) -> GenerationResponse:
         steps=params.steps,
         guidance_scale=params.guidance_scale,
         strength=params.strength,
+        loras=[LoraChoice(name=name, scale=scale) for name, scale in params.loras],
         seed=params.seed,
         request_id=prepared.request_id,
         data=_data(finished),

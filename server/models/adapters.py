@@ -1,0 +1,187 @@
+"""LoRA adapters of a resident model, chosen per request and owned by it, as its cache state is.
+
+An adapter is read with diffusers' own ``lora_state_dict`` of the pipeline's class (so the formats it
+reads, the community ones it converts included, are read here), and kept as its low-rank pairs per
+linear module of the transformer. The shared weights never change: a forward hook on each module some
+adapter touches adds, for the request in progress only, each of its adapters' update
+``B(A(x)) * (weight * alpha / rank)``, in the order the request names them, as PEFT does after
+diffusers' ``set_adapters``. A request without adapters passes every hook at the cost of one lookup.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
+__all__ = ["Adapter", "AdapterError", "Adapters", "LowRank"]
+
+_PREFIX = "transformer."
+
+
+class AdapterError(ValueError):
+    """An adapter this model cannot take, and why."""
+
+
+@dataclass(frozen=True)
+class LowRank:
+    down: torch.Tensor  # A: (rank, in_features)
+    up: torch.Tensor  # B: (out_features, rank)
+    # alpha / rank: what the adapter's own scaling multiplies its update by.
+    scaling: float
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    source: str
+    rank: int
+    # Per module path in the transformer.
+    modules: Mapping[str, LowRank]
+
+    @property
+    def bytes(self) -> int:
+        return sum(
+            pair.down.numel() * pair.down.element_size() + pair.up.numel() * pair.up.element_size()
+            for pair in self.modules.values()
+        )
+
+
+# The adapters of the request in progress, with their weights, in the order it names them.
+_ACTIVE: ContextVar[tuple[tuple[Adapter, float], ...]] = ContextVar("ditcache_active_adapters", default=())
+
+
+class Adapters:
+    """One resident model's adapters, and the hooks that apply them per request."""
+
+    def __init__(self, pipeline: DiffusionPipeline) -> None:
+        self.pipeline = pipeline
+        self.transformer: nn.Module = pipeline.transformer
+        self._adapters: dict[str, Adapter] = {}
+        self._hooked: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._adapters
+
+    def __iter__(self) -> Iterator[Adapter]:
+        return iter(list(self._adapters.values()))
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def get(self, name: str) -> Adapter:
+        return self._adapters[name]
+
+    def load(self, name: str, source: str) -> Adapter:
+        """Read ``source`` (a file, a folder or a hub id) as adapter ``name``; raises AdapterError."""
+        if name in self._adapters:
+            raise AdapterError(f"an adapter named {name!r} is loaded already")
+        reader = getattr(type(self.pipeline), "lora_state_dict", None)
+        if reader is None:
+            raise AdapterError(f"{type(self.pipeline).__name__} takes no LoRA adapters")
+        try:
+            read = reader(source, return_alphas=True)
+        except TypeError:
+            read = (reader(source), None)
+        except Exception as exc:
+            raise AdapterError(f"could not read adapter {name!r} from {source!r}: {exc}") from exc
+        state, alphas = (read[0], read[1]) if isinstance(read, tuple) else (read, None)
+        adapter = self._adapter(name, source, state, alphas or {})
+        with self._lock:
+            for path in adapter.modules:
+                if path not in self._hooked:
+                    self.transformer.get_submodule(path).register_forward_hook(_adding(path))
+                    self._hooked.add(path)
+            self._adapters[name] = adapter
+        return adapter
+
+    @contextmanager
+    def applied(self, chosen: Sequence[tuple[str, float]]) -> Iterator[None]:
+        """Run the code inside with the adapters ``chosen`` (name, weight) added to their modules."""
+        active = tuple((self._adapters[name], weight) for name, weight in chosen)
+        token = _ACTIVE.set(active)
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
+
+    def _adapter(
+        self, name: str, source: str, state: Mapping[str, torch.Tensor], alphas: Mapping[str, Any]
+    ) -> Adapter:
+        outside = sorted({key.split(".", 1)[0] for key in state if not key.startswith(_PREFIX)})
+        if outside:
+            raise AdapterError(
+                f"adapter {name!r} changes {', '.join(outside)} as well as the transformer: only "
+                "transformer adapters are served"
+            )
+        downs = {
+            key[len(_PREFIX) : -len(".lora_A.weight")]: value
+            for key, value in state.items()
+            if key.endswith(".lora_A.weight")
+        }
+        ups = {
+            key[len(_PREFIX) : -len(".lora_B.weight")]: value
+            for key, value in state.items()
+            if key.endswith(".lora_B.weight")
+        }
+        other = sorted(key for key in state if not key.endswith((".lora_A.weight", ".lora_B.weight")))
+        if other or set(downs) != set(ups) or not downs:
+            found = other[0] if other else "no lora_A and lora_B pairs"
+            raise AdapterError(f"adapter {name!r} is not plain LoRA pairs ({found})")
+        parameter = next(self.transformer.parameters())
+        modules: dict[str, LowRank] = {}
+        for path, down in downs.items():
+            try:
+                module = self.transformer.get_submodule(path)
+            except AttributeError as exc:
+                raise AdapterError(
+                    f"adapter {name!r} names {path!r}, which this transformer has not"
+                ) from exc
+            up = ups[path]
+            if (
+                not isinstance(module, nn.Linear)
+                or down.shape[1] != module.in_features
+                or up.shape[0] != module.out_features
+            ):
+                raise AdapterError(f"adapter {name!r} does not fit {path!r}")
+            rank = down.shape[0]
+            alpha = alphas.get(f"{_PREFIX}{path}.alpha", alphas.get(f"{path}.alpha", rank))
+            modules[path] = LowRank(
+                down=down.to(device=parameter.device, dtype=parameter.dtype).contiguous(),
+                up=up.to(device=parameter.device, dtype=parameter.dtype).contiguous(),
+                scaling=float(alpha) / rank,
+            )
+        return Adapter(
+            name, source, max(pair.down.shape[0] for pair in modules.values()), MappingProxyType(modules)
+        )
+
+
+def _adding(path: str) -> Any:
+    """The forward hook of the module at ``path``: the request's adapters' updates added to its output."""
+
+    def add(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        active = _ACTIVE.get()
+        if not active:
+            return None
+        x = args[0]
+        for adapter, weight in active:
+            pair = adapter.modules.get(path)
+            if pair is not None:
+                output = output + functional.linear(functional.linear(x, pair.down), pair.up) * (
+                    weight * pair.scaling
+                )
+        return output
+
+    return add

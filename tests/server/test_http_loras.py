@@ -1,0 +1,178 @@
+"""LoRA adapters per request: resident from ``--lora``, named per request, applied in the request's own
+forward, never on the shared weights. A request's output is what diffusers gives with the same adapters
+and weights set by ``load_lora_weights`` and ``set_adapters`` on a private copy; without adapters, the
+base model's."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from server.models.registry import own_memory
+from tiny_pipelines import tiny_pipeline
+
+from .conftest import LiveServer, b64_items, error_of, live_server
+
+PROMPT = "a red circle on a blue background"
+BODY: dict[str, Any] = {"model": "flux", "prompt": PROMPT, "steps": 3, "seed": 9, "width": 32, "height": 32}
+# Which linear modules each adapter changes, and its rank.
+ADAPTERS = {
+    "outline": (("attn.to_q", "attn.to_v"), 4),
+    "warm": (("attn.to_k", "attn.to_out.0", "ff.net.2"), 8),
+}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("loras") / "flux"
+    tiny_pipeline("flux").build().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_folders(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each adapter as diffusers writes one (save_lora_weights), with seeded random pairs."""
+    from diffusers import FluxPipeline
+
+    transformer = tiny_pipeline("flux").build().transformer
+    written = {}
+    for index, (name, (suffixes, rank)) in enumerate(ADAPTERS.items()):
+        generator = torch.Generator().manual_seed(100 + index)
+        state = {}
+        for path, module in transformer.named_modules():
+            if isinstance(module, torch.nn.Linear) and path.endswith(suffixes):
+                state[f"{path}.lora_A.weight"] = (
+                    torch.randn(rank, module.in_features, generator=generator) * 0.2
+                )
+                state[f"{path}.lora_B.weight"] = (
+                    torch.randn(module.out_features, rank, generator=generator) * 0.2
+                )
+        target = tmp_path_factory.mktemp(f"lora-{name}")
+        FluxPipeline.save_lora_weights(target, transformer_lora_layers=state)
+        written[name] = target
+    return written
+
+
+@pytest.fixture(scope="module")
+def server(model_cache: Path, folder: Path, lora_folders: dict[str, Path]) -> Iterator[LiveServer]:
+    threads = torch.get_num_threads()
+    try:
+        loras = [f"flux:{name}={path}" for name, path in lora_folders.items()]
+        yield from live_server(model_cache, models=[str(folder)], loras=loras, torch_threads=1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pixels(answer: dict[str, Any]) -> np.ndarray:
+    (item,) = b64_items(answer)
+    with Image.open(io.BytesIO(item)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _generate(client: httpx.Client, **fields: Any) -> dict[str, Any]:
+    response = client.post("/v1/generations", json={**BODY, **fields})
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def _direct(folder: Path, lora_folders: dict[str, Path], chosen: list[tuple[str, float]]) -> np.ndarray:
+    """A private copy of the pipeline with diffusers' own adapters, set as its documentation shows."""
+    from diffusers import FluxPipeline
+
+    pipeline: Any = FluxPipeline.from_pretrained(folder, local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    own_memory(pipeline)
+    for name, _ in chosen:
+        pipeline.load_lora_weights(lora_folders[name], adapter_name=name)
+    if chosen:
+        pipeline.set_adapters([name for name, _ in chosen], adapter_weights=[weight for _, weight in chosen])
+    assert torch.get_num_threads() == 1
+    image = pipeline(
+        prompt=PROMPT,
+        width=32,
+        height=32,
+        num_inference_steps=3,
+        true_cfg_scale=1.0,
+        num_images_per_prompt=1,
+        generator=torch.Generator("cpu").manual_seed(9),
+        output_type="pil",
+    ).images[0]
+    return np.asarray(image.convert("RGB"))
+
+
+def test_the_card_lists_the_adapters(client: httpx.Client) -> None:
+    card = client.get("/v1/models/flux").json()
+    shown = {adapter["name"]: adapter for adapter in card["adapters"]}
+    assert set(shown) == set(ADAPTERS)
+    assert (shown["outline"]["rank"], shown["warm"]["rank"]) == (4, 8)
+    assert all(adapter["modules"] > 0 and adapter["bytes"] > 0 for adapter in shown.values())
+
+
+@pytest.mark.parametrize(
+    "chosen",
+    [[], [("outline", 1.0)], [("warm", 0.7)], [("outline", 0.8), ("warm", -0.5)]],
+    ids=["none", "one", "another", "two"],
+)
+def test_a_requests_adapters_give_diffusers_output(
+    client: httpx.Client, folder: Path, lora_folders: dict[str, Path], chosen: list[tuple[str, float]]
+) -> None:
+    answer = _generate(client, loras=[{"name": name, "scale": weight} for name, weight in chosen])
+    assert answer["loras"] == [{"name": name, "scale": weight} for name, weight in chosen]
+    assert np.array_equal(_pixels(answer), _direct(folder, lora_folders, chosen))
+
+
+def test_adapters_change_the_output_and_every_cache_policy_still_acts(client: httpx.Client) -> None:
+    base, adapted = _generate(client), _generate(client, loras=[{"name": "outline"}])
+    assert not np.array_equal(_pixels(base), _pixels(adapted))
+    for method, policy in client.get("/v1/models/flux").json()["method_defaults"].items():
+        answer = _generate(client, loras=[{"name": "warm"}], cache=policy)
+        assert answer["cache"]["method"] == method and answer["loras"] == [{"name": "warm", "scale": 1.0}]
+
+
+def test_concurrent_requests_with_different_adapters_never_mix(client: httpx.Client) -> None:
+    choices = [
+        [],
+        [{"name": "outline"}],
+        [{"name": "warm"}],
+        [{"name": "outline"}, {"name": "warm", "scale": 0.5}],
+    ]
+    alone = [_pixels(_generate(client, loras=loras)) for loras in choices]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(
+            pool.map(lambda i: (i % 4, _pixels(_generate(client, loras=choices[i % 4]))), range(8))
+        )
+    assert all(np.array_equal(pixels, alone[which]) for which, pixels in together)
+
+
+@pytest.mark.parametrize(
+    ("loras", "param"),
+    [
+        ([{"name": "nope"}], "loras.0.name"),
+        ([{"name": "outline"}, {"name": "missing"}], "loras.1.name"),
+        ([{"name": "outline", "scale": 9}], "loras.0.scale"),
+        ([{"name": "outline"}] * 5, "loras"),
+        ([{"name": "outline", "weight": 1}], "loras.0.weight"),
+    ],
+)
+def test_a_bad_choice_is_a_422_naming_the_field(client: httpx.Client, loras: list[Any], param: str) -> None:
+    response = client.post("/v1/generations", json={**BODY, "loras": loras})
+    assert response.status_code == 422 and error_of(response)["param"] == param, response.text
+
+
+def test_an_adapter_spec_is_checked_at_start(model_cache: Path, folder: Path) -> None:
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    with pytest.raises(ValidationError, match="MODEL:NAME=SOURCE"):
+        Settings(cache_dir=model_cache, models=[str(folder)], loras=["flux=somewhere"])
