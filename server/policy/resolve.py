@@ -39,8 +39,15 @@ class Resolved:
     param: str = "cache.method"
 
 
-def resolve(model: ResidentModel, spec: CacheSpec | None, steps: int, guidance_scale: float) -> Resolved:
-    """The engine config ``spec`` runs on ``model`` at ``steps`` and ``guidance_scale``.
+def resolve(
+    model: ResidentModel,
+    spec: CacheSpec | None,
+    steps: int,
+    guidance_scale: float,
+    adapters: tuple[str, ...] = (),
+) -> Resolved:
+    """The engine config ``spec`` runs on ``model`` at ``steps`` and ``guidance_scale``, with the LoRA
+    ``adapters`` the request applies (a calibration measured the model without them).
 
     Raises InvalidRequest naming the field: a preset the model lacks, a target on a model with no
     calibration, a value the engine refuses.
@@ -48,10 +55,10 @@ def resolve(model: ResidentModel, spec: CacheSpec | None, steps: int, guidance_s
     if spec is None or isinstance(spec, NoCache):
         return Resolved(None)
     if isinstance(spec, CacheTarget):
-        return _chosen(model, spec.target.min_psnr, "cache.target", steps, guidance_scale)
+        return _chosen(model, spec.target.min_psnr, "cache.target", steps, guidance_scale, adapters)
     if isinstance(spec, CachePreset):
         if model.calibration.curves:
-            return _chosen(model, PRESET_FLOORS[spec.preset], "cache.preset", steps, guidance_scale)
+            return _chosen(model, PRESET_FLOORS[spec.preset], "cache.preset", steps, guidance_scale, adapters)
         if spec.preset not in model.presets:
             raise InvalidRequest(f"this model has no preset {spec.preset!r}", param="cache.preset")
         return Resolved(model.presets[spec.preset], param="cache.preset")
@@ -95,7 +102,14 @@ def _db(value: float) -> float | None:
     return None if db is None else round(db, 2)
 
 
-def _chosen(model: ResidentModel, floor: float, param: str, steps: int, guidance_scale: float) -> Resolved:
+def _chosen(
+    model: ResidentModel,
+    floor: float,
+    param: str,
+    steps: int,
+    guidance_scale: float,
+    adapters: tuple[str, ...] = (),
+) -> Resolved:
     choice = model.calibration.choose(floor, steps, guidance_scale > 1)
     if choice is None:
         raise InvalidRequest(
@@ -104,7 +118,7 @@ def _chosen(model: ResidentModel, floor: float, param: str, steps: int, guidance
             param=param,
         )
     point, curve = choice.point, choice.curve
-    promise = {
+    promise: dict[str, Any] = {
         "min_psnr": floor,
         "measured_psnr": _db(point.psnr),
         # What the floor was held to: the PSNR other prompts keep with 95% confidence.
@@ -116,9 +130,12 @@ def _chosen(model: ResidentModel, floor: float, param: str, steps: int, guidance
             "guidance_scale": curve.guidance_scale,
             "prompts": model.calibration.prompts,
         },
-        # The request's setting is not the calibrated one: the numbers are the nearest curve's.
-        "outside_calibration": not choice.exact,
+        # The request's setting is not the calibrated one (its steps and guidance, or adapters the
+        # calibration ran without): the numbers are the nearest curve's, measured on the base model.
+        "outside_calibration": not choice.exact or bool(adapters),
     }
+    if adapters:
+        promise["adapters"] = list(adapters)
     fields = {name: value for name, value in point.policy.items() if name != "method"}
     config = engine_config(str(point.policy["method"]), fields, model.method_values, steps=steps)
     return Resolved(config, promise, param)

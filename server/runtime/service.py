@@ -250,7 +250,8 @@ class Generations:
         self, body: GenerationRequest, model: ResidentModel, params: GenerationParams
     ) -> tuple[CacheConfig | None, Mapping[str, Any] | None]:
         # Image-to-image runs strength x steps steps: the run fields and a target count those.
-        resolved = resolve(model, body.cache, params.steps_run, params.guidance_scale)
+        adapters = tuple(name for name, _ in params.loras)
+        resolved = resolve(model, body.cache, params.steps_run, params.guidance_scale, adapters)
         config, target = resolved.config, resolved.promise
         if config is None:
             return None, target

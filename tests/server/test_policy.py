@@ -156,3 +156,13 @@ def test_a_refusal_that_names_no_field_blames_the_whole_policy() -> None:
     message = "spatial_attention_timestep_skip_range is mentioned, but no field was at fault"
     assert policy.param_of(ValueError(message)) == "cache"
     assert policy.param_of(InvalidConfigValue(message, field="threshold")) == "cache.threshold"
+
+
+def test_a_target_under_adapters_says_it_is_outside_the_calibration(model_cache: Path) -> None:
+    shapes = load_model("shapes-flux", cache_dir=model_cache)
+    body = GenerationRequest.model_validate({"prompt": "p", "cache": {"target": {"min_psnr": 30}}})
+    plain = resolve.resolve(shapes, body.cache, steps=20, guidance_scale=3.0)
+    adapted = resolve.resolve(shapes, body.cache, steps=20, guidance_scale=3.0, adapters=("style",))
+    assert plain.promise is not None and plain.promise["outside_calibration"] is False
+    assert adapted.promise is not None and adapted.promise["outside_calibration"] is True
+    assert adapted.promise["adapters"] == ["style"] and adapted.config == plain.config
