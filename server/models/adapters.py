@@ -5,7 +5,10 @@ reads, the community ones it converts included, are read here), and kept as its 
 linear module of the transformer. The shared weights never change: a forward hook on each module some
 adapter touches adds, for the request in progress only, each of its adapters' update
 ``B(A(x)) * (weight * alpha / rank)``, in the order the request names them, as PEFT does after
-diffusers' ``set_adapters``. A request without adapters passes every hook at the cost of one lookup.
+diffusers' ``set_adapters``. The hooks are there only while some request with adapters runs: a
+module with a hook takes PyTorch's slower call path, which a request without adapters would otherwise
+pay on every module an adapter touches. (A model copy runs one generation at a time, on its worker, so
+no request runs through a module while its hooks come or go.)
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.nn import functional
+from torch.utils.hooks import RemovableHandle
 
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -69,7 +73,9 @@ class Adapters:
         self.pipeline = pipeline
         self.transformer: nn.Module = pipeline.transformer
         self._adapters: dict[str, Adapter] = {}
-        self._hooked: set[str] = set()
+        self._hooks: dict[str, RemovableHandle] = {}
+        # Requests running with adapters: the hooks stay while there is one.
+        self._users = 0
         self._lock = threading.Lock()
 
     def __contains__(self, name: object) -> bool:
@@ -100,22 +106,36 @@ class Adapters:
         state, alphas = (read[0], read[1]) if isinstance(read, tuple) else (read, None)
         adapter = self._adapter(name, source, state, alphas or {})
         with self._lock:
-            for path in adapter.modules:
-                if path not in self._hooked:
-                    self.transformer.get_submodule(path).register_forward_hook(_adding(path))
-                    self._hooked.add(path)
             self._adapters[name] = adapter
+            if self._users:
+                self._hook(adapter)
         return adapter
 
     @contextmanager
     def applied(self, chosen: Sequence[tuple[str, float]]) -> Iterator[None]:
         """Run the code inside with the adapters ``chosen`` (name, weight) added to their modules."""
         active = tuple((self._adapters[name], weight) for name, weight in chosen)
+        with self._lock:
+            if not self._users:
+                for adapter in self._adapters.values():
+                    self._hook(adapter)
+            self._users += 1
         token = _ACTIVE.set(active)
         try:
             yield
         finally:
             _ACTIVE.reset(token)
+            with self._lock:
+                self._users -= 1
+                if not self._users:
+                    for handle in self._hooks.values():
+                        handle.remove()
+                    self._hooks.clear()
+
+    def _hook(self, adapter: Adapter) -> None:
+        for path in adapter.modules:
+            if path not in self._hooks:
+                self._hooks[path] = self.transformer.get_submodule(path).register_forward_hook(_adding(path))
 
     def _adapter(
         self, name: str, source: str, state: Mapping[str, torch.Tensor], alphas: Mapping[str, Any]

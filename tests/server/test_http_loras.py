@@ -131,6 +131,18 @@ def test_a_requests_adapters_give_diffusers_output(
     assert np.array_equal(_pixels(answer), _direct(folder, lora_folders, chosen))
 
 
+def test_the_hooks_are_there_only_while_a_request_with_adapters_runs(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    _generate(client, loras=[{"name": "outline"}])
+    generations = server.runtime.generations
+    assert generations is not None
+    transformer = generations.models["flux"].pipeline.transformer
+    assert not any(
+        module._forward_hooks for module in transformer.modules() if isinstance(module, torch.nn.Linear)
+    )
+
+
 def test_adapters_change_the_output_and_every_cache_policy_still_acts(client: httpx.Client) -> None:
     base, adapted = _generate(client), _generate(client, loras=[{"name": "outline"}])
     assert not np.array_equal(_pixels(base), _pixels(adapted))
