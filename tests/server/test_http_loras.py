@@ -188,3 +188,98 @@ def test_an_adapter_spec_is_checked_at_start(model_cache: Path, folder: Path) ->
 
     with pytest.raises(ValidationError, match="MODEL:NAME=SOURCE"):
         Settings(cache_dir=model_cache, models=[str(folder)], loras=["flux=somewhere"])
+
+
+# -- more families ---------------------------------------------------------------------------------------------
+
+# Per family: the pipeline class, its small request, and how its direct call passes guidance.
+FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "wan": (
+        "WanPipeline",
+        {
+            "width": 32,
+            "height": 32,
+            "num_frames": 5,
+            "steps": 2,
+            "fps": 16,
+            "output_format": "webp",
+            "guidance_scale": 3.0,
+        },
+        {"guidance_scale": 3.0, "num_frames": 5},
+    ),
+    "sd3": (
+        "StableDiffusion3Pipeline",
+        {"width": 32, "height": 32, "steps": 2, "guidance_scale": 3.0},
+        {"guidance_scale": 3.0},
+    ),
+}
+
+
+def _family_adapters(name: str, root: Path) -> dict[str, Path]:
+    import diffusers
+
+    pipeline_class: Any = getattr(diffusers, FAMILIES[name][0])
+    transformer = tiny_pipeline(name).build().transformer
+    written = {}
+    for index, suffixes in enumerate((("to_q", "to_v"), ("to_k", "to_out.0"))):
+        generator = torch.Generator().manual_seed(200 + index)
+        state = {}
+        for path, module in transformer.named_modules():
+            if isinstance(module, torch.nn.Linear) and path.endswith(suffixes):
+                state[f"{path}.lora_A.weight"] = torch.randn(4, module.in_features, generator=generator) * 0.2
+                state[f"{path}.lora_B.weight"] = (
+                    torch.randn(module.out_features, 4, generator=generator) * 0.2
+                )
+        target = root / f"{name}-lora-{index}"
+        pipeline_class.save_lora_weights(target, transformer_lora_layers=state)
+        written[f"l{index}"] = target
+    return written
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_adapters_give_diffusers_output_on_other_families(
+    model_cache: Path, tmp_path: Path, server: LiveServer, family: str
+) -> None:
+    import diffusers
+
+    from server.models import media
+
+    class_name, request, guidance = FAMILIES[family]
+    folder = tmp_path / family
+    tiny_pipeline(family).build().save_pretrained(folder)
+    adapters = _family_adapters(family, tmp_path)
+    chosen = [("l0", 0.9), ("l1", -0.6)]
+    body = {"model": family, "prompt": PROMPT, "seed": 9, **request}
+    answers = {}
+    # After ``server``: its one torch thread is the process's setting, for the direct calls too.
+    specs = [f"{family}:{name}={path}" for name, path in adapters.items()]
+    for served in live_server(model_cache, models=[str(folder)], loras=specs, torch_threads=1):
+        with served.client() as client:
+            for count in (1, 2):
+                loras = [{"name": name, "scale": weight} for name, weight in chosen[:count]]
+                response = client.post("/v1/generations", json={**body, "loras": loras})
+                assert response.status_code == 200, response.text
+                answers[count] = b64_items(response.json())
+    for count in (1, 2):
+        pipeline: Any = getattr(diffusers, class_name).from_pretrained(folder, local_files_only=True)
+        pipeline.set_progress_bar_config(disable=True)
+        own_memory(pipeline)
+        for name, _ in chosen[:count]:
+            pipeline.load_lora_weights(adapters[name], adapter_name=name)
+        pipeline.set_adapters(
+            [name for name, _ in chosen[:count]], adapter_weights=[w for _, w in chosen[:count]]
+        )
+        output = pipeline(
+            prompt=PROMPT,
+            width=request["width"],
+            height=request["height"],
+            num_inference_steps=request["steps"],
+            generator=torch.Generator("cpu").manual_seed(9),
+            output_type="pil",
+            **guidance,
+        )
+        if family == "wan":
+            expected = [media.encode_video(output.frames[0], "webp", request["fps"])]
+        else:
+            expected = [media.encode_image(output.images[0], "png")]
+        assert answers[count] == expected, (family, count)
