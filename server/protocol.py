@@ -681,6 +681,13 @@ class ReplicaView(Response):
     running: int = Field(description="1 while this replica generates, else 0")
 
 
+class AdapterRequest(Request):
+    """``POST /v1/admin/models/{model}/loras``: an adapter to load while serving."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][\w.-]*$")
+    source: str = Field(min_length=1, max_length=1024, description="a file or folder under lora_dir")
+
+
 class AdapterView(Response):
     name: str
     rank: int

@@ -94,6 +94,18 @@ class Settings(BaseSettings):
         "chosen per request by name",
     )
     max_loras_per_request: int = Field(default=4, ge=1, le=32, description="adapters one request may name")
+    max_loras: int = Field(
+        default=16, ge=0, le=1024, description="adapters a model may hold, all sources together"
+    )
+    lora_dir: Path | None = Field(
+        default=None,
+        description="where the admin endpoints may read adapters from: a source is a path under it",
+    )
+    admin_key: SecretStr | None = Field(
+        default=None,
+        description="when set, /v1/admin routes (adding and removing adapters while serving) answer to "
+        "'Authorization: Bearer <key>'; unset, they do not exist",
+    )
     result_cache_mb: float = Field(
         default=64.0,
         ge=0,

@@ -31,7 +31,7 @@ from server.api.body_limit import BodySizeLimitMiddleware
 from server.api.openapi import errors as error_responses
 from server.api.request_id import HEADER as REQUEST_ID_HEADER
 from server.api.request_id import RequestIdMiddleware, request_id_of
-from server.api.routes import OPEN_ROUTERS, V1_ROUTERS, docs, playground
+from server.api.routes import ADMIN_ROUTERS, OPEN_ROUTERS, V1_ROUTERS, docs, playground
 from server.protocol import field_path
 from server.runtime.job_store import open_store
 from server.runtime.jobs import Jobs
@@ -93,6 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     for router in V1_ROUTERS:
         app.include_router(router, dependencies=[Depends(require_api_key)])
+    for router in ADMIN_ROUTERS:
+        app.include_router(router)
     app.include_router(docs.router)
     if not settings.disable_playground:
         # Its own key check: a browser opening the page can send the key only as HTTP Basic.

@@ -26,16 +26,22 @@ from torch import nn
 from torch.nn import functional
 from torch.utils.hooks import RemovableHandle
 
+from server.errors import Conflict
+
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-__all__ = ["Adapter", "AdapterError", "Adapters", "LowRank"]
+__all__ = ["Adapter", "AdapterError", "AdapterGone", "Adapters", "LowRank"]
 
 _PREFIX = "transformer."
 
 
 class AdapterError(ValueError):
     """An adapter this model cannot take, and why."""
+
+
+class AdapterGone(Conflict):
+    """A request named an adapter that was removed while it waited."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,9 @@ class Adapters:
         self._hooks: dict[str, RemovableHandle] = {}
         # Requests running with adapters: the hooks stay while there is one.
         self._users = 0
-        self._lock = threading.Lock()
+        # Per adapter name, the requests running with it: a removal waits for them.
+        self._in_use: dict[str, int] = {}
+        self._lock = threading.Condition()
 
     def __contains__(self, name: object) -> bool:
         return name in self._adapters
@@ -114,12 +122,17 @@ class Adapters:
     @contextmanager
     def applied(self, chosen: Sequence[tuple[str, float]]) -> Iterator[None]:
         """Run the code inside with the adapters ``chosen`` (name, weight) added to their modules."""
-        active = tuple((self._adapters[name], weight) for name, weight in chosen)
         with self._lock:
+            gone = [name for name, _ in chosen if name not in self._adapters]
+            if gone:
+                raise AdapterGone(f"adapter {gone[0]!r} was removed while this request waited", param="loras")
+            active = tuple((self._adapters[name], weight) for name, weight in chosen)
             if not self._users:
                 for adapter in self._adapters.values():
                     self._hook(adapter)
             self._users += 1
+            for name, _ in chosen:
+                self._in_use[name] = self._in_use.get(name, 0) + 1
         token = _ACTIVE.set(active)
         try:
             yield
@@ -127,10 +140,21 @@ class Adapters:
             _ACTIVE.reset(token)
             with self._lock:
                 self._users -= 1
+                for name, _ in chosen:
+                    self._in_use[name] -= 1
                 if not self._users:
                     for handle in self._hooks.values():
                         handle.remove()
                     self._hooks.clear()
+                self._lock.notify_all()
+
+    def remove(self, name: str, *, timeout_s: float | None = None) -> bool:
+        """Drop adapter ``name``: no request may name it from now on, and this returns once the requests
+        running with it are done (False if ``timeout_s`` passed first; it is dropped either way)."""
+        with self._lock:
+            if self._adapters.pop(name, None) is None:
+                raise KeyError(name)
+            return self._lock.wait_for(lambda: not self._in_use.get(name), timeout=timeout_s)
 
     def _hook(self, adapter: Adapter) -> None:
         for path in adapter.modules:

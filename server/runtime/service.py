@@ -12,6 +12,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -19,13 +20,16 @@ from PIL import Image
 
 from cache_engine import CacheConfig, SessionStats, UnsupportedMethodError
 from server.errors import (
+    Conflict,
     DeadlineExceeded,
     InvalidRequest,
+    NotFound,
     ServerError,
     UnknownModel,
     UnsupportedCacheMethod,
 )
 from server.models import media, uploads
+from server.models.adapters import Adapter, AdapterError
 from server.models.generation import GenerationParams, InvalidGenerationParams, check_params
 from server.models.limits import Kind
 from server.models.prompt_cache import Tally
@@ -126,6 +130,43 @@ class Generations:
     def ready(self) -> bool:
         workers = self.all_workers()
         return bool(workers) and all(worker.alive for worker in workers)
+
+    # -- adapters while serving ------------------------------------------------------------------
+
+    def add_adapter(self, model_name: str, name: str, source: Path, *, max_loras: int) -> Adapter:
+        """Load adapter ``name`` from ``source`` into every replica of ``model_name``. Blocking."""
+        model = self.resolve_model(model_name, None)
+        if model.adapters is None:
+            raise InvalidRequest(
+                f"{model.name} ({type(model.pipeline).__name__}) takes no adapters", param="model"
+            )
+        if name in model.adapters:
+            raise Conflict(f"{model.name} has an adapter named {name!r} already", param="name")
+        if len(model.adapters) >= max_loras:
+            raise Conflict(
+                f"{model.name} holds {max_loras} adapters, the most it may (max_loras)", param="name"
+            )
+        loaded = []
+        try:
+            for replica in self.replicas[model.name]:
+                adapters = replica.model.adapters
+                assert adapters is not None
+                loaded.append(adapters.load(name, str(source)))
+        except AdapterError as exc:
+            for replica in self.replicas[model.name][: len(loaded)]:
+                assert replica.model.adapters is not None
+                replica.model.adapters.remove(name)
+            raise InvalidRequest(str(exc), param="source") from exc
+        return loaded[0]
+
+    def remove_adapter(self, model_name: str, name: str) -> None:
+        """Drop adapter ``name`` from every replica, once the requests running with it are done. Blocking."""
+        model = self.resolve_model(model_name, None)
+        if model.adapters is None or name not in model.adapters:
+            raise NotFound(f"{model.name} has no adapter {name!r}", param="name")
+        for replica in self.replicas[model.name]:
+            assert replica.model.adapters is not None
+            replica.model.adapters.remove(name)
 
     def supported_methods(self, model: ResidentModel) -> tuple[str, ...]:
         return ("none", *model.supported_methods)

@@ -31,6 +31,7 @@ from server.errors import (
     Unavailable,
 )
 from server.logs import bound_request_id
+from server.models.adapters import AdapterGone
 from server.models.generation import GenerationParams, GenerationResult, generate
 from server.models.registry import ResidentModel
 
@@ -244,6 +245,8 @@ class Worker:
             return DeadlineExceeded(f"the request's timeout passed after {task.steps_done} steps")
         if task.cancel_requested.is_set():
             return task.cancel_reason or GenerationCancelled("cancelled during denoising")
+        if isinstance(exc, AdapterGone):
+            return exc
         if isinstance(exc, torch.OutOfMemoryError):
             logger.error("generation %s on %s ran out of memory", task.request_id, self.model.name)
             # Hand the failed run's cached blocks back to the device, so that the next job can fit.
