@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 
 from server.errors import Unauthorized
 
@@ -26,6 +27,12 @@ def require_api_key(
         return
     if credentials is None:
         raise Unauthorized("this server needs an API key: send 'Authorization: Bearer <key>'")
-    expected = secret.get_secret_value().encode()
-    if not hmac.compare_digest(credentials.credentials.encode(), expected):
+    if not bearer_matches(credentials, secret):
         raise Unauthorized("the API key is not valid")
+
+
+def bearer_matches(credentials: HTTPAuthorizationCredentials | None, secret: SecretStr) -> bool:
+    """Whether the bearer token is ``secret``, compared in time that says nothing of a near guess."""
+    if credentials is None:
+        return False
+    return hmac.compare_digest(credentials.credentials.encode(), secret.get_secret_value().encode())

@@ -100,6 +100,17 @@ def live_server(model_cache: Path, **settings: Any) -> Iterator[LiveServer]:
         server.stop()
 
 
+def one_thread_server(model_cache: Path, **settings: Any) -> Iterator[LiveServer]:
+    """``live_server`` with one torch thread, for the server and a test's direct calls alike (it is the
+    process's setting: another count may sum in another order and move the last bit); the thread count
+    is restored after."""
+    threads = torch.get_num_threads()
+    try:
+        yield from live_server(model_cache, torch_threads=1, **settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def server(model_cache: Path) -> Iterator[LiveServer]:
     yield from live_server(model_cache)

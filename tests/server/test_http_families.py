@@ -30,7 +30,7 @@ from server.models import media
 from server.models.registry import ModelLoadError, load_model
 from tiny_pipelines import TINY_PIPELINE_NAMES, tiny_pipeline
 
-from .conftest import LiveServer, b64_items, error_of, live_server
+from .conftest import LiveServer, b64_items, error_of, one_thread_server
 
 
 @dataclass(frozen=True)
@@ -162,15 +162,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> Mapping[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(model_cache: Path, folders: Mapping[str, Path]) -> Iterator[LiveServer]:
-    threads = torch.get_num_threads()
-    try:
-        # One torch thread, for the server and the direct calls alike (it is the process's setting):
-        # a different thread count may sum in another order and move the last bit.
-        yield from live_server(
-            model_cache, models=[str(folder) for folder in folders.values()], torch_threads=1
-        )
-    finally:
-        torch.set_num_threads(threads)
+    yield from one_thread_server(model_cache, models=[str(folder) for folder in folders.values()])
 
 
 @pytest.fixture(scope="module")

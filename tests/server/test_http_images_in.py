@@ -27,7 +27,7 @@ from PIL import Image
 from server.models.registry import own_memory
 from tiny_pipelines import tiny_pipeline
 
-from .conftest import LiveServer, b64_items, error_of, live_server
+from .conftest import LiveServer, b64_items, error_of, live_server, one_thread_server
 
 PROMPT = "a red circle on a blue background"
 STEPS = 6
@@ -113,14 +113,8 @@ def folder(folders: dict[str, Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_cache: Path, folders: dict[str, Path], kontext_folder: Path) -> Iterator[LiveServer]:
-    threads = torch.get_num_threads()
-    try:
-        # One torch thread for the server and the direct calls alike: another count may sum in
-        # another order and move the last bit.
-        models = [*(str(path) for path in folders.values()), str(kontext_folder), "tiny-wan"]
-        yield from live_server(model_cache, models=models, torch_threads=1)
-    finally:
-        torch.set_num_threads(threads)
+    models = [*(str(path) for path in folders.values()), str(kontext_folder), "tiny-wan"]
+    yield from one_thread_server(model_cache, models=models)
 
 
 @pytest.fixture(scope="module")

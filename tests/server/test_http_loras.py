@@ -20,7 +20,7 @@ from PIL import Image
 from server.models.registry import own_memory
 from tiny_pipelines import tiny_pipeline
 
-from .conftest import LiveServer, b64_items, error_of, live_server
+from .conftest import LiveServer, b64_items, error_of, live_server, one_thread_server
 
 PROMPT = "a red circle on a blue background"
 BODY: dict[str, Any] = {"model": "flux", "prompt": PROMPT, "steps": 3, "seed": 9, "width": 32, "height": 32}
@@ -64,12 +64,8 @@ def lora_folders(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 @pytest.fixture(scope="module")
 def server(model_cache: Path, folder: Path, lora_folders: dict[str, Path]) -> Iterator[LiveServer]:
-    threads = torch.get_num_threads()
-    try:
-        loras = [f"flux:{name}={path}" for name, path in lora_folders.items()]
-        yield from live_server(model_cache, models=[str(folder)], loras=loras, torch_threads=1)
-    finally:
-        torch.set_num_threads(threads)
+    loras = [f"flux:{name}={path}" for name, path in lora_folders.items()]
+    yield from one_thread_server(model_cache, models=[str(folder)], loras=loras)
 
 
 def _pixels(answer: dict[str, Any]) -> np.ndarray:

@@ -7,7 +7,6 @@ request still queued that names it is answered 409.
 
 from __future__ import annotations
 
-import hmac
 from pathlib import Path, PurePosixPath
 from typing import Annotated
 
@@ -15,6 +14,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from server.api.auth import bearer_matches
 from server.api.deps import GenerationsDep, RuntimeDep
 from server.api.openapi import V1, errors
 from server.errors import InvalidRequest, NotFound, Unauthorized
@@ -29,9 +29,7 @@ def require_admin_key(
     secret = request.app.state.runtime.settings.admin_key
     if secret is None:
         raise NotFound("no admin endpoints on this server: set DITCACHE_ADMIN_KEY to have them")
-    if credentials is None or not hmac.compare_digest(
-        credentials.credentials.encode(), secret.get_secret_value().encode()
-    ):
+    if not bearer_matches(credentials, secret):
         raise Unauthorized("the admin routes need 'Authorization: Bearer <admin key>'")
 
 

@@ -14,7 +14,8 @@ from server.api.deps import GenerationsDep, RequestIdDep, TimeoutDep
 from server.api.openapi import GENERATION, errors
 from server.api.responses import server_timing
 from server.errors import InvalidRequest
-from server.protocol import ImageEditRequest, ImageGenerationRequest, ImagesResponse
+from server.protocol import GenerationRequest, ImageEditRequest, ImageGenerationRequest, ImagesResponse
+from server.runtime.service import Generations
 from server.runtime.views import images_response
 
 router = APIRouter(tags=["images"])
@@ -68,12 +69,7 @@ async def create_image(
     request_id: RequestIdDep,
     timeout_s: TimeoutDep,
 ) -> ImagesResponse:
-    prepared = generations.prepare(
-        body.to_native(), request_id, kind="image", size_param="size", timeout_s=timeout_s
-    )
-    finished = await generations.run(prepared, request.is_disconnected)
-    response.headers["Server-Timing"] = server_timing(finished.timings)
-    return images_response(finished)
+    return await _answer(body.to_native(), request, response, generations, request_id, timeout_s)
 
 
 @router.post("/v1/images/edits", responses=errors(*GENERATION, 400), openapi_extra=_EDIT_FORM)
@@ -92,9 +88,19 @@ async def edit_image(
         raise RequestValidationError(
             [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
         ) from exc
-    prepared = generations.prepare(
-        body.to_edit(images, mask), request_id, kind="image", size_param="size", timeout_s=timeout_s
-    )
+    return await _answer(body.to_edit(images, mask), request, response, generations, request_id, timeout_s)
+
+
+async def _answer(
+    body: GenerationRequest,
+    request: Request,
+    response: Response,
+    generations: Generations,
+    request_id: str,
+    timeout_s: float,
+) -> ImagesResponse:
+    """Run ``body`` for an OpenAI Images endpoint: its ``size`` is blamed for a size the model refuses."""
+    prepared = generations.prepare(body, request_id, kind="image", size_param="size", timeout_s=timeout_s)
     finished = await generations.run(prepared, request.is_disconnected)
     response.headers["Server-Timing"] = server_timing(finished.timings)
     return images_response(finished)
