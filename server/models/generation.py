@@ -60,6 +60,8 @@ class GenerationParams:
     task: Task | None = None
     # LoRA adapters by name and weight, applied in this order (server.models.adapters).
     loras: tuple[tuple[str, float], ...] = ()
+    # Further images after ``image``, for an edit model that takes several.
+    more_images: tuple[Image.Image, ...] = ()
 
     def __post_init__(self) -> None:
         if self.task is None and self.image is not None:
@@ -187,6 +189,18 @@ def _check_task(model: ResidentModel, params: GenerationParams) -> None:
             # A model that takes an image, just not a mask: the mask is at fault.
             param="mask" if task == "inpainting" and model.tasks else "image",
         )
+    # A pipeline that checks its images itself (FLUX.2's is at least 64 px a side) checks them here, so
+    # that an image it refuses is a 422 before the queue, not a failure inside the run.
+    check = getattr(getattr(model.tasks[task].pipeline, "image_processor", None), "check_image_input", None)
+    if callable(check):
+        images = (params.image, *params.more_images)
+        for index, image in enumerate(images):
+            try:
+                check(image)
+            except ValueError as exc:
+                raise InvalidGenerationParams(
+                    str(exc), param="image" if len(images) == 1 else f"image.{index}"
+                ) from exc
     if task not in STRENGTH_TASKS:
         if params.strength is not None:
             raise InvalidGenerationParams(
@@ -232,7 +246,7 @@ def call_arguments(model: ResidentModel, params: GenerationParams) -> dict[str, 
     if spec.fps_argument is not None and params.fps is not None:
         kwargs[spec.fps_argument] = params.fps
     if spec.inputs:
-        kwargs["image"] = params.image
+        kwargs["image"] = [params.image, *params.more_images] if params.more_images else params.image
         if "mask_image" in spec.inputs:
             kwargs["mask_image"] = params.mask
         if spec.takes_strength:

@@ -60,7 +60,9 @@ _IMAGE_TASKS: Mapping[str, Mapping[Task, str]] = {
     "LTXPipeline": {"image_to_video": "LTXImageToVideoPipeline"},
 }
 # Edit models: their own pipeline edits the request's image (in context, at no strength).
-_EDIT_MODELS: tuple[str, ...] = ("FluxKontextPipeline",)
+# Edit models: their own pipeline edits the request's images (in context, at no strength), as many as
+# the model takes (FLUX.2 conditions on up to 10 reference images).
+_EDIT_MODELS: Mapping[str, int] = {"FluxKontextPipeline": 1, "Flux2Pipeline": 10, "Flux2KleinPipeline": 10}
 # What a request fills in each task's call, besides strength.
 _INPUTS: Mapping[Task, tuple[str, ...]] = {
     "image_to_image": ("image",),
@@ -75,6 +77,8 @@ class TaskPipeline:
     task: Task
     pipeline: DiffusionPipeline
     call_spec: CallSpec
+    # The images one request may bring.
+    max_images: int = 1
 
 
 def text_task(kind: Kind) -> Task:
@@ -89,9 +93,8 @@ def image_tasks(pipeline: DiffusionPipeline, spec: CallSpec) -> dict[Task, TaskP
     tasks: dict[Task, TaskPipeline] = {}
     name = type(pipeline).__name__
     if name in _EDIT_MODELS:
-        tasks["edit"] = TaskPipeline(
-            "edit", pipeline, task_call_spec(pipeline, spec, _INPUTS["edit"], strength=False)
-        )
+        edit_spec = task_call_spec(pipeline, spec, _INPUTS["edit"], strength=False)
+        tasks["edit"] = TaskPipeline("edit", pipeline, edit_spec, max_images=_EDIT_MODELS[name])
     for task, class_name in _IMAGE_TASKS.get(name, {}).items():
         task_pipeline = _on_the_same_components(pipeline, getattr(diffusers, class_name))
         task_pipeline.set_progress_bar_config(disable=True)

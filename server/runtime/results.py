@@ -64,7 +64,7 @@ def result_key(
         repr(config),
     )
     digest.update(repr(fields).encode())
-    for image in (params.image, params.mask):
+    for image in (params.image, params.mask, *params.more_images):
         digest.update(b"|" + _pixels_digest(image))
     return digest.hexdigest()
 

@@ -224,7 +224,8 @@ class Generations:
             raise InvalidRequest(
                 f"a request may name {self.max_loras} adapters at most, got {len(body.loras)}", param="loras"
             )
-        image, mask = _uploads(body, model)
+        decoded, mask = _uploads(body, model)
+        image = decoded[0] if decoded else None
         task = None if image is None else image_task(model.tasks, masked=mask is not None, kind=model.kind)
         # An image sets the size when the body does not: its own, down to the multiple the model needs.
         width = _or(body.width, defaults.width if image is None else _snapped(image.width, model, "image"))
@@ -243,6 +244,7 @@ class Generations:
             n=body.n,
             fps=fps,
             image=None if image is None else image.convert("RGB"),
+            more_images=tuple(extra.convert("RGB") for extra in decoded[1:]),
             mask=mask,
             strength=body.strength
             if task not in STRENGTH_TASKS or body.strength is not None
@@ -458,27 +460,38 @@ def _or(value: T | None, default: T) -> T:
     return default if value is None else value
 
 
-def _uploads(body: GenerationRequest, model: ResidentModel) -> tuple[Image.Image | None, Image.Image | None]:
-    """The body's image and mask (as the pipelines take it), decoded within the model's bounds."""
+def _uploads(body: GenerationRequest, model: ResidentModel) -> tuple[list[Image.Image], Image.Image | None]:
+    """The body's images and mask (as the pipelines take it), decoded within the model's bounds."""
     if body.image is None:
         if body.mask is not None:
             raise InvalidRequest("mask needs an image to paint on", param="mask")
-        return None, None
+        return [], None
     images = [body.image] if isinstance(body.image, str) else body.image
-    if len(images) != 1:
-        raise InvalidRequest(f"{model.name} takes one image, got {len(images)}", param="image")
+    edit = model.tasks.get("edit")
+    most = edit.max_images if edit is not None and body.mask is None else 1
+    if not 1 <= len(images) <= most:
+        taken = "one image" if most == 1 else f"1 to {most} images"
+        raise InvalidRequest(f"{model.name} takes {taken}, got {len(images)}", param="image")
     pixels = model.limits.max_pixels
     # A compressed image larger than its raw pixels twice over is no image this model could take.
     max_bytes = pixels * 4 * 2 + _UPLOAD_SLACK_BYTES
     try:
-        image = uploads.decode_image(images[0], param="image", max_bytes=max_bytes, max_pixels=pixels)
+        decoded = [
+            uploads.decode_image(
+                text,
+                param="image" if len(images) == 1 else f"image.{index}",
+                max_bytes=max_bytes,
+                max_pixels=pixels,
+            )
+            for index, text in enumerate(images)
+        ]
         mask = None
         if body.mask is not None:
             alpha = uploads.decode_image(body.mask, param="mask", max_bytes=max_bytes, max_pixels=pixels)
-            mask = uploads.mask_from_alpha(alpha, image.size)
+            mask = uploads.mask_from_alpha(alpha, decoded[0].size)
     except uploads.InvalidUpload as exc:
         raise InvalidRequest(str(exc), param=exc.param) from exc
-    return image, mask
+    return decoded, mask
 
 
 def _snapped(side: int, model: ResidentModel, param: str) -> int:

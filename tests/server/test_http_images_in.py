@@ -651,3 +651,52 @@ def test_the_task_pipelines_share_the_models_components_in_its_dtype(model_cache
         assert {parameter.dtype for parameter in model.pipeline.components[name].parameters()} == {
             torch.bfloat16
         }
+
+
+# -- an edit model taking several images --------------------------------------------------------------------
+
+
+def test_flux2_edits_from_several_images_as_its_direct_call_does(model_cache: Path, tmp_path: Path) -> None:
+    from diffusers import Flux2KleinPipeline
+
+    folder = tmp_path / "flux2"
+    tiny_pipeline("flux2").build().save_pretrained(folder)
+    first, second = _picture(64, 64, seed=4), _picture(80, 64, seed=5)
+    body = {
+        "model": "flux2",
+        "prompt": PROMPT,
+        "seed": 7,
+        "steps": 2,
+        "guidance_scale": 3.0,
+        "width": 32,
+        "height": 32,
+    }
+    for served in one_thread_server(model_cache, models=[str(folder)]):
+        with served.client() as client:
+            assert client.get("/v1/models/flux2").json()["tasks"] == ["text_to_image", "edit"]
+            answer = _generate(client, {**body, "image": [_b64(_png(first)), _b64(_png(second))]})
+            too_many = client.post("/v1/generations", json={**body, "image": [_b64(_png(first))] * 11})
+            bad_second = client.post("/v1/generations", json={**body, "image": [_b64(_png(first)), "nope"]})
+            # FLUX.2 takes images of 64 px a side or more: the pipeline's own check, before the queue.
+            small = client.post(
+                "/v1/generations", json={**body, "image": [_b64(_png(first)), _b64(_png(_picture(32, 32)))]}
+            )
+    assert answer["task"] == "edit"
+    assert too_many.status_code == 422 and error_of(too_many)["param"] == "image"
+    assert bad_second.status_code == 422 and error_of(bad_second)["param"] == "image.1"
+    assert small.status_code == 422 and error_of(small)["param"] == "image.1"
+    pipeline: Any = Flux2KleinPipeline.from_pretrained(folder, local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    own_memory(pipeline)
+    expected = pipeline(
+        image=[first, second],
+        prompt=PROMPT,
+        width=32,
+        height=32,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        num_images_per_prompt=1,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="pil",
+    ).images[0]
+    assert np.array_equal(_pixels(answer), np.asarray(expected.convert("RGB")))
