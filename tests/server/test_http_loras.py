@@ -279,3 +279,15 @@ def test_adapters_give_diffusers_output_on_other_families(
         else:
             expected = [media.encode_image(output.images[0], "png")]
         assert answers[count] == expected, (family, count)
+
+
+def test_an_adapter_for_no_served_model_or_with_compile_is_refused_at_start(
+    model_cache: Path, folder: Path
+) -> None:
+    from server.runtime.loading import _load_adapters
+    from server.settings import Settings
+
+    with pytest.raises(ValueError, match="names no served model"):
+        _load_adapters(Settings(cache_dir=model_cache, loras=["nope:style=/x"]), {})
+    with pytest.raises(ValueError, match="compile"):
+        _load_adapters(Settings(cache_dir=model_cache, loras=["flux:style=/x"], compile=True), {})
