@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from server.models.bounded import BytesBoundedLRU
 
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -46,16 +47,16 @@ class _Uncacheable(Exception):
 class PromptCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._entries: BytesBoundedLRU[Any] = BytesBoundedLRU(max_bytes)
+        # Totals over the process, for tests and logs; each generation's own are its Tally.
+        self._counting = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     @property
     def bytes(self) -> int:
         """What the kept embeddings take, in bytes."""
-        return self._bytes
+        return self._entries.bytes
 
     def attach(self, pipeline: DiffusionPipeline) -> None:
         """Answer ``pipeline.encode_prompt`` from this cache where it can (a pipeline without one keeps
@@ -90,29 +91,27 @@ class PromptCache:
             _TALLY.reset(token)
 
     def _get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
-        counts = _TALLY.get()
-        with self._lock:
-            found = self._entries.get(key)
-            if found is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                if counts is not None:
-                    counts.hits += 1
-                return _copied(found[0])
+        found = self._entries.get(key)
+        self._count(hit=found is not None)
+        if found is not None:
+            return _copied(found)
         value = compute()
         stored = _copied(value)
-        size = _size(stored)
-        with self._lock:
-            self.misses += 1
-            if counts is not None:
-                counts.misses += 1
-            if size <= self.max_bytes and key not in self._entries:
-                self._entries[key] = (stored, size)
-                self._bytes += size
-                while self._bytes > self.max_bytes:
-                    _, (_, evicted) = self._entries.popitem(last=False)
-                    self._bytes -= evicted
+        self._entries.put(key, stored, _size(stored))
         return value
+
+    def _count(self, *, hit: bool) -> None:
+        counts = _TALLY.get()
+        with self._counting:
+            if hit:
+                self.hits += 1
+            else:
+                self.misses += 1
+        if counts is not None:
+            if hit:
+                counts.hits += 1
+            else:
+                counts.misses += 1
 
 
 def _frozen(value: Any) -> Hashable:

@@ -11,12 +11,11 @@ empties with the process.
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cache_engine import SessionStats
+from server.models.bounded import BytesBoundedLRU
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -77,32 +76,14 @@ def _pixels_digest(image: Image.Image | None) -> bytes:
 
 class ResultCache:
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, Stored] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._entries: BytesBoundedLRU[Stored] = BytesBoundedLRU(max_bytes)
 
     @property
     def bytes(self) -> int:
-        return self._bytes
+        return self._entries.bytes
 
     def get(self, key: str) -> Stored | None:
-        with self._lock:
-            found = self._entries.get(key)
-            if found is not None:
-                self._entries.move_to_end(key)
-            return found
+        return self._entries.get(key)
 
     def put(self, key: str, stored: Stored) -> None:
-        size = sum(len(item) for item in stored.media)
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            previous = self._entries.pop(key, None)
-            if previous is not None:
-                self._bytes -= sum(len(item) for item in previous.media)
-            self._entries[key] = stored
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= sum(len(item) for item in evicted.media)
+        self._entries.put(key, stored, sum(len(item) for item in stored.media))
