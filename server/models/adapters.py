@@ -95,9 +95,6 @@ class Adapters:
     def __len__(self) -> int:
         return len(self._adapters)
 
-    def get(self, name: str) -> Adapter:
-        return self._adapters[name]
-
     def load(self, name: str, source: str) -> Adapter:
         """Read ``source`` (a file, a folder or a hub id) as adapter ``name``; raises AdapterError."""
         if name in self._adapters:

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from server.models.tasks import STRENGTH_TASKS, steps_run, text_task
+from server.models.tasks import STRENGTH_TASKS, image_task, steps_run, text_task
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from server.models.limits import ModelDefaults
+    from server.models.limits import Kind, ModelDefaults
     from server.models.prompt_cache import Tally
     from server.models.registry import ResidentModel
     from server.models.tasks import Task, TaskPipeline
@@ -65,8 +65,8 @@ class GenerationParams:
 
     def __post_init__(self) -> None:
         if self.task is None and self.image is not None:
-            still: Task = "inpainting" if self.mask is not None else "image_to_image"
-            object.__setattr__(self, "task", still if self.num_frames is None else "image_to_video")
+            kind: Kind = "image" if self.num_frames is None else "video"
+            object.__setattr__(self, "task", image_task({}, masked=self.mask is not None, kind=kind))
 
     @property
     def steps_run(self) -> int:

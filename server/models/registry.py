@@ -13,6 +13,7 @@ recognises. Built-in models bring their own defaults, limits, call kwargs and me
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Mapping
@@ -119,11 +120,12 @@ class ResidentModel:
     def supported_methods(self) -> tuple[str, ...]:
         return self.cache.supported_methods
 
-    @property
-    def method_values(self) -> dict[str, dict[str, Any]]:
+    @functools.cached_property
+    def method_values(self) -> Mapping[str, Mapping[str, Any]]:
         """Per method, the values this model gives the fields a request leaves out: where the reference
         default cannot act here (DBCache's front blocks on a small model), and what its calibration
-        measured per checkpoint (MagCache's ``mag_ratios``), which wins where both speak."""
+        measured per checkpoint (MagCache's ``mag_ratios``), which wins where both speak. Worked out
+        once: every request reads it, and neither the engines nor the calibration change once loaded."""
         values: dict[str, dict[str, Any]] = {}
         for method in self.supported_methods:
             fitted = {**self.cache.fitted_defaults(method), **self.calibration.method_values.get(method, {})}

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_STRENGTH",
     "STRENGTH_TASKS",
-    "TASKS",
     "Task",
     "TaskPipeline",
     "image_task",
@@ -32,14 +31,6 @@ __all__ = [
 ]
 
 Task = Literal["text_to_image", "text_to_video", "image_to_image", "inpainting", "edit", "image_to_video"]
-TASKS: tuple[Task, ...] = (
-    "text_to_image",
-    "text_to_video",
-    "image_to_image",
-    "inpainting",
-    "edit",
-    "image_to_video",
-)
 # The tasks that start from the image noised to a strength; an edit takes it whole, as context.
 STRENGTH_TASKS: tuple[Task, ...] = ("image_to_image", "inpainting")
 # diffusers' default for its image-to-image and inpainting pipelines.

@@ -77,7 +77,9 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
     results = ResultCache(int(settings.result_cache_mb * 2**20)) if settings.result_cache_mb > 0 else None
     if results is not None:
         metrics.watch_result_cache(results)
-    return Generations(replicas, metrics=metrics, results=results, max_loras=settings.max_loras_per_request)
+    return Generations(
+        replicas, metrics=metrics, results=results, max_loras_per_request=settings.max_loras_per_request
+    )
 
 
 def _load_adapters(settings: Settings, replicas: dict[str, list[Replica]]) -> None:

@@ -106,7 +106,7 @@ class Generations:
         *,
         metrics: Metrics,
         results: ResultCache | None = None,
-        max_loras: int = 4,
+        max_loras_per_request: int = 4,
     ) -> None:
         self.replicas = {name: tuple(copies) for name, copies in replicas.items() if copies}
         # The first replica of each model answers for it (its limits, defaults and presets): every
@@ -116,7 +116,7 @@ class Generations:
         # Whole results, for requests that allow their reuse; None: none are kept.
         self.results = results
         # The adapters one request may name.
-        self.max_loras = max_loras
+        self.max_loras_per_request = max_loras_per_request
 
     @property
     def workers(self) -> dict[str, Worker]:
@@ -220,9 +220,10 @@ class Generations:
                 param="guidance_scale",
             )
         fps = _or(body.fps, defaults.fps or _FALLBACK_FPS) if video else None
-        if len(body.loras) > self.max_loras:
+        if len(body.loras) > self.max_loras_per_request:
             raise InvalidRequest(
-                f"a request may name {self.max_loras} adapters at most, got {len(body.loras)}", param="loras"
+                f"a request may name {self.max_loras_per_request} adapters at most, got {len(body.loras)}",
+                param="loras",
             )
         decoded, mask = _uploads(body, model)
         image = decoded[0] if decoded else None

@@ -31,7 +31,6 @@ from server.errors import (
     Unavailable,
 )
 from server.logs import bound_request_id
-from server.models.adapters import AdapterGone
 from server.models.generation import GenerationParams, GenerationResult, generate
 from server.models.registry import ResidentModel
 
@@ -245,7 +244,8 @@ class Worker:
             return DeadlineExceeded(f"the request's timeout passed after {task.steps_done} steps")
         if task.cancel_requested.is_set():
             return task.cancel_reason or GenerationCancelled("cancelled during denoising")
-        if isinstance(exc, AdapterGone):
+        if isinstance(exc, ServerError):
+            # Raised for the client already (an adapter removed while the request waited).
             return exc
         if isinstance(exc, torch.OutOfMemoryError):
             logger.error("generation %s on %s ran out of memory", task.request_id, self.model.name)

@@ -257,3 +257,17 @@ def metric(client: httpx.Client, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return 0.0
+
+
+def direct_pipeline(class_name: str, folder: Path | str) -> Any:
+    """diffusers' ``class_name`` loaded from ``folder``, as a test's direct call of it runs: no progress
+    bar, and weights in memory of their own, as the server keeps them (CPU kernels round differently on
+    a tensor left where the memory-mapped file put it, and the last bit would show it)."""
+    import diffusers
+
+    from server.models.registry import own_memory
+
+    pipeline: Any = getattr(diffusers, class_name).from_pretrained(folder, local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    own_memory(pipeline)
+    return pipeline

@@ -24,10 +24,9 @@ import pytest
 import torch
 from PIL import Image
 
-from server.models.registry import own_memory
 from tiny_pipelines import tiny_pipeline
 
-from .conftest import LiveServer, b64_items, error_of, live_server, one_thread_server
+from .conftest import LiveServer, b64_items, direct_pipeline, error_of, live_server, one_thread_server
 
 PROMPT = "a red circle on a blue background"
 STEPS = 6
@@ -144,13 +143,8 @@ def _direct(folder: Path, pipeline_class: str, *, family: str = "flux", **argume
     """diffusers' own task pipeline, loaded from the folder, called as its documentation shows; an
     inpainting laid over the image outside its mask with diffusers' ``apply_overlay``, as its
     documentation shows too."""
-    import diffusers
 
-    pipeline = getattr(diffusers, pipeline_class).from_pretrained(folder, local_files_only=True)
-    pipeline.set_progress_bar_config(disable=True)
-    # Weights in memory of their own, as the server keeps them: CPU kernels round differently on a
-    # tensor left where the memory-mapped file put it (the VAE's encoder shows it in the last bit).
-    own_memory(pipeline)
+    pipeline = direct_pipeline(pipeline_class, folder)
     assert torch.get_num_threads() == 1
     output = pipeline(
         prompt=PROMPT,
@@ -449,11 +443,8 @@ def _kontext(folder: Path, **arguments: Any) -> np.ndarray:
     """diffusers' FluxKontextPipeline from the folder, called as documented, its output's area bounded
     to the size asked and its image taken at its own size (max_area and _auto_resize would otherwise
     rescale both to a megapixel)."""
-    from diffusers import FluxKontextPipeline
 
-    pipeline: Any = FluxKontextPipeline.from_pretrained(folder, local_files_only=True)
-    pipeline.set_progress_bar_config(disable=True)
-    own_memory(pipeline)
+    pipeline = direct_pipeline("FluxKontextPipeline", folder)
     output = pipeline(
         prompt=PROMPT,
         height=HEIGHT,
@@ -530,7 +521,6 @@ def ltx_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_video_model_animates_an_image_as_a_direct_call_does(
     model_cache: Path, ltx_folder: Path, server: LiveServer
 ) -> None:
-    from diffusers import LTXImageToVideoPipeline
 
     from server.models import media
 
@@ -547,9 +537,7 @@ def test_a_video_model_animates_an_image_as_a_direct_call_does(
             assert refused.status_code == 422 and error_of(refused)["param"] == "strength"
     assert (answer["task"], answer["num_frames"]) == ("image_to_video", VIDEO["num_frames"])
     assert len(answer["timings"]["denoising_steps"]) == VIDEO["steps"]
-    pipeline: Any = LTXImageToVideoPipeline.from_pretrained(ltx_folder, local_files_only=True)
-    pipeline.set_progress_bar_config(disable=True)
-    own_memory(pipeline)
+    pipeline = direct_pipeline("LTXImageToVideoPipeline", ltx_folder)
     frames = pipeline(
         image=start,
         prompt=PROMPT,
@@ -579,7 +567,6 @@ def shapes(model_cache: Path, server: LiveServer) -> Iterator[LiveServer]:
 def test_shapes_flux_edits_as_its_direct_call_and_a_target_counts_the_steps_that_run(
     shapes: LiveServer,
 ) -> None:
-    from diffusers import FluxImg2ImgPipeline
 
     from server.models.builtin import SHAPES_FLUX_FOLDER
 
@@ -606,9 +593,7 @@ def test_shapes_flux_edits_as_its_direct_call_and_a_target_counts_the_steps_that
             client,
             {**body, "image": _b64(_png(scene)), "strength": 0.5, "cache": {"target": {"min_psnr": 30}}},
         )
-    pipeline: Any = FluxImg2ImgPipeline.from_pretrained(SHAPES_FLUX_FOLDER, local_files_only=True)
-    pipeline.set_progress_bar_config(disable=True)
-    own_memory(pipeline)
+    pipeline = direct_pipeline("FluxImg2ImgPipeline", SHAPES_FLUX_FOLDER)
     # shapes-flux's served defaults: 20 steps at true CFG 3, prompts of 16 tokens.
     expected = pipeline(
         image=scene,
@@ -657,7 +642,6 @@ def test_the_task_pipelines_share_the_models_components_in_its_dtype(model_cache
 
 
 def test_flux2_edits_from_several_images_as_its_direct_call_does(model_cache: Path, tmp_path: Path) -> None:
-    from diffusers import Flux2KleinPipeline
 
     folder = tmp_path / "flux2"
     tiny_pipeline("flux2").build().save_pretrained(folder)
@@ -685,9 +669,7 @@ def test_flux2_edits_from_several_images_as_its_direct_call_does(model_cache: Pa
     assert too_many.status_code == 422 and error_of(too_many)["param"] == "image"
     assert bad_second.status_code == 422 and error_of(bad_second)["param"] == "image.1"
     assert small.status_code == 422 and error_of(small)["param"] == "image.1"
-    pipeline: Any = Flux2KleinPipeline.from_pretrained(folder, local_files_only=True)
-    pipeline.set_progress_bar_config(disable=True)
-    own_memory(pipeline)
+    pipeline = direct_pipeline("Flux2KleinPipeline", folder)
     expected = pipeline(
         image=[first, second],
         prompt=PROMPT,

@@ -17,10 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from server.models.registry import own_memory
 from tiny_pipelines import tiny_pipeline
 
-from .conftest import LiveServer, b64_items, error_of, live_server, one_thread_server
+from .conftest import LiveServer, b64_items, direct_pipeline, error_of, live_server, one_thread_server
 
 PROMPT = "a red circle on a blue background"
 BODY: dict[str, Any] = {"model": "flux", "prompt": PROMPT, "steps": 3, "seed": 9, "width": 32, "height": 32}
@@ -83,11 +82,8 @@ def _generate(client: httpx.Client, **fields: Any) -> dict[str, Any]:
 
 def _direct(folder: Path, lora_folders: dict[str, Path], chosen: list[tuple[str, float]]) -> np.ndarray:
     """A private copy of the pipeline with diffusers' own adapters, set as its documentation shows."""
-    from diffusers import FluxPipeline
 
-    pipeline: Any = FluxPipeline.from_pretrained(folder, local_files_only=True)
-    pipeline.set_progress_bar_config(disable=True)
-    own_memory(pipeline)
+    pipeline = direct_pipeline("FluxPipeline", folder)
     for name, _ in chosen:
         pipeline.load_lora_weights(lora_folders[name], adapter_name=name)
     if chosen:
@@ -236,7 +232,6 @@ def _family_adapters(name: str, root: Path) -> dict[str, Path]:
 def test_adapters_give_diffusers_output_on_other_families(
     model_cache: Path, tmp_path: Path, server: LiveServer, family: str
 ) -> None:
-    import diffusers
 
     from server.models import media
 
@@ -257,9 +252,7 @@ def test_adapters_give_diffusers_output_on_other_families(
                 assert response.status_code == 200, response.text
                 answers[count] = b64_items(response.json())
     for count in (1, 2):
-        pipeline: Any = getattr(diffusers, class_name).from_pretrained(folder, local_files_only=True)
-        pipeline.set_progress_bar_config(disable=True)
-        own_memory(pipeline)
+        pipeline = direct_pipeline(class_name, folder)
         for name, _ in chosen[:count]:
             pipeline.load_lora_weights(adapters[name], adapter_name=name)
         pipeline.set_adapters(
