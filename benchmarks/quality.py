@@ -1,6 +1,8 @@
 """Speed against fidelity for each cache method, on the trained shapes model.
 
-    python -m benchmarks.quality            # writes docs/quality.md, docs/quality.png, docs/quality.json
+    python -m benchmarks.quality            # the targets on held-out prompts (benchmarks/held_out.py):
+                                            # docs/targets.md, docs/targets.png, docs/targets.json
+    python -m benchmarks.quality --sweep    # every method's knobs: docs/quality.md, .png, .json
 
 Every policy of the calibration sweep (``server.policy.calibrate.sweep_policies``: each method's main knobs;
 MagCache and TeaCache on the values fitted for the model, read from its shipped calibration) runs over
@@ -11,9 +13,8 @@ adherence. Images are generated one at a time (FirstBlockCache decides per batch
 image), and for each prompt every point runs back to back, so slow drift in a shared machine's load
 falls on all points alike.
 
-Then, per setting and PSNR floor: the fastest point here, and the policy a ``target`` request would
-run, chosen from the model's calibration (measured on other prompts), with what it did on these: the
-promise is kept when its pooled PSNR here is within 1 dB of the floor or above.
+What a quality target chooses, and whether it holds on prompts its calibration never saw, is the
+other mode's (``benchmarks/held_out.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from cache_engine import CacheConfig, CacheEngine
 from server.models.calibration import Calibration, load_calibration, psnr_from_json, psnr_to_json
 from server.models.registry import CALIBRATION_FILE
-from server.policy.calibrate import engine_config, policy_key, sweep_policies
+from server.policy.calibrate import engine_config, sweep_policies
 from server.policy.resolve import PRESET_FLOORS
 from shapes import detector, evaluate
 
@@ -43,8 +44,6 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "server" / "assets" / "
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 # A target's floors: the presets' (30, 35 and 40 dB).
 FLOORS = tuple(PRESET_FLOORS.values())
-# A target's promise holds on other prompts when their pooled PSNR is at most this far under the floor.
-PROMISE_TOLERANCE_DB = 1.0
 
 _METHOD_NAMES = {
     "none": "none",
@@ -56,6 +55,7 @@ _METHOD_NAMES = {
     "teacache": "TeaCache",
     "dbcache": "DBCache F1B0 + TaylorSeer",
     "sea_cache": "SeaCache",
+    "guarded_taylorseer": "Guarded TaylorSeer",
 }
 _KNOB_NAMES = {
     "threshold": "threshold",
@@ -67,6 +67,8 @@ _KNOB_NAMES = {
     "max_skip_steps": "max skip",
     "retention_ratio": "retention",
     "max_warmup_steps": "warmup",
+    "step_tolerance": "tolerance",
+    "max_interval": "max interval",
 }
 
 
@@ -205,45 +207,6 @@ def sweep(
     return results
 
 
-@dataclass(frozen=True)
-class TargetCheck:
-    steps: int
-    cfg: float
-    floor: float
-    # The fastest point of this run at the floor (None: only the uncached run meets it).
-    fastest: Result | None
-    # What a target request runs, from the model's calibration, and what it did on this run's prompts.
-    chosen: Result | None
-    calibrated_psnr: float | None
-    # What the floor was held to: the pooled PSNR other prompts keep with 95% confidence.
-    calibrated_bound: float | None
-    calibrated_speedup: float | None
-
-    @property
-    def kept(self) -> bool | None:
-        if self.chosen is None:
-            return None
-        return self.chosen.psnr >= self.floor - PROMISE_TOLERANCE_DB
-
-
-def check_targets(results: Sequence[Result], calibration: Calibration | None) -> list[TargetCheck]:
-    checks = []
-    for steps, cfg in dict.fromkeys((r.steps, r.cfg) for r in results):
-        rows = [r for r in results if r.steps == steps and r.cfg == cfg]
-        by_key = {policy_key(r.policy): r for r in rows}
-        for floor in FLOORS:
-            eligible = [r for r in rows if r.method != "none" and r.psnr >= floor]
-            fastest = max(eligible, key=lambda r: r.speedup, default=None)
-            chosen: Result | None = None
-            calibrated: tuple[float | None, float | None, float | None] = (None, None, None)
-            choice = calibration.choose(floor, steps, cfg > 1) if calibration else None
-            if choice is not None:
-                chosen = by_key.get(policy_key(choice.point.policy))
-                calibrated = (choice.point.psnr, choice.point.psnr_bound, choice.point.speedup)
-            checks.append(TargetCheck(steps, cfg, floor, fastest, chosen, *calibrated))
-    return checks
-
-
 def _db(value: float | None) -> str:
     if value is None:
         return "-"
@@ -254,33 +217,11 @@ def _setting(steps: int, cfg: float) -> str:
     return f"{steps} steps, " + ("no CFG" if cfg <= 1 else f"true CFG {cfg:g}")
 
 
-def _target_row(c: TargetCheck) -> str:
-    fastest, chosen = c.fastest, c.chosen
-    cells = [_setting(c.steps, c.cfg), f"{c.floor:g} dB"]
-    if fastest is None:
-        cells += ["-", "-", "-"]
-    else:
-        cells += [f"{fastest.method} {fastest.knob}", f"{fastest.speedup:.2f}x", _db(fastest.psnr)]
-    if chosen is None or c.calibrated_speedup is None:
-        cells += ["-"] * 6
-    else:
-        kept = "yes" if c.kept else "**no**"
-        cells += [
-            f"{chosen.method} {chosen.knob}",
-            f"{_db(c.calibrated_psnr)} dB (bound {_db(c.calibrated_bound)}), {c.calibrated_speedup:.2f}x",
-            _db(chosen.psnr),
-            _db(chosen.psnr_worst),
-            f"{chosen.speedup:.2f}x",
-            kept,
-        ]
-    return "| " + " | ".join(cells) + " |"
-
-
-def markdown(results: Sequence[Result], checks: Sequence[TargetCheck], meta: dict[str, Any]) -> str:
+def markdown(results: Sequence[Result], meta: dict[str, Any]) -> str:
     lines = [
         "# Cache methods on the shapes model: speed against fidelity",
         "",
-        "Generated by `python -m benchmarks.quality`; do not edit by hand.",
+        "Generated by `python -m benchmarks.quality --sweep`; do not edit by hand.",
         "",
         f"Model `{meta['model']}`, {meta['n']} prompts (seed i for prompt i), {meta['steps']} steps, "
         f"64x64, batch 1, {meta['threads']} torch threads, {meta['when']}. PSNR and SSIM compare the "
@@ -293,19 +234,8 @@ def markdown(results: Sequence[Result], checks: Sequence[TargetCheck], meta: dic
         "",
         "![speedup against PSNR](quality.png)",
         "",
-        "## Targets",
-        "",
-        "Per setting and PSNR floor: the fastest point of this run that meets the floor, and the policy "
-        'a `{"cache": {"target": {"min_psnr": floor}}}` request runs, chosen from the model\'s '
-        f"calibration ({meta['calibration_prompts']} other prompts): the fastest policy whose pooled "
-        "PSNR there, less what its spread over prompts allows at 95% confidence (the bound), meets the "
-        "floor. Then what it did here. The promise is kept when its pooled PSNR here is within "
-        f"{PROMISE_TOLERANCE_DB:g} dB of the floor or above.",
-        "",
-        "| setting | floor | fastest here | speedup | PSNR | target runs | calibrated | PSNR here "
-        "| worst prompt | speedup here | kept |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        *(_target_row(c) for c in checks),
+        "What a quality target runs, and whether it holds on prompts its calibration never saw: "
+        "[targets.md](targets.md).",
         "",
     ]
     for steps, cfg in dict.fromkeys((r.steps, r.cfg) for r in results):
@@ -384,8 +314,16 @@ def read_results(path: Path) -> tuple[dict[str, Any], list[Result]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--sweep" not in argv:
+        from benchmarks import held_out
+
+        checking = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=held_out.__doc__)
+        held_out.add_arguments(checking)
+        return held_out.run(checking.parse_args(argv))
+    argv.remove("--sweep")
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.quality --sweep", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("-n", type=int, default=24, help="prompts (default 24)")
@@ -397,8 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--results",
         type=Path,
         default=None,
-        help="a quality.json written before: check the targets of the model's current calibration "
-        "against its results instead of sweeping again",
+        help="a quality.json written before: write its tables and plot again instead of sweeping",
     )
     args = parser.parse_args(argv)
     if args.threads:
@@ -420,28 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
             "when": time.strftime("%Y-%m-%d"),
         }
-    checks = check_targets(results, calibration)
-    meta["calibration_prompts"] = calibration.prompts if calibration else 0
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.md").write_text(markdown(results, checks, meta))
+    (args.out / "quality.md").write_text(markdown(results, meta))
     plot(results, args.out / "quality.png")
-    targets = [
-        {
-            "steps": c.steps,
-            "cfg": c.cfg,
-            "floor": c.floor,
-            "fastest": c.fastest and asdict(c.fastest),
-            "chosen": c.chosen and asdict(c.chosen),
-            "calibrated_psnr": c.calibrated_psnr,
-            "calibrated_bound": c.calibrated_bound,
-            "calibrated_speedup": c.calibrated_speedup,
-            "kept": c.kept,
-        }
-        for c in checks
-    ]
-    payload = {"meta": meta, "results": [asdict(r) for r in results], "targets": targets}
+    payload = {"meta": meta, "results": [asdict(r) for r in results]}
     (args.out / "quality.json").write_text(json.dumps(_finite(payload), indent=2) + "\n")
-    print(markdown(results, checks, meta))
+    print(markdown(results, meta))
     return 0
 
 

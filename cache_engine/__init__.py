@@ -10,6 +10,7 @@ from .engine import CacheEngine, engine_of
 from .errors import InvalidConfigValue, UnsupportedMethodError
 from .faster_cache import FasterCacheConfig
 from .first_block_cache import FirstBlockCacheConfig
+from .guarded_taylorseer import GuardedTaylorSeerCacheConfig
 from .mag_cache import MagCacheConfig
 from .methods import CONFIG_CLASSES, METHOD_NAMES, CacheConfig, method_name
 from .pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
@@ -36,6 +37,7 @@ __all__ = [
     "DBCacheConfig",
     "FasterCacheConfig",
     "FirstBlockCacheConfig",
+    "GuardedTaylorSeerCacheConfig",
     "InvalidConfigValue",
     "MagCacheConfig",
     "PyramidAttentionBroadcastConfig",

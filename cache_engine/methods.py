@@ -9,6 +9,7 @@ from . import (
     dbcache,
     faster_cache,
     first_block_cache,
+    guarded_taylorseer,
     mag_cache,
     pyramid_attention_broadcast,
     sea_cache,
@@ -18,6 +19,7 @@ from . import (
 from .dbcache import DBCacheConfig
 from .faster_cache import FasterCacheConfig
 from .first_block_cache import FirstBlockCacheConfig
+from .guarded_taylorseer import GuardedTaylorSeerCacheConfig
 from .mag_cache import MagCacheConfig
 from .pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
 from .sea_cache import SeaCacheConfig
@@ -35,6 +37,7 @@ CacheConfig = Union[  # noqa: UP007 (a runtime alias used in isinstance-free ann
     SeaCacheConfig,
     DBCacheConfig,
     TeaCacheConfig,
+    GuardedTaylorSeerCacheConfig,
 ]
 
 _PLANNERS: dict[type, tuple[str, Callable[[Any, ModelLayout], Plan]]] = {
@@ -46,6 +49,7 @@ _PLANNERS: dict[type, tuple[str, Callable[[Any, ModelLayout], Plan]]] = {
     SeaCacheConfig: (sea_cache.NAME, sea_cache.plan),
     DBCacheConfig: (dbcache.NAME, dbcache.plan),
     TeaCacheConfig: (teacache.NAME, teacache.plan),
+    GuardedTaylorSeerCacheConfig: (guarded_taylorseer.NAME, guarded_taylorseer.plan),
 }
 
 # Configs whose defaults cannot run anywhere are probed with these instead: MagCache's default has no

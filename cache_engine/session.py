@@ -102,6 +102,8 @@ class Plan:
 
     method: str | None
     handlers: Mapping[nn.Module, Handler]
+    # For a method that estimates its own error (guarded TaylorSeer): the session's estimate so far.
+    estimate: Callable[[CacheSession], float] | None = None
 
     @classmethod
     def empty(cls) -> Plan:
@@ -156,7 +158,8 @@ class SessionStats:
     uncached model would have made that the cache replaced. ``steps_cached`` counts denoiser calls in
     which anything was reused. ``peak_bytes`` is the most memory the session's state held between
     two denoiser calls (residuals, attention outputs, Taylor factors): what one more concurrent
-    request under the same policy costs beside the model.
+    request under the same policy costs beside the model. ``estimated_error`` is a guarded method's
+    own estimate of how far its output drifted from the uncached one (None for the others).
     """
 
     method: str | None
@@ -168,6 +171,7 @@ class SessionStats:
     attention_computed: int
     attention_reused: int
     peak_bytes: int = 0
+    estimated_error: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -178,9 +182,12 @@ class SessionStats:
         counts = {
             field.name: getattr(self, field.name) + getattr(other, field.name)
             for field in dataclasses.fields(self)
-            if field.name != "method"
+            if field.name not in ("method", "estimated_error")
         }
-        return SessionStats(method=self.method or other.method, **counts)
+        # Each transformer drifts on its own steps: the request's drift is the sum of theirs.
+        estimates = [s.estimated_error for s in (self, other) if s.estimated_error is not None]
+        estimated_error = sum(estimates) if estimates else None
+        return SessionStats(method=self.method or other.method, estimated_error=estimated_error, **counts)
 
 
 class CacheSession:
@@ -218,6 +225,7 @@ class CacheSession:
         self._blocks_computed = 0
         self._attention_computed = 0
         self._peak_bytes = 0
+        self._estimated_error: float | None = None
         self._closed = False
 
     # -- state ------------------------------------------------------------------------------------
@@ -263,8 +271,17 @@ class CacheSession:
         self._timestep_ready = False
 
     def close(self) -> None:
+        # The estimate lives in the state that closing drops: keep it for the stats.
+        self._estimated_error = self.estimated_error
         self.reset()
         self._closed = True
+
+    @property
+    def estimated_error(self) -> float | None:
+        """The plan's estimate of its drift from the uncached output (None: its method makes none)."""
+        if self._closed or self.plan.estimate is None:
+            return self._estimated_error
+        return self.plan.estimate(self)
 
     @property
     def closed(self) -> bool:
@@ -388,6 +405,7 @@ class CacheSession:
             attention_computed=self._attention_computed,
             attention_reused=calls * len(self.layout.attention) - self._attention_computed,
             peak_bytes=self._peak_bytes,
+            estimated_error=self.estimated_error,
         )
 
 

@@ -33,6 +33,7 @@ from cache_engine import (
     DBCacheConfig,
     FasterCacheConfig,
     FirstBlockCacheConfig,
+    GuardedTaylorSeerCacheConfig,
     MagCacheConfig,
     PyramidAttentionBroadcastConfig,
     SeaCacheConfig,
@@ -54,6 +55,7 @@ CACHE_METHODS: tuple[str, ...] = (
     "sea_cache",
     "dbcache",
     "teacache",
+    "guarded_taylorseer",
 )
 ImageFormat = Literal["png", "jpeg", "webp"]
 OutputFormat = Literal["png", "jpeg", "webp", "mp4", "gif"]
@@ -124,6 +126,7 @@ NOT_ON_THE_WIRE: dict[str, frozenset[str]] = {
     "sea_cache": frozenset({"raw_vision_callback"}),
     "dbcache": frozenset(),
     "teacache": frozenset({"calibrate"}),
+    "guarded_taylorseer": frozenset(),
 }
 
 
@@ -290,6 +293,21 @@ class TeaCache(Request):
     )
 
 
+_GUARDED = GuardedTaylorSeerCacheConfig
+
+
+class GuardedTaylorSeer(Request):
+    method: Literal["guarded_taylorseer"]
+    step_tolerance: float = _engine(_GUARDED, "step_tolerance", ge=0, le=100)
+    error_budget: float | None = _engine(_GUARDED, "error_budget", ge=0, le=1000)
+    max_interval: SkipRange = _engine(_GUARDED, "max_interval")
+    disable_cache_before_step: int = _engine(_GUARDED, "disable_cache_before_step", ge=0, le=1000)
+    max_order: int = _engine(_GUARDED, "max_order", ge=0, le=4)
+    taylor_factors_dtype: Literal["bfloat16", "float16", "float32"] = _engine(
+        _GUARDED, "taylor_factors_dtype", note="named without its module: float32, not torch.float32"
+    )
+
+
 class CachePreset(Request):
     preset: PresetName
 
@@ -316,6 +334,7 @@ CachePolicy = (
     | SeaCache
     | DBCache
     | TeaCache
+    | GuardedTaylorSeer
 )
 POLICY_CLASSES: dict[str, type[CachePolicy]] = {
     "none": NoCache,
@@ -327,6 +346,7 @@ POLICY_CLASSES: dict[str, type[CachePolicy]] = {
     "sea_cache": SeaCache,
     "dbcache": DBCache,
     "teacache": TeaCache,
+    "guarded_taylorseer": GuardedTaylorSeer,
 }
 _PRESET_TAG = "preset"
 _TARGET_TAG = "target"
@@ -378,6 +398,7 @@ CacheSpec = Annotated[
     | Annotated[SeaCache, Tag("sea_cache")]
     | Annotated[DBCache, Tag("dbcache")]
     | Annotated[TeaCache, Tag("teacache")]
+    | Annotated[GuardedTaylorSeer, Tag("guarded_taylorseer")]
     | Annotated[CachePreset, Tag(_PRESET_TAG)]
     | Annotated[CacheTarget, Tag(_TARGET_TAG)],
     Discriminator(_cache_tag),
@@ -569,6 +590,11 @@ class CacheStats(Response):
     peak_bytes: int = Field(
         description="the most memory this request's cache state held at once (residuals, attention "
         "outputs, Taylor factors), summed over the model's transformers"
+    )
+    estimated_error: float | None = Field(
+        default=None,
+        description="guarded_taylorseer's own estimate of its drift from the uncached output: the sum of "
+        "the relative errors of the steps it predicted (null for the other methods)",
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -25,6 +25,7 @@ __all__ = [
     "Choice",
     "Curve",
     "CurvePoint",
+    "EstimateFit",
     "load_calibration",
     "psnr_from_json",
     "psnr_to_json",
@@ -50,15 +51,61 @@ class CurvePoint:
 
 
 @dataclass(frozen=True)
+class EstimateFit:
+    """How a guarded policy's own estimate of its error (``estimated_error``) maps to the PSNR of its
+    output against the uncached one, fitted over the calibration's guarded runs:
+    ``psnr = intercept + slope * log10(estimated_error)``, give or take ``spread`` dB (the standard
+    deviation of what the line leaves unexplained)."""
+
+    intercept: float
+    slope: float
+    spread: float
+    runs: int
+
+    def psnr(self, estimated_error: float) -> float:
+        if estimated_error <= 0:
+            return math.inf
+        return self.intercept + self.slope * math.log10(estimated_error)
+
+    def error_at(self, psnr: float) -> float | None:
+        """The estimate at which the line reaches ``psnr``; None when the line does not fall with the
+        estimate (a fit that cannot bound anything)."""
+        if self.slope >= 0:
+            return None
+        return float(10 ** ((psnr - self.intercept) / self.slope))
+
+
+# Methods that decide what to reuse from the request's own activations, step by step. A target picks
+# only these: a fixed schedule (TaylorSeer, PAB, FasterCache) or one fixed per checkpoint (MagCache's
+# ratios) is blind to the prompt, and keeps the calibration's mean while failing prompts unlike it.
+REQUEST_FOLLOWING = frozenset({"guarded_taylorseer", "first_block_cache", "dbcache", "teacache", "sea_cache"})
+# What a floor promises of each prompt: none falls more than this under it.
+TAIL_DB = 5.0
+# The calibration's worst prompt must keep this much more, for prompts it did not see.
+TAIL_MARGIN_DB = 1.0
+
+
+@dataclass(frozen=True)
 class Curve:
     steps: int
     # True when the calibrated runs used guidance (an extra pass per step); it changes the curve.
     guidance: bool
     guidance_scale: float
     points: tuple[CurvePoint, ...]
+    # Fitted when the sweep ran guarded policies: what their estimate says of their PSNR.
+    estimate: EstimateFit | None = None
 
     def fastest(self, min_psnr: float) -> CurvePoint | None:
-        meeting = [point for point in self.points if point.psnr_bound >= min_psnr]
+        """The fastest point a target of ``min_psnr`` may run: a method that follows the request, whose
+        pooled PSNR meets the floor with 95% confidence and whose worst calibration prompt stays within
+        what the floor promises of each prompt (the tail, not the mean, decides)."""
+        meeting = [
+            point
+            for point in self.points
+            if point.policy.get("method") in REQUEST_FOLLOWING
+            and point.psnr_bound >= min_psnr
+            and point.worst_psnr >= min_psnr - TAIL_DB + TAIL_MARGIN_DB
+        ]
         return max(meeting, key=lambda point: point.speedup, default=None)
 
 
@@ -104,6 +151,7 @@ class Calibration:
                     "steps": curve.steps,
                     "guidance": curve.guidance,
                     "guidance_scale": curve.guidance_scale,
+                    "estimate": None if curve.estimate is None else asdict(curve.estimate),
                     "points": [
                         {
                             "policy": dict(point.policy),
@@ -144,6 +192,7 @@ def from_json(data: Mapping[str, Any]) -> Calibration:
             steps=int(curve["steps"]),
             guidance=bool(curve["guidance"]),
             guidance_scale=float(curve["guidance_scale"]),
+            estimate=None if curve.get("estimate") is None else EstimateFit(**curve["estimate"]),
             points=tuple(
                 CurvePoint(
                     policy=MappingProxyType(dict(point["policy"])),

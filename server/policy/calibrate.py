@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 
 from cache_engine import CacheConfig
-from server.models.calibration import Calibration, Curve, CurvePoint, load_calibration, merged
+from server.models.calibration import (
+    REQUEST_FOLLOWING,
+    Calibration,
+    Curve,
+    CurvePoint,
+    EstimateFit,
+    load_calibration,
+    merged,
+)
 from server.models.generation import GenerationParams, check_params, generate
 from server.models.registry import ResidentModel, calibration_path, load_model
 from server.policy import engine_config as policies
@@ -116,7 +124,44 @@ def sweep_policies() -> list[dict[str, Any]]:
         )
     for threshold in (0.1, 0.25, 1.0):
         policies.append({"method": "sea_cache", "threshold": threshold})
+    return [*policies, *guarded_policies()]
+
+
+def guarded_policies() -> list[dict[str, Any]]:
+    """Guarded TaylorSeer from faithful to fast: its step tolerance, and a longer reach between full
+    steps for long runs."""
+    policies: list[dict[str, Any]] = [
+        {"method": "guarded_taylorseer", "step_tolerance": tolerance}
+        for tolerance in (0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
+    ]
+    for tolerance in (0.5, 1.0):
+        policies.append({"method": "guarded_taylorseer", "step_tolerance": tolerance, "max_interval": 10})
     return policies
+
+
+def target_policies() -> list[dict[str, Any]]:
+    """What ``ditcache calibrate`` measures: the policies a target may choose, those whose decisions
+    follow the request (``server.models.calibration.REQUEST_FOLLOWING``). Guarded TaylorSeer at every
+    knob; the others at the knobs of the full sweep (``sweep_policies``) that were fastest at some
+    floor of the shapes model without losing its tail."""
+    kept = (
+        {"method": "first_block_cache", "threshold": 0.15},
+        {"method": "first_block_cache", "threshold": 0.3},
+        {"method": "teacache", "rel_l1_thresh": 0.2},
+        {"method": "sea_cache", "threshold": 0.25},
+        {"method": "sea_cache", "threshold": 1.0},
+    )
+    others = [
+        policy
+        for policy in sweep_policies()
+        if (
+            policy["method"] != "guarded_taylorseer"
+            and any(all(policy.get(k) == v for k, v in wanted.items()) for wanted in kept)
+        )
+        or (policy["method"] == "dbcache" and policy.get("max_warmup_steps") == 2)
+    ]
+    assert all(policy["method"] in REQUEST_FOLLOWING for policy in others)
+    return [*guarded_policies(), *others]
 
 
 @dataclass(frozen=True)
@@ -157,16 +202,20 @@ def _config(
     return config
 
 
-def _pixels(model: ResidentModel, params: GenerationParams, config: Any) -> tuple[np.ndarray, float]:
+def run_policy(
+    model: ResidentModel, params: GenerationParams, config: Any
+) -> tuple[np.ndarray, float, float | None]:
+    """The output's pixels, the seconds it took, and the policy's own estimate of its error (guarded)."""
     started = time.perf_counter()
-    with model.cache.session(config):
+    with model.cache.session(config) as run:
         result = generate(model, params)
     elapsed = time.perf_counter() - started
     frames = result.images or [frame for video in result.videos or [] for frame in video]
-    return np.stack([np.asarray(frame, dtype=np.float64) for frame in frames]), elapsed
+    estimate = run.stats.estimated_error if run.stats is not None else None
+    return np.stack([np.asarray(frame, dtype=np.float64) for frame in frames]), elapsed, estimate
 
 
-def _params(model: ResidentModel, setting: Setting, prompt: str, seed: int) -> GenerationParams:
+def params_for(model: ResidentModel, setting: Setting, prompt: str, seed: int) -> GenerationParams:
     params = GenerationParams.from_defaults(
         model.defaults, prompt=prompt, steps=setting.steps, guidance_scale=setting.guidance_scale, seed=seed
     )
@@ -193,7 +242,7 @@ def fit_method_values(
         for seed, prompt in enumerate(prompts):
             config = MagCacheConfig(calibrate=True, num_inference_steps=setting.steps)
             with engine.session(config) as session:
-                generate(model, _params(model, setting, prompt, seed))
+                generate(model, params_for(model, setting, prompt, seed))
                 curves.extend(mag_cache.calibrated_ratios(session).values())
         curves = [curve for curve in curves if len(curve) == setting.steps]
         if curves:
@@ -204,7 +253,7 @@ def fit_method_values(
         pairs: list[tuple[float, float]] = []
         for seed, prompt in enumerate(prompts):
             with engine.session(TeaCacheConfig(calibrate=True)) as session:
-                generate(model, _params(model, setting, prompt, seed))
+                generate(model, params_for(model, setting, prompt, seed))
                 pairs.extend(teacache.calibration_pairs(session))
         try:
             values["teacache"] = {"coefficients": list(teacache.fit_coefficients(pairs))}
@@ -227,7 +276,8 @@ def run_setting(
     log: Callable[[str], None],
     advance: Callable[[], None] = lambda: None,
 ) -> None:
-    """Fill ``work[setting.key][prompt index]`` with each policy's (squared error sum, pixels, seconds)."""
+    """Fill ``work[setting.key][prompt index]`` with each policy's (squared error sum, pixels, seconds,
+    and its own error estimate when it makes one)."""
     done: dict[str, Any] = work.setdefault(setting.key, {})
     runnable = []
     for policy in policies:
@@ -244,17 +294,17 @@ def run_setting(
         if time.monotonic() >= stop_at:
             log(f"  time limit: {index} of {len(prompts)} prompts done")
             return
-        params = _params(model, setting, prompt, index)
-        reference, reference_s = _pixels(model, params, None)
+        params = params_for(model, setting, prompt, index)
+        reference, reference_s, _ = run_policy(model, params, None)
         if row is None:
             row = {"none": [0.0, reference.size, reference_s]}
         # Policies added to the sweep since this prompt was measured: timed against a fresh uncached
         # run, and scaled to the recorded one, so that each keeps its own ratio to the uncached time.
         scale = row["none"][2] / reference_s
         for policy, config in missing:
-            pixels, seconds = _pixels(model, params, config)
+            pixels, seconds, estimate = run_policy(model, params, config)
             squared = float(((pixels - reference) ** 2).sum())
-            row[policy_key(policy)] = [squared, pixels.size, seconds * scale]
+            row[policy_key(policy)] = [squared, pixels.size, seconds * scale, estimate]
         done[str(index)] = row
         save()
         log(f"  prompt {index + 1}/{len(prompts)} ({setting.key})")
@@ -298,7 +348,37 @@ def curve_of(setting: Setting, rows: Mapping[str, Mapping[str, Sequence[float]]]
             1.0 if key == "none" else statistics.median(row["none"][2] / row[key][2] for row in rows.values())
         )
         points.append(CurvePoint(policy, _psnr(squared, count), speedup, worst, psnr_bound(per_prompt)))
-    return Curve(setting.steps, setting.guidance, setting.guidance_scale, tuple(points))
+    estimates = [
+        (row[key][3], _psnr(row[key][0], row[key][1]))
+        for row in rows.values()
+        for key in keys
+        if len(row[key]) > 3 and row[key][3] is not None
+    ]
+    return Curve(
+        setting.steps, setting.guidance, setting.guidance_scale, tuple(points), fit_estimate(estimates)
+    )
+
+
+def fit_estimate(pairs: Sequence[tuple[float, float]]) -> EstimateFit | None:
+    """The line through (log10 estimate, PSNR) of guarded runs; runs that predicted nothing (estimate 0,
+    identical output) say nothing of the slope and are left out. None with fewer than 3 runs left."""
+    points = [
+        (math.log10(estimate), psnr) for estimate, psnr in pairs if estimate > 0 and math.isfinite(psnr)
+    ]
+    if len(points) < 3:
+        return None
+    x = np.array([p[0] for p in points])
+    y = np.array([p[1] for p in points])
+    if float(np.ptp(x)) == 0.0:
+        return None
+    slope, intercept = np.polyfit(x, y, 1)
+    spread = float(np.std(y - (intercept + slope * x), ddof=2)) if len(points) > 2 else 0.0
+    return EstimateFit(
+        intercept=round(float(intercept), 3),
+        slope=round(float(slope), 3),
+        spread=round(spread, 3),
+        runs=len(points),
+    )
 
 
 def calibrate(
@@ -343,7 +423,7 @@ def calibrate(
             model,
             setting,
             prompts,
-            policies or sweep_policies(),
+            policies or target_policies(),
             method_values,
             work,
             stop_at=stop_at,

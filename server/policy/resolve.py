@@ -3,11 +3,14 @@ with its fields, a preset and a quality target alike.
 
 Presets and targets are one kind of thing, a policy the model offers by name. On a model with a
 calibration (``server/models/calibration.py``), a target's floor, or a preset's (``PRESET_FLOORS``),
-picks, for the request's step count and guidance, the fastest policy whose pooled PSNR against the
-uncached output meets the floor with 95% confidence on prompts other than the calibration's; the
-answer's ``cache_policy.target`` says which policy ran, what was measured for it, and whether the
-request's setting was the one calibrated or only the nearest to it. On a model without one, a preset is
-the model's fixed config and a target is refused.
+picks, for the request's step count and guidance, the fastest policy that follows the request's own
+activations, whose pooled PSNR against the uncached output meets the floor with 95% confidence and
+whose worst calibration prompt keeps what the floor promises each prompt. A guarded policy also gets
+the request's own guard: an error budget at which the calibration's line says the request would fall
+under that per-prompt floor, past which it computes every remaining step. The answer's
+``cache_policy.target`` says which policy ran, what was measured for it, whether the request's setting
+was the one calibrated or only the nearest to it, and, under a guard, the request's own estimate. On a
+model without a calibration, a preset is the model's fixed config and a target is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 from cache_engine import CacheConfig
 from server.errors import InvalidRequest
-from server.models.calibration import psnr_to_json
+from server.models.calibration import TAIL_DB, TAIL_MARGIN_DB, EstimateFit, psnr_to_json
 from server.models.presets import PresetName
 from server.models.registry import ResidentModel
 from server.policy.engine_config import describe, engine_config, to_engine_config
@@ -37,6 +40,8 @@ class Resolved:
     promise: Mapping[str, Any] | None = None
     # The request's field that chose it, for an error about what it chose.
     param: str = "cache.method"
+    # For a guarded policy chosen from a floor: how its own error estimate maps to PSNR.
+    estimate: EstimateFit | None = None
 
 
 def resolve(
@@ -137,5 +142,22 @@ def _chosen(
     if adapters:
         promise["adapters"] = list(adapters)
     fields = {name: value for name, value in point.policy.items() if name != "method"}
-    config = engine_config(str(point.policy["method"]), fields, model.method_values, steps=steps)
-    return Resolved(config, promise, param)
+    method = str(point.policy["method"])
+    fit = curve.estimate if method == "guarded_taylorseer" else None
+    if fit is not None:
+        budget = fit.error_at(floor - TAIL_DB + TAIL_MARGIN_DB)
+        if budget is not None:
+            fields["error_budget"] = round(budget, 4)
+            promise["error_budget"] = fields["error_budget"]
+    config = engine_config(method, fields, model.method_values, steps=steps)
+    return Resolved(config, promise, param, fit)
+
+
+def estimated_psnr(fit: EstimateFit, estimated_error: float) -> dict[str, float | None]:
+    """What a guarded request's own estimate says of its PSNR, for its answer."""
+    return {
+        "estimated_error": round(estimated_error, 4),
+        "estimated_psnr": _db(fit.psnr(estimated_error)),
+        # How far the calibration's runs sat from the line: read the estimate to about this.
+        "estimate_spread_db": round(fit.spread, 2),
+    }

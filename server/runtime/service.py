@@ -30,6 +30,7 @@ from server.errors import (
 )
 from server.models import media, uploads
 from server.models.adapters import Adapter, AdapterError
+from server.models.calibration import EstimateFit
 from server.models.generation import GenerationParams, InvalidGenerationParams, check_params
 from server.models.limits import Kind
 from server.models.prompt_cache import Tally
@@ -37,7 +38,7 @@ from server.models.registry import ResidentModel
 from server.models.stages import StageTimings
 from server.models.tasks import DEFAULT_STRENGTH, STRENGTH_TASKS, image_task
 from server.policy import engine_config as policy
-from server.policy.resolve import resolve
+from server.policy.resolve import Resolved, resolve
 from server.protocol import GenerationRequest
 from server.runtime.metrics import Metrics
 from server.runtime.replicas import Replica, least_loaded
@@ -72,6 +73,8 @@ class Prepared:
     deadline: float | None = None
     # For a policy chosen from a PSNR floor: the floor, what was measured, on which setting.
     target: Mapping[str, Any] | None = None
+    # For a guarded policy chosen from a floor: how the request's own error estimate maps to PSNR.
+    estimate: EstimateFit | None = None
     # With "reuse": "exact" and a seed: what an identical request's result is kept under (results.py).
     reuse_key: str | None = None
 
@@ -272,7 +275,8 @@ class Generations:
         if output_format == "mp4" and not media.mp4_size_ok(params.width, params.height):
             raise InvalidRequest("mp4 needs an even width and height", param=size_param or "width")
 
-        config, target = self._cache_config(body, model, params)
+        resolved = self._cache_config(body, model, params)
+        config = resolved.config
         reuse_key = None
         if body.reuse == "exact" and body.seed is not None and self.results is not None:
             reuse_key = result_key(model.name, params, config, output_format, fps)
@@ -286,19 +290,20 @@ class Generations:
             received_at=received_at,
             created=int(time.time()),
             deadline=deadline,
-            target=target,
+            target=resolved.promise,
+            estimate=resolved.estimate,
             reuse_key=reuse_key,
         )
 
     def _cache_config(
         self, body: GenerationRequest, model: ResidentModel, params: GenerationParams
-    ) -> tuple[CacheConfig | None, Mapping[str, Any] | None]:
+    ) -> Resolved:
         # Image-to-image runs strength x steps steps: the run fields and a target count those.
         adapters = tuple(name for name, _ in params.loras)
         resolved = resolve(model, body.cache, params.steps_run, params.guidance_scale, adapters)
-        config, target = resolved.config, resolved.promise
+        config = resolved.config
         if config is None:
-            return None, target
+            return resolved
         method = policy.method_of(config)
         supported = self.supported_methods(model)
         param = resolved.param
@@ -315,7 +320,7 @@ class Generations:
             raise UnsupportedCacheMethod(str(exc), param=param) from exc
         except ValueError as exc:
             raise InvalidRequest(str(exc), param=policy.param_of(exc)) from exc
-        return config, target
+        return resolved
 
     # -- step 2 -----------------------------------------------------------------------------------
 

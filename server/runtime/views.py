@@ -142,8 +142,13 @@ def _task(finished: Finished) -> Task:
 
 def _policy(finished: Finished) -> dict[str, object]:
     described: dict[str, object] = policy.describe(finished.prepared.config)
-    if finished.prepared.target is not None:
-        described["target"] = dict(finished.prepared.target)
+    prepared = finished.prepared
+    if prepared.target is not None:
+        target = dict(prepared.target)
+        estimate = finished.stats.estimated_error if finished.stats is not None else None
+        if prepared.estimate is not None and estimate is not None:
+            target.update(named.estimated_psnr(prepared.estimate, estimate))
+        described["target"] = target
     return described
 
 

@@ -242,7 +242,7 @@ def test_every_swept_policy_is_a_valid_cache_body() -> None:
         # What the calibration file records is what a request reading it back runs.
         assert {k: v for k, v in policy.describe(config).items() if k in swept} == swept
         methods.add(swept["method"])
-    assert len(methods) == 8
+    assert len(methods) == 9
 
 
 def test_the_model_card_shows_what_each_preset_runs_on_a_calibrated_model(server: LiveServer) -> None:

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from server.models.calibration import Calibration, Curve, CurvePoint, load_calibration, merged
+from server.models.calibration import (
+    TAIL_DB,
+    TAIL_MARGIN_DB,
+    Calibration,
+    Curve,
+    CurvePoint,
+    EstimateFit,
+    load_calibration,
+    merged,
+)
+
+# Three methods whose decisions follow the request, as a target may choose.
+A, B, C = "first_block_cache", "dbcache", "guarded_taylorseer"
 
 
 def _curve(steps: int, guidance: bool, points: list[tuple[str, float, float]]) -> Curve:
@@ -26,9 +39,9 @@ CALIBRATION = Calibration(
     model="m",
     prompts=4,
     curves=(
-        _curve(20, True, [("none", math.inf, 1.0), ("a", 41.0, 1.5), ("b", 36.0, 2.2), ("c", 30.0, 3.0)]),
-        _curve(20, False, [("none", math.inf, 1.0), ("a", 45.0, 1.4), ("b", 38.0, 2.5)]),
-        _curve(50, True, [("none", math.inf, 1.0), ("c", 37.0, 3.6)]),
+        _curve(20, True, [("none", math.inf, 1.0), (A, 41.0, 1.5), (B, 36.0, 2.2), (C, 30.0, 3.0)]),
+        _curve(20, False, [("none", math.inf, 1.0), (A, 45.0, 1.4), (B, 38.0, 2.5)]),
+        _curve(50, True, [("none", math.inf, 1.0), (C, 37.0, 3.6)]),
     ),
     method_values={"mag_cache": {"mag_ratios": (1.0, 0.9)}},
 )
@@ -37,16 +50,16 @@ CALIBRATION = Calibration(
 @pytest.mark.parametrize(
     ("floor", "steps", "guidance", "method", "exact"),
     [
-        (35.0, 20, True, "b", True),
-        (40.0, 20, True, "a", True),
+        (35.0, 20, True, B, True),
+        (40.0, 20, True, A, True),
         (50.0, 20, True, "none", True),
-        (25.0, 20, True, "c", True),
-        (35.0, 20, False, "b", True),
-        (35.0, 50, True, "c", True),
+        (25.0, 20, True, C, True),
+        (35.0, 20, False, B, True),
+        (35.0, 50, True, C, True),
         # Not calibrated: the nearest step count with the same guidance, and it says so.
-        (35.0, 40, True, "c", False),
-        (35.0, 24, True, "b", False),
-        (35.0, 50, False, "b", False),
+        (35.0, 40, True, C, False),
+        (35.0, 24, True, B, False),
+        (35.0, 50, False, B, False),
     ],
 )
 def test_the_fastest_point_over_the_floor_on_the_nearest_curve(
@@ -63,14 +76,47 @@ def test_the_floor_is_held_to_the_bound_not_the_pooled_mean() -> None:
     # floor at 95% confidence: the target runs the slower policy that keeps the floor on other prompts.
     points = (
         CurvePoint({"method": "none"}, math.inf, 1.0, math.inf, math.inf),
-        CurvePoint({"method": "wide"}, 36.0, 2.5, 26.0, 34.2),
-        CurvePoint({"method": "tight"}, 36.5, 2.1, 33.0, 35.6),
+        CurvePoint({"method": A}, 36.0, 2.5, 31.0, 34.2),
+        CurvePoint({"method": B}, 36.5, 2.1, 33.0, 35.6),
     )
     calibration = Calibration(model="m", prompts=24, curves=(Curve(20, False, 1.0, points),))
     choice = calibration.choose(35.0, 20, False)
-    assert choice is not None and choice.point.policy["method"] == "tight"
+    assert choice is not None and choice.point.policy["method"] == B
     choice = calibration.choose(34.0, 20, False)
-    assert choice is not None and choice.point.policy["method"] == "wide"
+    assert choice is not None and choice.point.policy["method"] == A
+
+
+def test_the_tail_decides_not_the_mean() -> None:
+    # The faster policy's pooled PSNR and bound clear the floor, but one calibration prompt falls
+    # further under the floor than a target promises any prompt: the slower one runs.
+    floor = 35.0
+    lowest_kept = floor - TAIL_DB + TAIL_MARGIN_DB
+    points = (
+        CurvePoint({"method": A}, 38.0, 2.5, lowest_kept - 0.5, 36.0),
+        CurvePoint({"method": B}, 37.0, 2.0, lowest_kept, 35.5),
+    )
+    curve = Curve(20, False, 1.0, points)
+    chosen = curve.fastest(floor)
+    assert chosen is not None and chosen.policy["method"] == B
+
+
+def test_a_schedule_blind_to_the_request_is_never_chosen() -> None:
+    points = (
+        CurvePoint({"method": "taylorseer", "cache_interval": 4}, 45.0, 3.0, 44.0, 44.5),
+        CurvePoint({"method": "mag_cache"}, 45.0, 2.8, 44.0, 44.5),
+        CurvePoint({"method": C, "step_tolerance": 0.2}, 41.0, 2.0, 37.0, 40.0),
+    )
+    chosen = Curve(20, False, 1.0, points).fastest(35.0)
+    assert chosen is not None and chosen.policy["method"] == C
+
+
+def test_the_estimate_line_maps_both_ways() -> None:
+    fit = EstimateFit(intercept=40.0, slope=-10.0, spread=2.0, runs=12)
+    assert fit.psnr(1.0) == 40.0 and fit.psnr(0.1) == pytest.approx(50.0)
+    assert fit.psnr(0.0) == math.inf
+    assert fit.error_at(30.0) == pytest.approx(10.0)
+    # A line that does not fall with the estimate bounds nothing.
+    assert EstimateFit(intercept=40.0, slope=1.0, spread=2.0, runs=12).error_at(30.0) is None
 
 
 def test_a_file_written_before_bounds_promises_its_pooled_psnr(tmp_path: Path) -> None:
@@ -91,9 +137,18 @@ def test_nothing_calibrated_chooses_nothing() -> None:
 
 def test_a_saved_calibration_reads_back_the_same(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
-    CALIBRATION.save(path)
+    fitted = Calibration(
+        model="m",
+        prompts=4,
+        curves=(
+            *CALIBRATION.curves[:2],
+            dataclasses.replace(CALIBRATION.curves[2], estimate=EstimateFit(41.0, -9.5, 3.1, 20)),
+        ),
+        method_values=CALIBRATION.method_values,
+    )
+    fitted.save(path)
     loaded = load_calibration(path)
-    assert loaded.curves == CALIBRATION.curves
+    assert loaded.curves == fitted.curves
     assert {k: dict(v) for k, v in loaded.method_values.items()} == {"mag_cache": {"mag_ratios": [1.0, 0.9]}}
 
 
