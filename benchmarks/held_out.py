@@ -131,7 +131,9 @@ def measure(
     setting: Setting,
     prompts: PromptSet,
     log: Callable[[str], None],
+    limit: int | None = None,
 ) -> list[Run]:
+    """Every target and panel policy on the first ``limit`` prompts of the set (default all)."""
     from server.policy.engine_config import describe
 
     compared = []
@@ -142,7 +144,8 @@ def measure(
     targets = [(floor, _target(model, floor, setting)) for floor in FLOORS]
     chosen = [(target_key(floor), resolved.config, resolved.estimate) for floor, resolved in targets]
     runs: list[Run] = []
-    for index, (prompt, seed) in enumerate(zip(prompts.prompts(), prompts.seeds(), strict=True)):
+    pairs = list(zip(prompts.prompts(), prompts.seeds(), strict=True))[:limit]
+    for index, (prompt, seed) in enumerate(pairs):
         params = params_for(model, setting, prompt, seed)
         reference, uncached_seconds, _ = run_policy(model, params, None)
         for key, config, fit in [*chosen, *compared]:
@@ -414,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
             label = _setting(setting)
             results[label] = {}
             for prompts in HELD_OUT[: args.sets]:
-                results[label][prompts.name] = measure(model, setting, prompts, log)
+                results[label][prompts.name] = measure(model, setting, prompts, log, args.prompts)
             save(results, meta, args.out)
     save(results, meta, args.out)
     print(markdown(results, meta))
@@ -435,6 +438,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[20, 50])
     parser.add_argument("--cfg", type=float, nargs="+", default=[3.0, 1.0])
     parser.add_argument("--sets", type=int, default=len(HELD_OUT), help="how many held-out sets to run")
+    parser.add_argument(
+        "--prompts", type=int, default=None, help="the first N prompts of each set (default all)"
+    )
     parser.add_argument("--out", type=Path, default=DOCS, help="folder for targets.md / .png / .json")
     parser.add_argument("--results", type=Path, help="a targets.json written before: render it again")
     parser.add_argument(

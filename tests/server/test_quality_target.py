@@ -48,7 +48,9 @@ def test_a_target_runs_a_policy_that_follows_the_request(
         budget = fit.error_at(floor - TAIL_DB + TAIL_MARGIN_DB)
         assert budget is not None
         assert resolved.config.error_budget == pytest.approx(budget, rel=1e-3)
-        assert resolved.promise is not None and resolved.promise["error_budget"] == resolved.config.error_budget
+        assert (
+            resolved.promise is not None and resolved.promise["error_budget"] == resolved.config.error_budget
+        )
 
 
 def test_some_target_of_the_shipped_calibration_runs_guarded(shapes: ResidentModel) -> None:
