@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from cache_engine import GuardedTaylorSeerCacheConfig
 from server.models.calibration import TAIL_DB
 from server.models.registry import ResidentModel, load_model
 from server.policy.calibrate import (
@@ -206,7 +207,8 @@ def _described(policy: Mapping[str, Any]) -> str:
     method = policy.get("method", "none")
     if method == "guarded_taylorseer":
         budget = policy.get("error_budget")
-        shown = f"guarded, tolerance {policy['step_tolerance']:g}, max interval {policy['max_interval']}"
+        interval = policy.get("max_interval", GuardedTaylorSeerCacheConfig().max_interval)
+        shown = f"guarded, tolerance {policy['step_tolerance']:g}, max interval {interval}"
         return shown + ("" if budget is None else f", budget {budget:g}")
     knobs = {k: v for k, v in policy.items() if k != "method" and isinstance(v, (int, float))}
     return f"{method} " + ", ".join(f"{k} {v:g}" for k, v in list(knobs.items())[:3])

@@ -12,8 +12,9 @@ from server.models.calibration import TAIL_DB
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("targets")
+    model_cache = tmp_path_factory.mktemp("cache")
     argv = ["--steps", "20", "--cfg", "1", "--sets", "1", "--prompts", "3", "--out", str(out)]
     assert quality.main([*argv, "--cache-dir", str(model_cache)]) == 0
     return out

@@ -145,7 +145,7 @@ def test_a_policy_added_to_the_sweep_is_measured_on_the_prompts_already_done(
     ]
     work = json.loads(out.with_suffix(".work.json").read_text())["steps=2,guidance=1"]["0"]
     # The uncached time recorded first stays the reference of both policies.
-    assert len(work) == 3 and all(seconds > 0 for _, _, seconds in work.values())
+    assert len(work) == 3 and all(seconds > 0 for _, _, seconds, *_ in work.values())
 
 
 def test_prompts_come_from_a_file_one_per_line(tmp_path: Path) -> None:
