@@ -15,7 +15,7 @@ from server.models.calibration import REQUEST_FOLLOWING, TAIL_DB, TAIL_MARGIN_DB
 from server.models.registry import ResidentModel, load_model
 from server.policy.calibrate import Setting, engine_config, params_for, run_policy
 from server.policy.engine_config import method_of
-from server.policy.resolve import estimated_psnr, resolve
+from server.policy.resolve import resolve
 from server.protocol import CacheTarget
 from shapes.prompts import HELD_OUT
 from tests.server.conftest import LiveServer, live_server
@@ -70,7 +70,8 @@ def test_the_estimate_tracks_the_measured_psnr_across_prompts(shapes: ResidentMo
     fit = curve.estimate
     assert fit is not None
     prompts = HELD_OUT[1]
-    estimated, measured = [], []
+    estimated: list[float] = []
+    measured: list[float] = []
     for prompt, seed in list(zip(prompts.prompts(), prompts.seeds(), strict=True))[:8]:
         params = params_for(shapes, setting, prompt, seed)
         reference, _, _ = run_policy(shapes, params, None)
@@ -79,7 +80,7 @@ def test_the_estimate_tracks_the_measured_psnr_across_prompts(shapes: ResidentMo
             pixels, _, estimate = run_policy(shapes, params, config)
             mse = float(((pixels - reference) ** 2).mean())
             assert estimate is not None and estimate > 0 and mse > 0
-            estimated.append(estimated_psnr(fit, estimate)["estimated_psnr"])
+            estimated.append(fit.psnr(estimate))
             measured.append(10 * math.log10(255.0**2 / mse))
     correlation = float(np.corrcoef(estimated, measured)[0, 1])
     assert correlation >= 0.6, correlation
