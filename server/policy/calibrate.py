@@ -30,7 +30,7 @@ import numpy as np
 
 from cache_engine import CacheConfig
 from server.models.calibration import (
-    REQUEST_FOLLOWING,
+    TARGET_METHODS,
     Calibration,
     Curve,
     CurvePoint,
@@ -140,28 +140,10 @@ def guarded_policies() -> list[dict[str, Any]]:
 
 
 def target_policies() -> list[dict[str, Any]]:
-    """What ``ditcache calibrate`` measures: the policies a target may choose, those whose decisions
-    follow the request (``server.models.calibration.REQUEST_FOLLOWING``). Guarded TaylorSeer at every
-    knob; the others at the knobs of the full sweep (``sweep_policies``) that were fastest at some
-    floor of the shapes model without losing its tail."""
-    kept = (
-        {"method": "first_block_cache", "threshold": 0.15},
-        {"method": "first_block_cache", "threshold": 0.3},
-        {"method": "teacache", "rel_l1_thresh": 0.2},
-        {"method": "sea_cache", "threshold": 0.25},
-        {"method": "sea_cache", "threshold": 1.0},
-    )
-    others = [
-        policy
-        for policy in sweep_policies()
-        if (
-            policy["method"] != "guarded_taylorseer"
-            and any(all(policy.get(k) == v for k, v in wanted.items()) for wanted in kept)
-        )
-        or (policy["method"] == "dbcache" and policy.get("max_warmup_steps") == 2)
-    ]
-    assert all(policy["method"] in REQUEST_FOLLOWING for policy in others)
-    return [*guarded_policies(), *others]
+    """What ``ditcache calibrate`` measures: the policies a target may choose (``TARGET_METHODS``)."""
+    policies = guarded_policies()
+    assert all(policy["method"] in TARGET_METHODS for policy in policies)
+    return policies
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ POLICIES = [
     {"method": "taylorseer", "cache_interval": 2, "disable_cache_before_step": 1, "use_lite_mode": True},
     # Runnable only with the ratios the calibration fits first.
     {"method": "mag_cache", "threshold": 0.5, "retention_ratio": 0.0},
+    # What a target may choose: it predicts the last of the four steps, or none.
+    {"method": "guarded_taylorseer", "step_tolerance": 0.0},
+    {"method": "guarded_taylorseer", "step_tolerance": 10.0},
 ]
 
 
@@ -44,7 +47,14 @@ def test_the_calibration_has_a_curve_per_setting_with_every_policy(calibrated: P
     assert sorted((curve.steps, curve.guidance) for curve in calibration.curves) == [(4, False), (4, True)]
     for curve in calibration.curves:
         methods = sorted(point.policy["method"] for point in curve.points)
-        assert methods == ["first_block_cache", "mag_cache", "none", "taylorseer"]
+        assert methods == [
+            "first_block_cache",
+            "guarded_taylorseer",
+            "guarded_taylorseer",
+            "mag_cache",
+            "none",
+            "taylorseer",
+        ]
         uncached = next(point for point in curve.points if point.policy["method"] == "none")
         assert uncached.psnr == float("inf") and uncached.speedup == 1.0
         assert all(point.worst_psnr <= point.psnr for point in curve.points)

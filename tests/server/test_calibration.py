@@ -20,8 +20,18 @@ from server.models.calibration import (
     merged,
 )
 
-# Three methods whose decisions follow the request, as a target may choose.
-A, B, C = "first_block_cache", "dbcache", "guarded_taylorseer"
+# Three guarded policies, as a target may choose, named by their tolerance.
+A, B, C = "0.02", "0.1", "0.3"
+
+
+def _policy(name: str) -> dict[str, object]:
+    if name == "none":
+        return {"method": "none"}
+    return {"method": "guarded_taylorseer", "step_tolerance": float(name)}
+
+
+def _name(point: CurvePoint) -> str:
+    return "none" if point.policy["method"] == "none" else str(point.policy["step_tolerance"])
 
 
 def _curve(steps: int, guidance: bool, points: list[tuple[str, float, float]]) -> Curve:
@@ -30,7 +40,7 @@ def _curve(steps: int, guidance: bool, points: list[tuple[str, float, float]]) -
         guidance=guidance,
         guidance_scale=3.0 if guidance else 1.0,
         points=tuple(
-            CurvePoint({"method": method}, psnr, speedup, psnr - 5, psnr) for method, psnr, speedup in points
+            CurvePoint(_policy(name), psnr, speedup, psnr - 5, psnr) for name, psnr, speedup in points
         ),
     )
 
@@ -67,7 +77,7 @@ def test_the_fastest_point_over_the_floor_on_the_nearest_curve(
 ) -> None:
     choice = CALIBRATION.choose(floor, steps, guidance)
     assert choice is not None
-    assert (choice.point.policy["method"], choice.exact) == (method, exact)
+    assert (_name(choice.point), choice.exact) == (method, exact)
     assert choice.point.psnr >= floor
 
 
@@ -76,14 +86,14 @@ def test_the_floor_is_held_to_the_bound_not_the_pooled_mean() -> None:
     # floor at 95% confidence: the target runs the slower policy that keeps the floor on other prompts.
     points = (
         CurvePoint({"method": "none"}, math.inf, 1.0, math.inf, math.inf),
-        CurvePoint({"method": A}, 36.0, 2.5, 31.0, 34.2),
-        CurvePoint({"method": B}, 36.5, 2.1, 33.0, 35.6),
+        CurvePoint(_policy(A), 36.0, 2.5, 31.0, 34.2),
+        CurvePoint(_policy(B), 36.5, 2.1, 33.0, 35.6),
     )
     calibration = Calibration(model="m", prompts=24, curves=(Curve(20, False, 1.0, points),))
     choice = calibration.choose(35.0, 20, False)
-    assert choice is not None and choice.point.policy["method"] == B
+    assert choice is not None and _name(choice.point) == B
     choice = calibration.choose(34.0, 20, False)
-    assert choice is not None and choice.point.policy["method"] == A
+    assert choice is not None and _name(choice.point) == A
 
 
 def test_the_tail_decides_not_the_mean() -> None:
@@ -92,22 +102,23 @@ def test_the_tail_decides_not_the_mean() -> None:
     floor = 35.0
     lowest_kept = floor - TAIL_DB + TAIL_MARGIN_DB
     points = (
-        CurvePoint({"method": A}, 38.0, 2.5, lowest_kept - 0.5, 36.0),
-        CurvePoint({"method": B}, 37.0, 2.0, lowest_kept, 35.5),
+        CurvePoint(_policy(A), 38.0, 2.5, lowest_kept - 0.5, 36.0),
+        CurvePoint(_policy(B), 37.0, 2.0, lowest_kept, 35.5),
     )
     curve = Curve(20, False, 1.0, points)
     chosen = curve.fastest(floor)
-    assert chosen is not None and chosen.policy["method"] == B
+    assert chosen is not None and _name(chosen) == B
 
 
-def test_a_schedule_blind_to_the_request_is_never_chosen() -> None:
+def test_only_a_guarded_policy_is_chosen() -> None:
     points = (
         CurvePoint({"method": "taylorseer", "cache_interval": 4}, 45.0, 3.0, 44.0, 44.5),
         CurvePoint({"method": "mag_cache"}, 45.0, 2.8, 44.0, 44.5),
-        CurvePoint({"method": C, "step_tolerance": 0.2}, 41.0, 2.0, 37.0, 40.0),
+        CurvePoint({"method": "dbcache", "residual_diff_threshold": 0.3}, 45.0, 2.6, 44.0, 44.5),
+        CurvePoint(_policy(C), 41.0, 2.0, 37.0, 40.0),
     )
     chosen = Curve(20, False, 1.0, points).fastest(35.0)
-    assert chosen is not None and chosen.policy["method"] == C
+    assert chosen is not None and _name(chosen) == C
 
 
 def test_the_estimate_line_maps_both_ways() -> None:

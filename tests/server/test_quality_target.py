@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cache_engine import GuardedTaylorSeerCacheConfig
-from server.models.calibration import REQUEST_FOLLOWING, TAIL_DB, TAIL_MARGIN_DB
+from server.models.calibration import TAIL_DB, TAIL_MARGIN_DB, TARGET_METHODS
 from server.models.registry import ResidentModel, load_model
 from server.policy.calibrate import Setting, engine_config, params_for, run_policy
 from server.policy.engine_config import method_of
@@ -34,12 +34,12 @@ def _target(floor: float) -> CacheTarget:
 
 @pytest.mark.parametrize(("steps", "guidance_scale"), SETTINGS)
 @pytest.mark.parametrize("floor", [30.0, 35.0, 40.0])
-def test_a_target_runs_a_policy_that_follows_the_request(
+def test_a_target_runs_a_guarded_policy(
     shapes: ResidentModel, steps: int, guidance_scale: float, floor: float
 ) -> None:
     resolved = resolve(shapes, _target(floor), steps, guidance_scale)
     method = method_of(resolved.config)
-    assert method in REQUEST_FOLLOWING | {"none"}
+    assert method in TARGET_METHODS | {"none"}
     if isinstance(resolved.config, GuardedTaylorSeerCacheConfig):
         # The guard: the budget at which the calibration's line puts the request under what the
         # floor promises each prompt.
