@@ -1,12 +1,15 @@
 """A model's calibration: measured speed against fidelity, and the per-checkpoint values some methods need.
 
-``ditcache calibrate`` (``server/calibrate.py``) writes it as JSON; the server loads it with the model.
-It holds, per calibrated setting (step count, guidance on or off), one point per cache policy swept:
-the policy as a request's ``cache`` would write it, its pooled PSNR against the uncached output over
-the calibration prompts, the lower confidence bound of that PSNR for other prompts, and its speedup.
-A request's ``{"cache": {"target": {"min_psnr": 35}}}`` runs the fastest point whose bound meets the
-floor on the curve of its own setting, or of the nearest calibrated one, and says which. It also holds values a method needs per checkpoint (MagCache's magnitude
-ratios, TeaCache's rescaling coefficients), which fill the fields a request leaves out.
+``ditcache calibrate`` (``server/policy/calibrate.py``) writes it as JSON; the server loads it with the
+model. It holds, per calibrated setting (step count, guidance on or off), one point per cache policy
+swept: the policy as a request's ``cache`` would write it, its pooled PSNR against the uncached output
+over the calibration prompts, the lower confidence bound of that PSNR for other prompts, its worst
+prompt and its speedup; and the line from a guarded policy's own error estimate to its PSNR. A request's
+``{"cache": {"target": {"min_psnr": 35}}}`` runs the fastest guarded point whose bound meets the floor
+and whose worst prompt keeps what the floor promises each prompt, on the curve of its own setting or of
+the nearest calibrated one, and says which. It also holds values a method needs per checkpoint
+(MagCache's magnitude ratios, TeaCache's rescaling coefficients), which fill the fields a request leaves
+out.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
-"""``ditcache calibrate``: measure a model's speed against fidelity under every cache method it runs.
+"""``ditcache calibrate``: measure a model's speed against fidelity under the policies a target picks from.
 
-For each setting asked (step count, guidance on and off), every calibration prompt runs uncached and
-then under each policy of the sweep, back to back, so that a shared machine's slow drift falls on all
-policies alike. Per policy: the pooled PSNR of its outputs against the uncached ones (from the mean
-squared error over every pixel of every prompt), the worst prompt's PSNR, the PSNR other prompts keep
-with 95% confidence (what a target's floor is held to), and the speedup (the median over prompts of
-the uncached time over the cached time). The result is the model's calibration
-(``server/calibration.py``): what a ``target`` request chooses from.
+It first fits the values some methods need per checkpoint (MagCache's ratios, TeaCache's polynomial).
+Then, for each setting asked (step count, guidance on and off), every calibration prompt runs uncached
+and under each policy (``target_policies``: guarded TaylorSeer at each knob), back to back, so that a
+shared machine's slow drift falls on all policies alike. Per policy: the pooled PSNR of its outputs
+against the uncached ones (from the mean squared error over every pixel of every prompt), the worst
+prompt's PSNR, the PSNR other prompts keep with 95% confidence (what a target's floor is held to), and
+the speedup (the median over prompts of the uncached time over the cached time); per setting, the line
+from a guarded run's own error estimate to its PSNR. The result is the model's calibration
+(``server/models/calibration.py``): what a ``target`` request chooses from.
 
 Bounded and resumable: results are kept per prompt in a work file next to the output, so a run that
 stops (its ``--time-limit``, or Ctrl-C) resumes where it was; the curves are written from the prompts

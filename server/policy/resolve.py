@@ -3,11 +3,11 @@ with its fields, a preset and a quality target alike.
 
 Presets and targets are one kind of thing, a policy the model offers by name. On a model with a
 calibration (``server/models/calibration.py``), a target's floor, or a preset's (``PRESET_FLOORS``),
-picks, for the request's step count and guidance, the fastest policy that follows the request's own
-activations, whose pooled PSNR against the uncached output meets the floor with 95% confidence and
-whose worst calibration prompt keeps what the floor promises each prompt. A guarded policy also gets
-the request's own guard: an error budget at which the calibration's line says the request would fall
-under that per-prompt floor, past which it computes every remaining step. The answer's
+picks, for the request's step count and guidance, the fastest guarded TaylorSeer whose pooled PSNR
+against the uncached output meets the floor with 95% confidence and whose worst calibration prompt
+keeps what the floor promises each prompt. The request also gets its own guard: an error budget at
+which the calibration's line says it would fall under that per-prompt floor, past which it computes
+every remaining step. The answer's
 ``cache_policy.target`` says which policy ran, what was measured for it, whether the request's setting
 was the one calibrated or only the nearest to it, and, under a guard, the request's own estimate. On a
 model without a calibration, a preset is the model's fixed config and a target is refused.
