@@ -14,6 +14,9 @@ Per set and floor a target is met when its pooled PSNR is at least the floor les
 falls more than 5 dB under the floor, and its speedup is at least that of the fastest panel policy
 that meets the same two floors on the same set (read speedups to about +-10%: the machine is shared).
 For guarded requests, each answer's own estimated PSNR is set against the measured one.
+
+About 20 minutes on two CPU cores; ``--steps``, ``--cfg``, ``--sets`` and ``--prompts`` run less, and
+``--keep`` keeps the settings of the existing ``targets.json`` that are not run again.
 """
 
 from __future__ import annotations
