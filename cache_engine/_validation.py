@@ -7,6 +7,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+
 from .errors import InvalidConfigValue
 
 
@@ -32,6 +34,11 @@ def number(name: str, value: Any, *, minimum: float | None = None) -> None:
         raise InvalidConfigValue(f"{name} must be finite, got {value!r}", field=name)
     if minimum is not None and value < minimum:
         raise InvalidConfigValue(f"{name} must be >= {minimum}, got {value!r}", field=name)
+
+
+def optional_dtype(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, torch.dtype):
+        raise InvalidConfigValue(f"{name} must be a torch.dtype or None, got {value!r}", field=name)
 
 
 def timestep_range(name: str, value: Any) -> tuple[float, float]:

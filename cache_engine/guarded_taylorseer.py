@@ -92,11 +92,7 @@ class GuardedTaylorSeerCacheConfig:
                 f"(the full steps the first check needs), got {self.disable_cache_before_step}",
                 field="disable_cache_before_step",
             )
-        if self.taylor_factors_dtype is not None and not isinstance(self.taylor_factors_dtype, torch.dtype):
-            raise InvalidConfigValue(
-                f"taylor_factors_dtype must be a torch.dtype or None, got {self.taylor_factors_dtype!r}",
-                field="taylor_factors_dtype",
-            )
+        check.optional_dtype("taylor_factors_dtype", self.taylor_factors_dtype)
 
 
 class _Guard:
@@ -208,16 +204,21 @@ class _Handler:
             len(state.factors.get(i, ())) <= state.max_order for i, o in enumerate(outputs) if o is not None
         ):
             return
-        predicted = state.predict()
-        squared_error = squared_norm = 0.0
-        for guess, actual in zip(predicted, outputs, strict=True):
-            if guess is None or actual is None:
-                continue
-            reference = actual.float()
-            squared_error += float((guess.float() - reference).square().sum())
-            squared_norm += float(reference.square().sum())
+        assert state.last_update_step is not None
+        pairs = [
+            (guess.float(), actual.float())
+            for guess, actual in zip(state.predict(), outputs, strict=True)
+            if guess is not None and actual is not None
+        ]
+        if not pairs:
+            return
+        sums = torch.zeros(2, device=pairs[0][1].device)
+        for guess, actual in pairs:
+            sums += torch.stack([(guess - actual).square().sum(), actual.square().sum()])
+        # One read back from the device per check, not two per output.
+        squared_error, squared_norm = sums.tolist()
         if squared_norm > 0:
-            distance = state.current_step - (state.last_update_step or 0)
+            distance = state.current_step - state.last_update_step
             error = math.sqrt(squared_error / squared_norm)
             self.schedule.check(session, state.current_step, error, distance)
 

@@ -85,11 +85,7 @@ class TaylorSeerCacheConfig:
         check.non_negative_int("disable_cache_before_step", self.disable_cache_before_step)
         check.non_negative_int("disable_cache_after_step", self.disable_cache_after_step, optional=True)
         check.non_negative_int("max_order", self.max_order)
-        if self.taylor_factors_dtype is not None and not isinstance(self.taylor_factors_dtype, torch.dtype):
-            raise InvalidConfigValue(
-                f"taylor_factors_dtype must be a torch.dtype or None, got {self.taylor_factors_dtype!r}",
-                field="taylor_factors_dtype",
-            )
+        check.optional_dtype("taylor_factors_dtype", self.taylor_factors_dtype)
         for field in ("skip_predict_identifiers", "cache_identifiers"):
             object.__setattr__(self, field, check.patterns(field, getattr(self, field), optional=True))
         if not isinstance(self.use_lite_mode, bool):

@@ -356,7 +356,7 @@ def fit_estimate(pairs: Sequence[tuple[float, float]]) -> EstimateFit | None:
     if float(np.ptp(x)) == 0.0:
         return None
     slope, intercept = np.polyfit(x, y, 1)
-    spread = float(np.std(y - (intercept + slope * x), ddof=2)) if len(points) > 2 else 0.0
+    spread = float(np.std(y - (intercept + slope * x), ddof=2))
     return EstimateFit(
         intercept=round(float(intercept), 3),
         slope=round(float(slope), 3),
