@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cache_engine import GuardedTaylorSeerCacheConfig
+from benchmarks.quality import Point, db_text, json_safe, setting_name
 from server.models.calibration import TAIL_DB
 from server.models.registry import ResidentModel, load_model
 from server.policy.calibrate import (
@@ -68,17 +68,6 @@ _COMPARED = (
     {"method": "sea_cache", "threshold": 0.25},
     {"method": "sea_cache", "threshold": 1.0},
     {"method": "teacache", "rel_l1_thresh": 0.2},
-)
-
-
-# The knobs the panel varies, by which its policies are told apart in the tables.
-_KNOBS = (
-    "threshold",
-    "rel_l1_thresh",
-    "residual_diff_threshold",
-    "max_warmup_steps",
-    "cache_interval",
-    "disable_cache_before_step",
 )
 
 
@@ -218,24 +207,15 @@ def checks(results: Mapping[str, Mapping[str, list[Run]]]) -> list[Check]:
 
 
 def _described(policy: Mapping[str, Any]) -> str:
-    method = policy.get("method", "none")
-    if method == "guarded_taylorseer":
-        budget = policy.get("error_budget")
-        interval = policy.get("max_interval", GuardedTaylorSeerCacheConfig().max_interval)
-        shown = f"guarded, tolerance {policy['step_tolerance']:g}, max interval {interval}"
-        return shown + ("" if budget is None else f", budget {budget:g}")
-    knobs = [f"{name} {policy[name]:g}" for name in _KNOBS if isinstance(policy.get(name), (int, float))]
-    return f"{method} " + ", ".join(knobs)
+    point = Point(policy)
+    budget = policy.get("error_budget")
+    return f"{point.method} {point.knob}" + ("" if budget is None else f", budget {budget:g}")
 
 
 def _key_name(key: str) -> str:
     if key.startswith("target"):
         return key
     return _described(json.loads(key))
-
-
-def _db(value: float) -> str:
-    return "identical" if math.isinf(value) else f"{value:.1f}"
 
 
 def estimate_tracking(results: Mapping[str, Mapping[str, list[Run]]]) -> dict[str, float | int]:
@@ -292,7 +272,7 @@ def markdown(results: Mapping[str, Mapping[str, list[Run]]], meta: Mapping[str, 
         ratio = check.speed_ratio
         lines.append(
             f"| {check.setting} | {check.prompt_set} | {check.floor:g} dB | {check.runs} | "
-            f"{_db(check.target.psnr)} | {_db(check.target.worst)} | {check.target.speedup:.2f}x | "
+            f"{db_text(check.target.psnr)} | {db_text(check.target.worst)} | {check.target.speedup:.2f}x | "
             f"{'yes' if check.quality_met else '**no**'} | "
             f"{'-' if best is None else _key_name(best.key)} | "
             f"{'-' if best is None else f'{best.speedup:.2f}x'} | {'-' if ratio is None else f'{ratio:.2f}'} |"
@@ -318,7 +298,7 @@ def markdown(results: Mapping[str, Mapping[str, list[Run]]], meta: Mapping[str, 
             for key in dict.fromkeys(run.key for run in runs):
                 s = summarize([run for run in runs if run.key == key])
                 lines.append(
-                    f"| {setting} | {set_name} | {_key_name(key)} | {_db(s.psnr)} | {_db(s.worst)} | "
+                    f"| {setting} | {set_name} | {_key_name(key)} | {db_text(s.psnr)} | {db_text(s.worst)} | "
                     f"{s.speedup:.2f}x |"
                 )
     return "\n".join(lines) + "\n"
@@ -366,16 +346,6 @@ def plot(results: Mapping[str, Mapping[str, list[Run]]], path: Path) -> None:
     plt.close(fig)
 
 
-def _to_json(value: Any) -> Any:
-    if isinstance(value, float) and math.isinf(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_json(v) for v in value]
-    return value
-
-
 def save(results: Mapping[str, Mapping[str, list[Run]]], meta: Mapping[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -394,7 +364,7 @@ def save(results: Mapping[str, Mapping[str, list[Run]]], meta: Mapping[str, Any]
         ],
         "estimate": estimate_tracking(results),
     }
-    (out / "targets.json").write_text(json.dumps(_to_json(payload), indent=1) + "\n")
+    (out / "targets.json").write_text(json.dumps(json_safe(payload), indent=1) + "\n")
     (out / "targets.md").write_text(markdown(results, meta))
     plot(results, out / "targets.png")
 
@@ -430,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
         if args.keep and json_path.exists():
             _, results = read(json_path)
         for setting in settings:
-            label = _setting(setting)
+            label = setting_name(setting.steps, setting.guidance_scale)
             results[label] = {}
             for prompts in HELD_OUT[: args.sets]:
                 results[label][prompts.name] = measure(model, setting, prompts, log, args.prompts)
@@ -438,12 +408,6 @@ def run(args: argparse.Namespace) -> int:
     save(results, meta, args.out)
     print(markdown(results, meta))
     return 0
-
-
-def _setting(setting: Setting) -> str:
-    return f"{setting.steps} steps, " + (
-        "no CFG" if not setting.guidance else f"true CFG {setting.guidance_scale:g}"
-    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -207,13 +207,13 @@ def sweep(
     return results
 
 
-def _db(value: float | None) -> str:
+def db_text(value: float | None) -> str:
     if value is None:
         return "-"
     return "identical" if math.isinf(value) else f"{value:.1f}"
 
 
-def _setting(steps: int, cfg: float) -> str:
+def setting_name(steps: int, cfg: float) -> str:
     return f"{steps} steps, " + ("no CFG" if cfg <= 1 else f"true CFG {cfg:g}")
 
 
@@ -240,7 +240,7 @@ def markdown(results: Sequence[Result], meta: dict[str, Any]) -> str:
     ]
     for steps, cfg in dict.fromkeys((r.steps, r.cfg) for r in results):
         lines += [
-            f"## {_setting(steps, cfg)}",
+            f"## {setting_name(steps, cfg)}",
             "",
             "| method | knob | blocks | attention | speedup | PSNR pooled | PSNR median | worst | SSIM "
             "| fg | bg | pos | size | shape | all |",
@@ -252,7 +252,7 @@ def markdown(results: Sequence[Result], meta: dict[str, Any]) -> str:
             a = r.adherence
             lines.append(
                 f"| {r.method} | {r.knob} | {r.blocks:.2f} | {r.attention:.2f} | {r.speedup:.2f}x | "
-                f"{_db(r.psnr)} | {_db(r.psnr_median)} | {_db(r.psnr_worst)} | {r.ssim:.3f} | "
+                f"{db_text(r.psnr)} | {db_text(r.psnr_median)} | {db_text(r.psnr_worst)} | {r.ssim:.3f} | "
                 f"{a['fg']:.2f} | {a['bg']:.2f} | {a.get('position', math.nan):.2f} | "
                 f"{a.get('size', math.nan):.2f} | {a['shape']:.2f} | {a['all']:.2f} |"
             )
@@ -281,7 +281,7 @@ def plot(results: Sequence[Result], path: Path) -> None:
             ax.axhline(floor, color="grey", linewidth=0.5, linestyle="--")
         ax.set_xlabel("wall-clock speedup over uncached")
         ax.set_ylabel("PSNR against uncached (dB, pooled)")
-        ax.set_title(_setting(steps, cfg))
+        ax.set_title(setting_name(steps, cfg))
         ax.set_ylim(15, 62)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -292,14 +292,14 @@ def plot(results: Sequence[Result], path: Path) -> None:
     plt.close(fig)
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Strict JSON has no infinity: identical images (infinite PSNR) are written as null."""
     if isinstance(value, float):
         return psnr_to_json(value)
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "quality.md").write_text(markdown(results, meta))
     plot(results, args.out / "quality.png")
     payload = {"meta": meta, "results": [asdict(r) for r in results]}
-    (args.out / "quality.json").write_text(json.dumps(_finite(payload), indent=2) + "\n")
+    (args.out / "quality.json").write_text(json.dumps(json_safe(payload), indent=2) + "\n")
     print(markdown(results, meta))
     return 0
 

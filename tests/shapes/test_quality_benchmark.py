@@ -70,5 +70,5 @@ def test_results_read_back_as_written(tmp_path: Path) -> None:
     path = tmp_path / "quality.json"
     meta = {"model": "m", "n": 2}
     payload = {"meta": meta, "results": [dataclasses.asdict(r) for r in results]}
-    path.write_text(json.dumps(quality._finite(payload)))
+    path.write_text(json.dumps(quality.json_safe(payload)))
     assert quality.read_results(path) == (meta, results)
