@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.quality import Point, db_text, json_safe, setting_name
+from benchmarks.naming import Point, db_text, json_safe, setting_name
 from server.models.calibration import TAIL_DB
 from server.models.registry import ResidentModel, load_model
 from server.policy.calibrate import (

@@ -33,10 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache_engine import CacheConfig, CacheEngine
-from server.models.calibration import Calibration, load_calibration, psnr_from_json, psnr_to_json
+from benchmarks.naming import Point, db_text, json_safe, setting_name
+from cache_engine import CacheEngine
+from server.models.calibration import Calibration, load_calibration, psnr_from_json
 from server.models.registry import CALIBRATION_FILE
-from server.policy.calibrate import engine_config, sweep_policies
+from server.policy.calibrate import sweep_policies
 from server.policy.resolve import PRESET_FLOORS
 from shapes import detector, evaluate
 
@@ -44,49 +45,6 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "server" / "assets" / "
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 # A target's floors: the presets' (30, 35 and 40 dB).
 FLOORS = tuple(PRESET_FLOORS.values())
-
-_METHOD_NAMES = {
-    "none": "none",
-    "first_block_cache": "FirstBlockCache",
-    "taylorseer": "TaylorSeer lite",
-    "pyramid_attention_broadcast": "PAB",
-    "faster_cache": "FasterCache",
-    "mag_cache": "MagCache",
-    "teacache": "TeaCache",
-    "dbcache": "DBCache F1B0 + TaylorSeer",
-    "sea_cache": "SeaCache",
-    "guarded_taylorseer": "Guarded TaylorSeer",
-}
-_KNOB_NAMES = {
-    "threshold": "threshold",
-    "rel_l1_thresh": "threshold",
-    "residual_diff_threshold": "threshold",
-    "cache_interval": "interval",
-    "disable_cache_before_step": "from step",
-    "spatial_attention_block_skip_range": "spatial range",
-    "max_skip_steps": "max skip",
-    "retention_ratio": "retention",
-    "max_warmup_steps": "warmup",
-    "step_tolerance": "tolerance",
-    "max_interval": "max interval",
-}
-
-
-@dataclass(frozen=True)
-class Point:
-    policy: Mapping[str, Any]
-
-    @property
-    def method(self) -> str:
-        return _METHOD_NAMES[self.policy["method"]]
-
-    @property
-    def knob(self) -> str:
-        knobs = [f"{_KNOB_NAMES[k]} {v:g}" for k, v in self.policy.items() if k in _KNOB_NAMES]
-        return ", ".join(knobs) or "-"
-
-    def make(self, method_values: Mapping[str, Mapping[str, Any]], steps: int) -> CacheConfig | None:
-        return engine_config(self.policy, method_values, steps)
 
 
 def points() -> list[Point]:
@@ -207,16 +165,6 @@ def sweep(
     return results
 
 
-def db_text(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return "identical" if math.isinf(value) else f"{value:.1f}"
-
-
-def setting_name(steps: int, cfg: float) -> str:
-    return f"{steps} steps, " + ("no CFG" if cfg <= 1 else f"true CFG {cfg:g}")
-
-
 def markdown(results: Sequence[Result], meta: dict[str, Any]) -> str:
     lines = [
         "# Cache methods on the shapes model: speed against fidelity",
@@ -290,17 +238,6 @@ def plot(results: Sequence[Result], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def json_safe(value: Any) -> Any:
-    """Strict JSON has no infinity: identical images (infinite PSNR) are written as null."""
-    if isinstance(value, float):
-        return psnr_to_json(value)
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def read_results(path: Path) -> tuple[dict[str, Any], list[Result]]:
