@@ -356,7 +356,7 @@ class _ChainBlockHandler:
                 self._store_middle_residuals(state, output)
             return output
         if role.first:
-            state.chain_input = site.argument("hidden_states", call.args, call.kwargs)
+            state.chain_input = site.hidden_input(call.args, call.kwargs)
         output = call.run()
         if role.decides:
             return self._decide(state, output)

@@ -34,3 +34,9 @@ class UnsupportedMethodError(ValueError):
         self.family = layout.family.name
         self.model = type(layout.denoiser).__name__
         super().__init__(f"{method} is not supported on {self.model} (family {self.family}): {reason}")
+
+
+def require_block_chain(method: str, layout: ModelLayout) -> None:
+    """Refuse ``method``, which replays residuals spanning blocks, where the table says that is wrong."""
+    if layout.chain_problem is not None:
+        raise UnsupportedMethodError(method, layout, layout.chain_problem)

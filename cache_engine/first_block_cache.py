@@ -15,7 +15,7 @@ from torch import nn
 
 from . import _validation as check
 from ._fields import documented
-from .errors import UnsupportedMethodError
+from .errors import UnsupportedMethodError, require_block_chain
 from .session import Handler, ModuleCall, Plan
 from .targets import BlockSite, ModelLayout
 
@@ -38,107 +38,94 @@ class FirstBlockCacheConfig:
 class _SharedState:
     """One per branch, shared by the head block and the blocks it may skip."""
 
-    __slots__ = ("head_block_output", "head_block_residual", "should_compute", "tail_block_residuals")
+    __slots__ = ("chain_inputs", "chain_residuals", "head_block_residual", "should_compute")
 
     def __init__(self) -> None:
-        self.head_block_output: Any = None
         self.head_block_residual: torch.Tensor | None = None
-        self.tail_block_residuals: tuple[Any, Any] | None = None
         self.should_compute = True
+        # Per run of blocks with one stream layout (ModelLayout.stream_chains): the streams it started
+        # from on the last full call, and what it added to them. The head's run starts at its output.
+        self.chain_inputs: dict[int, Streams] = {}
+        self.chain_residuals: dict[int, Streams] = {}
 
 
-def _hidden(site: BlockSite, output: Any) -> torch.Tensor:
-    if isinstance(output, tuple):
-        return output[site.hidden_states_index or 0]
-    return output
+Streams = tuple[torch.Tensor, "torch.Tensor | None"]
 
 
-class _HeadBlockHandler:
-    def __init__(self, site: BlockSite, threshold: float, key: object) -> None:
+@dataclass(frozen=True)
+class _Role:
+    chain: int
+    first: bool  # the first block of its run (the head, for run 0)
+    last: bool  # the last block of its run: records what the run added
+
+
+def _added(streams: Streams, residuals: Streams) -> Streams:
+    hidden, encoder = streams
+    hidden_residual, encoder_residual = residuals
+    if encoder is not None and encoder_residual is not None:
+        encoder = encoder + encoder_residual
+    return hidden + hidden_residual, encoder
+
+
+def _difference(after: Streams, before: Streams) -> Streams:
+    # SD3's last block returns no text stream (context_pre_only): nothing to carry over then.
+    encoder = None if after[1] is None or before[1] is None else after[1] - before[1]
+    return after[0] - before[0], encoder
+
+
+class _BlockHandler:
+    def __init__(self, site: BlockSite, role: _Role, threshold: float, key: object) -> None:
         self.site = site
+        self.role = role
         self.threshold = threshold
         self.key = key
 
+    @property
+    def is_head(self) -> bool:
+        return self.role.chain == 0 and self.role.first
+
     def __call__(self, call: ModuleCall) -> Any:
-        site = self.site
-        hidden_in = site.argument("hidden_states", call.args, call.kwargs)
-        output = call.run()
-        is_tuple = isinstance(output, tuple)
-        residual = _hidden(site, output) - hidden_in
         state = call.session.state(self.key, _SharedState)
+        if self.is_head:
+            return self._head(call, state)
+        site, role = self.site, self.role
+        if not state.should_compute:
+            streams = site.inputs(call.args, call.kwargs)
+            if role.first:
+                streams = _added(streams, state.chain_residuals[role.chain])
+            return site.pack(*streams)
+        if role.first:
+            state.chain_inputs[role.chain] = site.inputs(call.args, call.kwargs)
+        output = call.run()
+        if role.last:
+            state.chain_residuals[role.chain] = _difference(
+                site.streams(output), state.chain_inputs.pop(role.chain)
+            )
+        return output
+
+    def _head(self, call: ModuleCall, state: _SharedState) -> Any:
+        site = self.site
+        hidden_in = site.hidden_input(call.args, call.kwargs)
+        output = call.run()
+        streams = site.streams(output)
+        residual = streams[0] - hidden_in
         state.should_compute = self._should_compute(state, residual)
         if not state.should_compute:
-            assert state.tail_block_residuals is not None
-            hidden = state.tail_block_residuals[0] + _hidden(site, output)
-            if not is_tuple:
-                return hidden
-            result: list[Any] = [None] * len(output)
-            result[site.hidden_states_index or 0] = hidden
-            encoder_residual = state.tail_block_residuals[1]
-            if site.encoder_hidden_states_index is not None and encoder_residual is not None:
-                result[site.encoder_hidden_states_index] = (
-                    encoder_residual + output[site.encoder_hidden_states_index]
-                )
-            return tuple(result)
-        if is_tuple:
-            encoder = (
-                None if site.encoder_hidden_states_index is None else output[site.encoder_hidden_states_index]
-            )
-            state.head_block_output = (_hidden(site, output), encoder)
-        else:
-            state.head_block_output = output
+            return site.pack(*_added(streams, state.chain_residuals[0]))
+        # Compared with the residual of the last call that computed, as the reference does.
         state.head_block_residual = residual
+        if self.role.last:
+            state.chain_residuals[0] = _difference(streams, streams)
+        else:
+            state.chain_inputs[0] = streams
         return output
 
     def _should_compute(self, state: _SharedState, residual: torch.Tensor) -> bool:
         previous = state.head_block_residual
-        if previous is None:
+        if previous is None or previous.shape != residual.shape or not state.chain_residuals:
             return True
         change = (residual - previous).abs().mean() / previous.abs().mean()
         return bool(change.item() > self.threshold)
-
-
-class _FollowerBlockHandler:
-    def __init__(self, site: BlockSite, key: object, is_tail: bool) -> None:
-        self.site = site
-        self.key = key
-        self.is_tail = is_tail
-
-    def __call__(self, call: ModuleCall) -> Any:
-        site = self.site
-        state = call.session.state(self.key, _SharedState)
-        if state.should_compute:
-            output = call.run()
-            if self.is_tail:
-                self._record_tail_residuals(state, output)
-            return output
-        hidden_in = site.argument("hidden_states", call.args, call.kwargs)
-        if site.encoder_hidden_states_index is None:
-            return hidden_in
-        encoder_in = site.argument("encoder_hidden_states", call.args, call.kwargs)
-        result: list[Any] = [None, None]
-        result[site.hidden_states_index or 0] = hidden_in
-        result[site.encoder_hidden_states_index] = encoder_in
-        return tuple(result)
-
-    def _record_tail_residuals(self, state: _SharedState, output: Any) -> None:
-        head = state.head_block_output
-        if isinstance(output, tuple):
-            site = self.site
-            encoder_index = site.encoder_hidden_states_index
-            # SD3's last block returns no text stream (context_pre_only): nothing to carry over then.
-            encoder_out = None if encoder_index is None else output[encoder_index]
-            encoder_residual = None if encoder_out is None or head[1] is None else encoder_out - head[1]
-            state.tail_block_residuals = (output[site.hidden_states_index or 0] - head[0], encoder_residual)
-        elif isinstance(head, tuple) and head[1] is not None:
-            # A joint-stream tail (Flux2's single blocks) returns text and image tokens concatenated in
-            # that order, as it received them; the head returned them apart, so the residual is split.
-            hidden, encoder = head
-            text_tokens = encoder.shape[1]
-            joined = output - torch.cat([encoder, hidden], dim=1)
-            state.tail_block_residuals = (joined[:, text_tokens:], joined[:, :text_tokens])
-        else:
-            state.tail_block_residuals = (output - head, None)
 
 
 def plan(config: FirstBlockCacheConfig, layout: ModelLayout) -> Plan:
@@ -147,10 +134,11 @@ def plan(config: FirstBlockCacheConfig, layout: ModelLayout) -> Plan:
         raise UnsupportedMethodError(
             NAME, layout, f"needs at least two transformer blocks, found {len(blocks)}"
         )
+    require_block_chain(NAME, layout)
     key = object()
-    handlers: dict[nn.Module, Handler] = {
-        blocks[0].module: _HeadBlockHandler(blocks[0], config.threshold, key)
-    }
-    for index, site in enumerate(blocks[1:], start=1):
-        handlers[site.module] = _FollowerBlockHandler(site, key, is_tail=index == len(blocks) - 1)
+    handlers: dict[nn.Module, Handler] = {}
+    for chain_index, chain in enumerate(layout.stream_chains):
+        for index, site in enumerate(chain):
+            role = _Role(chain=chain_index, first=index == 0, last=index == len(chain) - 1)
+            handlers[site.module] = _BlockHandler(site, role, config.threshold, key)
     return Plan(method=NAME, handlers=handlers)

@@ -183,7 +183,7 @@ class _BlockHandler:
     def __call__(self, call: ModuleCall) -> Any:
         state = call.session.state(self.schedule, _State)
         if self.is_head:
-            hidden = self.site.argument("hidden_states", call.args, call.kwargs)
+            hidden = self.site.hidden_input(call.args, call.kwargs)
             state.head_block_input = hidden
             state.should_compute = self._should_compute(state)
             if not state.should_compute:
@@ -194,7 +194,7 @@ class _BlockHandler:
         elif not state.should_compute:
             if self.is_tail:
                 self._advance(call.session, state)
-            hidden = self.site.argument("hidden_states", call.args, call.kwargs)
+            hidden = self.site.hidden_input(call.args, call.kwargs)
             return self._block_output(call, hidden)
         output = call.run()
         if self.is_tail:
@@ -237,9 +237,7 @@ class _BlockHandler:
             max(site.hidden_states_index or 0, site.encoder_hidden_states_index) + 1
         )
         result[site.hidden_states_index or 0] = hidden
-        result[site.encoder_hidden_states_index] = site.argument(
-            "encoder_hidden_states", call.args, call.kwargs
-        )
+        result[site.encoder_hidden_states_index] = site.encoder_input(call.args, call.kwargs)
         return tuple(result)
 
     def _record(self, session: CacheSession, state: _State, output: Any) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .hooks import Tap
-from .targets import ModelLayout
+from .targets import ModelLayout, scalar_timestep
 
 DEFAULT_BRANCH = "default"
 
@@ -217,6 +217,8 @@ class CacheSession:
                 self._undispatched[block] = (offer, foreseen)
         self._state: dict[tuple[object, str], Any] = {}
         self._raw_timestep: Any = None
+        # The run's first timestep, which sets the scale of a model whose family table gives none.
+        self._first_timestep: float | None = None
         self._timestep: float | None = None
         self._timestep_ready = False
         self._in_call_reuse = False
@@ -268,6 +270,7 @@ class CacheSession:
         """Forget all cached state; the plan stays. Used between pipeline calls of the reference API."""
         self._state.clear()
         self._raw_timestep = None
+        self._first_timestep = None
         self._timestep_ready = False
 
     def close(self) -> None:
@@ -293,7 +296,7 @@ class CacheSession:
     def current_timestep(self) -> float | None:
         """The denoising timestep (0..1000 scale) of the denoiser call in progress, read from its arguments."""
         if not self._timestep_ready:
-            self._timestep = self.layout.to_denoising_timestep(self._raw_timestep)
+            self._timestep = self.layout.to_denoising_timestep(self._raw_timestep, self._first_timestep)
             self._timestep_ready = True
         return self._timestep
 
@@ -370,6 +373,8 @@ class CacheSession:
         kwargs: dict[str, Any],
     ) -> Any:
         self._raw_timestep = self.layout.timestep_from_call(args, kwargs)
+        if self._first_timestep is None:
+            self._first_timestep = scalar_timestep(self._raw_timestep)
         self._timestep_ready = False
         self._in_call_reuse = False
         blocks_before = self._blocks_computed

@@ -7,7 +7,10 @@ table fall back to the name patterns of the reference implementation (block list
 
 from __future__ import annotations
 
+import ast
+import functools
 import inspect
+import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,16 +34,38 @@ TEMPORAL_BLOCK_CONTAINER_NAMES = ("temporal_transformer_blocks",)
 
 
 @dataclass(frozen=True)
+class BlockConvention:
+    """How one block class takes and returns its streams.
+
+    ``hidden`` and ``encoder`` are the positions of the image and text streams in the block's output, a
+    tuple where it returns both; ``encoder=None``: it returns the image stream alone, or first (it may
+    still read a text stream). The arguments name the streams in its forward.
+    """
+
+    hidden: int = 0
+    encoder: int | None = None
+    hidden_argument: str = "hidden_states"
+    encoder_argument: str = "encoder_hidden_states"
+
+
+_IMAGE_ONLY = BlockConvention()
+_TEXT_THEN_IMAGE = BlockConvention(hidden=1, encoder=0)
+_IMAGE_THEN_TEXT = BlockConvention(hidden=0, encoder=1)
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """What the table knows about one transformer family."""
 
     name: str
     transformer_classes: tuple[str, ...]
     # The pipeline hands the transformer a rescaled timestep; value = offset + scale * argument puts it
-    # back on the 0..1000 scale that timestep ranges in configs are written in.
-    timestep_scale: float = 1.0
+    # back on the 0..1000 scale that timestep ranges in configs are written in. None: read from the first
+    # call of a run (pipelines pass 0..1 or 0..1000; denoising starts at the top of the range).
+    timestep_scale: float | None = 1.0
     timestep_offset: float = 0.0
-    timestep_argument: str = "timestep"
+    # None: the first of TIMESTEP_ARGUMENTS the denoiser's forward takes.
+    timestep_argument: str | None = "timestep"
     output_format: TensorFormat = "BCHW"
     kind: Literal["image", "video"] = "image"
     # Arguments besides the usual ones that carry the CFG batch (uncond half, then cond half).
@@ -52,6 +77,17 @@ class FamilySpec:
     block_lists_cached_apart: bool = False
     # TeaCache's rescaling polynomial, highest power first, where its paper gives one for the family.
     teacache_coefficients: tuple[float, ...] | None = None
+    # The module lists holding the denoising blocks, as dotted paths in the order forward runs them.
+    # None: the lists named as the reference names them (BLOCK_CONTAINER_NAMES), in declaration order.
+    block_lists: tuple[str, ...] | None = None
+    # Block conventions by list, for a block class whose streams differ with the list holding it.
+    list_conventions: tuple[tuple[str, BlockConvention], ...] = ()
+    # Why a residual spanning blocks is wrong on this family (forward changes the hidden states between
+    # blocks, or runs its lists interleaved): the methods replaying one are refused there.
+    chain_problem: str | None = None
+    # Modules besides the output projection that read the blocks' output (an audio head): TaylorSeer's
+    # lite mode, which predicts only the projection, is refused there.
+    other_output_heads: tuple[str, ...] = ()
 
 
 # TeaCache's published polynomials (github.com/ali-vilab/TeaCache, one script per model), fitted on the
@@ -114,30 +150,262 @@ FAMILIES: tuple[FamilySpec, ...] = (
         kind="video",
         teacache_coefficients=_TEACACHE_MOCHI,
     ),
+    # Families served by the engine's generic rules except for what is written here: lists under names
+    # of their own, time running upward (0 at pure noise, as their pipelines pass it), or work between
+    # blocks that a replayed residual would count twice.
+    FamilySpec(
+        "aura_flow",
+        ("AuraFlowTransformer2DModel",),
+        timestep_scale=1000.0,
+        output_format="BSC",
+        block_lists=("joint_transformer_blocks", "single_transformer_blocks"),
+    ),
+    FamilySpec(
+        "flux3",
+        ("Flux3Transformer2DModel",),
+        timestep_scale=1000.0,
+        output_format="BSC",
+        # txt_mode_blocks run on the text alone, at timestep 0: the same output at every step.
+        block_lists=("mode_blocks.image", "single_transformer_blocks"),
+    ),
+    FamilySpec(
+        "hidream",
+        ("HiDreamImageTransformer2DModel",),
+        output_format="BSC",
+        timestep_argument="timesteps",
+        timestep_scale=None,
+        block_lists=("double_stream_blocks", "single_stream_blocks"),
+        # One wrapper class holds both kinds of block; the list says which.
+        list_conventions=(("double_stream_blocks", _IMAGE_THEN_TEXT), ("single_stream_blocks", _IMAGE_ONLY)),
+    ),
+    FamilySpec(
+        "joyimage",
+        ("JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel"),
+        timestep_scale=None,
+        block_lists=("double_blocks",),
+    ),
+    FamilySpec(
+        "lumina2",
+        ("Lumina2Transformer2DModel", "LuminaNextDiT2DModel"),
+        timestep_scale=-1000.0,
+        timestep_offset=1000.0,
+        output_format="BSC",
+    ),
+    FamilySpec(
+        "rising_time",
+        ("Ideogram4Transformer2DModel", "MiniMaxH3Transformer3DModel", "OmniGenTransformer2DModel"),
+        timestep_scale=-1000.0,
+        timestep_offset=1000.0,
+    ),
+    FamilySpec(
+        "z_image",
+        ("ZImageTransformer2DModel",),
+        timestep_argument="t",
+        timestep_scale=-1000.0,
+        timestep_offset=1000.0,
+    ),
+    FamilySpec(
+        "cosmos3",
+        ("Cosmos3OmniTransformer",),
+        timestep_argument="vision_timesteps",
+        timestep_scale=None,
+        output_format="BSC",
+        kind="video",
+    ),
+    FamilySpec(
+        "wan_vace",
+        ("WanVACETransformer3DModel",),
+        output_format="BCFHW",
+        kind="video",
+        chain_problem="forward adds the VACE control hints to the hidden states between blocks",
+    ),
+    FamilySpec(
+        "wan_animate",
+        ("WanAnimateTransformer3DModel",),
+        output_format="BCFHW",
+        kind="video",
+        chain_problem="forward adds the face adapter's output to the hidden states between blocks",
+    ),
+    FamilySpec(
+        "consisid",
+        ("ConsisIDTransformer3DModel",),
+        output_format="BFCHW",
+        kind="video",
+        chain_problem="forward adds face cross-attention to the hidden states between blocks",
+    ),
+    FamilySpec(
+        "motif_video",
+        ("MotifVideoTransformer3DModel",),
+        kind="video",
+        timestep_scale=None,
+        chain_problem="its decoder blocks start again from the embedded latents, not from the blocks before",
+    ),
+    FamilySpec(
+        "latte",
+        ("LatteTransformer3DModel",),
+        output_format="BFCHW",
+        kind="video",
+        chain_problem="forward interleaves its spatial and temporal block lists, reshaping between them",
+    ),
+    FamilySpec(
+        "ltx2",
+        ("LTX2VideoTransformer3DModel",),
+        output_format="BSC",
+        kind="video",
+        timestep_scale=None,
+        other_output_heads=("audio_proj_out",),
+    ),
+    FamilySpec(
+        "kandinsky6",
+        ("Kandinsky6Transformer3DModel",),
+        kind="video",
+        timestep_scale=None,
+        other_output_heads=("audio_out_layer",),
+    ),
 )
 
-GENERIC_FAMILY = FamilySpec("generic", ())
+GENERIC_FAMILY = FamilySpec("generic", (), timestep_scale=None, timestep_argument=None)
 
-# Which element of a block's tuple output is the image stream, and which the text stream. Blocks
-# returning a bare tensor need no entry.
-_BLOCK_OUTPUTS: Mapping[str, tuple[int, int | None]] = {
-    "FluxTransformerBlock": (1, 0),
-    "FluxSingleTransformerBlock": (1, 0),
-    "Flux2TransformerBlock": (1, 0),
-    "Flux2SingleTransformerBlock": (0, None),
-    "JointTransformerBlock": (1, 0),
-    "QwenImageTransformerBlock": (1, 0),
-    "CogVideoXBlock": (0, 1),
-    "CogView4TransformerBlock": (0, 1),
-    "HunyuanVideoTransformerBlock": (0, 1),
-    "HunyuanVideoSingleTransformerBlock": (0, 1),
-    "HunyuanVideoTokenReplaceTransformerBlock": (0, 1),
-    "HunyuanVideoTokenReplaceSingleTransformerBlock": (0, 1),
-    "MochiTransformerBlock": (0, 1),
-    "BasicTransformerBlock": (0, None),
-    "LTXVideoTransformerBlock": (0, None),
-    "WanTransformerBlock": (0, None),
+# What denoisers name their timestep argument, in the order a family-less model is searched for one.
+TIMESTEP_ARGUMENTS = ("timestep", "timesteps", "t", "vision_timesteps", "sigma")
+
+
+BLOCK_CONVENTIONS: Mapping[str, BlockConvention] = {
+    "FluxTransformerBlock": _TEXT_THEN_IMAGE,
+    "FluxSingleTransformerBlock": _TEXT_THEN_IMAGE,
+    "Flux2TransformerBlock": _TEXT_THEN_IMAGE,
+    "Flux2SingleTransformerBlock": _IMAGE_ONLY,
+    "JointTransformerBlock": _TEXT_THEN_IMAGE,
+    "QwenImageTransformerBlock": _TEXT_THEN_IMAGE,
+    "CogVideoXBlock": _IMAGE_THEN_TEXT,
+    "CogView4TransformerBlock": _IMAGE_THEN_TEXT,
+    "HunyuanVideoTransformerBlock": _IMAGE_THEN_TEXT,
+    "HunyuanVideoSingleTransformerBlock": _IMAGE_THEN_TEXT,
+    "HunyuanVideoTokenReplaceTransformerBlock": _IMAGE_THEN_TEXT,
+    "HunyuanVideoTokenReplaceSingleTransformerBlock": _IMAGE_THEN_TEXT,
+    "MochiTransformerBlock": _IMAGE_THEN_TEXT,
+    "BasicTransformerBlock": _IMAGE_ONLY,
+    "LTXVideoTransformerBlock": _IMAGE_ONLY,
+    "WanTransformerBlock": _IMAGE_ONLY,
+    # Two streams, text first.
+    "AuraFlowJointTransformerBlock": _TEXT_THEN_IMAGE,
+    "BriaFiboTransformerBlock": _TEXT_THEN_IMAGE,
+    "BriaTransformerBlock": _TEXT_THEN_IMAGE,
+    "BriaSingleTransformerBlock": _TEXT_THEN_IMAGE,
+    "ChromaTransformerBlock": _TEXT_THEN_IMAGE,
+    "Flux3SingleTransformerBlock": _TEXT_THEN_IMAGE,
+    "LongCatImageTransformerBlock": _TEXT_THEN_IMAGE,
+    "LongCatImageSingleTransformerBlock": _TEXT_THEN_IMAGE,
+    "OvisImageTransformerBlock": _TEXT_THEN_IMAGE,
+    "OvisImageSingleTransformerBlock": _TEXT_THEN_IMAGE,
+    # Packed sequences: the understanding (text) stream first, the generated one second.
+    "Cosmos3VLTextMoTDecoderLayer": BlockConvention(
+        hidden=1, encoder=0, hidden_argument="gen_seq", encoder_argument="und_seq"
+    ),
+    # Two streams, image first.
+    "CogView3PlusTransformerBlock": _IMAGE_THEN_TEXT,
+    "ConsisIDBlock": _IMAGE_THEN_TEXT,
+    "EasyAnimateTransformerBlock": _IMAGE_THEN_TEXT,
+    "GlmImageTransformerBlock": _IMAGE_THEN_TEXT,
+    "HunyuanImageTransformerBlock": _IMAGE_THEN_TEXT,
+    "HunyuanImageSingleTransformerBlock": _IMAGE_THEN_TEXT,
+    "HunyuanVideo15TransformerBlock": _IMAGE_THEN_TEXT,
+    "JoyImageTransformerBlock": _IMAGE_THEN_TEXT,
+    "JoyImageEditPlusTransformerBlock": _IMAGE_THEN_TEXT,
+    "MotifVideoTransformerBlock": _IMAGE_THEN_TEXT,
+    "MotifVideoSingleTransformerBlock": _IMAGE_THEN_TEXT,
+    # Video and sound generated together: the sound is the second stream.
+    "LTX2VideoTransformerBlock": BlockConvention(hidden=0, encoder=1, encoder_argument="audio_hidden_states"),
+    "Kandinsky6FusedTransformerDecoderBlock": BlockConvention(
+        hidden=0, encoder=1, hidden_argument="vis", encoder_argument="aud"
+    ),
+    # One stream out: the image alone, or text and image joined before the list.
+    "AuraFlowSingleTransformerBlock": _IMAGE_ONLY,
+    "BriaFiboSingleTransformerBlock": _IMAGE_ONLY,
+    "ChromaSingleTransformerBlock": _IMAGE_ONLY,
+    "Flux3ModeTransformerBlock": _IMAGE_ONLY,
+    "AllegroTransformerBlock": _IMAGE_ONLY,
+    "AnyFlowTransformerBlock": _IMAGE_ONLY,
+    "BasicTransformerBlockDreamLite": _IMAGE_ONLY,
+    "CosmosTransformerBlock": _IMAGE_ONLY,
+    "HeliosTransformerBlock": _IMAGE_ONLY,
+    "HunyuanDiTBlock": _IMAGE_ONLY,
+    "Ideogram4TransformerBlock": _IMAGE_ONLY,
+    "Kandinsky6SRTransformerBlock": _IMAGE_ONLY,
+    "Krea2TransformerBlock": _IMAGE_ONLY,
+    "Lumina2TransformerBlock": _IMAGE_ONLY,
+    "LuminaNextDiTBlock": _IMAGE_ONLY,
+    "MiniMaxH3TransformerBlock": _IMAGE_ONLY,
+    "NucleusMoEImageTransformerBlock": _IMAGE_ONLY,
+    "OmniGenBlock": _IMAGE_ONLY,
+    "PRXBlock": _IMAGE_ONLY,
+    "QwenImage21TransformerBlock": _IMAGE_ONLY,
+    "SanaTransformerBlock": _IMAGE_ONLY,
+    "SanaVideoTransformerBlock": _IMAGE_ONLY,
+    "SanaWMLTX2RefinerTransformerBlock": _IMAGE_ONLY,
+    "SkyReelsV2TransformerBlock": _IMAGE_ONLY,
+    "WanAnimate2TransformerBlock": _IMAGE_ONLY,
+    # One stream, under another name.
+    "BriaFibo2TransformerBlock": BlockConvention(hidden_argument="x"),
+    "ErnieImageSharedAdaLNBlock": BlockConvention(hidden_argument="x"),
+    "ZImageTransformerBlock": BlockConvention(hidden_argument="x"),
+    "SanaVideoMSCamCtrlBlock": BlockConvention(hidden_argument="x"),
+    "Kandinsky5TransformerDecoderBlock": BlockConvention(hidden_argument="visual_embed"),
 }
+
+
+def block_convention(block: nn.Module) -> BlockConvention | None:
+    """The table's convention for ``block``'s class or the nearest class it derives from; else the one its
+    forward shows (one tensor returned: the stream of its first argument); None if neither tells."""
+    for cls in type(block).__mro__:
+        found = BLOCK_CONVENTIONS.get(cls.__name__)
+        if found is not None:
+            return found
+    return _convention_from_source(type(block))
+
+
+@functools.cache
+def _convention_from_source(block_class: type) -> BlockConvention | None:
+    """A block whose forward returns no tuple, no None, no call's result and no name it bound to a
+    container returns one stream: the one it took first. Anything else, or no source, tells nothing."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(block_class.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    function = tree.body[0]
+    if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(function.args.args) < 2:
+        return None
+    nodes = _own_nodes(function)
+    returns = [node for node in nodes if isinstance(node, ast.Return)]
+    containers = {
+        target.id
+        for node in nodes
+        if isinstance(node, ast.Assign) and isinstance(node.value, (ast.Tuple, ast.List, ast.Dict))
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    if not returns or any(
+        node.value is None
+        or isinstance(node.value, (ast.Tuple, ast.List, ast.Dict, ast.Constant, ast.Call))
+        or (isinstance(node.value, ast.Name) and node.value.id in containers)
+        for node in returns
+    ):
+        # A call may return anything (a tuple from a helper); a constant is no stream.
+        return None
+    return BlockConvention(hidden_argument=function.args.args[1].arg)
+
+
+def _own_nodes(function: ast.AST) -> list[ast.AST]:
+    """The nodes of ``function``'s body, without those of functions defined inside it."""
+    found: list[ast.AST] = []
+    pending = list(ast.iter_child_nodes(function))
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        found.append(node)
+        pending.extend(ast.iter_child_nodes(node))
+    return found
 
 
 def family_for(transformer: nn.Module) -> FamilySpec:
@@ -155,6 +423,9 @@ class _ArgumentReader:
         parameters = list(inspect.signature(type(module).forward).parameters)[1:]
         self._positions = {name: index for index, name in enumerate(parameters)}
 
+    def takes(self, name: str) -> bool:
+        return name in self._positions
+
     def get(self, name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         if name in kwargs:
             return kwargs[name]
@@ -168,21 +439,38 @@ class _ArgumentReader:
 class BlockSite:
     name: str
     module: nn.Module
+    # Where the image and text streams sit in the block's tuple output (see BlockConvention).
     hidden_states_index: int | None
     encoder_hidden_states_index: int | None
     reader: _ArgumentReader = field(repr=False)
+    hidden_argument: str = "hidden_states"
+    encoder_argument: str = "encoder_hidden_states"
+
+    @property
+    def list_name(self) -> str:
+        return self.name.rsplit(".", 1)[0]
 
     def argument(self, name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         return self.reader.get(name, args, kwargs)
 
+    def hidden_input(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """The image stream the block was called with."""
+        hidden: torch.Tensor = self.reader.get(self.hidden_argument, args, kwargs)
+        return hidden
+
+    def encoder_input(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+        """The text stream the block was called with (None where it takes none)."""
+        encoder: torch.Tensor | None = self.reader.get(self.encoder_argument, args, kwargs)
+        return encoder
+
     def inputs(
         self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden, encoder) the block was called with; encoder is None for blocks with one stream."""
-        hidden = self.argument("hidden_states", args, kwargs)
+        """(hidden, encoder) the block was called with; encoder is None for blocks returning one stream."""
+        hidden = self.hidden_input(args, kwargs)
         if self.encoder_hidden_states_index is None:
             return hidden, None
-        return hidden, self.argument("encoder_hidden_states", args, kwargs)
+        return hidden, self.encoder_input(args, kwargs)
 
     def streams(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden, encoder) out of the block's output; encoder is None for blocks with one stream."""
@@ -219,6 +507,10 @@ class ModelLayout:
     attention: tuple[AttentionSite, ...]
     modules: Mapping[str, nn.Module]
     denoiser_reader: _ArgumentReader = field(repr=False)
+    # The denoiser's argument carrying the timestep (None: it takes none the engine knows).
+    timestep_argument: str | None = None
+    # Why the methods replaying a residual over several blocks cannot act here (None: they can).
+    chain_problem: str | None = None
 
     @property
     def block_modules(self) -> frozenset[nn.Module]:
@@ -233,20 +525,48 @@ class ModelLayout:
         """The blocks grouped by the list that holds them (``transformer_blocks``, ...), in call order."""
         lists: dict[str, list[BlockSite]] = {}
         for site in self.blocks:
-            lists.setdefault(site.name.split(".", 1)[0], []).append(site)
+            lists.setdefault(site.list_name, []).append(site)
         return tuple(tuple(sites) for sites in lists.values())
 
-    def timestep_from_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
-        return self.denoiser_reader.get(self.family.timestep_argument, args, kwargs)
+    @property
+    def stream_chains(self) -> tuple[tuple[BlockSite, ...], ...]:
+        """The blocks in runs whose streams keep one layout: consecutive lists join one run unless the
+        streams change between them (Flux 2 joins text and image into one stream before its single-stream
+        list), seen as a change in how many streams the blocks return."""
+        chains: list[list[BlockSite]] = []
+        for blocks in self.block_lists:
+            two_streams = blocks[0].encoder_hidden_states_index is not None
+            if chains and (chains[-1][0].encoder_hidden_states_index is not None) == two_streams:
+                chains[-1].extend(blocks)
+            else:
+                chains.append(list(blocks))
+        return tuple(tuple(chain) for chain in chains)
 
-    def to_denoising_timestep(self, raw: Any) -> float | None:
-        if raw is None:
+    def timestep_from_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        if self.timestep_argument is None:
             return None
-        if isinstance(raw, torch.Tensor):
-            raw = raw.reshape(-1)[0].item() if raw.numel() else None
-            if raw is None:
-                return None
-        return self.family.timestep_offset + self.family.timestep_scale * float(raw)
+        return self.denoiser_reader.get(self.timestep_argument, args, kwargs)
+
+    def to_denoising_timestep(self, raw: Any, first: float | None = None) -> float | None:
+        """``raw`` (a timestep argument) on the 0..1000 scale; ``first`` is the run's first such value,
+        which sets the scale of a family whose table gives none."""
+        value = scalar_timestep(raw)
+        if value is None:
+            return None
+        scale = self.family.timestep_scale
+        if scale is None:
+            start = value if first is None else first
+            scale = 1000.0 if abs(start) <= 1.0 + 1e-6 else 1.0
+        return self.family.timestep_offset + scale * value
+
+
+def scalar_timestep(raw: Any) -> float | None:
+    """A timestep argument as one number: its first element where it holds one per row or token."""
+    if raw is None:
+        return None
+    if isinstance(raw, torch.Tensor):
+        return float(raw.reshape(-1)[0].item()) if raw.numel() else None
+    return float(raw)
 
 
 def is_attention_module(module: nn.Module) -> bool:
@@ -267,34 +587,70 @@ def _attention_kind(name: str, module: nn.Module) -> AttentionKind:
 def build_layout(transformer: nn.Module) -> ModelLayout:
     spec = family_for(transformer)
     blocks: list[BlockSite] = []
-    for container_name, container in transformer.named_children():
-        if container_name not in BLOCK_CONTAINER_NAMES or not isinstance(container, nn.ModuleList):
-            continue
+    unknown: set[str] = set()
+    for list_name, container in _block_lists(transformer, spec):
         for index, block in enumerate(container):
-            hidden_index, encoder_index = _BLOCK_OUTPUTS.get(type(block).__name__, (0, None))
+            convention = dict(spec.list_conventions).get(list_name) or block_convention(block)
+            if convention is None:
+                unknown.add(type(block).__name__)
+                convention = _IMAGE_ONLY
             blocks.append(
                 BlockSite(
-                    name=f"{container_name}.{index}",
+                    name=f"{list_name}.{index}",
                     module=block,
-                    hidden_states_index=hidden_index,
-                    encoder_hidden_states_index=encoder_index,
+                    hidden_states_index=convention.hidden,
+                    encoder_hidden_states_index=convention.encoder,
                     reader=_ArgumentReader(block),
+                    hidden_argument=convention.hidden_argument,
+                    encoder_argument=convention.encoder_argument,
                 )
             )
+    chain_problem = spec.chain_problem
+    if unknown and chain_problem is None:
+        chain_problem = (
+            f"the engine's table does not know how {', '.join(sorted(unknown))} take and return their streams"
+        )
     modules = dict(transformer.named_modules())
     attention = tuple(
         AttentionSite(name=name, module=module, kind=_attention_kind(name, module))
         for name, module in modules.items()
         if name and is_attention_module(module)
     )
+    reader = _ArgumentReader(transformer)
     return ModelLayout(
         family=spec,
         denoiser=transformer,
         blocks=tuple(blocks),
         attention=attention,
         modules=modules,
-        denoiser_reader=_ArgumentReader(transformer),
+        denoiser_reader=reader,
+        timestep_argument=_timestep_argument(spec, reader),
+        chain_problem=chain_problem,
     )
+
+
+def _block_lists(transformer: nn.Module, spec: FamilySpec) -> list[tuple[str, nn.ModuleList]]:
+    if spec.block_lists is None:
+        return [
+            (name, child)
+            for name, child in transformer.named_children()
+            if name in BLOCK_CONTAINER_NAMES and isinstance(child, nn.ModuleList)
+        ]
+    found = []
+    for path in spec.block_lists:
+        try:
+            container = transformer.get_submodule(path)
+        except AttributeError:
+            continue  # a list the checkpoint's config leaves out
+        if isinstance(container, nn.ModuleList):
+            found.append((path, container))
+    return found
+
+
+def _timestep_argument(spec: FamilySpec, reader: _ArgumentReader) -> str | None:
+    if spec.timestep_argument is not None:
+        return spec.timestep_argument
+    return next((name for name in TIMESTEP_ARGUMENTS if reader.takes(name)), None)
 
 
 # -- the first block's timestep-modulated input -------------------------------------------------------
