@@ -24,7 +24,7 @@ from torch import nn
 
 from . import _validation as check
 from ._fields import documented
-from .errors import InvalidConfigValue, UnsupportedMethodError
+from .errors import InvalidConfigValue, UnsupportedMethodError, require_block_chain
 from .session import Handler, ModuleCall, Plan
 from .targets import BlockSite, ModelLayout
 
@@ -400,9 +400,9 @@ class _ChainBlockHandler:
 def chains(layout: ModelLayout) -> tuple[tuple[BlockSite, ...], ...]:
     """The runs of blocks cached as one, each with decisions of its own: cache-dit's grouping."""
     family = layout.family
-    if family.block_lists_cached_apart or family.joins_streams_between_lists:
+    if family.block_lists_cached_apart:
         return layout.block_lists
-    return (layout.blocks,) if layout.blocks else ()
+    return layout.stream_chains
 
 
 def fitted_defaults(layout: ModelLayout) -> dict[str, Any]:
@@ -423,6 +423,7 @@ def plan(config: DBCacheConfig, layout: ModelLayout) -> Plan:
     runs = chains(layout)
     if not any(len(run) >= 2 for run in runs):
         raise UnsupportedMethodError(NAME, layout, "needs a list of at least two transformer blocks")
+    require_block_chain(NAME, layout)
     front, back = config.Fn_compute_blocks, config.Bn_compute_blocks
     shortest = min(len(run) for run in runs)
     if front > shortest:

@@ -238,4 +238,11 @@ def plan(config: GuardedTaylorSeerCacheConfig, layout: ModelLayout) -> Plan:
             predicted += 1
     if not predicted:
         raise UnsupportedMethodError(NAME, layout, "found no proj_out to predict")
+    if layout.family.other_output_heads:
+        raise UnsupportedMethodError(
+            NAME,
+            layout,
+            f"it predicts proj_out alone, and {layout.family.other_output_heads[0]} also reads "
+            "the blocks' output",
+        )
     return Plan(method=NAME, handlers=handlers, estimate=lambda session: schedule.guard(session).spent)

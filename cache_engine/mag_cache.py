@@ -30,7 +30,7 @@ from torch import nn
 
 from . import _validation as check
 from ._fields import documented
-from .errors import InvalidConfigValue, UnsupportedMethodError
+from .errors import InvalidConfigValue, UnsupportedMethodError, require_block_chain
 from .session import CacheSession, Handler, ModuleCall, Plan
 from .targets import BlockSite, ModelLayout
 
@@ -143,25 +143,30 @@ class _Schedule:
 
 
 class _State:
-    """One branch's MagCache state, shared by the head, the tail and the blocks between."""
+    """One branch's MagCache state, shared by every block of the plan."""
 
     __slots__ = (
         "accumulated_err",
         "accumulated_ratio",
         "accumulated_steps",
         "calibration_ratios",
-        "head_block_input",
+        "chain_inputs",
         "previous_residual",
+        "residuals",
         "should_compute",
         "step_index",
     )
 
     def __init__(self) -> None:
-        self.head_block_input: torch.Tensor | None = None
         self.should_compute = True
+        # Per run of blocks with one stream layout (ModelLayout.stream_chains): the image stream it
+        # started from on this call, and what it added on the last call that computed.
+        self.chain_inputs: dict[int, torch.Tensor] = {}
         self.restart()
 
     def restart(self) -> None:
+        self.residuals: dict[int, torch.Tensor] = {}
+        # The last run's residual: the one the magnitude ratios are measured on.
         self.previous_residual: torch.Tensor | None = None
         # Become float32 tensors on the first multiplication by a ratio, as in the reference.
         self.accumulated_ratio: float | torch.Tensor = 1.0
@@ -171,34 +176,44 @@ class _State:
         self.calibration_ratios: list[float] = []
 
 
-class _BlockHandler:
-    """One block's part: the head decides, the tail records the residual; a block may be both."""
+@dataclass(frozen=True)
+class _Role:
+    chain: int
+    first: bool  # the first block of its run; of run 0, the head that decides
+    last: bool  # the last block of its run: records what the run added
+    tail: bool  # the last block of all: a step ends with it
 
-    def __init__(self, site: BlockSite, schedule: _Schedule, *, is_head: bool, is_tail: bool) -> None:
+
+class _BlockHandler:
+    """One block's part: the head decides; each run's first block replays the run's residual on a
+    skipped step, and its last block records that residual after a computed one."""
+
+    def __init__(self, site: BlockSite, schedule: _Schedule, role: _Role) -> None:
         self.site = site
         self.schedule = schedule
-        self.is_head = is_head
-        self.is_tail = is_tail
+        self.role = role
 
     def __call__(self, call: ModuleCall) -> Any:
         state = call.session.state(self.schedule, _State)
-        if self.is_head:
-            hidden = self.site.hidden_input(call.args, call.kwargs)
-            state.head_block_input = hidden
+        site, role = self.site, self.role
+        if role.chain == 0 and role.first:
             state.should_compute = self._should_compute(state)
-            if not state.should_compute:
-                output = _add_residual(hidden, state.previous_residual)
-                if self.is_tail:
-                    self._advance(call.session, state)
-                return self._block_output(call, output)
-        elif not state.should_compute:
-            if self.is_tail:
+        if not state.should_compute:
+            hidden, encoder = site.inputs(call.args, call.kwargs)
+            if role.first:
+                hidden = _add_residual(hidden, state.residuals[role.chain])
+            if role.tail:
                 self._advance(call.session, state)
-            hidden = self.site.hidden_input(call.args, call.kwargs)
-            return self._block_output(call, hidden)
+            # The text stream passes through unchanged, as in the reference.
+            return site.pack(hidden, encoder)
+        if role.first:
+            state.chain_inputs[role.chain] = site.hidden_input(call.args, call.kwargs)
         output = call.run()
-        if self.is_tail:
-            self._record(call.session, state, output)
+        if role.last:
+            hidden_out = site.streams(output)[0]
+            state.residuals[role.chain] = hidden_out - state.chain_inputs.pop(role.chain)
+        if role.tail:
+            self._record(call.session, state)
         return output
 
     def _should_compute(self, state: _State) -> bool:
@@ -228,33 +243,8 @@ class _BlockHandler:
         state.accumulated_err = 0.0
         return True
 
-    def _block_output(self, call: ModuleCall, hidden: torch.Tensor) -> Any:
-        """What the block returns when skipped: ``hidden``, with the text stream passed through unchanged."""
-        site = self.site
-        if site.encoder_hidden_states_index is None:
-            return hidden
-        result: list[Any] = [None] * (
-            max(site.hidden_states_index or 0, site.encoder_hidden_states_index) + 1
-        )
-        result[site.hidden_states_index or 0] = hidden
-        result[site.encoder_hidden_states_index] = site.encoder_input(call.args, call.kwargs)
-        return tuple(result)
-
-    def _record(self, session: CacheSession, state: _State, output: Any) -> None:
-        out_hidden = output[self.site.hidden_states_index or 0] if isinstance(output, tuple) else output
-        in_hidden = state.head_block_input
-        if in_hidden is None:
-            return
-        if out_hidden.shape == in_hidden.shape:
-            residual = out_hidden - in_hidden
-        elif out_hidden.ndim == 3 and in_hidden.ndim == 3 and out_hidden.shape[2] == in_hidden.shape[2]:
-            if in_hidden.shape[1] == out_hidden.shape[1]:
-                residual = out_hidden - in_hidden
-            else:
-                # The tail returned the fused text+image sequence (Flux2); the image tokens come last.
-                residual = out_hidden[:, -in_hidden.shape[1] :] - in_hidden
-        else:
-            residual = out_hidden
+    def _record(self, session: CacheSession, state: _State) -> None:
+        residual = state.residuals[self.role.chain]
         if self.schedule.config.calibrate:
             state.calibration_ratios.append(_magnitude_ratio(residual, state.previous_residual))
         state.previous_residual = residual
@@ -327,6 +317,7 @@ def plan(config: MagCacheConfig, layout: ModelLayout) -> Plan:
     blocks = layout.blocks
     if not blocks:
         raise UnsupportedMethodError(NAME, layout, "found no transformer blocks")
+    require_block_chain(NAME, layout)
     if config.mag_ratios is None and not config.calibrate:
         raise InvalidConfigValue(
             "mag_ratios must be given: MagCache's magnitude ratios are measured per checkpoint "
@@ -335,7 +326,14 @@ def plan(config: MagCacheConfig, layout: ModelLayout) -> Plan:
         )
     schedule = _Schedule(config)
     handlers: dict[nn.Module, Handler] = {}
-    last = len(blocks) - 1
-    for index, site in enumerate(blocks):
-        handlers[site.module] = _BlockHandler(site, schedule, is_head=index == 0, is_tail=index == last)
+    chains = layout.stream_chains
+    for chain_index, chain in enumerate(chains):
+        for index, site in enumerate(chain):
+            role = _Role(
+                chain=chain_index,
+                first=index == 0,
+                last=index == len(chain) - 1,
+                tail=chain_index == len(chains) - 1 and index == len(chain) - 1,
+            )
+            handlers[site.module] = _BlockHandler(site, schedule, role)
     return Plan(method=NAME, handlers=handlers)

@@ -60,6 +60,12 @@ _PROBE_CONFIGS: dict[type, Callable[[], object]] = {
     MagCacheConfig: lambda: MagCacheConfig(calibrate=True),
     DBCacheConfig: lambda: DBCacheConfig(Fn_compute_blocks=1),
     TeaCacheConfig: lambda: TeaCacheConfig(coefficients=(1.0, 0.0)),
+    # Supported where any attention can be broadcast; the request's config says which kinds.
+    PyramidAttentionBroadcastConfig: lambda: PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2,
+        temporal_attention_block_skip_range=2,
+        cross_attention_block_skip_range=2,
+    ),
 }
 
 # Methods whose reference defaults cannot act on every model say what they run with there instead.

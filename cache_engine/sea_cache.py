@@ -36,7 +36,7 @@ from torch import nn
 
 from . import _validation as check
 from ._fields import documented
-from .errors import InvalidConfigValue, UnsupportedMethodError
+from .errors import InvalidConfigValue, UnsupportedMethodError, require_block_chain
 from .session import Handler, ModuleCall, Plan
 from .targets import BlockSite, ModelLayout
 
@@ -114,13 +114,18 @@ class _Position:
     raw_vision: list[torch.Tensor]
 
 
+HistoryEntry = tuple[int, "torch.Tensor | None", torch.Tensor]
+
+
 class _State:
     """One branch's trajectory (history, gate) and the bookkeeping of the denoiser call in progress."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.position: _Position | None = None
-        self.history: list[tuple[int, torch.Tensor | None, torch.Tensor]] = []
+        # Per run of blocks with one stream layout (ModelLayout.stream_chains): (step, text stream out,
+        # residual) of its last full executions.
+        self.histories: dict[int, list[HistoryEntry]] = {}
         self.gate_key: tuple[int, float] | None = None
         self.gate_should_compute = True
         self.previous_indicator: list[torch.Tensor] | None = None
@@ -133,10 +138,12 @@ class _State:
         self.full_execution_pending = False
         self.cacheable_execution = False
         self.step_index: int | None = None
-        self.gen_input: torch.Tensor | None = None
+        # The image stream each run started from in this call, and what each run replays when skipped.
+        self.gen_inputs: dict[int, torch.Tensor] = {}
+        self.replays: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def reset_trajectory(self) -> None:
-        self.history = []
+        self.histories = {}
         self.gate_key = None
         self.gate_should_compute = True
         self.previous_indicator = None
@@ -191,10 +198,16 @@ def _latents_from_layout(
     The input is laid out as the family's output (the table's ``output_format``). A token sequence
     ``[B, S, C]`` has no spatial axes to recover without model knowledge: its tokens stand on one axis.
     """
-    hidden = layout.denoiser_reader.get("hidden_states", args, kwargs)
+    hidden = layout.denoiser_reader.get(layout.family.latent_argument, args, kwargs)
+    if isinstance(hidden, (list, tuple)) and hidden and all(isinstance(one, torch.Tensor) for one in hidden):
+        # One tensor per sample (Z-Image: C, F, H, W; Cosmos 3: 1, C, T, H, W).
+        return [one[0] if one.ndim == 5 else one if one.ndim == 4 else one.unsqueeze(1) for one in hidden]
     if not isinstance(hidden, torch.Tensor):
         return None
-    if hidden.ndim == 5:
+    if hidden.ndim == 6:
+        # Several images per sample (JoyImage edits: B, N, C, F, H, W): their frames one after another.
+        latents = hidden.transpose(1, 2).flatten(2, 3)
+    elif hidden.ndim == 5:
         latents = hidden.transpose(1, 2) if layout.family.output_format == "BFCHW" else hidden
     elif hidden.ndim == 4:
         latents = hidden.unsqueeze(2)
@@ -326,54 +339,52 @@ class _DenoiserHandler:
         return _Position(step_index, sigma, steps, list(raw_vision))
 
 
-def _gen_residual(gen_output: torch.Tensor, gen_input: torch.Tensor) -> torch.Tensor | None:
-    if gen_output.shape == gen_input.shape:
-        return gen_output - gen_input
-    if (
-        gen_output.ndim == 3
-        and gen_input.ndim == 3
-        and gen_output.shape[0] == gen_input.shape[0]
-        and gen_output.shape[2] == gen_input.shape[2]
-        and gen_output.shape[1] > gen_input.shape[1]
-    ):
-        # The fused text+image sequence (Flux2's single-stream blocks): the image tokens come last.
-        return gen_output[:, -gen_input.shape[1] :] - gen_input
-    return None
+@dataclass(frozen=True)
+class _Role:
+    chain: int
+    first: bool  # the first block of its run; of run 0, the leader that decides
+    last: bool  # the last block of its run: records the run's residual after a full execution
 
 
 class _BlockHandler:
-    """The leader decides and may serve the cached residual; the tail records one after a full run."""
+    """The leader decides for the call; on a skipped call each run's first block serves the run's cached
+    residual and the other blocks pass their input through; after a full one each run records its own."""
 
-    def __init__(self, site: BlockSite, shared: _Shared, *, is_leader: bool, is_tail: bool) -> None:
+    def __init__(self, site: BlockSite, shared: _Shared, role: _Role) -> None:
         self.site = site
         self.shared = shared
-        self.is_leader = is_leader
-        self.is_tail = is_tail
+        self.role = role
 
     def __call__(self, call: ModuleCall) -> Any:
         state = call.session.state(self.shared, _State)
-        if self.is_leader:
-            return self._lead(call, state)
+        site, role = self.site, self.role
+        if role.chain == 0 and role.first:
+            self._lead(call, state)
         if state.skip_remaining:
-            return self.site.pack(*self.site.inputs(call.args, call.kwargs))
-        return self._compute(call, state)
-
-    def _compute(self, call: ModuleCall, state: _State) -> Any:
+            hidden, encoder = site.inputs(call.args, call.kwargs)
+            if role.first:
+                residual, cached_und = state.replays[role.chain]
+                hidden = hidden + residual
+                encoder = encoder if cached_und is None else cached_und
+            return site.pack(hidden, encoder)
+        if role.first:
+            state.gen_inputs[role.chain] = site.hidden_input(call.args, call.kwargs)
         output = call.run()
-        if self.is_tail and not state.skip_remaining and state.full_execution_pending:
+        if role.last and state.full_execution_pending:
             self._record(state, output)
         return output
 
-    def _lead(self, call: ModuleCall, state: _State) -> Any:
+    def _lead(self, call: ModuleCall, state: _State) -> None:
+        """Decide whether this call runs the blocks or replays every run's residual."""
         site = self.site
         config = self.shared.config
+        chains = len(self.shared.layout.stream_chains)
         hidden, encoder = site.inputs(call.args, call.kwargs)
         state.reset_forward()
         state.full_execution_pending = True
-        state.gen_input = hidden
         position = state.position
         if position is None:
-            return self._compute(call, state)
+            return
         state.step_index = position.step_index
         state.cacheable_execution = True
         try:
@@ -382,14 +393,24 @@ class _BlockHandler:
             logger.debug("SeaCache could not build its indicator (%s); running in full", error)
             indicator = None
         should_compute = _resolve_gate(state, position, indicator, config)
-        if should_compute or not state.history:
+        histories = [state.histories.get(chain, []) for chain in range(chains)]
+        if should_compute or not all(histories):
             if not should_compute:
                 state.accumulated_distance = 0.0
-            return self._compute(call, state)
+            return
+        if not self._fits(histories[0], hidden, encoder) or len({h[-1][0] for h in histories}) != 1:
+            state.reset_trajectory()
+            logger.debug("SeaCache residual history changed shape, device or dtype; running in full")
+            return
+        for chain, history in enumerate(histories):
+            state.replays[chain] = (_extrapolated(history, position.step_index, config), history[-1][1])
+        state.skip_remaining = True
+        state.full_execution_pending = False
+        state.consecutive_cached += 1
 
-        history = state.history[-(config.residual_order + 1) :]
-        _, cached_und, cached_residual = history[-1]
-        if site.encoder_hidden_states_index is not None:
+    def _fits(self, history: list[HistoryEntry], hidden: torch.Tensor, encoder: torch.Tensor | None) -> bool:
+        cached_und = history[-1][1]
+        if self.site.encoder_hidden_states_index is not None:
             # A tail without a text stream (SD3) leaves none to replay: the input's passes through.
             mismatch = encoder is None or (
                 cached_und is not None
@@ -401,54 +422,52 @@ class _BlockHandler:
             )
         else:
             mismatch = cached_und is not None
-        if mismatch or any(
-            residual.shape != hidden.shape
-            or residual.device != hidden.device
-            or residual.dtype != hidden.dtype
+        return not mismatch and all(
+            residual.shape == hidden.shape
+            and residual.device == hidden.device
+            and residual.dtype == hidden.dtype
             for _, _, residual in history
-        ):
-            state.history = []
-            state.accumulated_distance = 0.0
-            logger.debug("SeaCache residual history changed shape, device or dtype; running in full")
-            return self._compute(call, state)
-
-        if config.residual_order == 1 and len(history) >= 2:
-            previous_step, _, previous_residual = history[-2]
-            latest_step, _, latest_residual = history[-1]
-            if latest_step != previous_step:
-                step_scale = (position.step_index - latest_step) / (latest_step - previous_step)
-                cached_residual = latest_residual + (latest_residual - previous_residual) * step_scale
-
-        state.skip_remaining = True
-        state.full_execution_pending = False
-        state.consecutive_cached += 1
-        return site.pack(hidden + cached_residual, encoder if cached_und is None else cached_und)
+        )
 
     def _record(self, state: _State, output: Any) -> None:
-        site = self.site
-        if isinstance(output, tuple):
-            gen_output = output[site.hidden_states_index or 0]
-            index = site.encoder_hidden_states_index
-            und_output = None if index is None else output[index]
-        else:
-            gen_output, und_output = output, None
-        state.consecutive_cached = 0
-        if state.cacheable_execution and state.step_index is not None and state.gen_input is not None:
-            residual = _gen_residual(gen_output, state.gen_input)
-            if residual is not None:
-                und = None if und_output is None else und_output.detach().clone()
-                state.history.append((state.step_index, und, residual.detach().clone()))
-                state.history = state.history[-(self.shared.config.residual_order + 1) :]
-        state.reset_forward()
+        site, chain = self.site, self.role.chain
+        gen_output, und_output = site.streams(output)
+        if self.role.chain == len(self.shared.layout.stream_chains) - 1:
+            state.consecutive_cached = 0
+        gen_input = state.gen_inputs.pop(chain, None)
+        if (
+            state.cacheable_execution
+            and state.step_index is not None
+            and gen_input is not None
+            and gen_output.shape == gen_input.shape
+        ):
+            und = None if und_output is None else und_output.detach().clone()
+            history = state.histories.setdefault(chain, [])
+            history.append((state.step_index, und, (gen_output - gen_input).detach().clone()))
+            del history[: -(self.shared.config.residual_order + 1)]
+
+
+def _extrapolated(history: list[HistoryEntry], step_index: int, config: SeaCacheConfig) -> torch.Tensor:
+    """The residual a run is expected to add at ``step_index``: the latest, extended linearly along the
+    last two at residual order 1."""
+    latest_step, _, latest_residual = history[-1]
+    if config.residual_order == 1 and len(history) >= 2:
+        previous_step, _, previous_residual = history[-2]
+        if latest_step != previous_step:
+            step_scale = (step_index - latest_step) / (latest_step - previous_step)
+            return latest_residual + (latest_residual - previous_residual) * step_scale
+    return latest_residual
 
 
 def plan(config: SeaCacheConfig, layout: ModelLayout) -> Plan:
     blocks = layout.blocks
     if not blocks:
         raise UnsupportedMethodError(NAME, layout, "found no repeated transformer blocks")
+    require_block_chain(NAME, layout)
     shared = _Shared(config, layout)
     handlers: dict[nn.Module, Handler] = {layout.denoiser: _DenoiserHandler(shared)}
-    last = len(blocks) - 1
-    for index, site in enumerate(blocks):
-        handlers[site.module] = _BlockHandler(site, shared, is_leader=index == 0, is_tail=index == last)
+    for chain_index, chain in enumerate(layout.stream_chains):
+        for index, site in enumerate(chain):
+            role = _Role(chain=chain_index, first=index == 0, last=index == len(chain) - 1)
+            handlers[site.module] = _BlockHandler(site, shared, role)
     return Plan(method=NAME, handlers=handlers)

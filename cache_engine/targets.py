@@ -11,9 +11,9 @@ import ast
 import functools
 import inspect
 import textwrap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -70,13 +70,12 @@ class FamilySpec:
     kind: Literal["image", "video"] = "image"
     # Arguments besides the usual ones that carry the CFG batch (uncond half, then cond half).
     cfg_batched_arguments: tuple[str, ...] = ()
-    # The hidden states change layout between the block lists (Flux 2 joins its text and image tokens
-    # before the single-stream list), so a residual can only span one list.
-    joins_streams_between_lists: bool = False
     # cache-dit's block adapter for the family caches each block list apart, with decisions of its own.
     block_lists_cached_apart: bool = False
     # TeaCache's rescaling polynomial, highest power first, where its paper gives one for the family.
     teacache_coefficients: tuple[float, ...] | None = None
+    # The denoiser's argument carrying the noisy latents.
+    latent_argument: str = "hidden_states"
     # The module lists holding the denoising blocks, as dotted paths in the order forward runs them.
     # None: the lists named as the reference names them (BLOCK_CONTAINER_NAMES), in declaration order.
     block_lists: tuple[str, ...] | None = None
@@ -117,7 +116,6 @@ FAMILIES: tuple[FamilySpec, ...] = (
         ("Flux2Transformer2DModel",),
         timestep_scale=1000.0,
         output_format="BSC",
-        joins_streams_between_lists=True,
         block_lists_cached_apart=True,
     ),
     FamilySpec("qwenimage", ("QwenImageTransformer2DModel",), timestep_scale=1000.0, output_format="BSC"),
@@ -200,6 +198,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         "z_image",
         ("ZImageTransformer2DModel",),
+        latent_argument="x",
         timestep_argument="t",
         timestep_scale=-1000.0,
         timestep_offset=1000.0,
@@ -207,6 +206,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         "cosmos3",
         ("Cosmos3OmniTransformer",),
+        latent_argument="vision_tokens",
         timestep_argument="vision_timesteps",
         timestep_scale=None,
         output_format="BSC",
@@ -361,11 +361,11 @@ def block_convention(block: nn.Module) -> BlockConvention | None:
         found = BLOCK_CONVENTIONS.get(cls.__name__)
         if found is not None:
             return found
-    return _convention_from_source(type(block))
+    return _convention_from_source(cast(Hashable, type(block)))
 
 
 @functools.cache
-def _convention_from_source(block_class: type) -> BlockConvention | None:
+def _convention_from_source(block_class: Any) -> BlockConvention | None:
     """A block whose forward returns no tuple, no None, no call's result and no name it bound to a
     container returns one stream: the one it took first. Anything else, or no source, tells nothing."""
     try:

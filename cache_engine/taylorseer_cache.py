@@ -228,4 +228,16 @@ def plan(config: TaylorSeerCacheConfig, layout: ModelLayout) -> Plan:
                 handlers.setdefault(site.module, _TaylorSeerHandler(config, is_inactive=False))
     if not handlers:
         raise UnsupportedMethodError(NAME, layout, "no module matches the configured identifiers")
+    if config.use_lite_mode:
+        # Lite mode skips the blocks outright: without the output projection predicted in their place,
+        # or with another head reading them, the output would be built from nothing.
+        if not cached:
+            raise UnsupportedMethodError(NAME, layout, "lite mode found no proj_out to predict")
+        if layout.family.other_output_heads:
+            raise UnsupportedMethodError(
+                NAME,
+                layout,
+                f"lite mode predicts proj_out alone, and {layout.family.other_output_heads[0]} "
+                "also reads the blocks' output",
+            )
     return Plan(method=NAME, handlers=handlers)

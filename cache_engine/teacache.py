@@ -33,7 +33,7 @@ from torch import nn
 
 from . import _validation as check
 from ._fields import documented
-from .errors import InvalidConfigValue, UnsupportedMethodError
+from .errors import InvalidConfigValue, UnsupportedMethodError, require_block_chain
 from .session import CacheSession, Handler, ModuleCall, Plan
 from .targets import BlockSite, ModelLayout, has_modulated_input, modulated_input
 
@@ -188,10 +188,8 @@ class _BlockHandler:
 
 
 def runs(layout: ModelLayout) -> tuple[tuple[BlockSite, ...], ...]:
-    """The runs of blocks one residual spans: all blocks, or one per list where the layout changes."""
-    if layout.family.joins_streams_between_lists:
-        return layout.block_lists
-    return (layout.blocks,) if layout.blocks else ()
+    """The runs of blocks one residual spans: all blocks, split where the streams change layout."""
+    return layout.stream_chains
 
 
 def coefficients_for(config: TeaCacheConfig, layout: ModelLayout) -> tuple[float, ...]:
@@ -209,6 +207,7 @@ def plan(config: TeaCacheConfig, layout: ModelLayout) -> Plan:
     block_runs = runs(layout)
     if sum(len(run) for run in block_runs) < 2:
         raise UnsupportedMethodError(NAME, layout, "needs at least two transformer blocks")
+    require_block_chain(NAME, layout)
     first = block_runs[0][0]
     if not has_modulated_input(first):
         raise UnsupportedMethodError(

@@ -19,4 +19,5 @@ NOT_DENOISERS: dict[str, str] = {
     "RFD4ProteinaTransformer": "protein structure generation",
     "PriorTransformer": "a prior over CLIP image embeddings (Kandinsky 2, Shap-E), not a denoiser of latents",
     "TransformerTemporalModel": "a temporal layer inside video UNets, not a denoiser of its own",
+    "DreamLiteTransformer2DModel": "a cross-attention stage inside DreamLite's UNet, which is the denoiser",
 }

@@ -511,28 +511,6 @@ def _build_dit() -> tuple[nn.Module, dict[str, Any]]:
     }
 
 
-def _build_dreamlite() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
-        "DreamLiteTransformer2DModel",
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=16,
-        num_layers=2,
-        norm_num_groups=4,
-        cross_attention_dim=16,
-        use_linear_projection=True,
-        qk_norm="rms_norm",
-        ff_mult=2,
-    )
-    gen = _gen()
-    # A cross-attention stage of the DreamLite U-Net: the U-Net passes it no timestep.
-    return model, {
-        "hidden_states": _randn(gen, BATCH, 16, 4, 4),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
-        "return_dict": False,
-    }
-
-
 def _build_easyanimate() -> tuple[nn.Module, dict[str, Any]]:
     model = _model(
         "EasyAnimateTransformer3DModel",
@@ -694,7 +672,6 @@ SPECS: tuple[ZooSpec, ...] = (
     ZooSpec("Cosmos3OmniTransformer", _build_cosmos3_omni, "vision_tokens", "vision_timesteps"),
     ZooSpec("CosmosTransformer3DModel", _build_cosmos, "hidden_states", "timestep", timestep_start=1.0),
     ZooSpec("DiTTransformer2DModel", _build_dit, "hidden_states", "timestep"),
-    ZooSpec("DreamLiteTransformer2DModel", _build_dreamlite, "hidden_states", None),
     ZooSpec("EasyAnimateTransformer3DModel", _build_easyanimate, "hidden_states", "timestep"),
     ZooSpec("ErnieImageTransformer2DModel", _build_ernie_image, "hidden_states", "timestep"),
     ZooSpec("Flux2Transformer2DModel", _build_flux2, "hidden_states", "timestep", timestep_start=1.0),
