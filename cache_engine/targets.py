@@ -680,6 +680,14 @@ def _joint_norm(block: Any, argument: _Argument) -> torch.Tensor:
     return modulated
 
 
+def _cogview3plus(block: Any, argument: _Argument) -> torch.Tensor:
+    # The joint norm of CogView3-Plus, whose blocks name the timestep embedding ``emb``.
+    modulated: torch.Tensor = block.norm1(
+        argument("hidden_states"), argument("encoder_hidden_states"), argument("emb")
+    )[0]
+    return modulated
+
+
 def _ltx(block: Any, argument: _Argument) -> torch.Tensor:
     hidden, temb = argument("hidden_states"), argument("temb")
     ada_count = block.scale_shift_table.shape[0]
@@ -753,6 +761,21 @@ _MODULATED_INPUTS: Mapping[str, Callable[[Any, _Argument], torch.Tensor]] = {
     "QwenImageTransformerBlock": _qwenimage,
     "Flux2TransformerBlock": _flux2,
     "BasicTransformerBlock": _basic,
+    "AuraFlowJointTransformerBlock": _adaln_zero,
+    "BriaFiboTransformerBlock": _adaln_zero,
+    "BriaTransformerBlock": _adaln_zero,
+    "HunyuanImageTransformerBlock": _adaln_zero,
+    "HunyuanVideo15TransformerBlock": _adaln_zero,
+    "LongCatImageTransformerBlock": _adaln_zero,
+    "MotifVideoTransformerBlock": _adaln_zero,
+    "OvisImageTransformerBlock": _adaln_zero,
+    "EasyAnimateTransformerBlock": _joint_norm,
+    "ConsisIDBlock": _joint_norm,
+    "GlmImageTransformerBlock": _joint_norm,
+    "CogView3PlusTransformerBlock": _cogview3plus,
+    "SkyReelsV2TransformerBlock": _wan,
+    "AnyFlowTransformerBlock": _wan,
+    "HeliosTransformerBlock": _wan,
 }
 
 

@@ -21,6 +21,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 import cache_engine as ce
+from cache_engine import teacache
+from cache_engine.targets import build_layout, has_modulated_input, is_attention_module, modulated_input
 from tests.cache_engine.zoo import ZooSpec
 from tests.cache_engine.zoo.catalog import NOT_DENOISERS, SPECS
 
@@ -180,3 +182,55 @@ def test_method_acts_correctly_or_is_refused(
         for out, ref in zip(outputs, entry.moving, strict=True)
     )
     assert stats.blocks_reused + stats.attention_reused > 0 or stats.steps_cached > 0, stats
+
+
+def _first_attention(block: nn.Module) -> nn.Module:
+    return next(module for module in block.modules() if module is not block and is_attention_module(module))
+
+
+def _modulated_and_attended(spec: ZooSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """TeaCache's reading of the first block's modulated input in one call, and what that block's first
+    attention received there; None where the table has no reader for the block."""
+    model, kwargs = spec.build()
+    runs = teacache.runs(build_layout(model))
+    if not runs or not has_modulated_input(runs[0][0]):
+        return None
+    site = runs[0][0]
+    seen: dict[str, Any] = {}
+
+    def block_hook(_: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        seen.setdefault("block", (args, kw))
+
+    def attention_hook(_: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        seen.setdefault("attention", kw.get("hidden_states", args[0] if args else None))
+
+    hooks = [
+        site.module.register_forward_pre_hook(block_hook, with_kwargs=True),
+        _first_attention(site.module).register_forward_pre_hook(attention_hook, with_kwargs=True),
+    ]
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+            args, kw = seen["block"]
+            return modulated_input(site, args, kw), seen["attention"]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_teacache_reads_the_input_of_the_first_blocks_attention() -> None:
+    """TeaCache's signal is the first block's image stream as its attention receives it, after the norm
+    and the timestep modulation: where the table has a reader, it recomputes exactly that."""
+    checked = []
+    for spec in SPECS:
+        found = _modulated_and_attended(spec)
+        if found is None:
+            continue
+        modulated, attended = found
+        assert modulated.shape == attended.shape, spec.class_name
+        assert torch.allclose(modulated, attended, atol=1e-5), spec.class_name
+        checked.append(spec.class_name)
+    # The families TeaCache publishes coefficients for, at least, are read.
+    assert {"FluxTransformer2DModel", "HunyuanVideoTransformer3DModel", "LTXVideoTransformer3DModel"} <= set(
+        checked
+    )
