@@ -43,9 +43,6 @@ from .targets import ModelLayout
 from .taylorseer_cache import _LITE_SKIP_PATTERNS, _State
 
 NAME = "guarded_taylorseer"
-# The transformer's last projection, whose output is predicted: proj_out, or DiT's proj_out_2 (its
-# proj_out_1 computes the final norm's modulation from the timestep, which the skipped blocks leave).
-_PREDICTED_PATTERNS = ("^proj_out$", "^proj_out_2$")
 
 
 @dataclass(frozen=True)
@@ -233,16 +230,16 @@ def plan(config: GuardedTaylorSeerCacheConfig, layout: ModelLayout) -> Plan:
     for name, module in layout.modules.items():
         if any(re.fullmatch(pattern, name) for pattern in _LITE_SKIP_PATTERNS):
             handlers[module] = _Handler(schedule, is_inactive=True)
-        elif any(re.fullmatch(pattern, name) for pattern in _PREDICTED_PATTERNS):
+        elif name == layout.output_head:
             handlers[module] = _Handler(schedule, is_inactive=False)
             predicted += 1
     if not predicted:
-        raise UnsupportedMethodError(NAME, layout, "found no proj_out to predict")
+        raise UnsupportedMethodError(NAME, layout, "found no output projection to predict")
     if layout.family.other_output_heads:
         raise UnsupportedMethodError(
             NAME,
             layout,
-            f"it predicts proj_out alone, and {layout.family.other_output_heads[0]} also reads "
+            f"it predicts the output projection alone, and {layout.family.other_output_heads[0]} also reads "
             "the blocks' output",
         )
     return Plan(method=NAME, handlers=handlers, estimate=lambda session: schedule.guard(session).spent)

@@ -521,6 +521,13 @@ class ModelLayout:
         return frozenset(site.module for site in self.attention)
 
     @property
+    def output_head(self) -> str | None:
+        """The child module whose output is the denoiser's (up to a reshape): what TaylorSeer's lite
+        mode predicts in place of the blocks. None: the denoiser has none the engine knows."""
+        children = {name for name, _ in self.denoiser.named_children()}
+        return next((name for name in OUTPUT_HEADS if name in children), None)
+
+    @property
     def block_lists(self) -> tuple[tuple[BlockSite, ...], ...]:
         """The blocks grouped by the list that holds them (``transformer_blocks``, ...), in call order."""
         lists: dict[str, list[BlockSite]] = {}
@@ -567,6 +574,11 @@ def scalar_timestep(raw: Any) -> float | None:
     if isinstance(raw, torch.Tensor):
         return float(raw.reshape(-1)[0].item()) if raw.numel() else None
     return float(raw)
+
+
+# What denoisers name the module that turns the blocks' output into theirs, in the order preferred where
+# several are present (Flux's norm_out feeds its proj_out; DiT's proj_out_1 reads only the timestep).
+OUTPUT_HEADS = ("proj_out_2", "proj_out", "final_layer", "out_layer", "final_linear", "norm_out")
 
 
 def is_attention_module(module: nn.Module) -> bool:

@@ -36,7 +36,6 @@ _ATTENTION_PATTERNS = (
     "^temporal_transformer_blocks.*attn",
 )
 _LITE_SKIP_PATTERNS = ("^[^.]*block[^.]*\\.[^.]+$",)
-_LITE_CACHE_PATTERNS = ("^proj_out$",)
 
 
 @dataclass(frozen=True)
@@ -202,17 +201,21 @@ class _TaylorSeerHandler:
         return decide_and_record(self, call)
 
 
-def _resolve_patterns(config: TaylorSeerCacheConfig) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+def _resolve_patterns(
+    config: TaylorSeerCacheConfig, layout: ModelLayout
+) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
     """(skip patterns, cache patterns, whether the cache patterns are the defaults)."""
     if config.use_lite_mode:
-        return _LITE_SKIP_PATTERNS, _LITE_CACHE_PATTERNS, False
+        # The reference predicts proj_out; a denoiser whose output head has another name predicts that.
+        head = layout.output_head
+        return _LITE_SKIP_PATTERNS, () if head is None else (f"^{re.escape(head)}$",), False
     skip = config.skip_predict_identifiers or ()
     cache = config.cache_identifiers or ()
     return skip, cache or _ATTENTION_PATTERNS, not cache
 
 
 def plan(config: TaylorSeerCacheConfig, layout: ModelLayout) -> Plan:
-    skip_patterns, cache_patterns, default_cache = _resolve_patterns(config)
+    skip_patterns, cache_patterns, default_cache = _resolve_patterns(config, layout)
     handlers: dict[nn.Module, Handler] = {}
     cached = 0
     for name, module in layout.modules.items():
@@ -232,12 +235,12 @@ def plan(config: TaylorSeerCacheConfig, layout: ModelLayout) -> Plan:
         # Lite mode skips the blocks outright: without the output projection predicted in their place,
         # or with another head reading them, the output would be built from nothing.
         if not cached:
-            raise UnsupportedMethodError(NAME, layout, "lite mode found no proj_out to predict")
+            raise UnsupportedMethodError(NAME, layout, "lite mode found no output projection to predict")
         if layout.family.other_output_heads:
             raise UnsupportedMethodError(
                 NAME,
                 layout,
-                f"lite mode predicts proj_out alone, and {layout.family.other_output_heads[0]} "
+                f"lite mode predicts the output projection alone, and {layout.family.other_output_heads[0]} "
                 "also reads the blocks' output",
             )
     return Plan(method=NAME, handlers=handlers)
