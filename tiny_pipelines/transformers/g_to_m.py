@@ -14,7 +14,7 @@ from diffusers.models.transformers.transformer_ideogram4 import (
 )
 from torch import nn
 
-from . import ZooSpec
+from . import TinyTransformer
 
 BATCH = 2
 
@@ -768,19 +768,19 @@ def _build_minimax_h3() -> tuple[nn.Module, dict[str, Any]]:
     }
 
 
-SPECS: tuple[ZooSpec, ...] = (
-    ZooSpec("GlmImageTransformer2DModel", _build_glm_image, "hidden_states", "timestep"),
-    ZooSpec("HeliosTransformer3DModel", _build_helios, "hidden_states", "timestep"),
-    ZooSpec("HiDreamImageTransformer2DModel", _build_hidream_image, "hidden_states", "timesteps"),
-    ZooSpec("HunyuanDiT2DModel", _build_hunyuan_dit, "hidden_states", "timestep"),
-    ZooSpec("HunyuanImageTransformer2DModel", _build_hunyuan_image, "hidden_states", "timestep"),
-    ZooSpec("HunyuanVideo15Transformer3DModel", _build_hunyuan_video15, "hidden_states", "timestep"),
-    ZooSpec(
+TRANSFORMERS: tuple[TinyTransformer, ...] = (
+    TinyTransformer("GlmImageTransformer2DModel", _build_glm_image, "hidden_states", "timestep"),
+    TinyTransformer("HeliosTransformer3DModel", _build_helios, "hidden_states", "timestep"),
+    TinyTransformer("HiDreamImageTransformer2DModel", _build_hidream_image, "hidden_states", "timesteps"),
+    TinyTransformer("HunyuanDiT2DModel", _build_hunyuan_dit, "hidden_states", "timestep"),
+    TinyTransformer("HunyuanImageTransformer2DModel", _build_hunyuan_image, "hidden_states", "timestep"),
+    TinyTransformer("HunyuanVideo15Transformer3DModel", _build_hunyuan_video15, "hidden_states", "timestep"),
+    TinyTransformer(
         "HunyuanVideoFramepackTransformer3DModel", _build_hunyuan_video_framepack, "hidden_states", "timestep"
     ),
-    ZooSpec("HunyuanVideoTransformer3DModel", _build_hunyuan_video, "hidden_states", "timestep"),
+    TinyTransformer("HunyuanVideoTransformer3DModel", _build_hunyuan_video, "hidden_states", "timestep"),
     # The pipeline passes 1 - t / 1000: model time runs from 0 (noise) up to 1.
-    ZooSpec(
+    TinyTransformer(
         "Ideogram4Transformer2DModel",
         _build_ideogram4,
         "hidden_states",
@@ -788,23 +788,25 @@ SPECS: tuple[ZooSpec, ...] = (
         timestep_start=0.0,
         timestep_end=1.0,
     ),
-    ZooSpec("JoyImageEditPlusTransformer3DModel", _build_joyimage_edit_plus, "hidden_states", "timestep"),
-    ZooSpec("JoyImageEditTransformer3DModel", _build_joyimage_edit, "hidden_states", "timestep"),
-    ZooSpec("Kandinsky5Transformer3DModel", _build_kandinsky5, "hidden_states", "timestep"),
-    ZooSpec("Kandinsky6SRTransformer3DModel", _build_kandinsky6_sr, "hidden_states", "timestep"),
-    ZooSpec("Kandinsky6Transformer3DModel", _build_kandinsky6, "hidden_states", "timestep"),
-    ZooSpec("Krea2Transformer2DModel", _build_krea2, "hidden_states", "timestep", timestep_start=1.0),
-    ZooSpec("LTX2VideoTransformer3DModel", _build_ltx2_video, "hidden_states", "timestep"),
-    ZooSpec("LTXVideoTransformer3DModel", _build_ltx_video, "hidden_states", "timestep"),
-    ZooSpec("LatteTransformer3DModel", _build_latte, "hidden_states", "timestep"),
-    ZooSpec(
+    TinyTransformer(
+        "JoyImageEditPlusTransformer3DModel", _build_joyimage_edit_plus, "hidden_states", "timestep"
+    ),
+    TinyTransformer("JoyImageEditTransformer3DModel", _build_joyimage_edit, "hidden_states", "timestep"),
+    TinyTransformer("Kandinsky5Transformer3DModel", _build_kandinsky5, "hidden_states", "timestep"),
+    TinyTransformer("Kandinsky6SRTransformer3DModel", _build_kandinsky6_sr, "hidden_states", "timestep"),
+    TinyTransformer("Kandinsky6Transformer3DModel", _build_kandinsky6, "hidden_states", "timestep"),
+    TinyTransformer("Krea2Transformer2DModel", _build_krea2, "hidden_states", "timestep", timestep_start=1.0),
+    TinyTransformer("LTX2VideoTransformer3DModel", _build_ltx2_video, "hidden_states", "timestep"),
+    TinyTransformer("LTXVideoTransformer3DModel", _build_ltx_video, "hidden_states", "timestep"),
+    TinyTransformer("LatteTransformer3DModel", _build_latte, "hidden_states", "timestep"),
+    TinyTransformer(
         "LongCatImageTransformer2DModel",
         _build_longcat_image,
         "hidden_states",
         "timestep",
         timestep_start=1.0,
     ),
-    ZooSpec(
+    TinyTransformer(
         "Lumina2Transformer2DModel",
         _build_lumina2,
         "hidden_states",
@@ -812,7 +814,7 @@ SPECS: tuple[ZooSpec, ...] = (
         timestep_start=0.0,
         timestep_end=1.0,
     ),
-    ZooSpec(
+    TinyTransformer(
         "LuminaNextDiT2DModel",
         _build_lumina_next,
         "hidden_states",
@@ -820,7 +822,7 @@ SPECS: tuple[ZooSpec, ...] = (
         timestep_start=0.0,
         timestep_end=1.0,
     ),
-    ZooSpec(
+    TinyTransformer(
         "MiniMaxH3Transformer3DModel",
         _build_minimax_h3,
         "hidden_states",

@@ -8,7 +8,7 @@ import diffusers
 import torch
 from torch import nn
 
-from . import ZooSpec
+from . import TinyTransformer
 
 BATCH = 2
 
@@ -653,28 +653,34 @@ def _build_flux() -> tuple[nn.Module, dict[str, Any]]:
     }
 
 
-SPECS: tuple[ZooSpec, ...] = (
-    ZooSpec("AllegroTransformer3DModel", _build_allegro, "hidden_states", "timestep"),
-    ZooSpec("AnyFlowFARTransformer3DModel", _build_anyflow_far, "hidden_states", "timestep"),
-    ZooSpec("AnyFlowTransformer3DModel", _build_anyflow, "hidden_states", "timestep"),
-    ZooSpec("AuraFlowTransformer2DModel", _build_aura_flow, "hidden_states", "timestep", timestep_start=1.0),
-    ZooSpec(
+TRANSFORMERS: tuple[TinyTransformer, ...] = (
+    TinyTransformer("AllegroTransformer3DModel", _build_allegro, "hidden_states", "timestep"),
+    TinyTransformer("AnyFlowFARTransformer3DModel", _build_anyflow_far, "hidden_states", "timestep"),
+    TinyTransformer("AnyFlowTransformer3DModel", _build_anyflow, "hidden_states", "timestep"),
+    TinyTransformer(
+        "AuraFlowTransformer2DModel", _build_aura_flow, "hidden_states", "timestep", timestep_start=1.0
+    ),
+    TinyTransformer(
         "BriaFibo2Transformer2DModel", _build_bria_fibo2, "hidden_states", "timestep", timestep_start=1.0
     ),
-    ZooSpec("BriaFiboTransformer2DModel", _build_bria_fibo, "hidden_states", "timestep"),
-    ZooSpec("BriaTransformer2DModel", _build_bria, "hidden_states", "timestep"),
-    ZooSpec("ChromaTransformer2DModel", _build_chroma, "hidden_states", "timestep", timestep_start=1.0),
-    ZooSpec("ChronoEditTransformer3DModel", _build_chronoedit, "hidden_states", "timestep"),
-    ZooSpec("CogVideoXTransformer3DModel", _build_cogvideox, "hidden_states", "timestep"),
-    ZooSpec("CogView3PlusTransformer2DModel", _build_cogview3plus, "hidden_states", "timestep"),
-    ZooSpec("CogView4Transformer2DModel", _build_cogview4, "hidden_states", "timestep"),
-    ZooSpec("ConsisIDTransformer3DModel", _build_consisid, "hidden_states", "timestep"),
-    ZooSpec("Cosmos3OmniTransformer", _build_cosmos3_omni, "vision_tokens", "vision_timesteps"),
-    ZooSpec("CosmosTransformer3DModel", _build_cosmos, "hidden_states", "timestep", timestep_start=1.0),
-    ZooSpec("DiTTransformer2DModel", _build_dit, "hidden_states", "timestep"),
-    ZooSpec("EasyAnimateTransformer3DModel", _build_easyanimate, "hidden_states", "timestep"),
-    ZooSpec("ErnieImageTransformer2DModel", _build_ernie_image, "hidden_states", "timestep"),
-    ZooSpec("Flux2Transformer2DModel", _build_flux2, "hidden_states", "timestep", timestep_start=1.0),
-    ZooSpec("Flux3Transformer2DModel", _build_flux3, "hidden_states", "timestep", timestep_start=1.0),
-    ZooSpec("FluxTransformer2DModel", _build_flux, "hidden_states", "timestep", timestep_start=1.0),
+    TinyTransformer("BriaFiboTransformer2DModel", _build_bria_fibo, "hidden_states", "timestep"),
+    TinyTransformer("BriaTransformer2DModel", _build_bria, "hidden_states", "timestep"),
+    TinyTransformer(
+        "ChromaTransformer2DModel", _build_chroma, "hidden_states", "timestep", timestep_start=1.0
+    ),
+    TinyTransformer("ChronoEditTransformer3DModel", _build_chronoedit, "hidden_states", "timestep"),
+    TinyTransformer("CogVideoXTransformer3DModel", _build_cogvideox, "hidden_states", "timestep"),
+    TinyTransformer("CogView3PlusTransformer2DModel", _build_cogview3plus, "hidden_states", "timestep"),
+    TinyTransformer("CogView4Transformer2DModel", _build_cogview4, "hidden_states", "timestep"),
+    TinyTransformer("ConsisIDTransformer3DModel", _build_consisid, "hidden_states", "timestep"),
+    TinyTransformer("Cosmos3OmniTransformer", _build_cosmos3_omni, "vision_tokens", "vision_timesteps"),
+    TinyTransformer(
+        "CosmosTransformer3DModel", _build_cosmos, "hidden_states", "timestep", timestep_start=1.0
+    ),
+    TinyTransformer("DiTTransformer2DModel", _build_dit, "hidden_states", "timestep"),
+    TinyTransformer("EasyAnimateTransformer3DModel", _build_easyanimate, "hidden_states", "timestep"),
+    TinyTransformer("ErnieImageTransformer2DModel", _build_ernie_image, "hidden_states", "timestep"),
+    TinyTransformer("Flux2Transformer2DModel", _build_flux2, "hidden_states", "timestep", timestep_start=1.0),
+    TinyTransformer("Flux3Transformer2DModel", _build_flux3, "hidden_states", "timestep", timestep_start=1.0),
+    TinyTransformer("FluxTransformer2DModel", _build_flux, "hidden_states", "timestep", timestep_start=1.0),
 )

@@ -1,8 +1,10 @@
 """Every transformer class diffusers exports, built tiny and seeded, with the inputs of one denoiser call.
 
-The engine's promise is checked over this zoo: on every class, each method acts correctly or is refused
-when the policy is checked. Each group module holds ``SPECS``, one :class:`ZooSpec` per class; a class
-diffusers adds later is missing here, and the test over the zoo fails until it is classified.
+The engine's promise is checked over these: on every class, each method acts correctly or is refused
+when the policy is checked (``tests/cache_engine/test_every_transformer.py``; ``python -m
+benchmarks.coverage`` writes the table). The modules ``a_to_f``, ``g_to_m`` and ``m_to_z`` hold
+``TRANSFORMERS``, one :class:`TinyTransformer` per class, alphabetically; ``catalog`` gathers them. A class
+diffusers adds later is missing here, and the test fails until it is classified.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class ZooSpec:
+class TinyTransformer:
     """One transformer class, built tiny: ``build()`` returns the seeded model (eval, float32, CPU) and
     the keyword arguments of one call of its forward at batch 2 (``return_dict=False`` included where the
     forward takes it)."""

@@ -36,7 +36,7 @@ from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2K
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from tests.cache_engine.zoo import ZooSpec
+from tiny_pipelines.transformers import TinyTransformer
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 Built = tuple[nn.Module, dict[str, Any]]
@@ -720,11 +720,11 @@ def _build_z_image() -> Built:
     }
 
 
-SPECS: tuple[ZooSpec, ...] = (
+TRANSFORMERS: tuple[TinyTransformer, ...] = (
     # Mochi's scheduler inverts sigmas: the model sees t rising from about 0 to 1000.
-    ZooSpec("MochiTransformer3DModel", _build_mochi, "hidden_states", "timestep"),
-    ZooSpec("MotifVideoTransformer3DModel", _build_motif_video, "hidden_states", "timestep"),
-    ZooSpec(
+    TinyTransformer("MochiTransformer3DModel", _build_mochi, "hidden_states", "timestep"),
+    TinyTransformer("MotifVideoTransformer3DModel", _build_motif_video, "hidden_states", "timestep"),
+    TinyTransformer(
         "NucleusMoEImageTransformer2DModel",
         _build_nucleusmoe_image,
         "hidden_states",
@@ -732,7 +732,7 @@ SPECS: tuple[ZooSpec, ...] = (
         timestep_start=1.0,
     ),
     # OmniGen's scheduler (one train timestep, inverted sigmas) passes t rising from 0 to 1.
-    ZooSpec(
+    TinyTransformer(
         "OmniGenTransformer2DModel",
         _build_omnigen,
         "hidden_states",
@@ -740,26 +740,32 @@ SPECS: tuple[ZooSpec, ...] = (
         timestep_start=0.0,
         timestep_end=1.0,
     ),
-    ZooSpec(
+    TinyTransformer(
         "OvisImageTransformer2DModel", _build_ovis_image, "hidden_states", "timestep", timestep_start=1.0
     ),
-    ZooSpec("PRXTransformer2DModel", _build_prx, "hidden_states", "timestep", timestep_start=1.0),
-    ZooSpec("PixArtTransformer2DModel", _build_pixart, "hidden_states", "timestep"),
-    ZooSpec(
+    TinyTransformer("PRXTransformer2DModel", _build_prx, "hidden_states", "timestep", timestep_start=1.0),
+    TinyTransformer("PixArtTransformer2DModel", _build_pixart, "hidden_states", "timestep"),
+    TinyTransformer(
         "QwenImage21Transformer2DModel", _build_qwenimage21, "hidden_states", "timestep", timestep_start=1.0
     ),
-    ZooSpec("QwenImageTransformer2DModel", _build_qwenimage, "hidden_states", "timestep", timestep_start=1.0),
-    ZooSpec("SD3Transformer2DModel", _build_sd3, "hidden_states", "timestep"),
-    ZooSpec("SanaTransformer2DModel", _build_sana, "hidden_states", "timestep"),
-    ZooSpec("SanaVideoTransformer3DModel", _build_sana_video, "hidden_states", "timestep"),
-    ZooSpec("SanaWMLTX2RefinerTransformer3DModel", _build_sana_wm_refiner, "hidden_states", "timestep"),
-    ZooSpec("SanaWMTransformer3DModel", _build_sana_wm, "hidden_states", "timestep"),
-    ZooSpec("SkyReelsV2Transformer3DModel", _build_skyreels_v2, "hidden_states", "timestep"),
-    ZooSpec("Transformer2DModel", _build_transformer_2d, "hidden_states", "timestep"),
-    ZooSpec("WanAnimate2Transformer3DModel", _build_wan_animate_2, "hidden_states", "timestep"),
-    ZooSpec("WanAnimateTransformer3DModel", _build_wan_animate, "hidden_states", "timestep"),
-    ZooSpec("WanTransformer3DModel", _build_wan, "hidden_states", "timestep"),
-    ZooSpec("WanVACETransformer3DModel", _build_wan_vace, "hidden_states", "timestep"),
+    TinyTransformer(
+        "QwenImageTransformer2DModel", _build_qwenimage, "hidden_states", "timestep", timestep_start=1.0
+    ),
+    TinyTransformer("SD3Transformer2DModel", _build_sd3, "hidden_states", "timestep"),
+    TinyTransformer("SanaTransformer2DModel", _build_sana, "hidden_states", "timestep"),
+    TinyTransformer("SanaVideoTransformer3DModel", _build_sana_video, "hidden_states", "timestep"),
+    TinyTransformer(
+        "SanaWMLTX2RefinerTransformer3DModel", _build_sana_wm_refiner, "hidden_states", "timestep"
+    ),
+    TinyTransformer("SanaWMTransformer3DModel", _build_sana_wm, "hidden_states", "timestep"),
+    TinyTransformer("SkyReelsV2Transformer3DModel", _build_skyreels_v2, "hidden_states", "timestep"),
+    TinyTransformer("Transformer2DModel", _build_transformer_2d, "hidden_states", "timestep"),
+    TinyTransformer("WanAnimate2Transformer3DModel", _build_wan_animate_2, "hidden_states", "timestep"),
+    TinyTransformer("WanAnimateTransformer3DModel", _build_wan_animate, "hidden_states", "timestep"),
+    TinyTransformer("WanTransformer3DModel", _build_wan, "hidden_states", "timestep"),
+    TinyTransformer("WanVACETransformer3DModel", _build_wan_vace, "hidden_states", "timestep"),
     # Z-Image's pipeline passes (1000 - t) / 1000: the model sees t rising from 0 to 1.
-    ZooSpec("ZImageTransformer2DModel", _build_z_image, "x", "t", timestep_start=0.0, timestep_end=1.0),
+    TinyTransformer(
+        "ZImageTransformer2DModel", _build_z_image, "x", "t", timestep_start=0.0, timestep_end=1.0
+    ),
 )

@@ -1,10 +1,14 @@
-"""The zoo's classes, and the transformer classes diffusers exports that are not image or video denoisers."""
+"""Every tiny transformer, and the transformer classes diffusers exports that are not image or video denoisers."""
 
 from __future__ import annotations
 
-from tests.cache_engine.zoo import ZooSpec, group_a, group_b, group_c
+from tiny_pipelines.transformers import TinyTransformer, a_to_f, g_to_m, m_to_z
 
-SPECS: tuple[ZooSpec, ...] = (*group_a.SPECS, *group_b.SPECS, *group_c.SPECS)
+TINY_TRANSFORMERS: tuple[TinyTransformer, ...] = (
+    *a_to_f.TRANSFORMERS,
+    *g_to_m.TRANSFORMERS,
+    *m_to_z.TRANSFORMERS,
+)
 
 # Exported from diffusers.models.transformers, outside what the server denoises: audio, music, proteins,
 # a prior over image embeddings, and a temporal layer of a UNet.
