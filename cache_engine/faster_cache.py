@@ -203,6 +203,14 @@ class FasterCacheConfig:
 # -- frequency split --------------------------------------------------------------------------------
 
 
+def _format_of(hidden: torch.Tensor, declared: TensorFormat) -> TensorFormat:
+    """The layout of ``hidden``: the declared one where its rank allows, else the one its rank implies
+    (a model outside the family table outputs images as [B, C, H, W] whatever the config's default)."""
+    if hidden.ndim == 5:
+        return declared if declared in ("BCFHW", "BFCHW") else "BCFHW"
+    return "BCHW" if hidden.ndim == 4 else "BSC"
+
+
 def _to_planes(hidden: torch.Tensor, layout: TensorFormat) -> torch.Tensor:
     """Put the axes to transform last: [N, C, H, W] for images and frames, [B, C, S] for tokens."""
     if layout == "BCFHW":
@@ -323,10 +331,15 @@ class _DenoiserHandler:
         layout: TensorFormat,
         flags_key: object,
         extra_batched: tuple[str, ...],
+        *,
+        halve_by_batch: bool = False,
     ) -> None:
         self.config = config
         self.layout = layout
         self.batched_arguments = config._unconditional_conditional_input_kwargs_identifiers + extra_batched
+        # A model outside the family table may carry the CFG batch in arguments of any name (CogView3-Plus'
+        # size conditions): every tensor argument as long as the batch is halved with the latents.
+        self.halve_by_batch = halve_by_batch
         self.flags_key = flags_key
         self.timestep = _call_timestep(timestep_reader(config.current_timestep_callback))
         self.low_weight, self.high_weight = _frequency_weights(config, self.timestep)
@@ -363,9 +376,13 @@ class _DenoiserHandler:
         args, kwargs = call.args, call.kwargs
         if skip_uncond:
             identifiers = self.batched_arguments
+            batch = _leading_batch(call)
             if any(name in identifiers for name in kwargs):
                 args = tuple(_cond_half(arg) if torch.is_tensor(arg) else arg for arg in args)
-                kwargs = {k: _cond_half(v) if k in identifiers else v for k, v in kwargs.items()}
+                kwargs = {
+                    k: _cond_half(v) if k in identifiers or self._carries_batch(v, batch) else v
+                    for k, v in kwargs.items()
+                }
         output = call.compute(*args, **kwargs)
         if config.is_guidance_distilled:
             state.iteration += 1
@@ -383,6 +400,9 @@ class _DenoiserHandler:
             self._record_deltas(state, uncond, cond)
         state.iteration += 1
         return _with_hidden(output, hidden)
+
+    def _carries_batch(self, value: Any, batch: int) -> bool:
+        return self.halve_by_batch and torch.is_tensor(value) and value.ndim > 0 and value.size(0) == batch
 
     # Cond and uncond as separate calls of the same step: skip the uncond call entirely.
     def _separate(self, call: ModuleCall, flags: _CallFlags) -> Any:
@@ -421,16 +441,18 @@ class _DenoiserHandler:
     def _record_deltas(
         self, state: _BatchedState | _SeparateState, uncond: torch.Tensor, cond: torch.Tensor
     ) -> None:
-        low_uncond, high_uncond = _split_low_high(_to_planes(uncond, self.layout).float(), self.layout)
-        low_cond, high_cond = _split_low_high(_to_planes(cond, self.layout).float(), self.layout)
+        layout = _format_of(cond, self.layout)
+        low_uncond, high_uncond = _split_low_high(_to_planes(uncond, layout).float(), layout)
+        low_cond, high_cond = _split_low_high(_to_planes(cond, layout).float(), layout)
         state.low_frequency_delta = low_uncond - low_cond
         state.high_frequency_delta = high_uncond - high_cond
 
     def _rebuild_uncond(self, state: _BatchedState | _SeparateState, cond: torch.Tensor) -> torch.Tensor:
         assert state.low_frequency_delta is not None and state.high_frequency_delta is not None
-        low_cond, high_cond = _split_low_high(_to_planes(cond, self.layout).float(), self.layout)
+        layout = _format_of(cond, self.layout)
+        low_cond, high_cond = _split_low_high(_to_planes(cond, layout).float(), layout)
         spectrum = (state.low_frequency_delta + low_cond) + (state.high_frequency_delta + high_cond)
-        uncond = _from_planes(_inverse(spectrum, self.layout), self.layout, cond.size(0))
+        uncond = _from_planes(_inverse(spectrum, layout), layout, cond.size(0))
         return uncond.to(cond.dtype)
 
 
@@ -553,14 +575,28 @@ def _frequency_weights(
     return low, high
 
 
+_DEFAULT_SPATIAL_IDENTIFIERS = FasterCacheConfig().spatial_attention_block_identifiers
+
+
 def plan(config: FasterCacheConfig, layout: ModelLayout) -> Plan:
+    if layout.family.latents_per_sample and not config.is_guidance_distilled:
+        raise UnsupportedMethodError(
+            NAME,
+            layout,
+            "its denoiser takes the latents as a list of samples, and FasterCache splits a batch of both CFG "
+            "passes in halves",
+        )
     tensor_format: TensorFormat = (
         config.tensor_format if layout.family is GENERIC_FAMILY else layout.family.output_format  # type: ignore[assignment]
     )
     flags_key = object()
     handlers: dict[nn.Module, Handler] = {
         layout.denoiser: _DenoiserHandler(
-            config, tensor_format, flags_key, layout.family.cfg_batched_arguments
+            config,
+            tensor_format,
+            flags_key,
+            layout.family.cfg_batched_arguments,
+            halve_by_batch=layout.family is GENERIC_FAMILY,
         )
     }
     attention_count = 0
@@ -581,6 +617,19 @@ def plan(config: FasterCacheConfig, layout: ModelLayout) -> Plan:
             continue
         handlers[site.module] = _AttentionHandler(config, skip_range, window, flags_key)
         attention_count += 1
+    if attention_count == 0 and config.spatial_attention_block_identifiers == _DEFAULT_SPATIAL_IDENTIFIERS:
+        # The reference's names match no block list here (Lumina 2's ``layers``): the table's blocks
+        # hold the spatial attention instead.
+        prefixes = tuple(f"{name}." for name in layout.block_names)
+        for site in layout.attention:
+            if site.kind != "cross" and site.name.startswith(prefixes):
+                handlers[site.module] = _AttentionHandler(
+                    config,
+                    config.spatial_attention_block_skip_range,
+                    config.spatial_attention_timestep_skip_range,
+                    flags_key,
+                )
+                attention_count += 1
     if attention_count == 0 and config.is_guidance_distilled:
         raise UnsupportedMethodError(
             NAME,

@@ -28,7 +28,6 @@ the prediction itself rather than on a proxy input.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +39,7 @@ from ._fields import documented
 from .errors import InvalidConfigValue, UnsupportedMethodError
 from .session import CacheSession, Handler, ModuleCall, Plan, decide_and_record
 from .targets import ModelLayout
-from .taylorseer_cache import _LITE_SKIP_PATTERNS, _State
+from .taylorseer_cache import _State, lite_skipped
 
 NAME = "guarded_taylorseer"
 
@@ -228,7 +227,7 @@ def plan(config: GuardedTaylorSeerCacheConfig, layout: ModelLayout) -> Plan:
     handlers: dict[nn.Module, Handler] = {}
     predicted = 0
     for name, module in layout.modules.items():
-        if any(re.fullmatch(pattern, name) for pattern in _LITE_SKIP_PATTERNS):
+        if lite_skipped(name, layout):
             handlers[module] = _Handler(schedule, is_inactive=True)
         elif name == layout.output_head:
             handlers[module] = _Handler(schedule, is_inactive=False)

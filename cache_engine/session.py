@@ -219,6 +219,11 @@ class CacheSession:
         self._raw_timestep: Any = None
         # The run's first timestep, which sets the scale of a model whose family table gives none.
         self._first_timestep: float | None = None
+        # A pipeline that names no branch but calls the denoiser more than once at one timestep (Lumina 2:
+        # its conditional pass, then its unconditional one) gets a branch per pass, in call order.
+        self._implicit_branch = DEFAULT_BRANCH
+        self._implicit_pass = 0
+        self._previous_timestep: float | None = None
         self._timestep: float | None = None
         self._timestep_ready = False
         self._in_call_reuse = False
@@ -234,7 +239,7 @@ class CacheSession:
 
     @property
     def branch(self) -> str:
-        return _BRANCH.get() or DEFAULT_BRANCH
+        return _BRANCH.get() or self._implicit_branch
 
     @property
     def loop_position(self) -> Mapping[str, Any]:
@@ -271,6 +276,9 @@ class CacheSession:
         self._state.clear()
         self._raw_timestep = None
         self._first_timestep = None
+        self._previous_timestep = None
+        self._implicit_pass = 0
+        self._implicit_branch = DEFAULT_BRANCH
         self._timestep_ready = False
 
     def close(self) -> None:
@@ -373,8 +381,16 @@ class CacheSession:
         kwargs: dict[str, Any],
     ) -> Any:
         self._raw_timestep = self.layout.timestep_from_call(args, kwargs)
+        timestep = scalar_timestep(self._raw_timestep)
         if self._first_timestep is None:
-            self._first_timestep = scalar_timestep(self._raw_timestep)
+            self._first_timestep = timestep
+        if _BRANCH.get() is None:
+            repeated = timestep is not None and timestep == self._previous_timestep
+            self._implicit_pass = self._implicit_pass + 1 if repeated else 0
+            self._implicit_branch = (
+                DEFAULT_BRANCH if self._implicit_pass == 0 else f"{DEFAULT_BRANCH}:{self._implicit_pass}"
+            )
+        self._previous_timestep = timestep
         self._timestep_ready = False
         self._in_call_reuse = False
         blocks_before = self._blocks_computed

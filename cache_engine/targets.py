@@ -74,8 +74,10 @@ class FamilySpec:
     block_lists_cached_apart: bool = False
     # TeaCache's rescaling polynomial, highest power first, where its paper gives one for the family.
     teacache_coefficients: tuple[float, ...] | None = None
-    # The denoiser's argument carrying the noisy latents.
+    # The denoiser's argument carrying the noisy latents, and whether they come as a list of per-sample
+    # tensors rather than one batch (Z-Image, Cosmos 3).
     latent_argument: str = "hidden_states"
+    latents_per_sample: bool = False
     # The module lists holding the denoising blocks, as dotted paths in the order forward runs them.
     # None: the lists named as the reference names them (BLOCK_CONTAINER_NAMES), in declaration order.
     block_lists: tuple[str, ...] | None = None
@@ -199,6 +201,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         "z_image",
         ("ZImageTransformer2DModel",),
         latent_argument="x",
+        latents_per_sample=True,
         timestep_argument="t",
         timestep_scale=-1000.0,
         timestep_offset=1000.0,
@@ -207,6 +210,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         "cosmos3",
         ("Cosmos3OmniTransformer",),
         latent_argument="vision_tokens",
+        latents_per_sample=True,
         timestep_argument="vision_timesteps",
         timestep_scale=None,
         output_format="BSC",
@@ -515,6 +519,10 @@ class ModelLayout:
     @property
     def block_modules(self) -> frozenset[nn.Module]:
         return frozenset(site.module for site in self.blocks)
+
+    @property
+    def block_names(self) -> frozenset[str]:
+        return frozenset(site.name for site in self.blocks)
 
     @property
     def attention_modules(self) -> frozenset[nn.Module]:

@@ -38,6 +38,12 @@ _ATTENTION_PATTERNS = (
 _LITE_SKIP_PATTERNS = ("^[^.]*block[^.]*\\.[^.]+$",)
 
 
+def lite_skipped(name: str, layout: ModelLayout) -> bool:
+    """Whether lite mode skips the module ``name``: the reference's pattern (every child of a list named
+    for blocks), and the blocks of the model table where their lists are named otherwise (``layers``)."""
+    return any(re.fullmatch(pattern, name) for pattern in _LITE_SKIP_PATTERNS) or name in layout.block_names
+
+
 @dataclass(frozen=True)
 class TaylorSeerCacheConfig:
     cache_interval: int = documented(
@@ -219,7 +225,11 @@ def plan(config: TaylorSeerCacheConfig, layout: ModelLayout) -> Plan:
     handlers: dict[nn.Module, Handler] = {}
     cached = 0
     for name, module in layout.modules.items():
-        is_skip = any(re.fullmatch(pattern, name) for pattern in skip_patterns)
+        is_skip = (
+            lite_skipped(name, layout)
+            if config.use_lite_mode
+            else any(re.fullmatch(pattern, name) for pattern in skip_patterns)
+        )
         is_cache = any(re.fullmatch(pattern, name) for pattern in cache_patterns)
         if is_skip or is_cache:
             handlers[module] = _TaylorSeerHandler(config, is_inactive=is_skip)

@@ -98,6 +98,14 @@ _MODULES: Mapping[str, tuple[str, str]] = MappingProxyType(
         "wan22": ("wan", "WAN22_"),
         "hunyuan_video": ("hunyuan_video", ""),
         "ltx": ("ltx", ""),
+        "z_image": ("z_image", ""),
+        "lumina2": ("lumina2", ""),
+        "sana": ("sana", ""),
+        "chroma": ("chroma", ""),
+        "aura_flow": ("aura_flow", ""),
+        "cogview3plus": ("cogview3plus", ""),
+        "skyreels_v2": ("skyreels_v2", ""),
+        "mochi": ("mochi", ""),
     }
 )
 

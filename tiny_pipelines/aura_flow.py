@@ -9,6 +9,11 @@ unconditional pass on the negative prompt (the empty prompt unless one is given)
 
 Unlike most pipelines, ``__call__`` defaults to 1024x1024 rather than to the transformer's sample size,
 which it uses only when a call passes ``height=None``/``width=None``.
+
+The prompt moves this tiny model's output only a little (about 1e-4 of the pixel range, where Flux's
+tiny model moves by 1e-2): an AuraFlow block feeds its attention output only through the feed-forward, so
+the text reaches the image tokens through two modulation gates, each about 0.04 under PyTorch's default
+initialisation.
 """
 
 from __future__ import annotations

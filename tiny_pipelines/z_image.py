@@ -6,10 +6,11 @@ to ``max_sequence_length`` (512) tokens and keeps the unpadded positions of the 
 second-to-last hidden state, so each prompt conditions the transformer with its own token count. The
 tokenizer is FLUX.2 [klein]'s tiny Qwen3 one; the text encoder is a bare ``Qwen3Model``, as released.
 
-The transformer pads its image and caption token runs to multiples of 32 with learned pad tokens, takes
-the latents as a list of ``(C, 1, H, W)`` tensors and gets ``(1000 - t) / 1000`` as its time. Guidance is
-classifier-free, with the empty prompt (or ``negative_prompt``) as the unconditional pass, and is on
-whenever ``guidance_scale`` > 0 (not > 1): ``pred = cond + guidance_scale * (cond - uncond)``.
+The transformer pads its image and caption token runs to multiples of 32 with learned pad tokens (zeros
+here, as the class starts them), takes the latents as a list of ``(C, 1, H, W)`` tensors and gets
+``(1000 - t) / 1000`` as its time. Guidance is classifier-free, with the empty prompt (or
+``negative_prompt``) as the unconditional pass, and is on whenever ``guidance_scale`` > 0 (not > 1):
+``pred = cond + guidance_scale * (cond - uncond)``; the default is 5.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ RECIPE: Mapping[str, Mapping[str, Any]] = {
     # 2 heads of 16 channels (the RoPE axes, caption/frame, height and width, sum to the head dim), 2x2
     # patches. Each of the three block lists has two blocks: the noise refiner (image tokens, modulated),
     # the context refiner (caption tokens) and the main single-stream layers. The first RoPE axis counts
-    # caption positions, so it covers max_sequence_length and its padding, as released.
+    # caption positions (the image's start after them), so it covers max_sequence_length and its padding;
+    # the axis lengths are the class's defaults.
     "transformer": {
         "all_patch_size": (2,),
         "all_f_patch_size": (1,),

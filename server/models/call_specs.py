@@ -167,7 +167,21 @@ _SPECS: Mapping[str, CallSpec] = MappingProxyType(
         # which the request cannot ask for.
         "HunyuanVideoPipeline": _video("guidance_scale", False, guidance_kind="embedded"),
         "LTXPipeline": _video("guidance_scale", True, fps_argument="frame_rate", min_steps=2),
-        "MochiPipeline": _video("guidance_scale", True),
+        # One step divides by zero in its sigma schedule.
+        "MochiPipeline": _video("guidance_scale", True, min_steps=2),
+        # Guidance is CFG whenever guidance_scale > 0 (cond + s * (cond - uncond)); the transformer
+        # patchifies 2x2 latents itself, under a config key (all_patch_size) of its own.
+        "ZImagePipeline": _image("guidance_scale", True, packing=2),
+        "Lumina2Pipeline": _image("guidance_scale", True),
+        # Binning, on by default, would compute at a trained bin and resize, as PixArt's would.
+        "SanaPipeline": _image(
+            "guidance_scale", True, fixed_arguments=MappingProxyType({"use_resolution_binning": False})
+        ),
+        # Flux's layout: the pipeline packs 2x2 latents into one token.
+        "ChromaPipeline": _image("guidance_scale", True, packing=2),
+        "AuraFlowPipeline": _image("guidance_scale", True),
+        "CogView3PlusPipeline": _image("guidance_scale", True),
+        "SkyReelsV2Pipeline": _video("guidance_scale", True),
     }
 )
 

@@ -91,6 +91,23 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
         "ltx": Family(
             "ltx", "LTXPipeline", "guidance_scale", negative_prompt=True, fps_argument="frame_rate"
         ),
+        "z_image": Family("z_image", "ZImagePipeline", "guidance_scale", negative_prompt=True),
+        "lumina2": Family("lumina2", "Lumina2Pipeline", "guidance_scale", negative_prompt=True),
+        "sana": Family(
+            "sana",
+            "SanaPipeline",
+            "guidance_scale",
+            negative_prompt=True,
+            fixed_arguments=MappingProxyType({"use_resolution_binning": False}),
+        ),
+        "chroma": Family("chroma", "ChromaPipeline", "guidance_scale", negative_prompt=True),
+        "aura_flow": Family("aura_flow", "AuraFlowPipeline", "guidance_scale", negative_prompt=True),
+        "cogview3plus": Family(
+            "cogview3plus", "CogView3PlusPipeline", "guidance_scale", negative_prompt=True, steps=4
+        ),
+        "skyreels_v2": Family("skyreels_v2", "SkyReelsV2Pipeline", "guidance_scale", negative_prompt=True),
+        # One step divides by zero in its sigma schedule.
+        "mochi": Family("mochi", "MochiPipeline", "guidance_scale", negative_prompt=True),
     }
 )
 NAMES = tuple(FAMILIES)
