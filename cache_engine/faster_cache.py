@@ -579,6 +579,8 @@ _DEFAULT_SPATIAL_IDENTIFIERS = FasterCacheConfig().spatial_attention_block_ident
 
 
 def plan(config: FasterCacheConfig, layout: ModelLayout) -> Plan:
+    if layout.family.cfg_batch_problem is not None and not config.is_guidance_distilled:
+        raise UnsupportedMethodError(NAME, layout, layout.family.cfg_batch_problem)
     if layout.family.latents_per_sample and not config.is_guidance_distilled:
         raise UnsupportedMethodError(
             NAME,
@@ -596,7 +598,7 @@ def plan(config: FasterCacheConfig, layout: ModelLayout) -> Plan:
             tensor_format,
             flags_key,
             layout.family.cfg_batched_arguments,
-            halve_by_batch=layout.family is GENERIC_FAMILY,
+            halve_by_batch=True,
         )
     }
     attention_count = 0

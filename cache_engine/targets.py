@@ -86,6 +86,8 @@ class FamilySpec:
     # Why a residual spanning blocks is wrong on this family (forward changes the hidden states between
     # blocks, or runs its lists interleaved): the methods replaying one are refused there.
     chain_problem: str | None = None
+    # Why FasterCache cannot take the unconditional half out of a batch of both CFG passes here.
+    cfg_batch_problem: str | None = None
     # Modules besides the output projection that read the blocks' output (an audio head): TaylorSeer's
     # lite mode, which predicts only the projection, is refused there.
     other_output_heads: tuple[str, ...] = ()
@@ -177,6 +179,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block_lists=("double_stream_blocks", "single_stream_blocks"),
         # One wrapper class holds both kinds of block; the list says which.
         list_conventions=(("double_stream_blocks", _IMAGE_THEN_TEXT), ("single_stream_blocks", _IMAGE_ONLY)),
+        cfg_batch_problem="its Llama text states hold the CFG batch on their second axis",
     ),
     FamilySpec(
         "joyimage",
@@ -258,6 +261,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         kind="video",
         timestep_scale=None,
         other_output_heads=("audio_proj_out",),
+        cfg_batch_problem="it returns the sound beside the video, and only the video's half would be rebuilt",
     ),
     FamilySpec(
         "kandinsky6",
@@ -265,6 +269,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         kind="video",
         timestep_scale=None,
         other_output_heads=("audio_out_layer",),
+        cfg_batch_problem="it returns the sound beside the video, and only the video's half would be rebuilt",
     ),
 )
 
@@ -532,8 +537,13 @@ class ModelLayout:
     def output_head(self) -> str | None:
         """The child module whose output is the denoiser's (up to a reshape): what TaylorSeer's lite
         mode predicts in place of the blocks. None: the denoiser has none the engine knows."""
-        children = {name for name, _ in self.denoiser.named_children()}
-        return next((name for name in OUTPUT_HEADS if name in children), None)
+        children = dict(self.denoiser.named_children())
+        name = next((name for name in OUTPUT_HEADS if name in children), None)
+        if name is not None and isinstance(children[name], nn.ModuleDict):
+            # One head per patch size (Z-Image): the head, where a checkpoint has a single one.
+            heads = list(children[name].keys())
+            return f"{name}.{heads[0]}" if len(heads) == 1 else None
+        return name
 
     @property
     def block_lists(self) -> tuple[tuple[BlockSite, ...], ...]:
@@ -586,7 +596,15 @@ def scalar_timestep(raw: Any) -> float | None:
 
 # What denoisers name the module that turns the blocks' output into theirs, in the order preferred where
 # several are present (Flux's norm_out feeds its proj_out; DiT's proj_out_1 reads only the timestep).
-OUTPUT_HEADS = ("proj_out_2", "proj_out", "final_layer", "out_layer", "final_linear", "norm_out")
+OUTPUT_HEADS = (
+    "proj_out_2",
+    "proj_out",
+    "final_layer",
+    "out_layer",
+    "final_linear",
+    "norm_out",
+    "all_final_layer",
+)
 
 
 def is_attention_module(module: nn.Module) -> bool:

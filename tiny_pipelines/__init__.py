@@ -106,6 +106,9 @@ _MODULES: Mapping[str, tuple[str, str]] = MappingProxyType(
         "cogview3plus": ("cogview3plus", ""),
         "skyreels_v2": ("skyreels_v2", ""),
         "mochi": ("mochi", ""),
+        "hidream": ("hidream", ""),
+        "hunyuan_video15": ("hunyuan_video15", ""),
+        "ltx2": ("ltx2", ""),
     }
 )
 

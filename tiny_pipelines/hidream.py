@@ -10,7 +10,15 @@ The pipeline ignores the requested size but for its aspect ratio: it rescales ev
 of a 128x128 latent (``default_sample_size``, fixed in the pipeline), so the image is always about
 (128 x the VAE's scale factor)² pixels: 1024x1024 for the released 8x VAE. The VAE here keeps full
 resolution (one level, no downsampling), so a square request gives 128x128 pixels, the smallest image the
-pipeline can make, and 2x2 patches make it 64x64 = 4096 image tokens whatever the VAE.
+pipeline can make, and 2x2 patches make it 64x64 = 4096 image tokens whatever the VAE (a 128x64 request
+gives 180x90 pixels).
+
+``guidance_scale`` (default 5) is true classifier-free guidance: above 1 the pipeline encodes
+``negative_prompt`` (default the empty prompt; ``negative_prompt_2`` to ``_4`` per text encoder) and runs
+the transformer on a batch of 2 (the docstring's "embedded guidance" is not what the code does). In
+training mode the transformer takes another path (MoE routing with an auxiliary loss, another output
+layout), so build leaves it in eval mode. The pipeline asks Llama for its attentions, which its SDPA
+attention does not return: transformers warns once, and the hidden states are unaffected.
 """
 
 from __future__ import annotations
@@ -37,7 +45,12 @@ LONG_CLIP: Mapping[str, Any] = {**CLIP_TEXT, "max_position_embeddings": LONG_CLI
 # the pipeline sets pad = eos).
 LLAMA_BOS = "<|begin_of_text|>"
 LLAMA_EOS = "<|eot_id|>"
-LLAMA_SPECIAL_TOKENS: tuple[str, ...] = ("<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", LLAMA_EOS)
+LLAMA_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    LLAMA_EOS,
+)
 
 LLAMA: Mapping[str, Any] = {
     "hidden_size": 32,
@@ -52,7 +65,8 @@ LLAMA: Mapping[str, Any] = {
 }
 
 RECIPE: Mapping[str, Mapping[str, Any]] = {
-    # 2 heads of 16 channels; the RoPE axes (unused, row, column) sum to the head dim. One Llama layer
+    # 1 head of 16 channels: attention over 4096 image tokens is most of the time, and CPU attention is
+    # slower on narrower heads. The RoPE axes (unused, row, column) sum to the head dim. One Llama layer
     # per block, as ``llama_layers`` lists them; caption_channels is (T5's width, Llama's width).
     # max_resolution is the released one: the largest latent, whose token count sets the schedule's
     # shift and the length non-square latents are padded to.
@@ -63,7 +77,7 @@ RECIPE: Mapping[str, Mapping[str, Any]] = {
         "num_layers": 2,
         "num_single_layers": 2,
         "attention_head_dim": 16,
-        "num_attention_heads": 2,
+        "num_attention_heads": 1,
         "caption_channels": (T5_ENCODER["d_model"], LLAMA["hidden_size"]),
         "text_emb_dim": 2 * LONG_CLIP["projection_dim"],
         "num_routed_experts": 4,
@@ -108,7 +122,11 @@ def long_clip_tokenizer() -> CLIPTokenizer:
 
 def llama_tokenizer() -> PreTrainedTokenizerFast:
     return fast_tokenizer(
-        LLAMA_SPECIAL_TOKENS, prefix=(LLAMA_BOS,), bos_token=LLAMA_BOS, eos_token=LLAMA_EOS, pad_token=LLAMA_EOS
+        LLAMA_SPECIAL_TOKENS,
+        prefix=(LLAMA_BOS,),
+        bos_token=LLAMA_BOS,
+        eos_token=LLAMA_EOS,
+        pad_token=LLAMA_EOS,
     )
 
 
@@ -126,8 +144,10 @@ def llama(tokenizer: PreTrainedTokenizerFast, recipe: Mapping[str, Any]) -> Llam
 
 
 def build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeline:
-    from diffusers import AutoencoderKL, HiDreamImageTransformer2DModel, UniPCMultistepScheduler
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.transformers.transformer_hidream_image import HiDreamImageTransformer2DModel
     from diffusers.pipelines.hidream_image.pipeline_hidream_image import HiDreamImagePipeline
+    from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 
     tokenizer = long_clip_tokenizer()
     tokenizer_2 = long_clip_tokenizer()
@@ -137,11 +157,13 @@ def build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeli
         seed,
         {
             "transformer": lambda: HiDreamImageTransformer2DModel(**recipe["transformer"]).eval(),
-            "vae": lambda: AutoencoderKL(**recipe["vae"]),
-            "text_encoder": lambda: clip_text_model_with_projection(tokenizer, recipe["text_encoder"]),
-            "text_encoder_2": lambda: clip_text_model_with_projection(tokenizer_2, recipe["text_encoder_2"]),
-            "text_encoder_3": lambda: t5_encoder(tokenizer_3, recipe["text_encoder_3"]),
-            "text_encoder_4": lambda: llama(tokenizer_4, recipe["text_encoder_4"]),
+            "vae": lambda: AutoencoderKL(**recipe["vae"]).eval(),
+            "text_encoder": lambda: clip_text_model_with_projection(tokenizer, recipe["text_encoder"]).eval(),
+            "text_encoder_2": lambda: clip_text_model_with_projection(
+                tokenizer_2, recipe["text_encoder_2"]
+            ).eval(),
+            "text_encoder_3": lambda: t5_encoder(tokenizer_3, recipe["text_encoder_3"]).eval(),
+            "text_encoder_4": lambda: llama(tokenizer_4, recipe["text_encoder_4"]).eval(),
         },
     )
     modules.update(

@@ -32,7 +32,7 @@ from server.models.limits import Kind
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
-__all__ = ["CallSpec", "UnservablePipeline", "call_spec", "task_call_spec"]
+__all__ = ["CallSpec", "UnservablePipeline", "call_spec", "class_call_spec", "task_call_spec"]
 
 GuidanceKind = Literal["cfg", "embedded", "none"]
 StepObserver = Literal["callback", "denoiser"]
@@ -182,6 +182,10 @@ _SPECS: Mapping[str, CallSpec] = MappingProxyType(
         "AuraFlowPipeline": _image("guidance_scale", True),
         "CogView3PlusPipeline": _image("guidance_scale", True),
         "SkyReelsV2Pipeline": _video("guidance_scale", True),
+        "HiDreamImagePipeline": _image("guidance_scale", True),
+        # Its guidance is the guider component's, set when the model is made; no step callback.
+        "HunyuanVideo15Pipeline": _video(None, True, steps_observed_by="denoiser"),
+        "LTX2Pipeline": _video("guidance_scale", True, fps_argument="frame_rate", min_steps=2),
     }
 )
 
@@ -196,6 +200,16 @@ def call_spec(pipeline: DiffusionPipeline) -> CallSpec:
     if spec is None:
         spec = _derived(name, accepted)
     spec = _variant(name, spec, pipeline)
+    _check(name, spec, accepted)
+    return spec
+
+
+def class_call_spec(pipeline_class: type) -> CallSpec:
+    """The spec the server would call ``pipeline_class`` with, read from the class alone (a variant its
+    configs tell apart is resolved once loaded); raises UnservablePipeline."""
+    name = pipeline_class.__name__
+    accepted = inspect.signature(pipeline_class.__call__).parameters
+    spec = _SPECS.get(name) or _derived(name, accepted)
     _check(name, spec, accepted)
     return spec
 

@@ -27,6 +27,7 @@ __all__ = [
     "image_task",
     "image_tasks",
     "steps_run",
+    "task_pipelines",
     "text_task",
 ]
 
@@ -74,6 +75,18 @@ class TaskPipeline:
 
 def text_task(kind: Kind) -> Task:
     return "text_to_image" if kind == "image" else "text_to_video"
+
+
+def task_pipelines() -> dict[str, str]:
+    """Each image-conditioned pipeline class served, with how: the task of a text pipeline it is built
+    for, or an edit model served as one."""
+    served = {
+        task_class: f"{task.replace('_', '-')} of `{text_class}`"
+        for text_class, tasks in _IMAGE_TASKS.items()
+        for task, task_class in tasks.items()
+    }
+    served.update({name: "an edit model" for name in _EDIT_MODELS})
+    return served
 
 
 def image_tasks(pipeline: DiffusionPipeline, spec: CallSpec) -> dict[Task, TaskPipeline]:
