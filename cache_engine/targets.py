@@ -539,10 +539,11 @@ class ModelLayout:
         mode predicts in place of the blocks. None: the denoiser has none the engine knows."""
         children = dict(self.denoiser.named_children())
         name = next((name for name in OUTPUT_HEADS if name in children), None)
-        if name is not None and isinstance(children[name], nn.ModuleDict):
+        head = None if name is None else children[name]
+        if isinstance(head, nn.ModuleDict):
             # One head per patch size (Z-Image): the head, where a checkpoint has a single one.
-            heads = list(children[name].keys())
-            return f"{name}.{heads[0]}" if len(heads) == 1 else None
+            keys = list(head)
+            return f"{name}.{keys[0]}" if len(keys) == 1 else None
         return name
 
     @property
