@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from server.models.media import Soundtrack
 from server.models.tasks import STRENGTH_TASKS, image_task, steps_run, text_task
 
 if TYPE_CHECKING:
@@ -106,6 +107,8 @@ class GenerationResult:
     step_times_ms: list[float]
     # Prompt encodings answered from the model's prompt cache and computed; None: it keeps none.
     text_cache: Tally | None = None
+    # The sound made with each video (LTX-2); None where the model makes none.
+    sounds: list[Soundtrack] | None = None
 
 
 class InvalidGenerationParams(ValueError):
@@ -296,9 +299,10 @@ def generate(
             generator=torch.Generator(pipeline.device).manual_seed(params.seed),
             output_type="pil",
         )
-    images, videos = None, None
+    images, videos, sounds = None, None, None
     if model.kind == "video":
         videos = [list(frames) for frames in output.frames]
+        sounds = soundtracks(pipeline, output)
     else:
         images = list(output.images)
         if params.task == "inpainting":
@@ -309,4 +313,16 @@ def generate(
         timings_ms=dict(clock.stage_ms),
         step_times_ms=list(clock.step_times_ms),
         text_cache=text_cache,
+        sounds=sounds,
     )
+
+
+def soundtracks(pipeline: Any, output: Any) -> list[Soundtrack] | None:
+    """The sound of each video where the pipeline makes it with the video (LTX-2's ``audio``, at its
+    vocoder's rate); None elsewhere."""
+    audio = getattr(output, "audio", None)
+    config = getattr(getattr(pipeline, "vocoder", None), "config", None)
+    rate = getattr(config, "output_sampling_rate", None) or getattr(config, "sampling_rate", None)
+    if not isinstance(audio, torch.Tensor) or not isinstance(rate, int):
+        return None
+    return [Soundtrack(track.float().cpu().numpy(), rate) for track in audio]

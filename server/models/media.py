@@ -1,13 +1,17 @@
 """Encode generated frames: PNG / JPEG / WebP images, MP4 / GIF / animated WebP videos.
 
-Every encoder is deterministic for the same frames, so that equal requests give equal bytes.
+Every encoder is deterministic for the same frames, so that equal requests give equal bytes. A video
+made with sound (LTX-2) carries it in MP4, as AAC; GIF and WebP have no sound track.
 """
 
 from __future__ import annotations
 
 import io
+import subprocess
 import tempfile
+import wave
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -45,22 +49,36 @@ def encode_image(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def encode_video(frames: Sequence[Image.Image], fmt: str, fps: int) -> bytes:
+@dataclass(frozen=True)
+class Soundtrack:
+    """Sound made with a video: samples in [-1, 1], one row per channel, at ``rate`` per second."""
+
+    samples: np.ndarray
+    rate: int
+
+
+def encode_video(frames: Sequence[Image.Image], fmt: str, fps: int, sound: Soundtrack | None = None) -> bytes:
     if not frames:
         raise ValueError("a video needs at least one frame")
     if fmt == "mp4":
-        return _encode_mp4(frames, fps)
+        return _encode_mp4(frames, fps, sound)
     if fmt in ("gif", "webp"):
         return _encode_animation(frames, fmt, fps)
     raise ValueError(f"unknown video format {fmt!r}")
 
 
-def encode(kind: Kind, fmt: str, item: Image.Image | Sequence[Image.Image], fps: int | None) -> bytes:
+def encode(
+    kind: Kind,
+    fmt: str,
+    item: Image.Image | Sequence[Image.Image],
+    fps: int | None,
+    sound: Soundtrack | None = None,
+) -> bytes:
     if kind == "image":
         assert isinstance(item, Image.Image)
         return encode_image(item, fmt)
     assert not isinstance(item, Image.Image) and fps is not None
-    return encode_video(item, fmt, fps)
+    return encode_video(item, fmt, fps, sound)
 
 
 def mp4_size_ok(width: int, height: int) -> bool:
@@ -80,7 +98,7 @@ def _encode_animation(frames: Sequence[Image.Image], fmt: str, fps: int) -> byte
     return buffer.getvalue()
 
 
-def _encode_mp4(frames: Sequence[Image.Image], fps: int) -> bytes:
+def _encode_mp4(frames: Sequence[Image.Image], fps: int, sound: Soundtrack | None) -> bytes:
     width, height = frames[0].size
     if not mp4_size_ok(width, height):
         raise ValueError(f"mp4 needs an even width and height, got {width}x{height}")
@@ -113,4 +131,51 @@ def _encode_mp4(frames: Sequence[Image.Image], fps: int) -> bytes:
         for frame in frames:
             writer.send(np.ascontiguousarray(np.asarray(frame.convert("RGB"), dtype=np.uint8)))
         writer.close()
+        if sound is not None:
+            path = _with_sound(path, sound)
         return path.read_bytes()
+
+
+def _with_sound(video: Path, sound: Soundtrack) -> Path:
+    """``video`` with ``sound`` as its AAC track, in a new file beside it."""
+    pcm = np.clip(np.asarray(sound.samples, dtype=np.float32), -1.0, 1.0)
+    if pcm.ndim == 1:
+        pcm = pcm[None]
+    track = video.with_name("sound.wav")
+    with wave.open(str(track), "wb") as wav:
+        wav.setnchannels(pcm.shape[0])
+        wav.setsampwidth(2)
+        wav.setframerate(sound.rate)
+        wav.writeframes((pcm.T * 32767.0).round().astype("<i2").tobytes())
+    muxed = video.with_name("with-sound.mp4")
+    command = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-loglevel",
+        "error",
+        "-i",
+        str(video),
+        "-i",
+        str(track),
+        "-map",
+        "0:v",
+        "-map",
+        "1:a",
+        "-c:v",
+        "copy",
+        "-c:a",
+        "aac",
+        "-b:a",
+        "128k",
+        "-movflags",
+        "+faststart",
+        "-map_metadata",
+        "-1",
+        # bitexact, as for the video: equal sound gives equal bytes.
+        "-fflags",
+        "+bitexact",
+        "-flags:a",
+        "+bitexact",
+        str(muxed),
+    ]
+    subprocess.run(command, check=True, capture_output=True)
+    return muxed

@@ -511,5 +511,11 @@ def _snapped(side: int, model: ResidentModel, param: str) -> int:
 
 def _encode_all(prepared: Prepared, outcome: Outcome) -> list[bytes]:
     result = outcome.result
-    items = (result.images if prepared.kind == "image" else result.videos) or []
-    return [media.encode(prepared.kind, prepared.output_format, item, prepared.fps) for item in items]
+    items: Sequence[Image.Image | list[Image.Image]] = (
+        result.images if prepared.kind == "image" else result.videos
+    ) or []
+    sounds: Sequence[media.Soundtrack | None] = result.sounds or [None] * len(items)
+    return [
+        media.encode(prepared.kind, prepared.output_format, item, prepared.fps, sound)
+        for item, sound in zip(items, sounds, strict=True)
+    ]

@@ -11,6 +11,7 @@ within one step; every cache method the model lists reuses something.
 from __future__ import annotations
 
 import io
+import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -21,6 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 import httpx
+import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
@@ -541,6 +543,17 @@ def test_each_cache_method_reuses(
         assert stats["denoiser_calls"] >= steps["steps"] and stats["estimated_error"] > 0, stats
     else:
         assert stats["denoiser_calls"] == sum(calls.values()), (stats, calls)
+
+
+def test_a_video_made_with_sound_carries_it_in_mp4(client: httpx.Client, tmp_path: Path) -> None:
+    # LTX-2 makes sound with its video; an mp4 answer has it as its second stream.
+    result = generate(client, body("ltx2", output_format="mp4"))
+    (item,) = b64_items(result)
+    path = tmp_path / "ltx2.mp4"
+    path.write_bytes(item)
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(path)], capture_output=True, text=True)
+    streams = [line for line in probe.stderr.splitlines() if "Stream #" in line]
+    assert any("Video:" in line for line in streams) and any("Audio: aac" in line for line in streams)
 
 
 def test_wan22_runs_both_experts(references: References) -> None:

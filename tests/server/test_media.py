@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
+import imageio_ffmpeg
 import numpy as np
 import pytest
 from PIL import Image
@@ -52,3 +56,27 @@ def test_unknown_formats_are_errors() -> None:
         media.encode_image(_frames(1)[0], "bmp")
     with pytest.raises(ValueError):
         media.encode_video(_frames(2), "avi", fps=8)
+
+
+def _streams(data: bytes, tmp_path: Path) -> list[str]:
+    """The stream lines ffmpeg prints for an mp4."""
+    path = tmp_path / "probe.mp4"
+    path.write_bytes(data)
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(path)], capture_output=True, text=True)
+    return [line.strip() for line in probe.stderr.splitlines() if "Stream #" in line]
+
+
+def test_an_mp4_carries_the_sound_made_with_its_video(tmp_path: Path) -> None:
+    frames = _frames(8)
+    rate = 16000
+    # A second of a 440 Hz tone, louder on the left.
+    time = np.arange(rate) / rate
+    tone = np.sin(2 * np.pi * 440 * time).astype(np.float32)
+    sound = media.Soundtrack(np.stack([0.5 * tone, 0.2 * tone]), rate)
+    with_sound = media.encode_video(frames, "mp4", 8, sound)
+    streams = _streams(with_sound, tmp_path)
+    assert any("Video: h264" in line for line in streams)
+    assert any("Audio: aac" in line and f"{rate} Hz" in line and "stereo" in line for line in streams)
+    # Deterministic, as every encoder here, and the silent video has no sound track.
+    assert media.encode_video(frames, "mp4", 8, sound) == with_sound
+    assert not any("Audio" in line for line in _streams(media.encode_video(frames, "mp4", 8), tmp_path))
