@@ -384,7 +384,7 @@ class CacheSession:
         timestep = scalar_timestep(self._raw_timestep)
         if self._first_timestep is None:
             self._first_timestep = timestep
-        if _BRANCH.get() is None:
+        if _BRANCH.get() is None and self.layout.family.unnamed_passes:
             repeated = timestep is not None and timestep == self._previous_timestep
             self._implicit_pass = self._implicit_pass + 1 if repeated else 0
             self._implicit_branch = (

@@ -86,6 +86,10 @@ class FamilySpec:
     # Why a residual spanning blocks is wrong on this family (forward changes the hidden states between
     # blocks, or runs its lists interleaved): the methods replaying one are refused there.
     chain_problem: str | None = None
+    # The pipelines call the denoiser more than once per step without naming the pass in cache_context
+    # (Lumina 2, Chroma: the conditional pass, then the unconditional one): a repeated timestep starts
+    # the next pass, which gets a branch of its own.
+    unnamed_passes: bool = False
     # Why FasterCache cannot take the unconditional half out of a batch of both CFG passes here.
     cfg_batch_problem: str | None = None
     # Modules besides the output projection that read the blocks' output (an audio head): TaylorSeer's
@@ -163,6 +167,13 @@ FAMILIES: tuple[FamilySpec, ...] = (
         block_lists=("joint_transformer_blocks", "single_transformer_blocks"),
     ),
     FamilySpec(
+        "chroma",
+        ("ChromaTransformer2DModel",),
+        timestep_scale=1000.0,
+        output_format="BSC",
+        unnamed_passes=True,
+    ),
+    FamilySpec(
         "flux3",
         ("Flux3Transformer2DModel",),
         timestep_scale=1000.0,
@@ -193,6 +204,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         timestep_scale=-1000.0,
         timestep_offset=1000.0,
         output_format="BSC",
+        unnamed_passes=True,
     ),
     FamilySpec(
         "rising_time",
@@ -273,7 +285,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     ),
 )
 
-GENERIC_FAMILY = FamilySpec("generic", (), timestep_scale=None, timestep_argument=None)
+GENERIC_FAMILY = FamilySpec("generic", (), timestep_scale=None, timestep_argument=None, unnamed_passes=True)
 
 # What denoisers name their timestep argument, in the order a family-less model is searched for one.
 TIMESTEP_ARGUMENTS = ("timestep", "timesteps", "t", "vision_timesteps", "sigma")

@@ -63,7 +63,8 @@ def _readme_rows() -> dict[str, list[str]]:
     section = text[text.index("## Supported families") :]
     rows: dict[str, list[str]] = {}
     for line in section.splitlines()[1:]:
-        if line.startswith("## "):
+        # The table of every pipeline class, under its own heading, is generated: not this one.
+        if line.startswith("#"):
             break
         if not line.startswith("| `"):
             continue
@@ -79,7 +80,10 @@ def test_readme_table_says_what_the_specs_do() -> None:
     for name, cells in rows.items():
         spec: CallSpec = _SPECS[name]
         _, guidance, negative, fps = cells[:4]
-        assert guidance.startswith(f"`{spec.guidance_argument}`"), name
+        if spec.guidance_argument is None:
+            assert guidance.startswith("422"), name
+        else:
+            assert guidance.startswith(f"`{spec.guidance_argument}`"), name
         assert (negative == "yes") == spec.negative_prompt, name
         assert (
             (fps.strip("`") == spec.fps_argument)

@@ -147,6 +147,13 @@ def _build_nucleusmoe_image() -> Built:
         # Expert-choice capacity must not exceed the 16 image tokens: ceil(2 * 16 / 4) = 8.
         capacity_factors=2.0,
     )
+    # The experts' weights are allocated with torch.empty and only a checkpoint fills them: drawn here,
+    # or the routed block computes on whatever the memory held (NaN at times).
+    experts = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith((".gate_up_proj", ".down_proj")):
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=experts))
     gen = _gen()
     return model, {
         "hidden_states": _randn(gen, BATCH, 16, 16),
