@@ -81,6 +81,9 @@ class CallSpec:
     # The argument that bounds the output's area, where a pipeline rescales to it (Flux Kontext's
     # ``max_area``): it gets the request's width x height, so that the size asked is the size made.
     area_argument: str | None = None
+    # The pipeline scales every size to its trained area, keeping only the aspect asked (HiDream): a
+    # size it would change is refused.
+    fixed_area: bool = False
     # Known variants whose model card says otherwise than the pipeline's signature.
     default_steps: int | None = None
     default_guidance: float | None = None
@@ -182,7 +185,7 @@ _SPECS: Mapping[str, CallSpec] = MappingProxyType(
         "AuraFlowPipeline": _image("guidance_scale", True),
         "CogView3PlusPipeline": _image("guidance_scale", True),
         "SkyReelsV2Pipeline": _video("guidance_scale", True),
-        "HiDreamImagePipeline": _image("guidance_scale", True),
+        "HiDreamImagePipeline": _image("guidance_scale", True, fixed_area=True),
         # Its guidance is the guider component's, set when the model is made; no step callback.
         "HunyuanVideo15Pipeline": _video(None, True, steps_observed_by="denoiser"),
         "LTX2Pipeline": _video("guidance_scale", True, fps_argument="frame_rate", min_steps=2),

@@ -8,6 +8,7 @@ the output is the one a direct call of the pipeline with the same arguments and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -119,6 +120,25 @@ class InvalidGenerationParams(ValueError):
         self.param = param
 
 
+def _check_area(model: ResidentModel, params: GenerationParams) -> None:
+    """Refuse a size the pipeline would scale to its trained area (HiDream's rule, computed as it does)."""
+    pipeline: Any = model.pipeline
+    factor = int(pipeline.vae_scale_factor)
+    side = int(pipeline.default_sample_size) * factor
+    scale = math.sqrt(side * side / (params.width * params.height))
+    division = 2 * factor
+    made = (
+        int(params.width * scale // division * division),
+        int(params.height * scale // division * division),
+    )
+    if made != (params.width, params.height):
+        raise InvalidGenerationParams(
+            f"{model.name} computes every image at {side}x{side} pixels' area in the aspect asked: "
+            f"{params.width}x{params.height} would come out {made[0]}x{made[1]}; ask for that size",
+            param="width",
+        )
+
+
 def check_params(model: ResidentModel, params: GenerationParams) -> None:
     """Raise InvalidGenerationParams unless ``model`` can run ``params`` exactly as asked.
 
@@ -149,6 +169,8 @@ def check_params(model: ResidentModel, params: GenerationParams) -> None:
                 f"{name} must be a multiple of {model.size_multiple} for {model.name}, got {value}",
                 param=name,
             )
+    if model.call_spec.fixed_area:
+        _check_area(model, params)
     if params.width * params.height > limits.max_pixels:
         raise InvalidGenerationParams(
             f"{params.width}x{params.height} is over {limits.max_pixels} pixels", param="width"

@@ -545,6 +545,19 @@ def test_each_cache_method_reuses(
         assert stats["denoiser_calls"] == sum(calls.values()), (stats, calls)
 
 
+def test_a_size_a_fixed_area_pipeline_would_change_is_refused_and_the_size_it_names_is_made(
+    client: httpx.Client,
+) -> None:
+    # HiDream scales every size to its trained area, keeping the aspect: 128x64 would come out otherwise.
+    response = client.post("/v1/generations", json=body("hidream", width=128, height=64))
+    assert response.status_code == 422
+    error = error_of(response)
+    assert error["param"] == "width"
+    width, height = (int(side) for side in error["message"].rsplit(" out ", 1)[1].split(";")[0].split("x"))
+    (item,) = b64_items(generate(client, body("hidream", width=width, height=height)))
+    assert Image.open(io.BytesIO(item)).size == (width, height)
+
+
 def test_a_video_made_with_sound_carries_it_in_mp4(client: httpx.Client, tmp_path: Path) -> None:
     # LTX-2 makes sound with its video; an mp4 answer has it as its second stream.
     result = generate(client, body("ltx2", output_format="mp4"))
