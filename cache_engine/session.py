@@ -217,8 +217,9 @@ class CacheSession:
                 self._undispatched[block] = (offer, foreseen)
         self._state: dict[tuple[object, str], Any] = {}
         self._raw_timestep: Any = None
-        # The run's first timestep, which sets the scale of a model whose family table gives none.
-        self._first_timestep: float | None = None
+        # The run's first timestep argument, which sets the scale of a model whose family table gives none;
+        # kept as passed and read only when a method asks for the timestep (reading syncs with the device).
+        self._first_raw_timestep: Any = None
         # A pipeline that names no branch but calls the denoiser more than once at one timestep (Lumina 2:
         # its conditional pass, then its unconditional one) gets a branch per pass, in call order.
         self._implicit_branch = DEFAULT_BRANCH
@@ -275,7 +276,7 @@ class CacheSession:
         """Forget all cached state; the plan stays. Used between pipeline calls of the reference API."""
         self._state.clear()
         self._raw_timestep = None
-        self._first_timestep = None
+        self._first_raw_timestep = None
         self._previous_timestep = None
         self._implicit_pass = 0
         self._implicit_branch = DEFAULT_BRANCH
@@ -304,7 +305,10 @@ class CacheSession:
     def current_timestep(self) -> float | None:
         """The denoising timestep (0..1000 scale) of the denoiser call in progress, read from its arguments."""
         if not self._timestep_ready:
-            self._timestep = self.layout.to_denoising_timestep(self._raw_timestep, self._first_timestep)
+            first = None
+            if self.layout.family.timestep_scale is None:
+                first = scalar_timestep(self._first_raw_timestep)
+            self._timestep = self.layout.to_denoising_timestep(self._raw_timestep, first)
             self._timestep_ready = True
         return self._timestep
 
@@ -380,17 +384,19 @@ class CacheSession:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        self._raw_timestep = self.layout.timestep_from_call(args, kwargs)
-        timestep = scalar_timestep(self._raw_timestep)
-        if self._first_timestep is None:
-            self._first_timestep = timestep
+        raw = self.layout.timestep_from_call(args, kwargs)
+        self._raw_timestep = raw
+        if self._first_raw_timestep is None:
+            self._first_raw_timestep = raw.detach().clone() if isinstance(raw, torch.Tensor) else raw
         if _BRANCH.get() is None and self.layout.family.unnamed_passes:
+            # Only these families pay for reading the timestep on every call.
+            timestep = scalar_timestep(raw)
             repeated = timestep is not None and timestep == self._previous_timestep
             self._implicit_pass = self._implicit_pass + 1 if repeated else 0
             self._implicit_branch = (
                 DEFAULT_BRANCH if self._implicit_pass == 0 else f"{DEFAULT_BRANCH}:{self._implicit_pass}"
             )
-        self._previous_timestep = timestep
+            self._previous_timestep = timestep
         self._timestep_ready = False
         self._in_call_reuse = False
         blocks_before = self._blocks_computed

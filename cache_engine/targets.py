@@ -2,7 +2,11 @@
 
 Method code never names a model; it asks a :class:`ModelLayout` built here. Families missing from the
 table fall back to the name patterns of the reference implementation (block lists named ``blocks``,
-``transformer_blocks``, ``single_transformer_blocks``, ``layers``, ...; attention found by class).
+``transformer_blocks``, ``single_transformer_blocks``, ``layers``, ...; attention found by class), and
+their timestep's name and scale are read from the model and its first call. Block classes carry their
+stream conventions in ``BLOCK_CONVENTIONS``; one missing there is read from its ``forward``'s source, or
+the methods replaying a residual over blocks are refused on it. ``tests/cache_engine/
+test_every_transformer.py`` holds every class diffusers exports to this.
 """
 
 from __future__ import annotations
