@@ -743,6 +743,34 @@ def _cogview3plus(block: Any, argument: _Argument) -> torch.Tensor:
     return modulated
 
 
+def _scale_shift_table(block: Any, argument: _Argument) -> torch.Tensor:
+    # PixArt's single table of six modulations (Sana, Allegro): the first two shift and scale the norm.
+    hidden = argument("hidden_states")
+    timestep = argument("timestep")
+    if timestep is None:
+        timestep = argument("temb")
+    shift_msa, scale_msa = (
+        block.scale_shift_table[None] + timestep.reshape(hidden.shape[0], 6, -1)
+    ).chunk(6, dim=1)[:2]
+    modulated: torch.Tensor = block.norm1(hidden) * (1 + scale_msa) + shift_msa
+    return modulated
+
+
+def _norm_with_temb(block: Any, argument: _Argument) -> torch.Tensor:
+    # Norms taking the timestep embedding and returning the modulated input first (Lumina's RMSNormZero)
+    # or alone (HunyuanDiT's AdaLayerNormShift).
+    normed = block.norm1(argument("hidden_states"), argument("temb"))
+    modulated: torch.Tensor = normed[0] if isinstance(normed, tuple) else normed
+    return modulated
+
+
+def _cosmos(block: Any, argument: _Argument) -> torch.Tensor:
+    modulated: torch.Tensor = block.norm1(
+        argument("hidden_states"), argument("embedded_timestep"), argument("temb")
+    )[0]
+    return modulated
+
+
 def _ltx(block: Any, argument: _Argument) -> torch.Tensor:
     hidden, temb = argument("hidden_states"), argument("temb")
     ada_count = block.scale_shift_table.shape[0]
@@ -831,6 +859,13 @@ _MODULATED_INPUTS: Mapping[str, Callable[[Any, _Argument], torch.Tensor]] = {
     "SkyReelsV2TransformerBlock": _wan,
     "AnyFlowTransformerBlock": _wan,
     "HeliosTransformerBlock": _wan,
+    "SanaTransformerBlock": _scale_shift_table,
+    "SanaVideoTransformerBlock": _scale_shift_table,
+    "AllegroTransformerBlock": _scale_shift_table,
+    "Lumina2TransformerBlock": _norm_with_temb,
+    "LuminaNextDiTBlock": _norm_with_temb,
+    "HunyuanDiTBlock": _norm_with_temb,
+    "CosmosTransformerBlock": _cosmos,
 }
 
 
