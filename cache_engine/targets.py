@@ -749,9 +749,9 @@ def _scale_shift_table(block: Any, argument: _Argument) -> torch.Tensor:
     timestep = argument("timestep")
     if timestep is None:
         timestep = argument("temb")
-    shift_msa, scale_msa = (
-        block.scale_shift_table[None] + timestep.reshape(hidden.shape[0], 6, -1)
-    ).chunk(6, dim=1)[:2]
+    shift_msa, scale_msa = (block.scale_shift_table[None] + timestep.reshape(hidden.shape[0], 6, -1)).chunk(
+        6, dim=1
+    )[:2]
     modulated: torch.Tensor = block.norm1(hidden) * (1 + scale_msa) + shift_msa
     return modulated
 
