@@ -11,9 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import torch
 from torch import nn
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+# Every call is made at batch 2, so that a method mixing up the rows of a batch shows.
+BATCH = 2
 
 
 @dataclass(frozen=True)
@@ -32,3 +38,34 @@ class TinyTransformer:
     timestep: str | None
     timestep_start: float = 1000.0
     timestep_end: float = 0.0
+
+
+def seeded_model(model_class: Callable[..., ModelT], **config: Any) -> ModelT:
+    """``model_class(**config)`` in eval mode with the weights of seed 0, leaving the global random state
+    as the caller had it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = model_class(**config)
+    return model.eval()
+
+
+def named_model(class_name: str, **config: Any) -> nn.Module:
+    """``seeded_model`` of the diffusers class called ``class_name`` (looked up at run time: under mypy the
+    top-level names are diffusers' placeholders)."""
+    import diffusers
+
+    model: nn.Module = seeded_model(getattr(diffusers, class_name), **config)
+    return model
+
+
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(shape, generator=gen)
+
+
+def timesteps(value: float, *shape: int) -> torch.Tensor:
+    """``value`` for every row of the batch (and every position of ``shape`` after it)."""
+    return torch.full((BATCH, *shape), value)

@@ -1,38 +1,17 @@
-"""Zoo group a: Allegro to Flux, built tiny from diffusers' own test configurations where there is one."""
+"""The transformer classes from Allegro to Flux, built tiny from diffusers' own test configurations where there is one."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import diffusers
 import torch
 from torch import nn
 
-from . import TinyTransformer
-
-BATCH = 2
-
-
-def _gen() -> torch.Generator:
-    return torch.Generator("cpu").manual_seed(0)
-
-
-def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(shape, generator=gen)
-
-
-def _steps(value: float, *shape: int) -> torch.Tensor:
-    return torch.full((BATCH, *shape), value)
-
-
-def _model(class_name: str, **config: Any) -> nn.Module:
-    torch.manual_seed(0)
-    model: nn.Module = getattr(diffusers, class_name)(**config)
-    return model.eval()
+from tiny_pipelines.transformers import BATCH, TinyTransformer, generator, named_model, randn, timesteps
 
 
 def _build_allegro() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "AllegroTransformer3DModel",
         num_attention_heads=2,
         attention_head_dim=8,
@@ -45,11 +24,11 @@ def _build_allegro() -> tuple[nn.Module, dict[str, Any]]:
         sample_frames=8,
         caption_channels=8,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 2, 4, 4),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 8),
-        "timestep": _steps(500.0),
+        "hidden_states": randn(gen, BATCH, 4, 2, 4, 4),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 8),
+        "timestep": timesteps(500.0),
         "return_dict": False,
     }
 
@@ -70,37 +49,37 @@ _ANYFLOW_CONFIG: dict[str, Any] = {
 
 
 def _build_anyflow() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model("AnyFlowTransformer3DModel", **_ANYFLOW_CONFIG)
-    gen = _gen()
+    model = named_model("AnyFlowTransformer3DModel", **_ANYFLOW_CONFIG)
+    gen = generator()
     # Latents are (batch, frames, channels, height, width); both timesteps are per frame.
     return model, {
-        "hidden_states": _randn(gen, BATCH, 2, 4, 8, 8),
-        "timestep": _steps(500.0, 2),
-        "r_timestep": _steps(250.0, 2),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
+        "hidden_states": randn(gen, BATCH, 2, 4, 8, 8),
+        "timestep": timesteps(500.0, 2),
+        "r_timestep": timesteps(250.0, 2),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
         "return_dict": False,
     }
 
 
 def _build_anyflow_far() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "AnyFlowFARTransformer3DModel", compressed_patch_size=(1, 4, 4), full_chunk_limit=3, **_ANYFLOW_CONFIG
     )
-    gen = _gen()
+    gen = generator()
     # The pipeline's denoising call for the second of two one-frame chunks: the latents hold that chunk only and
     # the self-attention reads the first chunk's keys and values from the KV cache (16 tokens, seeded here), which
     # this call reads but does not write. Cache tensors are (key/value, batch, heads, tokens, head_dim).
     full_cache = torch.zeros(2, BATCH, 2, 3 * 16, 12)
-    full_cache[:, :, :, :16] = _randn(gen, 2, BATCH, 2, 16, 12)
+    full_cache[:, :, :, :16] = randn(gen, 2, BATCH, 2, 16, 12)
     kv_cache = {
         layer: {"full_cache": full_cache.clone(), "compressed_cache": torch.zeros(2, BATCH, 2, 0, 12)}
         for layer in range(2)
     }
     return model, {
-        "hidden_states": _randn(gen, BATCH, 1, 4, 8, 8),
-        "timestep": _steps(500.0, 1),
-        "r_timestep": _steps(250.0, 1),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
+        "hidden_states": randn(gen, BATCH, 1, 4, 8, 8),
+        "timestep": timesteps(500.0, 1),
+        "r_timestep": timesteps(250.0, 1),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
         "chunk_partition": [1, 1],
         "kv_cache": kv_cache,
         "kv_cache_flag": {"num_cached_chunks": 1, "is_cache_step": False},
@@ -109,7 +88,7 @@ def _build_anyflow_far() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _build_aura_flow() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "AuraFlowTransformer2DModel",
         sample_size=8,
         patch_size=2,
@@ -124,11 +103,11 @@ def _build_aura_flow() -> tuple[nn.Module, dict[str, Any]]:
         out_channels=4,
         pos_embed_max_size=16,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 32),
-        "timestep": _steps(0.5),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 32),
+        "timestep": timesteps(0.5),
         "return_dict": False,
     }
 
@@ -146,7 +125,7 @@ def _flux_ids(text_len: int, height: int, width: int, axes: int = 3) -> tuple[to
 
 
 def _build_bria() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "BriaTransformer2DModel",
         patch_size=1,
         in_channels=4,
@@ -158,12 +137,12 @@ def _build_bria() -> tuple[nn.Module, dict[str, Any]]:
         pooled_projection_dim=None,
         axes_dims_rope=[0, 4, 4],
     )
-    gen = _gen()
+    gen = generator()
     txt_ids, img_ids = _flux_ids(6, 4, 4)
     return model, {
-        "hidden_states": _randn(gen, BATCH, 16, 4),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 32),
-        "timestep": _steps(500.0),
+        "hidden_states": randn(gen, BATCH, 16, 4),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 32),
+        "timestep": timesteps(500.0),
         "img_ids": img_ids,
         "txt_ids": txt_ids,
         "return_dict": False,
@@ -171,7 +150,7 @@ def _build_bria() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _build_bria_fibo() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "BriaFiboTransformer2DModel",
         patch_size=1,
         in_channels=8,
@@ -184,14 +163,14 @@ def _build_bria_fibo() -> tuple[nn.Module, dict[str, Any]]:
         pooled_projection_dim=None,
         axes_dims_rope=[0, 4, 4],
     )
-    gen = _gen()
+    gen = generator()
     txt_ids, img_ids = _flux_ids(6, 4, 4)
     return model, {
-        "hidden_states": _randn(gen, BATCH, 16, 8),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 32),
+        "hidden_states": randn(gen, BATCH, 16, 8),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 32),
         # One text encoder layer per block, joint blocks first: each replaces half of the text stream's channels.
-        "text_encoder_layers": [_randn(gen, BATCH, 6, 16) for _ in range(4)],
-        "timestep": _steps(500.0),
+        "text_encoder_layers": [randn(gen, BATCH, 6, 16) for _ in range(4)],
+        "timestep": timesteps(500.0),
         "img_ids": img_ids,
         "txt_ids": txt_ids,
         "return_dict": False,
@@ -199,7 +178,7 @@ def _build_bria_fibo() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _build_bria_fibo2() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "BriaFibo2Transformer2DModel",
         in_channels=4,
         patch_size=2,
@@ -219,18 +198,18 @@ def _build_bria_fibo2() -> tuple[nn.Module, dict[str, Any]]:
         axes_dims=(4, 6, 6),
         axes_lens=(16, 8, 8),
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
-        "timestep": _steps(0.5),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
+        "timestep": timesteps(0.5),
         # The Perceiver's bundle, then one bundle per injection block.
-        "encoder_hidden_states": _randn(gen, BATCH, 2, 6, 16),
+        "encoder_hidden_states": randn(gen, BATCH, 2, 6, 16),
         "return_dict": False,
     }
 
 
 def _build_chroma() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "ChromaTransformer2DModel",
         patch_size=1,
         in_channels=4,
@@ -244,15 +223,15 @@ def _build_chroma() -> tuple[nn.Module, dict[str, Any]]:
         approximator_hidden_dim=16,
         approximator_layers=2,
     )
-    gen = _gen()
+    gen = generator()
     txt_ids, img_ids = _flux_ids(6, 4, 4)
     # As the pipeline builds it: a float mask over text then image tokens, the second prompt padded by two.
     attention_mask = torch.ones(BATCH, 6 + 16)
     attention_mask[1, 4:6] = 0.0
     return model, {
-        "hidden_states": _randn(gen, BATCH, 16, 4),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 32),
-        "timestep": _steps(0.5),
+        "hidden_states": randn(gen, BATCH, 16, 4),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 32),
+        "timestep": timesteps(0.5),
         "img_ids": img_ids,
         "txt_ids": txt_ids,
         "attention_mask": attention_mask,
@@ -261,7 +240,7 @@ def _build_chroma() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _build_chronoedit() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "ChronoEditTransformer3DModel",
         patch_size=(1, 2, 2),
         num_attention_heads=2,
@@ -277,17 +256,17 @@ def _build_chronoedit() -> tuple[nn.Module, dict[str, Any]]:
         rope_max_seq_len=64,
         rope_temporal_skip_len=8,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 2, 8, 8),
-        "timestep": _steps(500.0),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 32),
+        "hidden_states": randn(gen, BATCH, 4, 2, 8, 8),
+        "timestep": timesteps(500.0),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 32),
         "return_dict": False,
     }
 
 
 def _build_cogvideox() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "CogVideoXTransformer3DModel",
         # heads * head_dim must be divisible by 16 for the 3D positional embeddings.
         num_attention_heads=2,
@@ -304,12 +283,12 @@ def _build_cogvideox() -> tuple[nn.Module, dict[str, Any]]:
         temporal_compression_ratio=4,
         max_text_seq_length=6,
     )
-    gen = _gen()
+    gen = generator()
     # Latents are (batch, frames, channels, height, width).
     return model, {
-        "hidden_states": _randn(gen, BATCH, 2, 4, 8, 8),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 8),
-        "timestep": _steps(500.0),
+        "hidden_states": randn(gen, BATCH, 2, 4, 8, 8),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 8),
+        "timestep": timesteps(500.0),
         "return_dict": False,
     }
 
@@ -323,7 +302,7 @@ def _size_conditions() -> dict[str, torch.Tensor]:
 
 
 def _build_cogview3plus() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "CogView3PlusTransformer2DModel",
         patch_size=2,
         in_channels=4,
@@ -337,18 +316,18 @@ def _build_cogview3plus() -> tuple[nn.Module, dict[str, Any]]:
         pos_embed_max_size=8,
         sample_size=8,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 8),
-        "timestep": _steps(500.0),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 8),
+        "timestep": timesteps(500.0),
         **_size_conditions(),
         "return_dict": False,
     }
 
 
 def _build_cogview4() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "CogView4Transformer2DModel",
         patch_size=2,
         in_channels=4,
@@ -360,18 +339,18 @@ def _build_cogview4() -> tuple[nn.Module, dict[str, Any]]:
         time_embed_dim=8,
         condition_dim=4,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 8),
-        "timestep": _steps(500.0),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 8),
+        "timestep": timesteps(500.0),
         **_size_conditions(),
         "return_dict": False,
     }
 
 
 def _build_consisid() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "ConsisIDTransformer3DModel",
         num_attention_heads=2,
         attention_head_dim=8,
@@ -403,19 +382,19 @@ def _build_consisid() -> tuple[nn.Module, dict[str, Any]]:
         LFE_ff_mult=1,
         LFE_num_scale=1,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 1, 4, 8, 8),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 8),
-        "timestep": _steps(500.0),
-        "id_cond": _randn(gen, BATCH, 4),
-        "id_vit_hidden": [_randn(gen, BATCH, 3, 4)],
+        "hidden_states": randn(gen, BATCH, 1, 4, 8, 8),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 8),
+        "timestep": timesteps(500.0),
+        "id_cond": randn(gen, BATCH, 4),
+        "id_vit_hidden": [randn(gen, BATCH, 3, 4)],
         "return_dict": False,
     }
 
 
 def _build_cosmos3_omni() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "Cosmos3OmniTransformer",
         head_dim=6,
         hidden_act="relu2",
@@ -432,7 +411,7 @@ def _build_cosmos3_omni() -> tuple[nn.Module, dict[str, Any]]:
         rope_theta=1e4,
         vocab_size=32,
     )
-    gen = _gen()
+    gen = generator()
     # One packed sequence without a batch dimension, as the pipeline calls it once per guidance pass: four
     # causal text tokens, then the 2x2 patch grid of one 4x4 frame.
     text_len, grid = 4, 2
@@ -449,7 +428,7 @@ def _build_cosmos3_omni() -> tuple[nn.Module, dict[str, Any]]:
         "position_ids": torch.cat([text_positions, vision_positions + text_len], dim=1),
         "und_len": text_len,
         "sequence_length": text_len + vision_len,
-        "vision_tokens": [_randn(gen, 1, 4, 1, 4, 4)],
+        "vision_tokens": [randn(gen, 1, 4, 1, 4, 4)],
         "vision_token_shapes": [(1, grid, grid)],
         "vision_sequence_indexes": vision_indexes,
         "vision_mse_loss_indexes": vision_indexes,
@@ -460,7 +439,7 @@ def _build_cosmos3_omni() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _build_cosmos() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "CosmosTransformer3DModel",
         in_channels=4,
         out_channels=4,
@@ -477,18 +456,18 @@ def _build_cosmos() -> tuple[nn.Module, dict[str, Any]]:
         concat_padding_mask=False,
         extra_pos_embed_type="learnable",
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 1, 8, 8),
-        "timestep": _steps(0.5),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
+        "hidden_states": randn(gen, BATCH, 4, 1, 8, 8),
+        "timestep": timesteps(0.5),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
         "fps": 30,
         "return_dict": False,
     }
 
 
 def _build_dit() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "DiTTransformer2DModel",
         in_channels=4,
         out_channels=8,
@@ -502,17 +481,17 @@ def _build_dit() -> tuple[nn.Module, dict[str, Any]]:
         patch_size=2,
         sample_size=8,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
-        "timestep": _steps(500.0),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
+        "timestep": timesteps(500.0),
         "class_labels": torch.tensor([1, 3]),
         "return_dict": False,
     }
 
 
 def _build_easyanimate() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "EasyAnimateTransformer3DModel",
         # The 3D RoPE gives a quarter and three eighths of each head to its axes: each must come out even.
         attention_head_dim=16,
@@ -529,17 +508,17 @@ def _build_easyanimate() -> tuple[nn.Module, dict[str, Any]]:
         time_position_encoding_type="3d_rope",
         timestep_activation_fn="silu",
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 2, 8, 8),
-        "timestep": _steps(500.0),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
+        "hidden_states": randn(gen, BATCH, 4, 2, 8, 8),
+        "timestep": timesteps(500.0),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
         "return_dict": False,
     }
 
 
 def _build_ernie_image() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "ErnieImageTransformer2DModel",
         hidden_size=16,
         num_attention_heads=2,
@@ -555,16 +534,16 @@ def _build_ernie_image() -> tuple[nn.Module, dict[str, Any]]:
     )
     # The shared modulation and the output projection start at zero, which would make every block an identity
     # and the output zero: give them seeded weights.
-    torch.manual_seed(1)
+    drawn = generator(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.startswith(("adaLN_modulation.", "final_linear.")):
-                nn.init.normal_(param, std=0.2)
-    gen = _gen()
+                param.copy_(0.2 * torch.randn(param.shape, generator=drawn))
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 4, 4),
-        "timestep": _steps(500.0),
-        "text_bth": _randn(gen, BATCH, 6, 8),
+        "hidden_states": randn(gen, BATCH, 4, 4, 4),
+        "timestep": timesteps(500.0),
+        "text_bth": randn(gen, BATCH, 6, 8),
         # The second prompt is padded: its last two text tokens are masked out.
         "text_lens": torch.tensor([6, 4]),
         "return_dict": False,
@@ -572,7 +551,7 @@ def _build_ernie_image() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _build_flux2() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "Flux2Transformer2DModel",
         patch_size=1,
         in_channels=4,
@@ -584,21 +563,21 @@ def _build_flux2() -> tuple[nn.Module, dict[str, Any]]:
         timestep_guidance_channels=32,
         axes_dims_rope=[4, 4, 4, 4],
     )
-    gen = _gen()
+    gen = generator()
     txt_ids, img_ids = _flux_ids(6, 4, 4, axes=4)
     return model, {
-        "hidden_states": _randn(gen, BATCH, 16, 4),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 32),
-        "timestep": _steps(0.5),
+        "hidden_states": randn(gen, BATCH, 16, 4),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 32),
+        "timestep": timesteps(0.5),
         "img_ids": img_ids,
         "txt_ids": txt_ids,
-        "guidance": _steps(4.0),
+        "guidance": timesteps(4.0),
         "return_dict": False,
     }
 
 
 def _build_flux3() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "Flux3Transformer2DModel",
         in_channels=4,
         cond_in_channels=4,
@@ -610,25 +589,25 @@ def _build_flux3() -> tuple[nn.Module, dict[str, Any]]:
         timestep_channels=32,
         axes_dims_rope=(4, 4, 4, 4),
     )
-    gen = _gen()
+    gen = generator()
     txt_ids, img_ids = _flux_ids(6, 4, 4, axes=4)
     # A reference image (on the next t plane) runs the image_cond per-mode blocks too.
     cond_ids = img_ids.clone()
     cond_ids[:, 0] = 1.0
     return model, {
-        "hidden_states": _randn(gen, BATCH, 16, 4),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 32),
-        "timestep": _steps(0.5),
+        "hidden_states": randn(gen, BATCH, 16, 4),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 32),
+        "timestep": timesteps(0.5),
         "img_ids": img_ids,
         "txt_ids": txt_ids,
-        "image_cond_hidden_states": _randn(gen, BATCH, 16, 4),
+        "image_cond_hidden_states": randn(gen, BATCH, 16, 4),
         "image_cond_ids": cond_ids,
         "return_dict": False,
     }
 
 
 def _build_flux() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "FluxTransformer2DModel",
         patch_size=1,
         in_channels=4,
@@ -640,13 +619,13 @@ def _build_flux() -> tuple[nn.Module, dict[str, Any]]:
         pooled_projection_dim=32,
         axes_dims_rope=[4, 4, 8],
     )
-    gen = _gen()
+    gen = generator()
     txt_ids, img_ids = _flux_ids(6, 4, 4)
     return model, {
-        "hidden_states": _randn(gen, BATCH, 16, 4),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 32),
-        "pooled_projections": _randn(gen, BATCH, 32),
-        "timestep": _steps(0.5),
+        "hidden_states": randn(gen, BATCH, 16, 4),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 32),
+        "pooled_projections": randn(gen, BATCH, 32),
+        "timestep": timesteps(0.5),
         "img_ids": img_ids,
         "txt_ids": txt_ids,
         "return_dict": False,

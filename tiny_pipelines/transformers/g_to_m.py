@@ -1,10 +1,9 @@
-"""Zoo group b: GlmImage to MiniMaxH3, built tiny from diffusers' own test configurations where there is one."""
+"""The transformer classes from GlmImage to MiniMaxH3, built tiny from diffusers' own test configurations where there is one."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import diffusers
 import torch
 from diffusers.models.embeddings import get_2d_rotary_pos_embed, get_2d_rotary_pos_embed_lumina
 from diffusers.models.transformers.transformer_ideogram4 import (
@@ -14,27 +13,7 @@ from diffusers.models.transformers.transformer_ideogram4 import (
 )
 from torch import nn
 
-from . import TinyTransformer
-
-BATCH = 2
-
-
-def _gen() -> torch.Generator:
-    return torch.Generator("cpu").manual_seed(0)
-
-
-def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(shape, generator=gen)
-
-
-def _steps(value: float, *shape: int) -> torch.Tensor:
-    return torch.full((BATCH, *shape), value)
-
-
-def _model(class_name: str, **config: Any) -> nn.Module:
-    torch.manual_seed(0)
-    model: nn.Module = getattr(diffusers, class_name)(**config)
-    return model.eval()
+from tiny_pipelines.transformers import BATCH, TinyTransformer, generator, named_model, randn, timesteps
 
 
 def _grid_ids(height: int, width: int, offset: int = 0) -> torch.Tensor:
@@ -45,7 +24,7 @@ def _grid_ids(height: int, width: int, offset: int = 0) -> torch.Tensor:
 
 
 def _build_glm_image() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "GlmImageTransformer2DModel",
         patch_size=2,
         in_channels=4,
@@ -58,14 +37,14 @@ def _build_glm_image() -> tuple[nn.Module, dict[str, Any]]:
         condition_dim=8,
         prior_vq_quantizer_codebook_size=64,
     )
-    gen = _gen()
+    gen = generator()
     # One prior token per latent patch, as the pipeline passes them: (batch, (8 / 2) * (8 / 2)).
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
         "prior_token_id": torch.randint(0, 64, (BATCH, 16), generator=gen),
         "prior_token_drop": torch.zeros(BATCH, 16, dtype=torch.bool),
-        "timestep": _steps(500.0),
+        "timestep": timesteps(500.0),
         "target_size": torch.tensor([[64.0, 64.0]] * BATCH),
         "crop_coords": torch.zeros(BATCH, 2),
         "return_dict": False,
@@ -73,7 +52,7 @@ def _build_glm_image() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _build_helios() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "HeliosTransformer3DModel",
         patch_size=(1, 2, 2),
         num_attention_heads=2,
@@ -92,7 +71,7 @@ def _build_helios() -> tuple[nn.Module, dict[str, Any]]:
         zero_history_timestep=True,
         is_amplify_history=False,
     )
-    gen = _gen()
+    gen = generator()
     # The pipeline's frame layout: long (4), mid (2) and short (1) history frames, then the 2 noisy frames.
     long, mid, short, noisy = torch.arange(9).split([4, 2, 1, 2])
 
@@ -100,22 +79,22 @@ def _build_helios() -> tuple[nn.Module, dict[str, Any]]:
         return frames.unsqueeze(0).expand(BATCH, -1)
 
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 2, 8, 8),
-        "timestep": _steps(500.0),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
+        "hidden_states": randn(gen, BATCH, 4, 2, 8, 8),
+        "timestep": timesteps(500.0),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
         "indices_hidden_states": indices(noisy),
         "indices_latents_history_short": indices(short),
         "indices_latents_history_mid": indices(mid),
         "indices_latents_history_long": indices(long),
-        "latents_history_short": _randn(gen, BATCH, 4, 1, 8, 8),
-        "latents_history_mid": _randn(gen, BATCH, 4, 2, 8, 8),
-        "latents_history_long": _randn(gen, BATCH, 4, 4, 8, 8),
+        "latents_history_short": randn(gen, BATCH, 4, 1, 8, 8),
+        "latents_history_mid": randn(gen, BATCH, 4, 2, 8, 8),
+        "latents_history_long": randn(gen, BATCH, 4, 4, 8, 8),
         "return_dict": False,
     }
 
 
 def _build_hidream_image() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "HiDreamImageTransformer2DModel",
         patch_size=2,
         in_channels=4,
@@ -134,20 +113,20 @@ def _build_hidream_image() -> tuple[nn.Module, dict[str, Any]]:
         llama_layers=[0, 1, 2, 3],
         force_inference_output=True,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
-        "timesteps": _steps(500.0),
-        "encoder_hidden_states_t5": _randn(gen, BATCH, 8, 8),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
+        "timesteps": timesteps(500.0),
+        "encoder_hidden_states_t5": randn(gen, BATCH, 8, 8),
         # (llama layers, batch, tokens, features): the layer axis leads, as the pipeline stacks them.
-        "encoder_hidden_states_llama3": _randn(gen, 4, BATCH, 8, 4),
-        "pooled_embeds": _randn(gen, BATCH, 8),
+        "encoder_hidden_states_llama3": randn(gen, 4, BATCH, 8, 4),
+        "pooled_embeds": randn(gen, BATCH, 8),
         "return_dict": False,
     }
 
 
 def _build_hunyuan_dit() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "HunyuanDiT2DModel",
         sample_size=8,
         patch_size=2,
@@ -164,15 +143,15 @@ def _build_hunyuan_dit() -> tuple[nn.Module, dict[str, Any]]:
         text_len_t5=4,
         activation_fn="gelu-approximate",
     )
-    gen = _gen()
+    gen = generator()
     # The pipeline's meta sizes: original (1024, 1024), target (64, 64), crop top-left (0, 0).
     meta = torch.tensor([[1024.0, 1024.0, 64.0, 64.0, 0.0, 0.0]] * BATCH)
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
-        "timestep": _steps(500.0),
-        "encoder_hidden_states": _randn(gen, BATCH, 4, 8),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
+        "timestep": timesteps(500.0),
+        "encoder_hidden_states": randn(gen, BATCH, 4, 8),
         "text_embedding_mask": torch.ones(BATCH, 4),
-        "encoder_hidden_states_t5": _randn(gen, BATCH, 4, 8),
+        "encoder_hidden_states_t5": randn(gen, BATCH, 4, 8),
         "text_embedding_mask_t5": torch.ones(BATCH, 4),
         "image_meta_size": meta,
         "style": torch.zeros(BATCH, dtype=torch.long),
@@ -185,7 +164,7 @@ def _build_hunyuan_dit() -> tuple[nn.Module, dict[str, Any]]:
 
 def _build_hunyuan_image() -> tuple[nn.Module, dict[str, Any]]:
     # No `text_embed_2_dim`: its ByT5 projection has a fixed 2048-wide hidden layer (millions of parameters).
-    model = _model(
+    model = named_model(
         "HunyuanImageTransformer2DModel",
         in_channels=4,
         out_channels=4,
@@ -198,11 +177,11 @@ def _build_hunyuan_image() -> tuple[nn.Module, dict[str, Any]]:
         text_embed_dim=16,
         rope_axes_dim=(4, 4),
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 4, 4),
-        "timestep": _steps(500.0),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
+        "hidden_states": randn(gen, BATCH, 4, 4, 4),
+        "timestep": timesteps(500.0),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
         "encoder_attention_mask": torch.ones(BATCH, 6),
         "return_dict": False,
     }
@@ -210,7 +189,7 @@ def _build_hunyuan_image() -> tuple[nn.Module, dict[str, Any]]:
 
 def _build_hunyuan_video15() -> tuple[nn.Module, dict[str, Any]]:
     # The ByT5 projection is always built with a fixed 2048-wide hidden layer: about 4.3M of the parameters.
-    model = _model(
+    model = named_model(
         "HunyuanVideo15Transformer3DModel",
         # Latents (4) + image-condition latents (4) + condition mask (1), as the pipeline concatenates them.
         in_channels=9,
@@ -229,14 +208,14 @@ def _build_hunyuan_video15() -> tuple[nn.Module, dict[str, Any]]:
         target_size=16,
         task_type="t2v",
     )
-    gen = _gen()
-    latents = _randn(gen, BATCH, 4, 2, 4, 4)
+    gen = generator()
+    latents = randn(gen, BATCH, 4, 2, 4, 4)
     return model, {
         "hidden_states": torch.cat([latents, torch.zeros(BATCH, 5, 2, 4, 4)], dim=1),
-        "timestep": _steps(500.0),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
+        "timestep": timesteps(500.0),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
         "encoder_attention_mask": torch.ones(BATCH, 6),
-        "encoder_hidden_states_2": _randn(gen, BATCH, 2, 8),
+        "encoder_hidden_states_2": randn(gen, BATCH, 2, 8),
         "encoder_attention_mask_2": torch.ones(BATCH, 2),
         # All zeros: forward's text-to-video branch, as the text-to-video pipeline passes them.
         "image_embeds": torch.zeros(BATCH, 3, 12),
@@ -245,7 +224,7 @@ def _build_hunyuan_video15() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _build_hunyuan_video_framepack() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "HunyuanVideoFramepackTransformer3DModel",
         in_channels=4,
         out_channels=4,
@@ -264,31 +243,31 @@ def _build_hunyuan_video_framepack() -> tuple[nn.Module, dict[str, Any]]:
         image_proj_dim=16,
         has_clean_x_embedder=True,
     )
-    gen = _gen()
+    gen = generator()
     # The pipeline's frame layout: prefix (1), 4x history (4), 2x history (2), 1x history (1), noisy (2).
     prefix, history_4x, history_2x, history_1x, noisy = torch.arange(10).split([1, 4, 2, 1, 2])
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 2, 4, 4),
-        "timestep": _steps(500.0),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
+        "hidden_states": randn(gen, BATCH, 4, 2, 4, 4),
+        "timestep": timesteps(500.0),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
         "encoder_attention_mask": torch.ones(BATCH, 6),
-        "pooled_projections": _randn(gen, BATCH, 8),
-        "image_embeds": _randn(gen, BATCH, 4, 16),
+        "pooled_projections": randn(gen, BATCH, 8),
+        "image_embeds": randn(gen, BATCH, 4, 16),
         # Frame indices have no batch axis: forward builds a meshgrid from them.
         "indices_latents": noisy,
-        "guidance": _steps(6000.0),
-        "latents_clean": _randn(gen, BATCH, 4, 2, 4, 4),
+        "guidance": timesteps(6000.0),
+        "latents_clean": randn(gen, BATCH, 4, 2, 4, 4),
         "indices_latents_clean": torch.cat([prefix, history_1x]),
-        "latents_history_2x": _randn(gen, BATCH, 4, 2, 4, 4),
+        "latents_history_2x": randn(gen, BATCH, 4, 2, 4, 4),
         "indices_latents_history_2x": history_2x,
-        "latents_history_4x": _randn(gen, BATCH, 4, 4, 4, 4),
+        "latents_history_4x": randn(gen, BATCH, 4, 4, 4, 4),
         "indices_latents_history_4x": history_4x,
         "return_dict": False,
     }
 
 
 def _build_hunyuan_video() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "HunyuanVideoTransformer3DModel",
         in_channels=4,
         out_channels=4,
@@ -304,21 +283,21 @@ def _build_hunyuan_video() -> tuple[nn.Module, dict[str, Any]]:
         pooled_projection_dim=8,
         rope_axes_dim=(2, 4, 4),
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 2, 8, 8),
-        "timestep": _steps(500.0),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
+        "hidden_states": randn(gen, BATCH, 4, 2, 8, 8),
+        "timestep": timesteps(500.0),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
         "encoder_attention_mask": torch.ones(BATCH, 6),
-        "pooled_projections": _randn(gen, BATCH, 8),
+        "pooled_projections": randn(gen, BATCH, 8),
         # The pipeline passes guidance_scale * 1000.
-        "guidance": _steps(6000.0),
+        "guidance": timesteps(6000.0),
         "return_dict": False,
     }
 
 
 def _build_ideogram4() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "Ideogram4Transformer2DModel",
         in_channels=16,
         num_layers=2,
@@ -331,13 +310,13 @@ def _build_ideogram4() -> tuple[nn.Module, dict[str, Any]]:
         mrope_section=(2, 1, 1),
         norm_eps=1e-5,
     )
-    gen = _gen()
+    gen = generator()
     text, grid = 4, 4
     image = grid * grid
     # One packed sequence per sample: 4 text tokens, then a 4 x 4 grid of image tokens. Latents are zero on the
     # text rows and text features zero on the image rows, as the pipeline packs them.
-    hidden_states = torch.cat([torch.zeros(BATCH, text, 16), _randn(gen, BATCH, image, 16)], dim=1)
-    encoder_hidden_states = torch.cat([_randn(gen, BATCH, text, 24), torch.zeros(BATCH, image, 24)], dim=1)
+    hidden_states = torch.cat([torch.zeros(BATCH, text, 16), randn(gen, BATCH, image, 16)], dim=1)
+    encoder_hidden_states = torch.cat([randn(gen, BATCH, text, 24), torch.zeros(BATCH, image, 24)], dim=1)
     text_positions = torch.arange(text).unsqueeze(1).expand(text, 3)
     image_positions = _grid_ids(grid, grid).long() + IMAGE_POSITION_OFFSET
     position_ids = torch.cat([text_positions, image_positions]).unsqueeze(0).expand(BATCH, -1, -1)
@@ -345,7 +324,7 @@ def _build_ideogram4() -> tuple[nn.Module, dict[str, Any]]:
     return model, {
         "hidden_states": hidden_states,
         # Model time: 0 is noise, 1 is clean data.
-        "timestep": _steps(0.5),
+        "timestep": timesteps(0.5),
         "encoder_hidden_states": encoder_hidden_states,
         "position_ids": position_ids.contiguous(),
         "segment_ids": torch.ones(BATCH, text + image, dtype=torch.long),
@@ -367,13 +346,13 @@ _JOYIMAGE_CONFIG: dict[str, Any] = {
 
 
 def _build_joyimage_edit_plus() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model("JoyImageEditPlusTransformer3DModel", **_JOYIMAGE_CONFIG)
-    gen = _gen()
+    model = named_model("JoyImageEditPlusTransformer3DModel", **_JOYIMAGE_CONFIG)
+    gen = generator()
     # Patches of the target (a 2 x 2 grid of 2 x 2 patches), then of one reference image of the same size.
     return model, {
-        "hidden_states": _randn(gen, BATCH, 8, 4, 1, 2, 2),
-        "timestep": _steps(500.0),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
+        "hidden_states": randn(gen, BATCH, 8, 4, 1, 2, 2),
+        "timestep": timesteps(500.0),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
         "encoder_hidden_states_mask": torch.ones(BATCH, 6),
         "shape_list": [[(1, 2, 2), (1, 2, 2)] for _ in range(BATCH)],
         "return_dict": False,
@@ -381,19 +360,19 @@ def _build_joyimage_edit_plus() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _build_joyimage_edit() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model("JoyImageEditTransformer3DModel", **_JOYIMAGE_CONFIG)
-    gen = _gen()
+    model = named_model("JoyImageEditTransformer3DModel", **_JOYIMAGE_CONFIG)
+    gen = generator()
     # (batch, items, channels, frames, height, width): a reference image, then the noisy target.
     return model, {
-        "hidden_states": _randn(gen, BATCH, 2, 4, 1, 4, 4),
-        "timestep": _steps(500.0),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
+        "hidden_states": randn(gen, BATCH, 2, 4, 1, 4, 4),
+        "timestep": timesteps(500.0),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
         "return_dict": False,
     }
 
 
 def _build_kandinsky5() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "Kandinsky5Transformer3DModel",
         in_visual_dim=4,
         in_text_dim=16,
@@ -410,17 +389,19 @@ def _build_kandinsky5() -> tuple[nn.Module, dict[str, Any]]:
     )
     # Every modulation projection is zero-initialised, which would make each block an identity and the output
     # independent of the timestep and the text; give them small seeded weights.
-    for name, parameter in model.named_parameters():
-        if "modulation" in name:
-            nn.init.normal_(parameter, std=0.05)
-    gen = _gen()
-    latents = _randn(gen, BATCH, 2, 8, 8, 4)
+    drawn = generator(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "modulation" in name:
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=drawn))
+    gen = generator()
+    latents = randn(gen, BATCH, 2, 8, 8, 4)
     # Channels-last: latents (4) + condition latents (4) + condition mask (1), zero as in text-to-video.
     return model, {
         "hidden_states": torch.cat([latents, torch.zeros(BATCH, 2, 8, 8, 5)], dim=-1),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
-        "timestep": _steps(500.0),
-        "pooled_projections": _randn(gen, BATCH, 8),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
+        "timestep": timesteps(500.0),
+        "pooled_projections": randn(gen, BATCH, 8),
         "visual_rope_pos": [torch.arange(2), torch.arange(4), torch.arange(4)],
         "text_rope_pos": torch.arange(6),
         "scale_factor": (1.0, 2.0, 2.0),
@@ -429,7 +410,7 @@ def _build_kandinsky5() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _build_kandinsky6_sr() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "Kandinsky6SRTransformer3DModel",
         in_visual_dim=4,
         out_visual_dim=4,
@@ -440,18 +421,18 @@ def _build_kandinsky6_sr() -> tuple[nn.Module, dict[str, Any]]:
         num_visual_blocks=2,
         axes_dims=(4, 6, 6),
     )
-    gen = _gen()
-    latents = _randn(gen, BATCH, 1, 8, 8, 4)
+    gen = generator()
+    latents = randn(gen, BATCH, 1, 8, 8, 4)
     # Its NABLA attention needs an 8 x 8 token grid at least. Channels-last: latents, zero anchor, zero mask.
     return model, {
         "hidden_states": torch.cat([latents, torch.zeros(BATCH, 1, 8, 8, 5)], dim=-1),
-        "timestep": _steps(500.0),
+        "timestep": timesteps(500.0),
         "return_dict": False,
     }
 
 
 def _build_kandinsky6() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "Kandinsky6Transformer3DModel",
         in_visual_dim=4,
         out_visual_dim=4,
@@ -473,20 +454,20 @@ def _build_kandinsky6() -> tuple[nn.Module, dict[str, Any]]:
         cross_gates=True,
         fix_modulation=True,
     )
-    gen = _gen()
-    latents = _randn(gen, BATCH, 2, 8, 8, 4)
+    gen = generator()
+    latents = randn(gen, BATCH, 2, 8, 8, 4)
     return model, {
         "hidden_states": torch.cat([latents, torch.zeros(BATCH, 2, 8, 8, 5)], dim=-1),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
-        "pooled_projections": _randn(gen, BATCH, 8),
-        "timestep": _steps(500.0),
-        "audio_hidden_states": _randn(gen, BATCH, 5, 4),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
+        "pooled_projections": randn(gen, BATCH, 8),
+        "timestep": timesteps(500.0),
+        "audio_hidden_states": randn(gen, BATCH, 5, 4),
         "return_dict": False,
     }
 
 
 def _build_krea2() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "Krea2Transformer2DModel",
         in_channels=16,
         num_layers=2,
@@ -506,15 +487,15 @@ def _build_krea2() -> tuple[nn.Module, dict[str, Any]]:
         rope_theta=1000.0,
         norm_eps=1e-5,
     )
-    gen = _gen()
+    gen = generator()
     text, grid = 4, 4
     # The last text token is padding, to take the key-padding mask path.
     mask = torch.ones(BATCH, text, dtype=torch.bool)
     mask[:, -1] = False
     return model, {
-        "hidden_states": _randn(gen, BATCH, grid * grid, 16),
-        "encoder_hidden_states": _randn(gen, BATCH, text, 3, 16),
-        "timestep": _steps(0.5),
+        "hidden_states": randn(gen, BATCH, grid * grid, 16),
+        "encoder_hidden_states": randn(gen, BATCH, text, 3, 16),
+        "timestep": timesteps(0.5),
         # Text rows all zero, then the image grid; no batch axis.
         "position_ids": torch.cat([torch.zeros(text, 3), _grid_ids(grid, grid)]),
         "encoder_attention_mask": mask,
@@ -523,7 +504,7 @@ def _build_krea2() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _build_ltx2_video() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "LTX2VideoTransformer3DModel",
         in_channels=4,
         out_channels=4,
@@ -542,15 +523,15 @@ def _build_ltx2_video() -> tuple[nn.Module, dict[str, Any]]:
         caption_channels=16,
         rope_double_precision=False,
     )
-    gen = _gen()
+    gen = generator()
     frames, height, width, audio_frames = 2, 4, 4, 5
     return model, {
-        "hidden_states": _randn(gen, BATCH, frames * height * width, 4),
-        "audio_hidden_states": _randn(gen, BATCH, audio_frames, 4),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
-        "audio_encoder_hidden_states": _randn(gen, BATCH, 6, 16),
-        "timestep": _steps(500.0),
-        "sigma": _steps(500.0),
+        "hidden_states": randn(gen, BATCH, frames * height * width, 4),
+        "audio_hidden_states": randn(gen, BATCH, audio_frames, 4),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
+        "audio_encoder_hidden_states": randn(gen, BATCH, 6, 16),
+        "timestep": timesteps(500.0),
+        "sigma": timesteps(500.0),
         "encoder_attention_mask": torch.ones(BATCH, 6, dtype=torch.bool),
         "audio_encoder_attention_mask": torch.ones(BATCH, 6, dtype=torch.bool),
         "num_frames": frames,
@@ -563,7 +544,7 @@ def _build_ltx2_video() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _build_ltx_video() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "LTXVideoTransformer3DModel",
         in_channels=4,
         out_channels=4,
@@ -574,12 +555,12 @@ def _build_ltx_video() -> tuple[nn.Module, dict[str, Any]]:
         qk_norm="rms_norm_across_heads",
         caption_channels=16,
     )
-    gen = _gen()
+    gen = generator()
     frames, height, width = 2, 4, 4
     return model, {
-        "hidden_states": _randn(gen, BATCH, frames * height * width, 4),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 16),
-        "timestep": _steps(500.0),
+        "hidden_states": randn(gen, BATCH, frames * height * width, 4),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 16),
+        "timestep": timesteps(500.0),
         "encoder_attention_mask": torch.ones(BATCH, 6, dtype=torch.bool),
         "num_frames": frames,
         "height": height,
@@ -591,7 +572,7 @@ def _build_ltx_video() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _build_latte() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "LatteTransformer3DModel",
         sample_size=8,
         num_layers=2,
@@ -612,18 +593,18 @@ def _build_latte() -> tuple[nn.Module, dict[str, Any]]:
         # The temporal positional embedding is added only when the frame count equals it.
         video_length=2,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 2, 8, 8),
-        "timestep": _steps(500.0),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 8),
+        "hidden_states": randn(gen, BATCH, 4, 2, 8, 8),
+        "timestep": timesteps(500.0),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 8),
         "enable_temporal_attentions": True,
         "return_dict": False,
     }
 
 
 def _build_longcat_image() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "LongCatImageTransformer2DModel",
         patch_size=1,
         # 4 latent channels packed 2 x 2, as the pipeline packs them.
@@ -636,17 +617,17 @@ def _build_longcat_image() -> tuple[nn.Module, dict[str, Any]]:
         pooled_projection_dim=32,
         axes_dims_rope=[4, 4, 8],
     )
-    gen = _gen()
+    gen = generator()
     text, grid = 6, 4
     text_ids = torch.zeros(text, 3)
     text_ids[:, 1] = text_ids[:, 2] = torch.arange(text).float()
     image_ids = _grid_ids(grid, grid, offset=text)
     image_ids[:, 0] = 1.0
     return model, {
-        "hidden_states": _randn(gen, BATCH, grid * grid, 16),
-        "encoder_hidden_states": _randn(gen, BATCH, text, 32),
+        "hidden_states": randn(gen, BATCH, grid * grid, 16),
+        "encoder_hidden_states": randn(gen, BATCH, text, 32),
         # The pipeline passes t / 1000; forward multiplies it back by 1000.
-        "timestep": _steps(0.5),
+        "timestep": timesteps(0.5),
         "img_ids": image_ids,
         "txt_ids": text_ids,
         "return_dict": False,
@@ -654,7 +635,7 @@ def _build_longcat_image() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _build_lumina2() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "Lumina2Transformer2DModel",
         sample_size=16,
         patch_size=2,
@@ -672,19 +653,19 @@ def _build_lumina2() -> tuple[nn.Module, dict[str, Any]]:
         axes_lens=(128, 128, 128),
         cap_feat_dim=32,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
         # Model time: 0 is noise, 1 is clean data (the pipeline passes 1 - t / 1000).
-        "timestep": _steps(0.5),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 32),
+        "timestep": timesteps(0.5),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 32),
         "encoder_attention_mask": torch.ones(BATCH, 6, dtype=torch.bool),
         "return_dict": False,
     }
 
 
 def _build_lumina_next() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "LuminaNextDiT2DModel",
         sample_size=16,
         patch_size=2,
@@ -703,12 +684,12 @@ def _build_lumina_next() -> tuple[nn.Module, dict[str, Any]]:
     )
     # `pad_token` is allocated with torch.empty and never read: make it deterministic all the same.
     model.get_parameter("pad_token").data.zero_()
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
         # Model time: 0 is noise, 1 is clean data (the pipeline passes 1 - t / 1000).
-        "timestep": _steps(0.5),
-        "encoder_hidden_states": _randn(gen, BATCH, 6, 32),
+        "timestep": timesteps(0.5),
+        "encoder_hidden_states": randn(gen, BATCH, 6, 32),
         "encoder_mask": torch.ones(BATCH, 6),
         # The pipeline passes a 384 x 384 table (head_dim 8 here); forward slices its top-left patch grid.
         "image_rotary_emb": get_2d_rotary_pos_embed_lumina(8, 32, 32),
@@ -718,7 +699,7 @@ def _build_lumina_next() -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _build_minimax_h3() -> tuple[nn.Module, dict[str, Any]]:
-    model = _model(
+    model = named_model(
         "MiniMaxH3Transformer3DModel",
         num_attention_heads=2,
         attention_head_dim=16,
@@ -735,7 +716,7 @@ def _build_minimax_h3() -> tuple[nn.Module, dict[str, Any]]:
         time_embed_dim=16,
         rope_freq_dim=2,
     )
-    gen = _gen()
+    gen = generator()
     text, audio, video = 4, 6, 8
     length = text + audio + video
     text_indices = torch.arange(text)
@@ -753,9 +734,9 @@ def _build_minimax_h3() -> tuple[nn.Module, dict[str, Any]]:
     position_ids[video_indices, 1] = (torch.arange(video) // 2).float()
     position_ids[video_indices, 2] = (torch.arange(video) % 2).float()
     return model, {
-        "hidden_states": _randn(gen, BATCH, video, 16),
-        "audio_hidden_states": _randn(gen, BATCH, audio, 6),
-        "encoder_hidden_states": _randn(gen, BATCH, text, 8),
+        "hidden_states": randn(gen, BATCH, video, 16),
+        "audio_hidden_states": randn(gen, BATCH, audio, 6),
+        "encoder_hidden_states": randn(gen, BATCH, text, 8),
         # Model time: 0 is noise, 1 is clean data.
         "timestep": torch.tensor([0.5, 0.45]),
         "timestep_indices": timestep_indices,

@@ -1,10 +1,9 @@
-"""Zoo group c: Mochi through Z-Image, each built tiny from diffusers' own test configuration (or, for
+"""The transformer classes from Mochi to Z-Image, each built tiny from diffusers' own test configuration (or, for
 classes without one, from the signature of ``__init__``), with the inputs of one batch-2 denoiser call."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 from unittest import mock
 
 import torch
@@ -36,35 +35,13 @@ from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2K
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from tiny_pipelines.transformers import TinyTransformer
+from tiny_pipelines.transformers import BATCH, TinyTransformer, generator, randn, seeded_model, timesteps
 
-ModelT = TypeVar("ModelT", bound=nn.Module)
 Built = tuple[nn.Module, dict[str, Any]]
 
-BATCH = 2
 # Half of each scale a pipeline passes, so a call sits mid-schedule.
 MID_1000 = 500.0
 MID_1 = 0.5
-
-
-def _seeded(model_class: Callable[..., ModelT], **config: Any) -> ModelT:
-    # Seed 0 for the weights, leaving the global random state as the caller had it.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = model_class(**config)
-    return model.eval()
-
-
-def _gen() -> torch.Generator:
-    return torch.Generator().manual_seed(0)
-
-
-def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen)
-
-
-def _t(value: float) -> torch.Tensor:
-    return torch.full((BATCH,), value)
 
 
 def _ones(length: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
@@ -72,7 +49,7 @@ def _ones(length: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
 
 
 def _build_mochi() -> Built:
-    model = _seeded(
+    model = seeded_model(
         MochiTransformer3DModel,
         patch_size=2,
         num_attention_heads=2,
@@ -86,18 +63,18 @@ def _build_mochi() -> Built:
         activation_fn="swiglu",
         max_sequence_length=16,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 2, 8, 8),
-        "encoder_hidden_states": _randn(gen, BATCH, 8, 16),
-        "timestep": _t(MID_1000),
+        "hidden_states": randn(gen, BATCH, 4, 2, 8, 8),
+        "encoder_hidden_states": randn(gen, BATCH, 8, 16),
+        "timestep": timesteps(MID_1000),
         "encoder_attention_mask": _ones(8),
         "return_dict": False,
     }
 
 
 def _build_motif_video() -> Built:
-    model = _seeded(
+    model = seeded_model(
         MotifVideoTransformer3DModel,
         in_channels=33,
         out_channels=16,
@@ -115,19 +92,19 @@ def _build_motif_video() -> Built:
         text_embed_dim=16,
         rope_axes_dim=(4, 4, 4),
     )
-    gen = _gen()
+    gen = generator()
     return model, {
         # 33 channels: the pipeline concatenates latents, the condition latents and their mask.
-        "hidden_states": _randn(gen, BATCH, 33, 2, 8, 8),
-        "timestep": _t(MID_1000),
-        "encoder_hidden_states": _randn(gen, BATCH, 8, 16),
+        "hidden_states": randn(gen, BATCH, 33, 2, 8, 8),
+        "timestep": timesteps(MID_1000),
+        "encoder_hidden_states": randn(gen, BATCH, 8, 16),
         "encoder_attention_mask": _ones(8),
         "return_dict": False,
     }
 
 
 def _build_nucleusmoe_image() -> Built:
-    model = _seeded(
+    model = seeded_model(
         NucleusMoEImageTransformer2DModel,
         patch_size=2,
         in_channels=16,
@@ -149,24 +126,24 @@ def _build_nucleusmoe_image() -> Built:
     )
     # The experts' weights are allocated with torch.empty and only a checkpoint fills them: drawn here,
     # or the routed block computes on whatever the memory held (NaN at times).
-    experts = torch.Generator().manual_seed(1)
+    experts = generator(1)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith((".gate_up_proj", ".down_proj")):
                 parameter.copy_(0.05 * torch.randn(parameter.shape, generator=experts))
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 16, 16),
+        "hidden_states": randn(gen, BATCH, 16, 16),
         "img_shapes": [(1, 4, 4)] * BATCH,
-        "encoder_hidden_states": _randn(gen, BATCH, 8, 16),
+        "encoder_hidden_states": randn(gen, BATCH, 8, 16),
         "encoder_hidden_states_mask": _ones(8, torch.long),
-        "timestep": _t(MID_1),
+        "timestep": timesteps(MID_1),
         "return_dict": False,
     }
 
 
 def _build_omnigen() -> Built:
-    model = _seeded(
+    model = seeded_model(
         OmniGenTransformer2DModel,
         hidden_size=32,
         num_attention_heads=4,
@@ -180,15 +157,15 @@ def _build_omnigen() -> Built:
         pos_embed_max_size=16,
         rope_scaling={"long_factor": [1.0] * 4, "short_factor": [1.0] * 4},
     )
-    gen = _gen()
+    gen = generator()
     text_tokens, image_tokens = 6, 16
     length = text_tokens + 1 + image_tokens
     # As OmniGen's processor builds it: causal over the prompt, bidirectional over time token and image.
     mask = torch.tril(torch.ones(length, length))
     mask[text_tokens:, text_tokens:] = 1.0
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
-        "timestep": _t(MID_1),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
+        "timestep": timesteps(MID_1),
         "input_ids": torch.randint(1, 64, (BATCH, text_tokens), generator=gen),
         "input_img_latents": [],
         "input_image_sizes": {},
@@ -206,7 +183,7 @@ def _image_ids(height: int, width: int) -> torch.Tensor:
 
 
 def _build_ovis_image() -> Built:
-    model = _seeded(
+    model = seeded_model(
         OvisImageTransformer2DModel,
         patch_size=1,
         in_channels=16,
@@ -218,11 +195,11 @@ def _build_ovis_image() -> Built:
         joint_attention_dim=16,
         axes_dims_rope=(4, 4, 8),
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 16, 16),
-        "encoder_hidden_states": _randn(gen, BATCH, 8, 16),
-        "timestep": _t(MID_1),
+        "hidden_states": randn(gen, BATCH, 16, 16),
+        "encoder_hidden_states": randn(gen, BATCH, 8, 16),
+        "timestep": timesteps(MID_1),
         "img_ids": _image_ids(4, 4),
         "txt_ids": torch.zeros(8, 3),
         "return_dict": False,
@@ -230,7 +207,7 @@ def _build_ovis_image() -> Built:
 
 
 def _build_prx() -> Built:
-    model = _seeded(
+    model = seeded_model(
         PRXTransformer2DModel,
         in_channels=4,
         patch_size=2,
@@ -241,22 +218,22 @@ def _build_prx() -> Built:
         depth=2,
         axes_dim=[8, 8],
     )
-    gen = _gen()
+    gen = generator()
     # PRX zero-initialises every block's modulation, which leaves an untrained block the identity.
     for block in model.blocks:
         nn.init.normal_(block.modulation.lin.weight, std=0.1, generator=gen)
         nn.init.normal_(block.modulation.lin.bias, std=0.1, generator=gen)
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
-        "timestep": _t(MID_1),
-        "encoder_hidden_states": _randn(gen, BATCH, 8, 16),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
+        "timestep": timesteps(MID_1),
+        "encoder_hidden_states": randn(gen, BATCH, 8, 16),
         "attention_mask": _ones(8),
         "return_dict": False,
     }
 
 
 def _build_pixart() -> Built:
-    model = _seeded(
+    model = seeded_model(
         PixArtTransformer2DModel,
         sample_size=8,
         num_layers=2,
@@ -275,11 +252,11 @@ def _build_pixart() -> Built:
         use_additional_conditions=False,
         caption_channels=16,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
-        "encoder_hidden_states": _randn(gen, BATCH, 8, 16),
-        "timestep": _t(MID_1000),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
+        "encoder_hidden_states": randn(gen, BATCH, 8, 16),
+        "timestep": timesteps(MID_1000),
         "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
         "encoder_attention_mask": _ones(8, torch.long),
         "return_dict": False,
@@ -287,7 +264,7 @@ def _build_pixart() -> Built:
 
 
 def _build_qwenimage21() -> Built:
-    model = _seeded(
+    model = seeded_model(
         QwenImage21Transformer2DModel,
         patch_size=1,
         in_channels=16,
@@ -299,14 +276,14 @@ def _build_qwenimage21() -> Built:
         mlp_ratio=3,
         axes_dims_rope=(4, 6, 6),
     )
-    gen = _gen()
+    gen = generator()
     text, target = 6, 16
     # One slot per 2x2 group of target latents follows the prompt, as the pipeline appends them.
     img_mask = torch.cat([torch.zeros(BATCH, text, dtype=torch.bool), _ones(target // 4)], dim=1)
     return model, {
-        "hidden_states": _randn(gen, BATCH, target, 16),
-        "encoder_hidden_states": _randn(gen, BATCH, text, 16),
-        "timestep": _t(MID_1),
+        "hidden_states": randn(gen, BATCH, target, 16),
+        "encoder_hidden_states": randn(gen, BATCH, text, 16),
+        "timestep": timesteps(MID_1),
         "img_shapes": [[(1, 4, 4)]] * BATCH,
         "img_mask": img_mask,
         "encoder_hidden_states_mask": _ones(text),
@@ -315,7 +292,7 @@ def _build_qwenimage21() -> Built:
 
 
 def _build_qwenimage() -> Built:
-    model = _seeded(
+    model = seeded_model(
         QwenImageTransformer2DModel,
         patch_size=2,
         in_channels=16,
@@ -327,12 +304,12 @@ def _build_qwenimage() -> Built:
         guidance_embeds=False,
         axes_dims_rope=(8, 4, 4),
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 16, 16),
-        "encoder_hidden_states": _randn(gen, BATCH, 8, 16),
+        "hidden_states": randn(gen, BATCH, 16, 16),
+        "encoder_hidden_states": randn(gen, BATCH, 8, 16),
         "encoder_hidden_states_mask": _ones(8, torch.long),
-        "timestep": _t(MID_1),
+        "timestep": timesteps(MID_1),
         "img_shapes": [(1, 4, 4)] * BATCH,
         "return_dict": False,
     }
@@ -340,7 +317,7 @@ def _build_qwenimage() -> Built:
 
 def _build_sd3() -> Built:
     # SD3.5's layout: the first block with dual attention, RMS qk-norm everywhere.
-    model = _seeded(
+    model = seeded_model(
         SD3Transformer2DModel,
         sample_size=8,
         patch_size=2,
@@ -356,18 +333,18 @@ def _build_sd3() -> Built:
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
-        "encoder_hidden_states": _randn(gen, BATCH, 8, 16),
-        "pooled_projections": _randn(gen, BATCH, 16),
-        "timestep": _t(MID_1000),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
+        "encoder_hidden_states": randn(gen, BATCH, 8, 16),
+        "pooled_projections": randn(gen, BATCH, 16),
+        "timestep": timesteps(MID_1000),
         "return_dict": False,
     }
 
 
 def _build_sana() -> Built:
-    model = _seeded(
+    model = seeded_model(
         SanaTransformer2DModel,
         patch_size=1,
         in_channels=4,
@@ -381,18 +358,18 @@ def _build_sana() -> Built:
         caption_channels=16,
         sample_size=8,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
-        "encoder_hidden_states": _randn(gen, BATCH, 8, 16),
-        "timestep": _t(MID_1000),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
+        "encoder_hidden_states": randn(gen, BATCH, 8, 16),
+        "timestep": timesteps(MID_1000),
         "encoder_attention_mask": _ones(8, torch.long),
         "return_dict": False,
     }
 
 
 def _build_sana_video() -> Built:
-    model = _seeded(
+    model = seeded_model(
         SanaVideoTransformer3DModel,
         in_channels=4,
         out_channels=4,
@@ -409,18 +386,18 @@ def _build_sana_video() -> Built:
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 2, 8, 8),
-        "encoder_hidden_states": _randn(gen, BATCH, 8, 16),
-        "timestep": _t(MID_1000),
+        "hidden_states": randn(gen, BATCH, 4, 2, 8, 8),
+        "encoder_hidden_states": randn(gen, BATCH, 8, 16),
+        "timestep": timesteps(MID_1000),
         "encoder_attention_mask": _ones(8, torch.long),
         "return_dict": False,
     }
 
 
 def _build_sana_wm_refiner() -> Built:
-    model = _seeded(
+    model = seeded_model(
         SanaWMLTX2RefinerTransformer3DModel,
         in_channels=4,
         out_channels=4,
@@ -438,7 +415,7 @@ def _build_sana_wm_refiner() -> Built:
         caption_channels=16,
         rope_double_precision=False,
     )
-    gen = _gen()
+    gen = generator()
     frames, height, width = 2, 4, 4
     tokens = frames * height * width
     # The refiner takes the video RoPE from its caller, built for the absolute frame positions.
@@ -451,8 +428,8 @@ def _build_sana_wm_refiner() -> Built:
         fps=24.0,
     )
     return model, {
-        "hidden_states": _randn(gen, BATCH, tokens, 4),
-        "encoder_hidden_states": _randn(gen, BATCH, 8, 16),
+        "hidden_states": randn(gen, BATCH, tokens, 4),
+        "encoder_hidden_states": randn(gen, BATCH, 8, 16),
         # Per token and already multiplied by ``timestep_scale_multiplier`` (1000), as the refiner passes it.
         "timestep": torch.full((BATCH, tokens), MID_1000),
         "video_rotary_emb": rotary,
@@ -471,7 +448,7 @@ def _camera_raymap(frames: int, height: int, width: int) -> torch.Tensor:
 
 
 def _build_sana_wm() -> Built:
-    model = _seeded(
+    model = seeded_model(
         SanaWMTransformer3DModel,
         in_channels=8,
         num_layers=2,
@@ -484,31 +461,31 @@ def _build_sana_wm() -> Built:
         caption_channels=16,
         mlp_ratio=2.0,
     )
-    gen = _gen()
+    gen = generator()
     frames, height, width = 2, 4, 4
     return model, {
-        "hidden_states": _randn(gen, BATCH, 8, frames, height, width),
+        "hidden_states": randn(gen, BATCH, 8, frames, height, width),
         # Per latent frame, (B, 1, T), as the pipeline passes it.
         "timestep": torch.full((BATCH, 1, frames), MID_1000),
-        "encoder_hidden_states": _randn(gen, BATCH, 8, 16),
+        "encoder_hidden_states": randn(gen, BATCH, 8, 16),
         "mask": _ones(8, torch.long),
         "camera_conditions": _camera_raymap(frames, height, width),
-        "chunk_plucker": _randn(gen, BATCH, 48, frames, height, width),
+        "chunk_plucker": randn(gen, BATCH, 48, frames, height, width),
         "return_dict": False,
     }
 
 
 def _wan_video_inputs(gen: torch.Generator, in_channels: int) -> dict[str, Any]:
     return {
-        "hidden_states": _randn(gen, BATCH, in_channels, 2, 8, 8),
-        "timestep": _t(MID_1000),
-        "encoder_hidden_states": _randn(gen, BATCH, 8, 16),
+        "hidden_states": randn(gen, BATCH, in_channels, 2, 8, 8),
+        "timestep": timesteps(MID_1000),
+        "encoder_hidden_states": randn(gen, BATCH, 8, 16),
         "return_dict": False,
     }
 
 
 def _build_skyreels_v2() -> Built:
-    model = _seeded(
+    model = seeded_model(
         SkyReelsV2Transformer3DModel,
         patch_size=(1, 2, 2),
         num_attention_heads=2,
@@ -523,12 +500,12 @@ def _build_skyreels_v2() -> Built:
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     )
-    return model, _wan_video_inputs(_gen(), 4)
+    return model, _wan_video_inputs(generator(), 4)
 
 
 def _build_transformer_2d() -> Built:
     # The DiT layout (patched input, adaLN-zero with class labels): the one use of this class as a denoiser.
-    model = _seeded(
+    model = seeded_model(
         Transformer2DModel,
         num_attention_heads=2,
         attention_head_dim=8,
@@ -543,10 +520,10 @@ def _build_transformer_2d() -> Built:
         norm_type="ada_norm_zero",
         norm_elementwise_affine=False,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
-        "hidden_states": _randn(gen, BATCH, 4, 8, 8),
-        "timestep": _t(MID_1000),
+        "hidden_states": randn(gen, BATCH, 4, 8, 8),
+        "timestep": timesteps(MID_1000),
         # A class and the null class, as DiT's classifier-free guidance batches them.
         "class_labels": torch.tensor([3, 1000]),
         "return_dict": False,
@@ -559,7 +536,7 @@ def _eager_block_mask(*args: Any, **kwargs: Any) -> BlockMask:
 
 def _build_wan_animate_2() -> Built:
     layers = 2
-    model = _seeded(
+    model = seeded_model(
         WanAnimate2Transformer3DModel,
         patch_size=(1, 2, 2),
         text_len=8,
@@ -575,20 +552,20 @@ def _build_wan_animate_2() -> Built:
         # The CLIP projection is fixed at 1280 wide (1.6M parameters): left out.
         use_img_emb=False,
     )
-    gen = _gen()
+    gen = generator()
     reference_frames, frames, height, width = 2, 3, 4, 4
     patches = (height // 2) * (width // 2)
-    text = [_randn(gen, 8, 16) for _ in range(BATCH)]
+    text = [randn(gen, 8, 16) for _ in range(BATCH)]
     # Denoising calls attend to the reference tokens' K/V, which one reference pass stores first.
     cache = WanAnimate2KVCache(layers)
     # One grid row per sample: the rotary embedding of the cached keys loops over these rows.
     reference_grid = torch.tensor([[reference_frames, height // 2, width // 2]] * BATCH)
     with torch.no_grad():
         model(
-            hidden_states=[_randn(gen, 4, reference_frames, height, width) for _ in range(BATCH)],
-            timestep=_t(1.0),
+            hidden_states=[randn(gen, 4, reference_frames, height, width) for _ in range(BATCH)],
+            timestep=timesteps(1.0),
             encoder_hidden_states=text,
-            condition_latents=[_randn(gen, 8, reference_frames, height, width) for _ in range(BATCH)],
+            condition_latents=[randn(gen, 8, reference_frames, height, width) for _ in range(BATCH)],
             kv_cache=cache,
             kv_cache_mode="extract",
             seq_len=reference_frames * patches,
@@ -602,10 +579,10 @@ def _build_wan_animate_2() -> Built:
     with mock.patch.object(transformer_wan_animate_2, "create_block_mask", _eager_block_mask):
         model.block_masks[mask_key] = model.create_mask(*mask_key, torch.device("cpu"))
     return model, {
-        "hidden_states": [_randn(gen, 4, frames, height, width) for _ in range(BATCH)],
-        "timestep": _t(MID_1000),
+        "hidden_states": [randn(gen, 4, frames, height, width) for _ in range(BATCH)],
+        "timestep": timesteps(MID_1000),
         "encoder_hidden_states": text,
-        "condition_latents": [_randn(gen, 8, frames, height, width) for _ in range(BATCH)],
+        "condition_latents": [randn(gen, 8, frames, height, width) for _ in range(BATCH)],
         "kv_cache": cache,
         "kv_cache_mode": "cached",
         "seq_len": frames * patches,
@@ -617,7 +594,7 @@ def _build_wan_animate_2() -> Built:
 
 
 def _build_wan_animate() -> Built:
-    model = _seeded(
+    model = seeded_model(
         WanAnimateTransformer3DModel,
         patch_size=(1, 2, 2),
         num_attention_heads=2,
@@ -643,22 +620,22 @@ def _build_wan_animate() -> Built:
         # A face adapter after blocks 0 and 2, as the released model has one every fifth block.
         inject_face_latents_blocks=2,
     )
-    gen = _gen()
+    gen = generator()
     return model, {
         # 2 * 4 + 4 channels over T + 1 = 2 latent frames: the reference frame, then the generated one.
-        "hidden_states": _randn(gen, BATCH, 12, 2, 8, 8),
-        "timestep": _t(MID_1000),
-        "encoder_hidden_states": _randn(gen, BATCH, 8, 16),
-        "encoder_hidden_states_image": _randn(gen, BATCH, 4, 16),
-        "pose_hidden_states": _randn(gen, BATCH, 4, 1, 8, 8),
+        "hidden_states": randn(gen, BATCH, 12, 2, 8, 8),
+        "timestep": timesteps(MID_1000),
+        "encoder_hidden_states": randn(gen, BATCH, 8, 16),
+        "encoder_hidden_states_image": randn(gen, BATCH, 4, 16),
+        "pose_hidden_states": randn(gen, BATCH, 4, 1, 8, 8),
         # Four face frames per latent frame; the face encoder's two stride-2 convolutions bring them to one.
-        "face_pixel_values": _randn(gen, BATCH, 3, 4, 16, 16),
+        "face_pixel_values": randn(gen, BATCH, 3, 4, 16, 16),
         "return_dict": False,
     }
 
 
 def _build_wan() -> Built:
-    model = _seeded(
+    model = seeded_model(
         WanTransformer3DModel,
         patch_size=(1, 2, 2),
         num_attention_heads=2,
@@ -673,11 +650,11 @@ def _build_wan() -> Built:
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     )
-    return model, _wan_video_inputs(_gen(), 4)
+    return model, _wan_video_inputs(generator(), 4)
 
 
 def _build_wan_vace() -> Built:
-    model = _seeded(
+    model = seeded_model(
         WanVACETransformer3DModel,
         patch_size=(1, 2, 2),
         num_attention_heads=2,
@@ -694,14 +671,14 @@ def _build_wan_vace() -> Built:
         vace_layers=[0, 2],
         vace_in_channels=12,
     )
-    gen = _gen()
+    gen = generator()
     inputs = _wan_video_inputs(gen, 4)
-    inputs["control_hidden_states"] = _randn(gen, BATCH, 12, 2, 8, 8)
+    inputs["control_hidden_states"] = randn(gen, BATCH, 12, 2, 8, 8)
     return model, inputs
 
 
 def _build_z_image() -> Built:
-    model = _seeded(
+    model = seeded_model(
         ZImageTransformer2DModel,
         all_patch_size=(2,),
         all_f_patch_size=(1,),
@@ -717,12 +694,12 @@ def _build_z_image() -> Built:
         axes_dims=[8, 4, 4],
         axes_lens=[64, 32, 32],
     )
-    gen = _gen()
+    gen = generator()
     return model, {
         # One (C, F, H, W) latent and one (L, D) prompt per sample.
-        "x": [_randn(gen, 4, 1, 8, 8) for _ in range(BATCH)],
-        "t": _t(MID_1),
-        "cap_feats": [_randn(gen, 8, 16) for _ in range(BATCH)],
+        "x": [randn(gen, 4, 1, 8, 8) for _ in range(BATCH)],
+        "t": timesteps(MID_1),
+        "cap_feats": [randn(gen, 8, 16) for _ in range(BATCH)],
         "return_dict": False,
     }
 
