@@ -524,7 +524,8 @@ class AttentionSite:
 
 @dataclass(frozen=True, eq=False)
 class ModelLayout:
-    """Where the caching methods may act on one transformer, and how its calls look."""
+    """Where the caching methods may act on one transformer, and how its calls look. Its views (block
+    lists, runs, output head) are derived once, since every request's plan reads them."""
 
     family: FamilySpec
     denoiser: nn.Module
@@ -541,7 +542,7 @@ class ModelLayout:
     def block_modules(self) -> frozenset[nn.Module]:
         return frozenset(site.module for site in self.blocks)
 
-    @property
+    @functools.cached_property
     def block_names(self) -> frozenset[str]:
         return frozenset(site.name for site in self.blocks)
 
@@ -549,7 +550,7 @@ class ModelLayout:
     def attention_modules(self) -> frozenset[nn.Module]:
         return frozenset(site.module for site in self.attention)
 
-    @property
+    @functools.cached_property
     def output_head(self) -> str | None:
         """The child module whose output is the denoiser's (up to a reshape): what TaylorSeer's lite
         mode predicts in place of the blocks. None: the denoiser has none the engine knows."""
@@ -562,7 +563,7 @@ class ModelLayout:
             return f"{name}.{keys[0]}" if len(keys) == 1 else None
         return name
 
-    @property
+    @functools.cached_property
     def block_lists(self) -> tuple[tuple[BlockSite, ...], ...]:
         """The blocks grouped by the list that holds them (``transformer_blocks``, ...), in call order."""
         lists: dict[str, list[BlockSite]] = {}
@@ -570,7 +571,7 @@ class ModelLayout:
             lists.setdefault(site.list_name, []).append(site)
         return tuple(tuple(sites) for sites in lists.values())
 
-    @property
+    @functools.cached_property
     def stream_chains(self) -> tuple[tuple[BlockSite, ...], ...]:
         """The blocks in runs whose streams keep one layout: consecutive lists join one run unless the
         streams change between them (Flux 2 joins text and image into one stream before its single-stream
