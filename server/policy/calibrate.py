@@ -39,6 +39,7 @@ from server.models.calibration import (
     EstimateFit,
     load_calibration,
     merged,
+    tail_psnr,
 )
 from server.models.generation import GenerationParams, check_params, generate
 from server.models.registry import ResidentModel, calibration_path, load_model
@@ -324,14 +325,23 @@ def curve_of(setting: Setting, rows: Mapping[str, Mapping[str, Sequence[float]]]
         squared = sum(row[key][0] for row in rows.values())
         count = sum(row[key][1] for row in rows.values())
         per_prompt = [row[key][0] / row[key][1] for row in rows.values()]
-        worst = min(_psnr(row[key][0], row[key][1]) for row in rows.values())
+        psnrs = [_psnr(row[key][0], row[key][1]) for row in rows.values()]
         policy = {"method": "none"} if key == "none" else json.loads(key)
         # The median over prompts of each prompt's own ratio: a burst of load from elsewhere during
         # one prompt's runs moves that prompt's ratio, not the curve.
         speedup = (
             1.0 if key == "none" else statistics.median(row["none"][2] / row[key][2] for row in rows.values())
         )
-        points.append(CurvePoint(policy, _psnr(squared, count), speedup, worst, psnr_bound(per_prompt)))
+        points.append(
+            CurvePoint(
+                policy,
+                _psnr(squared, count),
+                speedup,
+                min(psnrs),
+                psnr_bound(per_prompt),
+                tail_psnr(psnrs),
+            )
+        )
     estimates = [
         (row[key][3], _psnr(row[key][0], row[key][1]))
         for row in rows.values()

@@ -129,6 +129,8 @@ def _chosen(
         # What the floor was held to: the PSNR other prompts keep with 95% confidence.
         "psnr_lower_bound": _db(point.psnr_bound),
         "worst_prompt_psnr": _db(point.worst_psnr),
+        # What the tail was held to: all calibration prompts but one in a hundred kept this.
+        "tail_psnr": _db(point.tail),
         "measured_speedup": round(point.speedup, 2),
         "calibrated": {
             "steps": curve.steps,

@@ -12,12 +12,14 @@ import pytest
 from server.models.calibration import (
     TAIL_DB,
     TAIL_MARGIN_DB,
+    TAIL_RATE,
     Calibration,
     Curve,
     CurvePoint,
     EstimateFit,
     load_calibration,
     merged,
+    tail_psnr,
 )
 
 # Three guarded policies, as a target may choose, named by their tolerance.
@@ -110,6 +112,31 @@ def test_the_tail_decides_not_the_mean() -> None:
     assert chosen is not None and _name(chosen) == B
 
 
+@pytest.mark.parametrize("prompts", [48, 99, 100, 192, 250])
+def test_the_tail_lets_through_one_prompt_in_a_hundred(prompts: int) -> None:
+    # Below 100 prompts the worst decides; from 100 on, each hundred may hold one prompt under it.
+    allowed = int(TAIL_RATE * prompts)
+    kept = [40.0] * (prompts - allowed - 1)
+    assert tail_psnr([20.0] * allowed + kept + [31.0]) == 31.0
+    assert tail_psnr([20.0] * (allowed + 1) + kept) == 20.0
+    assert tail_psnr([35.0] * prompts) == 35.0
+
+
+def test_a_swinging_prompt_in_a_wide_calibration_rules_out_nothing() -> None:
+    floor = 35.0
+    lowest_kept = floor - TAIL_DB + TAIL_MARGIN_DB
+    # The faster policy's worst prompt is far under the floor, but it is one prompt in 192: its tail
+    # keeps what the floor promises. The same worst prompt with no tail recorded (an older file, or
+    # under 100 prompts) rules it out.
+    swinging = CurvePoint(_policy(A), 38.0, 2.5, lowest_kept - 10, 36.0, tail_psnr=lowest_kept + 0.5)
+    steady = CurvePoint(_policy(B), 37.0, 2.0, lowest_kept + 1, 35.5, tail_psnr=lowest_kept + 1)
+    chosen = Curve(20, False, 1.0, (swinging, steady)).fastest(floor)
+    assert chosen is not None and _name(chosen) == A
+    unrecorded = dataclasses.replace(swinging, tail_psnr=None)
+    chosen = Curve(20, False, 1.0, (unrecorded, steady)).fastest(floor)
+    assert chosen is not None and _name(chosen) == B
+
+
 def test_only_a_guarded_policy_is_chosen() -> None:
     points = (
         CurvePoint({"method": "taylorseer", "cache_interval": 4}, 45.0, 3.0, 44.0, 44.5),
@@ -153,7 +180,14 @@ def test_a_saved_calibration_reads_back_the_same(tmp_path: Path) -> None:
         prompts=4,
         curves=(
             *CALIBRATION.curves[:2],
-            dataclasses.replace(CALIBRATION.curves[2], estimate=EstimateFit(41.0, -9.5, 3.1, 20)),
+            dataclasses.replace(
+                CALIBRATION.curves[2],
+                estimate=EstimateFit(41.0, -9.5, 3.1, 20),
+                points=tuple(
+                    dataclasses.replace(point, tail_psnr=tail)
+                    for point, tail in zip(CALIBRATION.curves[2].points, (math.inf, 33.5), strict=True)
+                ),
+            ),
         ),
         method_values=CALIBRATION.method_values,
     )
