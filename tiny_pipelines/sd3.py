@@ -25,14 +25,19 @@ SD3_CLIP_TEXT: Mapping[str, Any] = {
     "num_attention_heads": 2,
 }
 
+# Flux's tiny VAE with SD3's own latent width: SD3's inpainting pipeline takes a transformer of 16
+# input channels (or 33, for a dedicated inpainting one) and blends its latents with the image's.
+# SD3 decodes with the same shift and scale.
+SD3_VAE: Mapping[str, Any] = {**IMAGE_VAE, "latent_channels": 16}
+
 RECIPE: Mapping[str, Mapping[str, Any]] = {
     # 2 heads of 16 channels, 2x2 patches; the last block only updates the image stream. The
     # position table covers 64x64 patches, 512x512 pixels through the 4x VAE.
     "transformer": {
         "sample_size": 16,
         "patch_size": 2,
-        "in_channels": IMAGE_VAE["latent_channels"],
-        "out_channels": IMAGE_VAE["latent_channels"],
+        "in_channels": SD3_VAE["latent_channels"],
+        "out_channels": SD3_VAE["latent_channels"],
         "num_layers": 4,
         "attention_head_dim": 16,
         "num_attention_heads": 2,
@@ -41,8 +46,7 @@ RECIPE: Mapping[str, Mapping[str, Any]] = {
         "pooled_projection_dim": 2 * _CLIP_WIDTH,
         "pos_embed_max_size": 64,
     },
-    # Flux's tiny VAE: SD3 decodes with the same shift and scale.
-    "vae": IMAGE_VAE,
+    "vae": SD3_VAE,
     "text_encoder": SD3_CLIP_TEXT,
     "text_encoder_2": SD3_CLIP_TEXT,
     "text_encoder_3": T5_ENCODER,

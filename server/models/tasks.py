@@ -41,9 +41,10 @@ DEFAULT_STRENGTH = 0.6
 # to end (the direct call's output, over HTTP); a class that is not here has no such task.
 _IMAGE_TASKS: Mapping[str, Mapping[Task, str]] = {
     "FluxPipeline": {"image_to_image": "FluxImg2ImgPipeline", "inpainting": "FluxInpaintPipeline"},
-    # Its inpainting pipeline takes only SD3's own latent widths (16 or 33 input channels), which no
-    # tiny build here has: it is not claimed until a test can run it.
-    "StableDiffusion3Pipeline": {"image_to_image": "StableDiffusion3Img2ImgPipeline"},
+    "StableDiffusion3Pipeline": {
+        "image_to_image": "StableDiffusion3Img2ImgPipeline",
+        "inpainting": "StableDiffusion3InpaintPipeline",
+    },
     "QwenImagePipeline": {
         "image_to_image": "QwenImageImg2ImgPipeline",
         "inpainting": "QwenImageInpaintPipeline",

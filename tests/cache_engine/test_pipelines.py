@@ -53,7 +53,7 @@ OUTPUT_AXES: dict[str, dict[str, int]] = {
     "wan": {"C": 8, "F": 3, "H": 8, "W": 8},
     "hunyuan_video": {"C": 8, "F": 3, "H": 8, "W": 8},
     "ltx": {"S": 192, "C": 8},
-    "sd3": {"C": 8, "H": 16, "W": 16},
+    "sd3": {"C": 16, "H": 16, "W": 16},
     "cogview4": {"C": 8, "H": 16, "W": 16},
     # Noise prediction and learned variance, concatenated on channels.
     "pixart": {"C": 8, "H": 16, "W": 16},

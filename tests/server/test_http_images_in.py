@@ -65,8 +65,7 @@ class Family:
     out here independently of the server."""
 
     image_to_image: str
-    # None: the family's inpainting is not claimed.
-    inpainting: str | None
+    inpainting: str
     guidance_scale: float
     guidance: Mapping[str, Any]
 
@@ -74,7 +73,9 @@ class Family:
 FAMILIES: Mapping[str, Family] = {
     # The tiny Flux has no guidance embedding: guidance is true CFG, off at 1.
     "flux": Family("FluxImg2ImgPipeline", "FluxInpaintPipeline", 1.0, {"true_cfg_scale": 1.0}),
-    "sd3": Family("StableDiffusion3Img2ImgPipeline", None, 3.0, {"guidance_scale": 3.0}),
+    "sd3": Family(
+        "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline", 3.0, {"guidance_scale": 3.0}
+    ),
     # True CFG runs against a negative prompt: the empty one when the request gives none.
     "qwenimage": Family(
         "QwenImageImg2ImgPipeline",
@@ -165,9 +166,8 @@ def _direct(folder: Path, pipeline_class: str, *, family: str = "flux", **argume
 
 def test_each_card_lists_its_tasks(client: httpx.Client) -> None:
     cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
-    for name, family in FAMILIES.items():
-        inpainting = ["inpainting"] if family.inpainting else []
-        assert cards[name]["tasks"] == ["text_to_image", "image_to_image", *inpainting]
+    for name in FAMILIES:
+        assert cards[name]["tasks"] == ["text_to_image", "image_to_image", "inpainting"]
     assert cards["tiny-wan"]["tasks"] == ["text_to_video"]
     assert cards["kontext"]["tasks"] == ["text_to_image", "edit"]
 
@@ -183,17 +183,18 @@ def test_each_familys_tasks_are_the_direct_calls_of_its_pipelines(
     assert np.array_equal(
         _pixels(edited), _direct(folders[name], family.image_to_image, family=name, image=IMAGE, strength=0.5)
     )
-    if family.inpainting is None:
-        refused = client.post("/v1/generations", json=_body(**fields, mask=_b64(_png(MASK))))
-        assert refused.status_code == 422 and error_of(refused)["param"] == "mask"
-        return
     inpainted = _generate(client, _body(**fields, mask=_b64(_png(MASK)), strength=0.8))
+    assert inpainted["task"] == "inpainting"
     painted = Image.new("L", (WIDTH, HEIGHT), 0)
     painted.paste(255, (0, 0, WIDTH // 2, HEIGHT))
     expected = _direct(
         folders[name], family.inpainting, family=name, image=IMAGE, mask_image=painted, strength=0.8
     )
-    assert np.array_equal(_pixels(inpainted), expected)
+    pixels, source = _pixels(inpainted), np.asarray(IMAGE)
+    assert np.array_equal(pixels, expected)
+    # Outside the mask the image is kept, to the pixel; inside, it was painted.
+    assert np.array_equal(pixels[:, WIDTH // 2 :], source[:, WIDTH // 2 :])
+    assert not np.array_equal(pixels[:, : WIDTH // 2], source[:, : WIDTH // 2])
 
 
 def test_image_to_image_is_the_direct_call_of_diffusers_pipeline(
@@ -258,6 +259,29 @@ def test_every_cache_policy_acts_on_the_image_tasks(client: httpx.Client) -> Non
             client, _body(steps=steps, cache={"method": "first_block_cache", "threshold": 10.0}, **fields)
         )
         assert loose["cache"]["steps_cached"] > 0, task
+
+
+def test_a_cache_policy_acts_on_sd3_inpainting(client: httpx.Client) -> None:
+    """SD3's inpainting runs on its 16-channel latents, the model's own transformer under the policy."""
+    steps = 8
+    fields = {
+        "model": "sd3",
+        "guidance_scale": FAMILIES["sd3"].guidance_scale,
+        "image": _b64(_png(IMAGE)),
+        "mask": _b64(_png(MASK)),
+        "strength": 1.0,
+    }
+    for method, policy in client.get("/v1/models/sd3").json()["method_defaults"].items():
+        answer = _generate(client, _body(steps=steps, cache=policy, **fields))
+        assert (answer["task"], answer["cache"]["method"]) == ("inpainting", method)
+        assert answer["cache"]["denoiser_calls"] == steps, method
+    loose = _generate(
+        client, _body(steps=steps, cache={"method": "first_block_cache", "threshold": 10.0}, **fields)
+    )
+    assert loose["cache"]["steps_cached"] > 0
+    # Cached, the image outside the mask still comes back as it was.
+    pixels, source = _pixels(loose), np.asarray(IMAGE)
+    assert np.array_equal(pixels[:, WIDTH // 2 :], source[:, WIDTH // 2 :])
 
 
 def test_the_least_strength_still_runs_a_step(client: httpx.Client) -> None:
