@@ -109,10 +109,15 @@ _MODULES: Mapping[str, tuple[str, str]] = MappingProxyType(
         "hidream": ("hidream", ""),
         "hunyuan_video15": ("hunyuan_video15", ""),
         "ltx2": ("ltx2", ""),
+        "wan_i2v": ("wan_i2v", ""),
+        "cogvideox_i2v": ("cogvideox_i2v", ""),
     }
 )
 
 TINY_PIPELINE_NAMES: tuple[str, ...] = tuple(_MODULES)
+# Those whose pipeline needs an image besides the prompt (image-to-video checkpoints): a call of one
+# passes ``image`` on top of its SMALL_CALL.
+IMAGE_TO_VIDEO_NAMES: tuple[str, ...] = ("wan_i2v", "cogvideox_i2v")
 
 
 def tiny_pipeline(name: str) -> TinyPipeline:

@@ -73,7 +73,8 @@ class CallSpec:
     # Conditioning inputs this pipeline takes but does not need (Flux2's optional reference images).
     optional_inputs: tuple[str, ...] = ()
     # Conditioning inputs a request fills: an image-conditioned task's pipeline (``image``;
-    # ``mask_image`` for inpainting). Empty for text to image or video.
+    # ``mask_image`` for inpainting). Empty for text to image or video; a model's own pipeline that
+    # lists them (an image-to-video model's) cannot run without them.
     inputs: tuple[str, ...] = ()
     # Whether the task's pipeline starts from the image noised to ``strength`` (image-to-image,
     # inpainting), or takes it as a whole (an edit model's in-context image).
@@ -84,6 +85,9 @@ class CallSpec:
     # The pipeline scales every size to its trained area, keeping only the aspect asked (HiDream): a
     # size it would change is refused.
     fixed_area: bool = False
+    # The transformer computes its default size alone (CogVideoX-5b-I2V's positional embeddings are learned
+    # for it, and another size fails inside it): another size is refused.
+    fixed_size: bool = False
     # Known variants whose model card says otherwise than the pipeline's signature.
     default_steps: int | None = None
     default_guidance: float | None = None
@@ -166,6 +170,11 @@ _SPECS: Mapping[str, CallSpec] = MappingProxyType(
         ),
         "CogVideoXPipeline": _video("guidance_scale", True, temporal_packing=2),
         "WanPipeline": _video("guidance_scale", True),
+        # Image-to-video models (server.models.tasks): their pipeline needs the request's image.
+        "CogVideoXImageToVideoPipeline": _video(
+            "guidance_scale", True, temporal_packing=2, inputs=("image",)
+        ),
+        "WanImageToVideoPipeline": _video("guidance_scale", True, inputs=("image",)),
         # guidance_scale is embedded; the negative prompt would need true CFG on top (true_cfg_scale),
         # which the request cannot ask for.
         "HunyuanVideoPipeline": _video("guidance_scale", False, guidance_kind="embedded"),
@@ -242,6 +251,10 @@ def _variant(name: str, spec: CallSpec, pipeline: DiffusionPipeline) -> CallSpec
             default_steps=4,
             default_guidance=1.0,
         )
+    if name in ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline") and getattr(
+        config, "use_learned_positional_embeddings", False
+    ):
+        return dataclasses.replace(spec, fixed_size=True)
     vae_config = getattr(getattr(pipeline, "vae", None), "config", None)
     if name == "WanPipeline" and getattr(vae_config, "z_dim", None) == 48:
         # Wan 2.2 TI2V 5B (its 16x VAE has 48 channels): 121 frames of 1280x704 at 24 fps.

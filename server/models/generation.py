@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from server.models.media import Soundtrack
-from server.models.tasks import STRENGTH_TASKS, image_task, steps_run, text_task
+from server.models.tasks import STRENGTH_TASKS, image_task, steps_run, text_task, text_tasks
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -171,6 +171,12 @@ def check_params(model: ResidentModel, params: GenerationParams) -> None:
             )
     if model.call_spec.fixed_area:
         _check_area(model, params)
+    fixed = (model.defaults.width, model.defaults.height)
+    if model.call_spec.fixed_size and (params.width, params.height) != fixed:
+        raise InvalidGenerationParams(
+            f"{model.name} computes only {fixed[0]}x{fixed[1]} pixels, got {params.width}x{params.height}",
+            param="width" if params.width != fixed[0] else "height",
+        )
     if params.width * params.height > limits.max_pixels:
         raise InvalidGenerationParams(
             f"{params.width}x{params.height} is over {limits.max_pixels} pixels", param="width"
@@ -204,6 +210,11 @@ def _check_task(model: ResidentModel, params: GenerationParams) -> None:
         for name in ("mask", "strength"):
             if getattr(params, name) is not None:
                 raise InvalidGenerationParams(f"{name} applies to a request with an image", param=name)
+        if not text_tasks(model.kind, model.call_spec):
+            raise InvalidGenerationParams(
+                f"{model.name} ({type(model.pipeline).__name__}) makes a video from an image: it needs one",
+                param="image",
+            )
         return
     task = params.task
     if task is None or task not in model.tasks:

@@ -35,7 +35,7 @@ from server.models.limits import Kind, ModelDefaults, ModelLimits
 from server.models.presets import PRESET_NAMES
 from server.models.prompt_cache import PromptCache
 from server.models.stages import StageProbe
-from server.models.tasks import Task, TaskPipeline, image_tasks, text_task
+from server.models.tasks import Task, TaskPipeline, image_tasks, text_tasks
 from server.ops import acceleration
 from server.ops.acceleration import Acceleration
 
@@ -107,12 +107,13 @@ class ResidentModel:
 
     @property
     def task_names(self) -> tuple[Task, ...]:
-        """What the model does: text to image or video, then its image-conditioned tasks."""
-        return (text_task(self.kind), *self.tasks)
+        """What the model does: text to image or video (unless its pipeline needs an image), then its
+        image-conditioned tasks."""
+        return (*text_tasks(self.kind, self.call_spec), *self.tasks)
 
     def task_pipeline(self, task: Task) -> TaskPipeline:
         """The pipeline and call spec of ``task``; raises KeyError for a task the model lacks."""
-        if task == text_task(self.kind):
+        if task in text_tasks(self.kind, self.call_spec):
             return TaskPipeline(task, self.pipeline, self.call_spec)
         return self.tasks[task]
 

@@ -3,7 +3,8 @@ pipeline built on the model's resident components (as ``from_pipe`` builds it, w
 second copy of its weights.
 
 The transformers are the model's own, so every cache policy acts on a task as it does on the model's
-text pipeline.
+text pipeline. An edit or image-to-video model's task is its own pipeline; an image-to-video model's
+pipeline needs the image, so it has no text task.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "steps_run",
     "task_pipelines",
     "text_task",
+    "text_tasks",
 ]
 
 Task = Literal["text_to_image", "text_to_video", "image_to_image", "inpainting", "edit", "image_to_video"]
@@ -52,10 +54,13 @@ _IMAGE_TASKS: Mapping[str, Mapping[Task, str]] = {
     # LTX conditions its first latent frame on the image, with the text model's own transformer.
     "LTXPipeline": {"image_to_video": "LTXImageToVideoPipeline"},
 }
-# Edit models: their own pipeline edits the request's image (in context, at no strength).
 # Edit models: their own pipeline edits the request's images (in context, at no strength), as many as
 # the model takes (FLUX.2 conditions on up to 10 reference images).
 _EDIT_MODELS: Mapping[str, int] = {"FluxKontextPipeline": 1, "Flux2Pipeline": 10, "Flux2KleinPipeline": 10}
+# Image-to-video models: checkpoints of their own (Wan 2.1's transformer attends to the image's CLIP tokens,
+# CogVideoX's takes its latents beside the noise), whose pipeline animates the request's image and cannot
+# run without one: image_to_video is all they do.
+_IMAGE_TO_VIDEO_MODELS: tuple[str, ...] = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")
 # What a request fills in each task's call, besides strength.
 _INPUTS: Mapping[Task, tuple[str, ...]] = {
     "image_to_image": ("image",),
@@ -78,6 +83,12 @@ def text_task(kind: Kind) -> Task:
     return "text_to_image" if kind == "image" else "text_to_video"
 
 
+def text_tasks(kind: Kind, spec: CallSpec) -> tuple[Task, ...]:
+    """The text task of a model of ``kind`` whose pipeline is called by ``spec``: none where that pipeline
+    needs an image (an image-to-video model's)."""
+    return () if spec.inputs else (text_task(kind),)
+
+
 def task_pipelines() -> dict[str, str]:
     """Each image-conditioned pipeline class served, with how: the task of a text pipeline it is built
     for, or an edit model served as one."""
@@ -87,6 +98,7 @@ def task_pipelines() -> dict[str, str]:
         for task, task_class in tasks.items()
     }
     served.update({name: "an edit model" for name in _EDIT_MODELS})
+    served.update({name: "an image-to-video model" for name in _IMAGE_TO_VIDEO_MODELS})
     return served
 
 
@@ -100,6 +112,9 @@ def image_tasks(pipeline: DiffusionPipeline, spec: CallSpec) -> dict[Task, TaskP
     if name in _EDIT_MODELS:
         edit_spec = task_call_spec(pipeline, spec, _INPUTS["edit"], strength=False)
         tasks["edit"] = TaskPipeline("edit", pipeline, edit_spec, max_images=_EDIT_MODELS[name])
+    if name in _IMAGE_TO_VIDEO_MODELS:
+        video_spec = task_call_spec(pipeline, spec, _INPUTS["image_to_video"], strength=False)
+        tasks["image_to_video"] = TaskPipeline("image_to_video", pipeline, video_spec)
     for task, class_name in _IMAGE_TASKS.get(name, {}).items():
         task_pipeline = _on_the_same_components(pipeline, getattr(diffusers, class_name))
         task_pipeline.set_progress_bar_config(disable=True)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from PIL import Image
+
 import cache_engine as ce
 from server.models.generation import GenerationParams, InvalidGenerationParams, check_params, generate
 from server.models.registry import ResidentModel
+from server.models.tasks import text_tasks
 from server.ops.acceleration import CompileClock
 
 
@@ -18,11 +21,15 @@ def warm_up_params(model: ResidentModel) -> list[GenerationParams]:
     The first compiles for the default size; the second differs in width, height and frames, which
     makes Dynamo recompile once with those sizes dynamic. Non-square, so that no two sizes look equal
     by accident and get tied together. Both make one image or video: Dynamo specialises a batch of
-    one, so the first request for more (``n`` > 1) compiles once more, and no further batch does.
+    one, so the first request for more (``n`` > 1) compiles once more, and no further batch does. A
+    model that needs an image (an image-to-video model's) animates a grey one.
     """
     defaults, limits = model.defaults, model.limits
     steps = max(2, model.call_spec.min_steps)
-    first = GenerationParams.from_defaults(defaults, prompt="warm-up", steps=steps)
+    image = None
+    if not text_tasks(model.kind, model.call_spec):
+        image = Image.new("RGB", (defaults.width, defaults.height), (128, 128, 128))
+    first = GenerationParams.from_defaults(defaults, prompt="warm-up", steps=steps, image=image)
     step = model.size_multiple
     frames = defaults.num_frames
     if frames is not None:

@@ -1,0 +1,231 @@
+"""Image-to-video models: Wan 2.1 and CogVideoX image-to-video checkpoints served from their folders, over
+real HTTP.
+
+Their pipelines are weights of their own (Wan's transformer attends to the image's CLIP tokens,
+CogVideoX's takes its latents beside the noise), so a folder whose pipeline is one of them is a model that
+makes videos from images and nothing else: its card's one task is ``image_to_video``, and a request
+without an image is refused naming ``image``. What the server answers uncached is what a direct call of
+the same diffusers pipeline, loaded from the same folder, gives for the same image and seed, frame for
+frame; every cache method the card lists reuses something on it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from server.models import media
+from tiny_pipelines import IMAGE_TO_VIDEO_NAMES, tiny_pipeline
+
+from .conftest import LiveServer, b64_items, direct_pipeline, error_of, one_thread_server
+from .test_http_families import GUARDED_STEPS, POLICIES
+
+PROMPT = "a red cat walking in the snow"
+SEED = 7
+STEPS = 2
+# Above 1, so that the unconditional branch runs (and FasterCache has one to skip).
+GUIDANCE = 3.0
+FPS = 12
+VIDEO_FORMAT = "webp"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a direct diffusers call of one image-to-video family looks like, written out here independently
+    of the server."""
+
+    pipeline_class: str
+    # Transformer calls per step: Wan runs its two CFG branches as two calls, CogVideoX as one batch.
+    calls_per_step: int
+
+
+FAMILIES: Mapping[str, Family] = MappingProxyType(
+    {
+        "wan_i2v": Family("WanImageToVideoPipeline", calls_per_step=2),
+        "cogvideox_i2v": Family("CogVideoXImageToVideoPipeline", calls_per_step=1),
+    }
+)
+NAMES = tuple(FAMILIES)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _b64(image: Image.Image) -> str:
+    return base64.b64encode(_png(image)).decode("ascii")
+
+
+def _picture(width: int, height: int, seed: int = 3) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def _size(name: str) -> dict[str, int]:
+    return dict(tiny_pipeline(name).small_call)
+
+
+# An image of another size than the video's: the pipeline scales it to the video's own.
+IMAGE = _picture(48, 40)
+
+
+def test_the_table_covers_every_image_to_video_tiny_pipeline() -> None:
+    assert set(FAMILIES) == set(IMAGE_TO_VIDEO_NAMES)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> Mapping[str, Path]:
+    root = tmp_path_factory.mktemp("image-to-video")
+    for name in FAMILIES:
+        tiny_pipeline(name).build().save_pretrained(root / name)
+    return MappingProxyType({name: root / name for name in FAMILIES})
+
+
+@pytest.fixture(scope="module")
+def server(model_cache: Path, folders: Mapping[str, Path]) -> Iterator[LiveServer]:
+    yield from one_thread_server(model_cache, models=[str(folder) for folder in folders.values()])
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.client() as client:
+        yield client
+
+
+def _body(name: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "model": name,
+        "prompt": PROMPT,
+        "seed": SEED,
+        "steps": STEPS,
+        "guidance_scale": GUIDANCE,
+        "fps": FPS,
+        "output_format": VIDEO_FORMAT,
+        "image": _b64(IMAGE),
+        **_size(name),
+        **fields,
+    }
+
+
+def _generate(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    response = client.post("/v1/generations", json=body)
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def test_each_card_lists_image_to_video_alone(client: httpx.Client, folders: Mapping[str, Path]) -> None:
+    cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
+    assert set(cards) == set(FAMILIES)
+    for name, card in cards.items():
+        assert card["source"] == f"local:{folders[name]}"
+        assert (card["kind"], card["tasks"]) == ("video", ["image_to_video"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_video_is_the_direct_call_of_the_pipeline(
+    server: LiveServer, client: httpx.Client, folders: Mapping[str, Path], name: str
+) -> None:
+    answer = _generate(client, _body(name))
+    size = _size(name)
+    assert (answer["task"], answer["num_frames"]) == ("image_to_video", size["num_frames"])
+    assert len(answer["timings"]["denoising_steps"]) == STEPS
+    pipeline = direct_pipeline(FAMILIES[name].pipeline_class, folders[name])
+    # The server fixture set the process to one thread: the direct call sums in the server's order.
+    assert torch.get_num_threads() == 1
+    frames = pipeline(
+        image=IMAGE,
+        prompt=PROMPT,
+        **size,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        num_videos_per_prompt=1,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type="pil",
+    ).frames[0]
+    # The server's deterministic encoder on the direct call's frames: equal frames, equal files.
+    assert b64_items(answer) == [media.encode_video(frames, VIDEO_FORMAT, FPS)]
+    # The image conditions the video.
+    other = _generate(client, _body(name, image=_b64(IMAGE.rotate(90))))
+    assert b64_items(other) != b64_items(answer)
+
+
+@pytest.mark.parametrize(("name", "method"), [(name, method) for name in NAMES for method in POLICIES])
+def test_each_cache_method_reuses(client: httpx.Client, name: str, method: str) -> None:
+    card = client.get(f"/v1/models/{name}").json()
+    # Every method listed gets a policy here.
+    assert set(card["cache_methods"]) <= {"none", *POLICIES}
+    if method not in card["cache_methods"]:
+        pytest.skip(f"{name} does not list {method}")
+    steps = GUARDED_STEPS if method == "guarded_taylorseer" else STEPS
+    answer = _generate(client, _body(name, steps=steps, cache={"method": method, **POLICIES[method]}))
+    stats = answer["cache"]
+    assert (answer["task"], stats["method"]) == ("image_to_video", method)
+    assert stats["blocks_reused"] > 0 or stats["attention_reused"] > 0, stats
+    if method == "guarded_taylorseer":
+        assert stats["denoiser_calls"] >= steps, stats
+    else:
+        assert stats["denoiser_calls"] == steps * FAMILIES[name].calls_per_step, stats
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_request_without_an_image_is_refused_naming_it(client: httpx.Client, name: str) -> None:
+    body = _body(name)
+    del body["image"]
+    response = client.post("/v1/generations", json=body)
+    assert response.status_code == 422, response.text
+    assert error_of(response)["param"] == "image"
+    # Nor may it ask for what only an image-to-image or inpainting task takes.
+    for field, value in (("strength", 0.5), ("mask", _b64(IMAGE))):
+        refused = client.post("/v1/generations", json=_body(name, **{field: value}))
+        assert refused.status_code == 422 and error_of(refused)["param"] == field, refused.text
+    # And the server goes on serving.
+    assert client.get("/ready").status_code == 200
+
+
+def test_cogvideox_i2v_refuses_a_size_its_learned_embeddings_do_not_cover(client: httpx.Client) -> None:
+    size = _size("cogvideox_i2v")
+    wider = client.post("/v1/generations", json=_body("cogvideox_i2v", width=2 * size["width"]))
+    assert wider.status_code == 422 and error_of(wider)["param"] == "width", wider.text
+    # Without a size, the image's would be asked for: the image is at fault.
+    body = _body("cogvideox_i2v", image=_b64(_picture(2 * size["width"], size["height"])))
+    del body["width"], body["height"]
+    sized_by_image = client.post("/v1/generations", json=body)
+    assert sized_by_image.status_code == 422 and error_of(sized_by_image)["param"] == "image"
+    # Wan's transformer has no such embeddings: another size is made.
+    wan = _size("wan_i2v")
+    answer = _generate(client, _body("wan_i2v", width=2 * wan["width"]))
+    (item,) = b64_items(answer)
+    with Image.open(io.BytesIO(item)) as video:
+        assert video.size == (2 * wan["width"], wan["height"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_compiled_models_warm_up_animates_an_image(
+    model_cache: Path, folders: Mapping[str, Path], name: str
+) -> None:
+    """The warm-up's generations are requests the model takes: each brings an image."""
+    from server.models.generation import check_params
+    from server.models.registry import load_model
+    from server.runtime.warm_up import warm_up_params
+
+    model = load_model(str(folders[name]), cache_dir=model_cache)
+    warm = warm_up_params(model)
+    # CogVideoX's learned embeddings leave it one size: no second size to warm up.
+    assert len(warm) == (1 if name == "cogvideox_i2v" else 2)
+    for params in warm:
+        assert params.image is not None and params.task == "image_to_video"
+        check_params(model, params)

@@ -1,0 +1,92 @@
+"""Tiny WanImageToVideoPipeline (Wan 2.1 I2V): the tiny Wan with a CLIP vision encoder and an image-conditioned
+transformer.
+
+Wan 2.1's image-to-video checkpoints are weights of their own, not the text model's: the transformer takes the
+noise, a mask of the frames given and the VAE latents of the image (2 x latent channels + the VAE's 4x
+temporal compression, 20 input channels here), and attends, besides the prompt, to the image's CLIP tokens
+through an attention of their own (``image_dim``, ``added_kv_proj_dim``). The processor splits those tokens
+off by counting 512 text tokens, the pipeline's ``max_sequence_length``, so prompts stay padded to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from tiny_pipelines.seeding import seeded
+from tiny_pipelines.text_encoders import T5_ENCODER, t5_config
+from tiny_pipelines.tokenizers import t5_tokenizer
+from tiny_pipelines.wan import LATENT_CHANNELS
+from tiny_pipelines.wan import RECIPE as WAN_RECIPE
+from tiny_pipelines.wan import TRANSFORMER as WAN_TRANSFORMER
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
+# The mask of given frames: one channel per frame of a latent frame (the VAE's temporal compression).
+_MASK_CHANNELS = 4
+# 32x32 pixels in 4x4 patches: 64 patch tokens and the class token. Its hidden size is the transformer's
+# image_dim.
+IMAGE_ENCODER: Mapping[str, Any] = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "projection_dim": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 4,
+}
+_INNER_DIM = WAN_TRANSFORMER["num_attention_heads"] * WAN_TRANSFORMER["attention_head_dim"]
+
+RECIPE: Mapping[str, Mapping[str, Any]] = {
+    # Wan 2.1's tiny transformer; the image's CLIP tokens are embedded at the inner width, as the 14B I2V
+    # checkpoints do (added_kv_proj_dim is their inner width).
+    "transformer": {
+        **WAN_TRANSFORMER,
+        "in_channels": 2 * LATENT_CHANNELS + _MASK_CHANNELS,
+        "image_dim": IMAGE_ENCODER["hidden_size"],
+        "added_kv_proj_dim": _INNER_DIM,
+    },
+    "vae": WAN_RECIPE["vae"],
+    "text_encoder": T5_ENCODER,
+    "image_encoder": IMAGE_ENCODER,
+    # CLIP's own preprocessing (resize, centre crop, its mean and std) at the encoder's size, on PIL: the
+    # torchvision backend, where installed, would be another implementation of it.
+    "image_processor": {"size": IMAGE_ENCODER["image_size"], "crop_size": IMAGE_ENCODER["image_size"]},
+    # Wan 2.1 I2V 480P's scheduler.
+    "scheduler": WAN_RECIPE["scheduler"],
+}
+
+# Multiples of 16 pixels (8x VAE, 2x2 patches), 4k + 1 frames: 5 frames of 32x32 -> 2 latent frames of 4x4.
+SMALL_CALL: Mapping[str, Any] = {"width": 32, "height": 32, "num_frames": 5}
+
+
+def build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeline:
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        UMT5Config,
+        UMT5EncoderModel,
+    )
+
+    tokenizer = t5_tokenizer()
+    modules = seeded(
+        seed,
+        {
+            "transformer": lambda: WanTransformer3DModel(**recipe["transformer"]),
+            "vae": lambda: AutoencoderKLWan(**recipe["vae"]),
+            "text_encoder": lambda: UMT5EncoderModel(
+                UMT5Config(**t5_config(tokenizer, recipe["text_encoder"]))
+            ),
+            "image_encoder": lambda: CLIPVisionModel(CLIPVisionConfig(**recipe["image_encoder"])),
+        },
+    )
+    modules.update(
+        tokenizer=tokenizer,
+        image_processor=CLIPImageProcessorPil(**recipe["image_processor"]),
+        scheduler=UniPCMultistepScheduler(**recipe["scheduler"]),
+    )
+    return WanImageToVideoPipeline(**modules)
