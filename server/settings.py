@@ -118,6 +118,12 @@ class Settings(BaseSettings):
         description="prompt embeddings kept across requests, per model copy, in MiB; a repeated prompt "
         "(the empty negative one, say) skips its text encoders, to the same bytes (0: keep none)",
     )
+    trajectory_cache_mb: float = Field(
+        default=256.0,
+        ge=0,
+        description='intermediate latents kept for requests with "reuse": {"similar": ...}, per model copy, '
+        "in MiB, in host memory; a similar later prompt starts from them (0: keep none)",
+    )
     job_ttl_s: float = Field(default=3600.0, gt=0, description="how long a finished job's result is kept")
     max_finished_jobs: int = Field(default=256, ge=1, description="finished jobs kept, oldest dropped first")
     job_store: str | None = Field(

@@ -37,6 +37,11 @@ class BytesBoundedLRU(Generic[V]):
             self._entries.move_to_end(key)
             return found[0]
 
+    def values(self) -> list[V]:
+        """What is held now, least recently used first; using none of it."""
+        with self._lock:
+            return [value for value, _ in self._entries.values()]
+
     def put(self, key: Hashable, value: V, size: int) -> None:
         """Keep ``value`` (``size`` bytes) under ``key``, in place of what was there; one larger than the
         bound is not kept."""

@@ -22,6 +22,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from server.models.trajectories import TrajectoryRule
+
 __all__ = [
     "FORMAT",
     "Calibration",
@@ -150,6 +152,8 @@ class Calibration:
     curves: tuple[Curve, ...] = ()
     # Per method, per config field: values measured for this checkpoint.
     method_values: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
+    # How far a prompt may start along a similar earlier prompt's trajectory; None: not calibrated.
+    trajectory_rule: TrajectoryRule | None = None
 
     def choose(self, min_psnr: float, steps: int, guidance: bool) -> Choice | None:
         """The fastest point meeting ``min_psnr`` on the curve nearest to (steps, guidance); None
@@ -171,6 +175,7 @@ class Calibration:
             "model": self.model,
             "prompts": self.prompts,
             "method_values": {method: dict(values) for method, values in self.method_values.items()},
+            "trajectory_rule": None if self.trajectory_rule is None else self.trajectory_rule.to_json(),
             "curves": [
                 {
                     "steps": curve.steps,
@@ -247,6 +252,9 @@ def from_json(data: Mapping[str, Any]) -> Calibration:
         prompts=int(data.get("prompts", 0)),
         curves=curves,
         method_values=MappingProxyType(values),
+        trajectory_rule=None
+        if data.get("trajectory_rule") is None
+        else TrajectoryRule.from_json(data["trajectory_rule"]),
     )
 
 

@@ -9,7 +9,7 @@ the output is the one a direct call of the pipeline with the same arguments and 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from server.models.prompt_cache import Tally
     from server.models.registry import ResidentModel
     from server.models.tasks import Task, TaskPipeline
+    from server.models.trajectories import TrajectoryRun
+
+# A pipeline's ``callback_on_step_end``: (pipeline, step index, timestep, tensors) -> tensors to replace.
+StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 
 __all__ = [
     "GenerationParams",
@@ -36,6 +40,7 @@ __all__ = [
     "generate",
     "keep_outside_the_mask",
     "task_of",
+    "trajectory_setting",
 ]
 
 
@@ -312,11 +317,13 @@ def generate(
     params: GenerationParams,
     *,
     on_step_end: Callable[[int], None] | None = None,
+    trajectory: TrajectoryRun | None = None,
 ) -> GenerationResult:
     """Run one generation of ``params.n`` images or videos, checked beforehand by ``check_params``.
 
     ``on_step_end(step_index)`` runs after each denoising step; what it raises stops the pipeline and
-    propagates out of here.
+    propagates out of here. With ``trajectory`` (a text task, on a model that keeps trajectories), the
+    run may start from a similar earlier prompt's kept latents, and keeps its own.
     """
     pipeline: Any = task_of(model, params).pipeline
     kwargs = call_arguments(model, params)
@@ -324,14 +331,20 @@ def generate(
     adapted = (
         model.adapters.applied(params.loras) if params.loras and model.adapters is not None else nullcontext()
     )
-    with tallied as text_cache, adapted, model.stages.measure(on_step_end) as clock:
+    probe = model.trajectory_probe if trajectory is not None and params.task is None else None
+    resuming = probe.running(trajectory) if probe is not None and trajectory is not None else nullcontext()
+    with tallied as text_cache, adapted, resuming, model.stages.measure(on_step_end) as clock:
         if model.call_spec.steps_observed_by == "callback":
             kwargs["callback_on_step_end"] = clock.step_callback
+            if probe is not None and trajectory is not None:
+                kwargs["callback_on_step_end"] = _along(trajectory, clock.step_callback)
         output = pipeline(
             **kwargs,
             generator=torch.Generator(pipeline.device).manual_seed(params.seed),
             output_type="pil",
         )
+    if probe is not None and trajectory is not None:
+        trajectory.finish()
     images, videos, sounds = None, None, None
     if model.kind == "video":
         videos = [list(frames) for frames in output.frames]
@@ -348,6 +361,33 @@ def generate(
         text_cache=text_cache,
         sounds=sounds,
     )
+
+
+def trajectory_setting(tenant: str, params: GenerationParams) -> Hashable:
+    """What two requests must share for one to start from the other's latents: everything but the
+    prompt and the seed (a resumed request's noise is the kept run's)."""
+    return (
+        tenant,
+        params.width,
+        params.height,
+        params.num_frames,
+        params.steps,
+        params.guidance_scale,
+        params.negative_prompt,
+        params.n,
+        params.fps,
+        params.loras,
+    )
+
+
+def _along(trajectory: TrajectoryRun, step_callback: StepCallback) -> StepCallback:
+    """The step callback of a run along a trajectory: it keeps or hands over latents, then the clock's."""
+
+    def called(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        handed = trajectory.step_end(step, tensors)
+        return {**step_callback(pipeline, step, timestep, tensors), **handed}
+
+    return called
 
 
 def soundtracks(pipeline: Any, output: Any) -> list[Soundtrack] | None:

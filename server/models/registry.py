@@ -36,6 +36,7 @@ from server.models.presets import PRESET_NAMES
 from server.models.prompt_cache import PromptCache
 from server.models.stages import StageProbe
 from server.models.tasks import Task, TaskPipeline, image_tasks, text_tasks
+from server.models.trajectories import DEFAULT_RULE, TrajectoryProbe, TrajectoryStore, resumable
 from server.ops import acceleration
 from server.ops.acceleration import Acceleration
 
@@ -104,6 +105,9 @@ class ResidentModel:
     prompt_cache: PromptCache | None = None
     # LoRA adapters, chosen per request; None: the pipeline takes none.
     adapters: Adapters | None = None
+    # Trajectories kept for similar later prompts, and what resumes one; None: none are kept.
+    trajectories: TrajectoryStore | None = None
+    trajectory_probe: TrajectoryProbe | None = None
 
     @property
     def task_names(self) -> tuple[Task, ...]:
@@ -274,13 +278,16 @@ def load_model(
     cache_hooks: bool = True,
     accelerate: Acceleration | None = None,
     text_cache_bytes: int = 0,
+    trajectory_cache_bytes: int = 0,
 ) -> ResidentModel:
     """Load ``spec`` onto ``device`` with a cache engine per transformer; raises ModelLoadError.
 
     ``cache_hooks=False`` serves the pipeline exactly as diffusers ships it (no engine, method "none").
     ``accelerate`` compiles, quantizes or changes the attention backend of the transformers, before
     the engines wrap them (``server.ops.acceleration``); compiled models still need a warm-up.
-    ``text_cache_bytes`` bounds the prompt embeddings kept across requests (0: none are kept).
+    ``text_cache_bytes`` bounds the prompt embeddings kept across requests (0: none are kept), and
+    ``trajectory_cache_bytes`` the trajectories kept for similar prompts (0, or a pipeline that cannot
+    resume one: none are kept).
     """
     from cache_engine import CacheEngine
     from cache_engine.targets import build_layout, family_for
@@ -342,6 +349,12 @@ def load_model(
     stages = StageProbe(pipeline, denoisers, spec_of_call.steps_observed_by)
     for each in pipelines[1:]:
         stages.attach(each)
+    calibration = _calibration(name, spec, builtin, cache_dir)
+    trajectories, trajectory_probe = None, None
+    if trajectory_cache_bytes > 0 and resumable(pipeline) and spec_of_call.steps_observed_by == "callback":
+        # Outside the cache engines' dispatch: a skipped step never reaches a request's policy.
+        trajectories = TrajectoryStore(trajectory_cache_bytes, calibration.trajectory_rule or DEFAULT_RULE)
+        trajectory_probe = TrajectoryProbe(pipeline, denoisers)
     return ResidentModel(
         name=name,
         kind=kind,
@@ -355,7 +368,7 @@ def load_model(
         limits=builtin.limits if builtin else geometry.limits(defaults, kind),
         presets=_presets(family, kind, cache, builtin.presets() if builtin and builtin.presets else None),
         call_kwargs=builtin.call_kwargs if builtin else MappingProxyType({}),
-        calibration=_calibration(name, spec, builtin, cache_dir),
+        calibration=calibration,
         size_multiple=geometry.size_multiple(pipeline, spec_of_call),
         frame_step=geometry.frame_step(pipeline, spec_of_call) if kind == "video" else 1,
         weight_bytes=sum(acceleration.weight_bytes(denoiser) for denoiser in denoisers),
@@ -363,4 +376,6 @@ def load_model(
         tasks=tasks,
         prompt_cache=prompt_cache,
         adapters=Adapters(pipeline) if hasattr(type(pipeline), "lora_state_dict") else None,
+        trajectories=trajectories,
+        trajectory_probe=trajectory_probe,
     )

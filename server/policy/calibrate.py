@@ -433,6 +433,7 @@ def calibrate(
         prompts=len(prompts),
         curves=curves,
         method_values=method_values,
+        trajectory_rule=existing.trajectory_rule,
     )
     calibration.save(out)
     return calibration

@@ -47,6 +47,7 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
                     cache_hooks=settings.install_cache_hooks,
                     accelerate=accelerate,
                     text_cache_bytes=int(settings.text_cache_mb * 2**20),
+                    trajectory_cache_bytes=int(settings.trajectory_cache_mb * 2**20),
                 )
                 if accelerate.compile:
                     _warm_up(model, metrics)
@@ -73,6 +74,8 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
             metrics.watch_worker(name, replica.id, replica.worker)
             if replica.model.prompt_cache is not None:
                 metrics.watch_prompt_cache(name, replica.id, replica.model.prompt_cache)
+            if replica.model.trajectories is not None:
+                metrics.watch_trajectories(name, replica.id, replica.model.trajectories)
     _load_adapters(settings, replicas)
     results = ResultCache(int(settings.result_cache_mb * 2**20)) if settings.result_cache_mb > 0 else None
     if results is not None:

@@ -19,6 +19,8 @@ several apps in one process (the tests) count apart.
     ditcache_prompt_cache_total{model,result}                  prompt encodings: hit or miss
     ditcache_prompt_cache_bytes{model,replica}                 memory of the prompt embeddings kept
     ditcache_result_cache_bytes                                memory of the whole results kept
+    ditcache_trajectory_cache_bytes{model,replica}             memory of the trajectories kept
+    ditcache_trajectory_steps_skipped_total{model}             denoising steps skipped by resuming a trajectory
     ditcache_queue_depth{model}                                requests waiting
     ditcache_jobs_in_flight{model}                             generations running (0 or 1)
 """
@@ -141,6 +143,18 @@ class Metrics:
             'Memory the whole results kept for "reuse": "exact" take',
             registry=registry,
         )
+        self.trajectory_cache_bytes = Gauge(
+            "ditcache_trajectory_cache_bytes",
+            'Memory the trajectories kept for "reuse": {"similar": ...} take, per model copy',
+            ["model", "replica"],
+            registry=registry,
+        )
+        self.trajectory_steps_skipped = Counter(
+            "ditcache_trajectory_steps_skipped",
+            "Denoising steps skipped by starting from a similar earlier prompt's trajectory",
+            ["model"],
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "ditcache_queue_depth", "Requests waiting", ["model", "replica"], registry=registry
         )
@@ -162,6 +176,12 @@ class Metrics:
 
     def watch_prompt_cache(self, model: str, replica: str, cache: SizedCache) -> None:
         self.prompt_cache_bytes.labels(model, replica).set_function(lambda: cache.bytes)
+
+    def watch_trajectories(self, model: str, replica: str, store: SizedCache) -> None:
+        self.trajectory_cache_bytes.labels(model, replica).set_function(lambda: store.bytes)
+
+    def steps_skipped(self, model: str, steps: int) -> None:
+        self.trajectory_steps_skipped.labels(model).inc(steps)
 
     def prompt_encodings(self, model: str, hits: int, misses: int) -> None:
         self.prompt_cache.labels(model, "hit").inc(hits)
