@@ -425,6 +425,8 @@ def field_path(loc: Sequence[int | str], error_type: str = "") -> str:
             and (part in POLICY_CLASSES or part in (_PRESET_TAG, _TARGET_TAG))
         ):
             continue
+        if i > 0 and parts[i - 1] == "reuse" and part in (_REUSE_WORD, _REUSE_OBJECT):
+            continue
         kept.append(part)
     if error_type in _ERROR_KEY:
         kept.append(_ERROR_KEY[error_type])
@@ -437,6 +439,43 @@ def field_path(loc: Sequence[int | str], error_type: str = "") -> str:
 class LoraChoice(Request):
     name: str = Field(min_length=1, max_length=256, description="an adapter the model's card lists")
     scale: float = Field(default=1.0, ge=-8, le=8, description="its weight (1: as trained)")
+
+
+class SimilarKnobs(Request):
+    min_similarity: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="a floor of your own under which the request starts from noise: the cosine similarity of "
+        "the prompts' text embeddings (default: the model's calibrated rule alone decides)",
+    )
+    max_skipped_steps: int | None = Field(
+        default=None, ge=0, description="skip at most this many steps (default: as many as the rule allows)"
+    )
+
+
+class SimilarReuse(Request):
+    similar: SimilarKnobs = Field(
+        description="start from the kept latents of the most similar earlier prompt (same model, size, frames, "
+        "steps, guidance, negative prompt, n, adapters), skipping as many steps as the model's rule allows "
+        "for their similarity; the request keeps its own for later ones. Its seed is then the earlier "
+        "request's noise"
+    )
+
+
+# The two shapes "reuse" takes, told apart before validation so that an error names the field the client
+# wrote ("reuse.similar.min_similarity"), not every shape it might have meant.
+_REUSE_WORD, _REUSE_OBJECT = "reuse_word", "reuse_object"
+
+
+def _reuse_shape(value: Any) -> str:
+    return _REUSE_OBJECT if isinstance(value, (dict, SimilarReuse)) else _REUSE_WORD
+
+
+Reuse = Annotated[
+    Annotated[Literal["none", "exact"], Tag(_REUSE_WORD)] | Annotated[SimilarReuse, Tag(_REUSE_OBJECT)],
+    Discriminator(_reuse_shape),
+]
 
 
 class _GenerationFields(Request):
@@ -457,11 +496,12 @@ class _GenerationFields(Request):
         max_length=32,
         description="LoRA adapters of the model, by name, applied in this order for this request only",
     )
-    reuse: Literal["none", "exact"] = Field(
+    reuse: Reuse = Field(
         default="none",
         description="exact: an identical earlier request's result may answer this one, the very same bytes "
-        "(same model, fields, seed, image, policy; a request without a seed never matches); none: "
-        "always computed",
+        "(same model, fields, seed, image, policy; a request without a seed never matches); "
+        '{"similar": {...}}: start from a similar earlier prompt\'s trajectory (text to image or video); '
+        "none: always computed from noise",
     )
 
 
@@ -609,6 +649,12 @@ class TextCacheStats(Response):
     misses: int = Field(description="prompt encodings computed (and kept for the next request)")
 
 
+class ReusedTrajectory(Response):
+    request_id: str = Field(description="the earlier request whose kept latents this one started from")
+    similarity: float = Field(description="the cosine similarity of the two prompts' text embeddings")
+    steps_skipped: int = Field(description="the denoising steps not run: the earlier request's first ones")
+
+
 class _ResultFields(Response):
     model: str
     # A default only for answers a job store kept from before tasks existed.
@@ -627,6 +673,11 @@ class _ResultFields(Response):
     reused_from: str | None = Field(
         default=None,
         description='with "reuse": "exact", the request whose result this is, when an identical one came before',
+    )
+    reused_trajectory: ReusedTrajectory | None = Field(
+        default=None,
+        description='with "reuse": {"similar": ...}, the earlier request this one started from, when one was '
+        "similar enough",
     )
 
 

@@ -168,6 +168,12 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None, description="when set, /v1 routes need 'Authorization: Bearer <key>'"
     )
+    api_keys: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description='tenants by name, each with its own key, e.g. {"team-a": "..."} (with or without '
+        "api_key): /v1 routes take any of them, and what one tenant's requests leave behind (kept prompt "
+        "embeddings, results, trajectories, jobs) is never seen by another's",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="origins allowed by CORS; empty: no CORS headers at all"
     )
@@ -195,7 +201,22 @@ class Settings(BaseSettings):
             )
         if self.ray_max_replicas < self.ray_min_replicas:
             raise ValueError("ray_max_replicas must be at least ray_min_replicas")
+        keys = [secret.get_secret_value() for secret in self.api_keys.values()]
+        if self.api_key is not None:
+            keys.append(self.api_key.get_secret_value())
+        if any(not key for key in keys) or len(set(keys)) != len(keys):
+            raise ValueError("api_key and api_keys: each key is non-empty and belongs to one tenant")
+        if any(not name for name in self.api_keys):
+            raise ValueError("api_keys: a tenant's name is non-empty")
         return self
+
+    @property
+    def tenant_keys(self) -> dict[str, SecretStr]:
+        """Each tenant's key: ``api_keys``, and ``api_key`` as the tenant named ""."""
+        keys = dict(self.api_keys)
+        if self.api_key is not None:
+            keys[""] = self.api_key
+        return keys
 
     @property
     def ray_replica_range(self) -> tuple[int, int]:

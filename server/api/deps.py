@@ -52,8 +52,14 @@ def get_timeout(
     return timeout
 
 
+def get_tenant(request: Request) -> str:
+    """The tenant the request's API key names ("" without keys, or with ``api_key``)."""
+    return str(getattr(request.state, "tenant", ""))
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 GenerationsDep = Annotated[Generations, Depends(get_generations)]
 JobsDep = Annotated[Jobs, Depends(get_jobs)]
 RequestIdDep = Annotated[str, Depends(request_id_of)]
 TimeoutDep = Annotated[float, Depends(get_timeout)]
+TenantDep = Annotated[str, Depends(get_tenant)]

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from server.models.prompt_cache import Tally
     from server.models.registry import ResidentModel
     from server.models.tasks import Task, TaskPipeline
-    from server.models.trajectories import TrajectoryRun
+    from server.models.trajectories import Resumed, TrajectoryRun
 
 # A pipeline's ``callback_on_step_end``: (pipeline, step index, timestep, tensors) -> tensors to replace.
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
@@ -115,6 +115,8 @@ class GenerationResult:
     text_cache: Tally | None = None
     # The sound made with each video (LTX-2); None where the model makes none.
     sounds: list[Soundtrack] | None = None
+    # The earlier request whose trajectory this run started from; None: it started from its own noise.
+    resumed: Resumed | None = None
 
 
 class InvalidGenerationParams(ValueError):
@@ -318,16 +320,18 @@ def generate(
     *,
     on_step_end: Callable[[int], None] | None = None,
     trajectory: TrajectoryRun | None = None,
+    tenant: str = "",
 ) -> GenerationResult:
     """Run one generation of ``params.n`` images or videos, checked beforehand by ``check_params``.
 
     ``on_step_end(step_index)`` runs after each denoising step; what it raises stops the pipeline and
     propagates out of here. With ``trajectory`` (a text task, on a model that keeps trajectories), the
-    run may start from a similar earlier prompt's kept latents, and keeps its own.
+    run may start from a similar earlier prompt's kept latents, and keeps its own. ``tenant`` names whose
+    kept prompt embeddings it may use.
     """
     pipeline: Any = task_of(model, params).pipeline
     kwargs = call_arguments(model, params)
-    tallied = model.prompt_cache.tally() if model.prompt_cache is not None else nullcontext(None)
+    tallied = model.prompt_cache.tally(tenant) if model.prompt_cache is not None else nullcontext(None)
     adapted = (
         model.adapters.applied(params.loras) if params.loras and model.adapters is not None else nullcontext()
     )
@@ -360,6 +364,7 @@ def generate(
         step_times_ms=list(clock.step_times_ms),
         text_cache=text_cache,
         sounds=sounds,
+        resumed=None if trajectory is None else trajectory.resumed,
     )
 
 

@@ -1,7 +1,7 @@
 """Prompt embeddings kept across requests: a pipeline's ``encode_prompt`` answered from memory when it was
 asked the very same thing before.
 
-Keyed by the encoding function and its exact arguments (prompts, device, count, length, and every other
+Keyed by the tenant, the encoding function and its exact arguments (prompts, device, count, length, and every other
 one), so a hit returns what the encoders would have computed, to the bit: the text encoders are
 deterministic and their weights do not change while served. A call given tensors (precomputed
 embeddings) is never cached. The cache is bounded in bytes, the least recently used entry leaving
@@ -38,6 +38,9 @@ class Tally:
 
 
 _TALLY: ContextVar[Tally | None] = ContextVar("ditcache_prompt_cache_tally", default=None)
+# The tenant of the generation encoding: one tenant's prompts never answer another's (a hit would tell
+# them that someone encoded the same prompt).
+_TENANT: ContextVar[str] = ContextVar("ditcache_prompt_cache_tenant", default="")
 
 
 class _Uncacheable(Exception):
@@ -73,7 +76,7 @@ class PromptCache:
         @functools.wraps(encode)
         def cached(*args: Any, **kwargs: Any) -> Any:
             try:
-                key = (owner, _frozen(args), _frozen(tuple(sorted(kwargs.items()))))
+                key = (_TENANT.get(), owner, _frozen(args), _frozen(tuple(sorted(kwargs.items()))))
             except _Uncacheable:
                 return encode(*args, **kwargs)
             return self._get_or_compute(key, lambda: encode(*args, **kwargs))
@@ -81,13 +84,16 @@ class PromptCache:
         pipeline.encode_prompt = cached
 
     @contextmanager
-    def tally(self) -> Iterator[Tally]:
-        """Count this generation's hits and misses (the encodings run in the calling thread)."""
+    def tally(self, tenant: str = "") -> Iterator[Tally]:
+        """Count this generation's hits and misses (the encodings run in the calling thread), among
+        ``tenant``'s entries."""
         counts = Tally()
         token = _TALLY.set(counts)
+        tenant_token = _TENANT.set(tenant)
         try:
             yield counts
         finally:
+            _TENANT.reset(tenant_token)
             _TALLY.reset(token)
 
     def _get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:

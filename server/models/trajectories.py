@@ -45,6 +45,7 @@ __all__ = [
     "IDENTICAL",
     "KEPT_FRACTIONS",
     "RESUMABLE_PIPELINES",
+    "ResumeLimits",
     "Resumed",
     "TrajectoryProbe",
     "TrajectoryRule",
@@ -122,6 +123,16 @@ class TrajectoryRule:
 
 # Uncalibrated: only the same conditioning resumes, at most at the latest kept step.
 DEFAULT_RULE = TrajectoryRule(((IDENTICAL, max(KEPT_FRACTIONS)),))
+
+
+@dataclass(frozen=True)
+class ResumeLimits:
+    """What a request allows of a start along another's trajectory, on top of the model's rule."""
+
+    # Start from noise under this similarity.
+    min_similarity: float = 0.0
+    # Skip at most this many steps; None: as many as the rule allows.
+    max_skipped_steps: int | None = None
 
 
 @dataclass(frozen=True)

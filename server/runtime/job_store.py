@@ -65,6 +65,8 @@ class JobRecord:
     attempts: int = 1
     # Read-only on a record: set through ``request_cancel`` and ``cancel_queued``.
     cancel_requested: bool = False
+    # The tenant whose key created it: only that tenant sees it ("" without keys, or for ``api_key``).
+    tenant: str = ""
 
     def data(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -114,10 +114,12 @@ class Jobs:
 
     # -- what the routes call -------------------------------------------------------------------------
 
-    def create(self, body: GenerationRequest, request_id: str, *, timeout_s: float | None = None) -> JobView:
-        """Queue ``body``; raises InvalidRequest or QueueFull without leaving a job behind."""
+    def create(
+        self, body: GenerationRequest, request_id: str, *, timeout_s: float | None = None, tenant: str = ""
+    ) -> JobView:
+        """Queue ``body`` for ``tenant``; raises InvalidRequest or QueueFull without leaving a job behind."""
         self._evict()
-        prepared = self.generations.prepare(body, request_id, timeout_s=timeout_s)
+        prepared = self.generations.prepare(body, request_id, timeout_s=timeout_s, tenant=tenant)
         replay = body.model_dump(mode="json", exclude_unset=True)
         replay.update(model=prepared.model.name, seed=prepared.params.seed)
         record = JobRecord(
@@ -131,6 +133,7 @@ class Jobs:
             body=json.dumps(replay),
             timeout_s=timeout_s,
             owner=self.owner,
+            tenant=tenant,
         )
         kept = self.generations.reused(prepared)
         if kept is not None:
@@ -155,22 +158,23 @@ class Jobs:
             raise
         return self._view(job.record, job)
 
-    def view(self, job_id: str, *, with_result: bool = True) -> JobView:
-        job = self._local(job_id)
+    def view(self, job_id: str, *, with_result: bool = True, tenant: str | None = None) -> JobView:
+        """The job; for ``tenant`` (None: anyone), NotFound when it is another tenant's."""
+        job = self._local(job_id, tenant)
         if job is not None:
             return self._view(job.record, job, with_result=with_result)
-        return self._view(self._stored(job_id), None, with_result=with_result)
+        return self._view(self._stored(job_id, tenant), None, with_result=with_result)
 
-    def cancel(self, job_id: str) -> JobView:
+    def cancel(self, job_id: str, *, tenant: str | None = None) -> JobView:
         """A queued job ends cancelled now; a running one stops at its next step (on whichever process)."""
-        job = self._local(job_id)
+        job = self._local(job_id, tenant)
         if job is not None:
             if job.record.status in FINAL:
                 raise Conflict(f"job {job_id!r} has already {job.record.status}", param="id")
             self.store.request_cancel(job_id)
             self._cancel_local(job)
             return self._view(job.record, job)
-        record = self._stored(job_id)
+        record = self._stored(job_id, tenant)
         if record.status in FINAL:
             raise Conflict(f"job {job_id!r} has already {record.status}", param="id")
         error = _cancelled_detail(record, "cancelled before it started")
@@ -182,23 +186,26 @@ class Jobs:
             raise NotFound(f"no job {job_id!r}", param="id")
         return self._view(cancelled, None)
 
-    def events(self, job_id: str) -> AsyncIterator[str]:
+    def events(self, job_id: str, *, tenant: str | None = None) -> AsyncIterator[str]:
         """Server-sent events: ``queued`` (again whenever the position changes), ``running``,
         ``progress`` per step, then the final status. Raises NotFound now, before any is sent.
 
         Each carries the job as JSON; only the final one carries the result.
         """
-        job = self._local(job_id)
+        job = self._local(job_id, tenant)
         if job is None:
-            self._stored(job_id)
+            self._stored(job_id, tenant)
         return self._events(job_id, job)
 
     # -- running a job here ---------------------------------------------------------------------------
 
-    def _local(self, job_id: str) -> Job | None:
-        """The job if this process runs it, with a cancel asked elsewhere applied (the background loop
-        would apply it within a tick; a view must not show it queued meanwhile)."""
+    def _local(self, job_id: str, tenant: str | None = None) -> Job | None:
+        """The job if this process runs it (for ``tenant``, when it is theirs), with a cancel asked
+        elsewhere applied (the background loop would apply it within a tick; a view must not show it
+        queued meanwhile)."""
         job = self._jobs.get(job_id)
+        if job is not None and tenant is not None and job.record.tenant != tenant:
+            return None
         if job is not None and job.record.status == "queued" and self.store.cancel_requested(job_id):
             self._cancel_local(job)
         return job
@@ -366,7 +373,9 @@ class Jobs:
             return
         try:
             body = GenerationRequest.model_validate_json(record.body)
-            prepared = self.generations.prepare(body, record.request_id, timeout_s=remaining)
+            prepared = self.generations.prepare(
+                body, record.request_id, timeout_s=remaining, tenant=record.tenant
+            )
         except ValidationError as exc:
             fail("invalid_request", f"the stored request is no longer valid: {exc.error_count()} errors")
             return
@@ -395,12 +404,14 @@ class Jobs:
 
     # -- views ------------------------------------------------------------------------------------------
 
-    def _stored(self, job_id: str) -> JobRecord:
+    def _stored(self, job_id: str, tenant: str | None = None) -> JobRecord:
         record = self.store.get(job_id)
         expired = (
             record is not None and record.finished is not None and time.time() - record.finished > self.ttl_s
         )
-        if record is None or expired:
+        # Another tenant's job is answered as no job at all: its existence is not theirs to learn.
+        others = record is not None and tenant is not None and record.tenant != tenant
+        if record is None or expired or others:
             raise NotFound(f"no job {job_id!r} (finished jobs are kept {self.ttl_s:g} s)", param="id")
         return record
 

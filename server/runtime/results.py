@@ -38,11 +38,12 @@ class Stored:
 
 
 def result_key(
-    model: str, params: GenerationParams, config: object, output_format: str, fps: int | None
+    tenant: str, model: str, params: GenerationParams, config: object, output_format: str, fps: int | None
 ) -> str:
-    """The digest of everything that decides a result's bytes."""
+    """The digest of everything that decides a result's bytes, and of who may have it back."""
     digest = hashlib.sha256()
     fields = (
+        tenant,
         model,
         params.prompt,
         params.negative_prompt,

@@ -31,12 +31,18 @@ from server.errors import (
 from server.models import media, uploads
 from server.models.adapters import Adapter, AdapterError
 from server.models.calibration import EstimateFit
-from server.models.generation import GenerationParams, InvalidGenerationParams, check_params
+from server.models.generation import (
+    GenerationParams,
+    InvalidGenerationParams,
+    check_params,
+    trajectory_setting,
+)
 from server.models.limits import Kind
 from server.models.prompt_cache import Tally
 from server.models.registry import ResidentModel
 from server.models.stages import StageTimings
 from server.models.tasks import DEFAULT_STRENGTH, STRENGTH_TASKS, image_task
+from server.models.trajectories import Resumed, ResumeLimits, TrajectoryRun, resumable
 from server.policy import engine_config as policy
 from server.policy.resolve import Resolved, resolve
 from server.protocol import GenerationRequest
@@ -77,6 +83,11 @@ class Prepared:
     estimate: EstimateFit | None = None
     # With "reuse": "exact" and a seed: what an identical request's result is kept under (results.py).
     reuse_key: str | None = None
+    # With "reuse": {"similar": ...}: how far it may start along a similar earlier prompt's trajectory.
+    similar: ResumeLimits | None = None
+    # Who sent it (the name of its API key; "" on a server with one key or none): nothing one tenant's
+    # requests keep across requests is seen by another's.
+    tenant: str = ""
 
     @property
     def kind(self) -> Kind:
@@ -98,6 +109,8 @@ class Finished:
     text_cache: Tally | None = None
     # The request whose kept result answered this one; None: computed for it.
     reused_from: str | None = None
+    # The earlier request whose trajectory it started from; None: it started from noise.
+    resumed: Resumed | None = None
 
 
 class Generations:
@@ -200,12 +213,14 @@ class Generations:
         size_param: str | None = None,
         timeout_s: float | None = None,
         model: ResidentModel | None = None,
+        tenant: str = "",
     ) -> Prepared:
         """Check ``body`` against its model and fill in the defaults; raises InvalidRequest.
 
         ``size_param`` names the field to blame for a bad width or height (``size`` in the OpenAI
         request, which has no width and height of its own). ``timeout_s`` starts the deadline now.
-        ``model`` is the body's model when the caller has resolved it already.
+        ``model`` is the body's model when the caller has resolved it already; ``tenant`` the name of
+        the API key it came with.
         """
         received_at = time.perf_counter()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -279,7 +294,12 @@ class Generations:
         config = resolved.config
         reuse_key = None
         if body.reuse == "exact" and body.seed is not None and self.results is not None:
-            reuse_key = result_key(model.name, params, config, output_format, fps)
+            reuse_key = result_key(tenant, model.name, params, config, output_format, fps)
+        similar = None
+        if not isinstance(body.reuse, str):
+            _check_similar(model, params)
+            knobs = body.reuse.similar
+            similar = ResumeLimits(knobs.min_similarity or 0.0, knobs.max_skipped_steps)
         return Prepared(
             request_id=request_id,
             model=model,
@@ -293,6 +313,8 @@ class Generations:
             target=resolved.promise,
             estimate=resolved.estimate,
             reuse_key=reuse_key,
+            similar=similar,
+            tenant=tenant,
         )
 
     def _cache_config(
@@ -344,6 +366,8 @@ class Generations:
             deadline=prepared.deadline,
             poll_cancel=poll_cancel,
             enqueued_at=prepared.received_at,
+            trajectory=_trajectory_run(prepared, worker.model),
+            tenant=prepared.tenant,
         )
         worker.submit(task)
         return task
@@ -395,12 +419,15 @@ class Generations:
             )
         if prepared.reuse_key is not None and self.results is not None:
             self.results.put(prepared.reuse_key, Stored(tuple(encoded), outcome.stats, prepared.request_id))
+        if result.resumed is not None:
+            self.metrics.steps_skipped(prepared.model.name, result.resumed.steps_skipped)
         return Finished(
             prepared=prepared,
             media=encoded,
             timings=timings,
             stats=outcome.stats,
             text_cache=result.text_cache,
+            resumed=result.resumed,
         )
 
     def reused(self, prepared: Prepared) -> Finished | None:
@@ -519,3 +546,37 @@ def _encode_all(prepared: Prepared, outcome: Outcome) -> list[bytes]:
         media.encode(prepared.kind, prepared.output_format, item, prepared.fps, sound)
         for item, sound in zip(items, sounds, strict=True)
     ]
+
+
+def _check_similar(model: ResidentModel, params: GenerationParams) -> None:
+    """Refuse, naming ``reuse``, a request that asks to start along a trajectory where none can be."""
+    if model.trajectories is None:
+        why = (
+            "the server keeps none (trajectory_cache_mb is 0)"
+            if resumable(model.pipeline) and model.call_spec.steps_observed_by == "callback"
+            else f"its pipeline ({type(model.pipeline).__name__}) cannot start from kept latents"
+        )
+        raise InvalidRequest(f"model {model.name!r} keeps no trajectories: {why}", param="reuse")
+    if params.task is not None:
+        raise InvalidRequest(
+            f'"reuse": {{"similar": ...}} starts text-to-{model.kind} requests only, not {params.task}',
+            param="reuse",
+        )
+
+
+def _trajectory_run(prepared: Prepared, model: ResidentModel) -> TrajectoryRun | None:
+    """The request's part in its replica's kept trajectories: a fresh one for each run, since a run
+    that stopped kept nothing."""
+    similar = prepared.similar
+    if similar is None or model.trajectories is None:
+        return None
+    params = prepared.params
+    return TrajectoryRun(
+        model.trajectories,
+        trajectory_setting(prepared.tenant, params),
+        prepared.request_id,
+        params.steps,
+        resume=True,
+        min_similarity=similar.min_similarity,
+        max_skipped_steps=similar.max_skipped_steps,
+    )

@@ -26,6 +26,7 @@ from server.protocol import (
     MediaItem,
     ModelCard,
     ReplicaView,
+    ReusedTrajectory,
     TextCacheStats,
     Timings,
 )
@@ -109,6 +110,7 @@ def generation_response(finished: Finished) -> GenerationResponse:
         cache_policy=_policy(finished),
         text_cache=_text_cache(finished),
         reused_from=finished.reused_from,
+        reused_trajectory=_reused_trajectory(finished),
     )
 
 
@@ -128,6 +130,16 @@ def images_response(finished: Finished) -> ImagesResponse:
         cache_policy=_policy(finished),
         text_cache=_text_cache(finished),
         reused_from=finished.reused_from,
+        reused_trajectory=_reused_trajectory(finished),
+    )
+
+
+def _reused_trajectory(finished: Finished) -> ReusedTrajectory | None:
+    resumed = finished.resumed
+    if resumed is None:
+        return None
+    return ReusedTrajectory(
+        request_id=resumed.request_id, similarity=resumed.similarity, steps_skipped=resumed.steps_skipped
     )
 
 

@@ -33,6 +33,7 @@ from server.errors import (
 from server.logs import bound_request_id
 from server.models.generation import GenerationParams, GenerationResult, generate
 from server.models.registry import ResidentModel
+from server.models.trajectories import TrajectoryRun
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,10 @@ class Task:
     # Asked before the task starts and at the end of each step: True cancels it. For a cancel that
     # another process asks for (a job's flag in the shared store), which no local call can deliver.
     poll_cancel: Callable[[], bool] | None = None
+    # Its part in the trajectories kept across requests; None: it neither resumes one nor keeps its own.
+    trajectory: TrajectoryRun | None = None
+    # Whose request it is: the prompt embeddings it may reuse are that tenant's.
+    tenant: str = ""
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -220,7 +225,13 @@ class Worker:
             if task.on_start is not None:
                 task.on_start()
             with self.model.cache.session(task.config, request_id=task.request_id) as run:
-                result = generate(self.model, task.params, on_step_end=on_step_end)
+                result = generate(
+                    self.model,
+                    task.params,
+                    on_step_end=on_step_end,
+                    trajectory=task.trajectory,
+                    tenant=task.tenant,
+                )
             stats = run.stats
         except Exception as exc:
             task.future.set_exception(self._failure(task, exc))

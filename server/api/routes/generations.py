@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
 
-from server.api.deps import GenerationsDep, RequestIdDep, TimeoutDep
+from server.api.deps import GenerationsDep, RequestIdDep, TimeoutDep, get_tenant
 from server.api.openapi import GENERATION, errors
 from server.api.responses import negotiate, raw_response, server_timing
 from server.errors import NotAcceptable
@@ -43,7 +43,9 @@ async def create_generation(
         if body.n != 1:
             raise NotAcceptable("a raw media response holds one item: send n=1, or Accept: application/json")
         body = body.model_copy(update={"output_format": raw_format})
-    prepared = generations.prepare(body, request_id, timeout_s=timeout_s, model=model)
+    prepared = generations.prepare(
+        body, request_id, timeout_s=timeout_s, model=model, tenant=get_tenant(request)
+    )
     finished = await generations.run(prepared, request.is_disconnected)
     if raw_format is not None:
         return raw_response(finished)

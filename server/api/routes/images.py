@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from server.api.deps import GenerationsDep, RequestIdDep, TimeoutDep
+from server.api.deps import GenerationsDep, RequestIdDep, TimeoutDep, get_tenant
 from server.api.openapi import GENERATION, errors
 from server.api.responses import server_timing
 from server.errors import InvalidRequest
@@ -100,7 +100,9 @@ async def _answer(
     timeout_s: float,
 ) -> ImagesResponse:
     """Run ``body`` for an OpenAI Images endpoint: its ``size`` is blamed for a size the model refuses."""
-    prepared = generations.prepare(body, request_id, kind="image", size_param="size", timeout_s=timeout_s)
+    prepared = generations.prepare(
+        body, request_id, kind="image", size_param="size", timeout_s=timeout_s, tenant=get_tenant(request)
+    )
     finished = await generations.run(prepared, request.is_disconnected)
     response.headers["Server-Timing"] = server_timing(finished.timings)
     return images_response(finished)

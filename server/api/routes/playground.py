@@ -6,7 +6,7 @@ events), with the key a script would send: no route exists for the page alone bu
 Gradio mounted on the app was the alternative; it would bring a second web framework, its own
 front-end bundle and its own queue and API beside ours, for one form and a grid of results.
 
-With an ``api_key``, the page is behind it as well. A browser opening a page cannot send a Bearer
+With API keys, the page is behind them as well (any tenant's key opens it, for that tenant). A browser opening a page cannot send a Bearer
 header, so the page also takes the key as the password of HTTP Basic (any user name), which the
 browser asks for; the page then needs the same key for its API calls, and gets it written into the
 HTML of that one answer, which is never cached, framed, or sent to any other origin.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import html
 from importlib.resources import files
 from pathlib import Path
@@ -26,6 +25,7 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from server import errors
 from server.api import envelope
+from server.api.auth import tenant_of
 from server.api.request_id import request_id_of
 from server.api.routes.docs import asset_url
 
@@ -64,12 +64,11 @@ def _given_key(request: Request) -> str | None:
 
 def _check_key(request: Request) -> tuple[str, Response | None]:
     """(the key the page should send, or ""; a 401 to answer instead, or None)."""
-    secret = request.app.state.runtime.settings.api_key
-    if secret is None:
+    keys = request.app.state.runtime.settings.tenant_keys
+    if not keys:
         return "", None
     given = _given_key(request)
-    expected = secret.get_secret_value()
-    if given is not None and hmac.compare_digest(given.encode(), expected.encode()):
+    if given is not None and tenant_of(given, keys) is not None:
         return given, None
     message = (
         "the playground needs the server's API key: give it as the password (any user name)"
