@@ -653,6 +653,9 @@ class ReusedTrajectory(Response):
     request_id: str = Field(description="the earlier request whose kept latents this one started from")
     similarity: float = Field(description="the cosine similarity of the two prompts' text embeddings")
     steps_skipped: int = Field(description="the denoising steps not run: the earlier request's first ones")
+    same_prompt: bool = Field(
+        description="the earlier prompt was this one: the answer is what that request made (its noise)"
+    )
 
 
 class _ResultFields(Response):

@@ -5,9 +5,11 @@ NSDI'24).
 A request that allows it and runs all its steps keeps its latents after a few steps (``KEPT_FRACTIONS`` of
 them), with its prompt's text embedding (the first tensor ``encode_prompt`` returns, averaged over the
 sequence). A later one of the same tenant, model and setting (size, frames, steps, guidance, negative
-prompt, images per prompt, adapters) finds the kept prompt nearest to its own by cosine similarity. The
-model's rule (``TrajectoryRule``, calibrated by ``ditcache calibrate --trajectories``) turns that similarity
-into the share of steps it may skip; below the rule's lowest similarity it skips none.
+prompt, images per prompt, adapters) finds the same prompt, or else the kept prompt nearest to its own by
+cosine similarity. The model's rule (``TrajectoryRule``, calibrated by ``ditcache calibrate
+--trajectories``) turns that into the share of steps it may skip; below the rule's lowest similarity it
+skips none. The same prompt is the same conditioning: from the same kept latents it makes what the kept
+run made, at whatever step it resumes, so it skips the most.
 
 How a step is skipped, without a pipeline of our own: for each of the first K steps the denoiser is not
 run, and the pipeline is handed a zero velocity, which leaves a flow-matching Euler step's latents as they
@@ -42,7 +44,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_RULE",
-    "IDENTICAL",
     "KEPT_FRACTIONS",
     "RESUMABLE_PIPELINES",
     "ResumeLimits",
@@ -63,10 +64,7 @@ RESUMABLE_PIPELINES = frozenset(
 # The schedulers whose step leaves latents as they are under a zero velocity.
 _EULER_SCHEDULERS = frozenset({"FlowMatchEulerDiscreteScheduler"})
 # Where in a run the latents are kept: K of N steps for these shares of N.
-KEPT_FRACTIONS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7)
-# A similarity this close to 1 is the same conditioning: what the earlier run became is what this prompt
-# makes from the same noise, whatever the step it resumes at.
-IDENTICAL = 0.9999
+KEPT_FRACTIONS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 
 
 def resumable(pipeline: DiffusionPipeline) -> bool:
@@ -86,9 +84,11 @@ def kept_steps(steps: int) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class TrajectoryRule:
     """From a prompt's similarity to a kept one, the share of the steps it may skip: the share of the
-    first point whose similarity it reaches (points from the most similar down); none under all."""
+    first point whose similarity it reaches (points from the most similar down), none under all; for the
+    same prompt, ``same_prompt``."""
 
     points: tuple[tuple[float, float], ...]
+    same_prompt: float = max(KEPT_FRACTIONS)
     # The PSNR against the prompt's own uncached output (from the same noise) the calibration kept, over
     # its pairs of prompts; None for the rule that skips only under identical conditioning.
     floor_psnr: float | None = None
@@ -99,14 +99,17 @@ class TrajectoryRule:
         similarities = [similarity for similarity, _ in self.points]
         if similarities != sorted(similarities, reverse=True):
             raise ValueError("a trajectory rule's points go from the most similar down")
-        if any(not 0.0 <= share < 1.0 for _, share in self.points):
+        if any(not 0.0 <= share < 1.0 for _, share in (*self.points, (1.0, self.same_prompt))):
             raise ValueError("a trajectory rule's shares of steps are in [0, 1)")
 
-    def share(self, similarity: float) -> float:
+    def share(self, similarity: float, *, same_prompt: bool = False) -> float:
+        if same_prompt:
+            return self.same_prompt
         return next((share for lowest, share in self.points if similarity >= lowest), 0.0)
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "same_prompt": self.same_prompt,
             "points": [list(point) for point in self.points],
             "floor_psnr": self.floor_psnr,
             "pairs": self.pairs,
@@ -116,13 +119,14 @@ class TrajectoryRule:
     def from_json(cls, data: Mapping[str, Any]) -> TrajectoryRule:
         return cls(
             points=tuple((float(similarity), float(share)) for similarity, share in data["points"]),
+            same_prompt=float(data.get("same_prompt", max(KEPT_FRACTIONS))),
             floor_psnr=None if data.get("floor_psnr") is None else float(data["floor_psnr"]),
             pairs=int(data.get("pairs", 0)),
         )
 
 
-# Uncalibrated: only the same conditioning resumes, at most at the latest kept step.
-DEFAULT_RULE = TrajectoryRule(((IDENTICAL, max(KEPT_FRACTIONS)),))
+# Uncalibrated: only the same prompt resumes, at the latest kept step.
+DEFAULT_RULE = TrajectoryRule(())
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,7 @@ class ResumeLimits:
 class Kept:
     request_id: str
     setting: Hashable
+    prompt: str
     # Unit length, on the CPU.
     embedding: torch.Tensor
     # Step K -> the latents after K steps, on the CPU.
@@ -152,6 +157,7 @@ class Resumed:
     request_id: str
     similarity: float
     steps_skipped: int
+    same_prompt: bool = False
 
 
 class TrajectoryStore:
@@ -170,14 +176,15 @@ class TrajectoryStore:
         size = sum(latents.numel() * latents.element_size() for latents in kept.latents.values())
         self._entries.put(kept.request_id, kept, size + kept.embedding.numel() * 4)
 
-    def nearest(self, setting: Hashable, embedding: torch.Tensor) -> tuple[Kept, float] | None:
-        """The kept trajectory of this setting whose prompt is most similar to ``embedding``."""
+    def nearest(self, setting: Hashable, prompt: str, embedding: torch.Tensor) -> tuple[Kept, float] | None:
+        """The kept trajectory of this setting with the same prompt (the latest kept), or else the one
+        whose prompt is most similar to ``embedding``, with its similarity."""
         best: tuple[Kept, float] | None = None
         for kept in self._entries.values():
             if kept.setting != setting or kept.embedding.shape != embedding.shape:
                 continue
-            similarity = float(torch.dot(kept.embedding, embedding))
-            if best is None or similarity > best[1]:
+            similarity = 1.0 if kept.prompt == prompt else float(torch.dot(kept.embedding, embedding))
+            if best is None or similarity >= best[1]:
                 best = (kept, similarity)
         if best is not None:
             self._entries.get(best[0].request_id)  # now the most recently used
@@ -208,6 +215,7 @@ class TrajectoryRun:
     store: TrajectoryStore
     setting: Hashable
     request_id: str
+    prompt: str
     steps: int
     # Whether it may start from a kept trajectory, at least this similar, skipping at most this many steps.
     resume: bool
@@ -236,18 +244,19 @@ class TrajectoryRun:
     def _decide(self) -> None:
         if not self.resume or self.embedding is None:
             return
-        found = self.store.nearest(self.setting, self.embedding)
+        found = self.store.nearest(self.setting, self.prompt, self.embedding)
         if found is None:
             return
         kept, similarity = found
+        same_prompt = kept.prompt == self.prompt
         if similarity < self.min_similarity:
             return
-        allowed = math.floor(self.store.rule.share(similarity) * self.steps)
+        allowed = math.floor(self.store.rule.share(similarity, same_prompt=same_prompt) * self.steps)
         if self.max_skipped_steps is not None:
             allowed = min(allowed, self.max_skipped_steps)
         step = max((k for k in kept.latents if k <= allowed), default=0)
         if step > 0:
-            self.resumed = Resumed(kept.request_id, round(similarity, 4), step)
+            self.resumed = Resumed(kept.request_id, round(similarity, 4), step, same_prompt)
             self._start = kept.latents[step]
 
     def step_end(self, step: int, tensors: Mapping[str, Any]) -> dict[str, Any]:
@@ -265,7 +274,7 @@ class TrajectoryRun:
     def finish(self) -> None:
         """After a run that completed: keep its trajectory, when it ran every step of its own."""
         if self.keep and self.resumed is None and self.embedding is not None and self._kept:
-            self.store.put(Kept(self.request_id, self.setting, self.embedding, dict(self._kept)))
+            self.store.put(Kept(self.request_id, self.setting, self.prompt, self.embedding, dict(self._kept)))
 
 
 _ACTIVE: ContextVar[tuple[TrajectoryProbe, TrajectoryRun] | None] = ContextVar(

@@ -575,6 +575,7 @@ def _trajectory_run(prepared: Prepared, model: ResidentModel) -> TrajectoryRun |
         model.trajectories,
         trajectory_setting(prepared.tenant, params),
         prepared.request_id,
+        params.prompt,
         params.steps,
         resume=True,
         min_similarity=similar.min_similarity,

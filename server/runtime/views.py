@@ -139,7 +139,10 @@ def _reused_trajectory(finished: Finished) -> ReusedTrajectory | None:
     if resumed is None:
         return None
     return ReusedTrajectory(
-        request_id=resumed.request_id, similarity=resumed.similarity, steps_skipped=resumed.steps_skipped
+        request_id=resumed.request_id,
+        similarity=resumed.similarity,
+        steps_skipped=resumed.steps_skipped,
+        same_prompt=resumed.same_prompt,
     )
 
 

@@ -16,7 +16,6 @@ from server.models.generation import GenerationParams, GenerationResult, generat
 from server.models.registry import ResidentModel, load_model
 from server.models.trajectories import (
     DEFAULT_RULE,
-    IDENTICAL,
     RESUMABLE_PIPELINES,
     Kept,
     TrajectoryRule,
@@ -49,7 +48,12 @@ def _params(model: ResidentModel, prompt: str, seed: int) -> GenerationParams:
 def _run(model: ResidentModel, params: GenerationParams, request_id: str, *, resume: bool) -> TrajectoryRun:
     assert model.trajectories is not None
     return TrajectoryRun(
-        model.trajectories, trajectory_setting("", params), request_id, params.steps, resume=resume
+        model.trajectories,
+        trajectory_setting("", params),
+        request_id,
+        params.prompt,
+        params.steps,
+        resume=resume,
     )
 
 
@@ -91,9 +95,10 @@ def test_a_run_resumed_from_the_same_prompt_skips_steps_and_makes_what_the_kept_
     resumed = generate(model, _params(model, "a red circle", 2), trajectory=resumed_run)
     assert resumed_run.resumed is not None
     assert resumed_run.resumed.request_id == "kept"
-    assert resumed_run.resumed.similarity >= IDENTICAL
-    # The uncalibrated rule: the same conditioning may skip up to 70% of the steps, at a kept step.
-    skipped = max(k for k in kept_steps(STEPS) if k <= int(DEFAULT_RULE.share(1.0) * STEPS))
+    assert resumed_run.resumed.similarity == 1.0 and resumed_run.resumed.same_prompt
+    # The uncalibrated rule: the same prompt may skip up to 90% of the steps, at a kept step.
+    skipped = max(k for k in kept_steps(STEPS) if k <= int(DEFAULT_RULE.same_prompt * STEPS))
+    assert skipped == 4
     assert resumed_run.resumed.steps_skipped == skipped
     assert calls[0] == (STEPS - skipped) * passes
     assert np.array_equal(_pixels(resumed), _pixels(kept))
@@ -120,13 +125,14 @@ def test_the_kept_latents_are_only_those_of_kept_steps(model: ResidentModel) -> 
 
 
 def test_kept_steps_leave_a_step_run_and_one_left() -> None:
-    assert kept_steps(20) == (2, 4, 6, 10, 14)
+    assert kept_steps(20) == (2, 4, 6, 10, 14, 18)
     assert kept_steps(2) == (1,)
     assert kept_steps(1) == ()
 
 
 def test_a_rule_gives_the_share_of_the_first_point_reached() -> None:
-    rule = TrajectoryRule(((0.99, 0.5), (0.9, 0.2), (0.8, 0.1)))
+    rule = TrajectoryRule(((0.99, 0.5), (0.9, 0.2), (0.8, 0.1)), same_prompt=0.7)
+    assert rule.share(0.3, same_prompt=True) == 0.7
     assert rule.share(1.0) == 0.5
     assert rule.share(0.95) == 0.2
     assert rule.share(0.8) == 0.1
@@ -135,12 +141,14 @@ def test_a_rule_gives_the_share_of_the_first_point_reached() -> None:
         TrajectoryRule(((0.9, 0.2), (0.99, 0.5)))
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         TrajectoryRule(((0.9, 1.0),))
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        TrajectoryRule((), same_prompt=1.0)
     assert TrajectoryRule.from_json(rule.to_json()) == rule
 
 
-def _kept(request_id: str, setting: object, direction: list[float], size: int = 16) -> Kept:
+def _kept(request_id: str, setting: object, direction: list[float], prompt: str = "") -> Kept:
     embedding = torch.tensor(direction, dtype=torch.float32)
-    return Kept(request_id, setting, embedding / embedding.norm(), {2: torch.zeros(size // 4)})
+    return Kept(request_id, setting, prompt or request_id, embedding / embedding.norm(), {2: torch.zeros(4)})
 
 
 def test_the_nearest_is_of_the_same_setting_and_the_store_keeps_its_bound() -> None:
@@ -149,15 +157,18 @@ def test_the_nearest_is_of_the_same_setting_and_the_store_keeps_its_bound() -> N
     store.put(_kept("b", "tenant-1", [1.0, 1.0]))
     store.put(_kept("c", "tenant-2", [1.0, 0.1]))
     query = torch.tensor([1.0, 0.05]) / torch.tensor([1.0, 0.05]).norm()
-    found = store.nearest("tenant-1", query)
-    assert found is not None and found[0].request_id == "a"
-    found = store.nearest("tenant-2", query)
+    found = store.nearest("tenant-1", "another", query)
+    assert found is not None and found[0].request_id == "a" and found[1] < 1.0
+    # The same prompt comes first, however far its embedding.
+    found = store.nearest("tenant-1", "b", query)
+    assert found is not None and found[0].request_id == "b" and found[1] == 1.0
+    found = store.nearest("tenant-2", "another", query)
     assert found is not None and found[0].request_id == "c"
-    assert store.nearest("tenant-3", query) is None
-    # A fourth goes over the bound: the least recently used ("b": "a" and "c" were just found) leaves.
+    assert store.nearest("tenant-3", "another", query) is None
+    # A fourth goes over the bound: the least recently used ("a": "b" and "c" were found after it) leaves.
     store.put(_kept("d", "tenant-1", [0.0, 1.0]))
     assert store.bytes <= store.max_bytes
-    assert sorted(kept.request_id for kept in store._entries.values()) == ["a", "c", "d"]
+    assert sorted(kept.request_id for kept in store._entries.values()) == ["b", "c", "d"]
 
 
 def test_a_run_that_may_not_resume_never_looks(model: ResidentModel) -> None:
