@@ -18,6 +18,7 @@ done so far.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -39,12 +40,14 @@ from server.models.calibration import (
     EstimateFit,
     load_calibration,
     merged,
+    psnr_to_json,
     tail_psnr,
 )
 from server.models.generation import GenerationParams, check_params, generate
 from server.models.registry import ResidentModel, calibration_path, load_model
 from server.policy import engine_config as policies
 from server.policy.resolve import PRESET_FLOORS
+from server.policy.trajectory_rule import calibrate_trajectories
 
 # Subjects, colours and places drawn in turn: generic prompts, for a model whose traffic is not known.
 # A model trained on a narrow domain is better calibrated on prompts like its own (--prompts-file).
@@ -55,6 +58,8 @@ _PLACES = ("on the sea", "in a forest", "at night", "under the sun", "in the sno
 
 # Prompts MagCache's ratios and TeaCache's polynomial are measured on: the first of the calibration set.
 FIT_PROMPTS = 4
+# What the trajectory rule is measured on: each prompt runs once, then from its neighbours at every kept step.
+TRAJECTORY_PROMPTS = 24
 
 
 def calibration_prompts(count: int) -> list[str]:
@@ -471,6 +476,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="guidance scales to calibrate (repeat; default: the model's, and 1 = no guidance)",
     )
+    parser.add_argument(
+        "--trajectories",
+        action="store_true",
+        help='calibrate only the rule for similar prompts\' trajectories ("reuse": {"similar": ...}), '
+        f"on up to {TRAJECTORY_PROMPTS} of the prompts at the first step count and guidance scale, and keep "
+        "the policy curves",
+    )
     parser.add_argument("--time-limit", type=float, default=3600.0, help="seconds in all (default 3600)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -492,12 +504,21 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    model = load_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+        # What runs a request along a trajectory; the measurement keeps its own store.
+        trajectory_cache_bytes=1 if args.trajectories else 0,
+    )
     steps = args.steps or [model.defaults.steps]
     scales = args.guidance_scale or sorted({model.defaults.guidance_scale, 1.0})
     settings = [Setting(s, g) for s in steps for g in scales]
     out = args.out or calibration_path(args.cache_dir, model.name)
     prompts = prompts_of(args)
+    if args.trajectories:
+        return _run_trajectories(model, out, prompts[:TRAJECTORY_PROMPTS], steps[0], scales[0])
     from tqdm.auto import tqdm
 
     # A bar on a terminal; plain lines, one per prompt, in a log file.
@@ -518,6 +539,32 @@ def run(args: argparse.Namespace) -> int:
             f">= {floor:g} dB: {point.speedup:.2f}x" for floor, point in best.items() if point is not None
         )
         print(f"{curve.steps} steps, guidance {curve.guidance_scale:g}: {shown}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_trajectories(
+    model: ResidentModel, out: Path, prompts: Sequence[str], steps: int, guidance_scale: float
+) -> int:
+    """Measure the trajectory rule and write it into ``out``, beside what is there; the pairs it was
+    fitted on go beside it (``<out>.trajectories.json``), for the plot."""
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    rule, pairs = calibrate_trajectories(model, prompts, steps=steps, guidance_scale=guidance_scale, log=log)
+    existing = load_calibration(out) if out.exists() else model.calibration
+    calibration = dataclasses.replace(existing, model=model.name, trajectory_rule=rule)
+    calibration.save(out)
+    measured = {
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "prompts": list(prompts),
+        "pairs": [
+            {"similarity": pair.similarity, "psnr": {str(k): psnr_to_json(v) for k, v in pair.psnr.items()}}
+            for pair in pairs
+        ],
+    }
+    out.with_suffix(".trajectories.json").write_text(json.dumps(measured, indent=1) + "\n")
+    shown = ", ".join(f"similarity >= {lowest:g}: {share:.0%}" for lowest, share in rule.points) or "none"
+    print(f"trajectory rule over {len(pairs)} pairs (the same prompt: {rule.same_prompt:.0%}): {shown}")
     print(f"wrote {out}")
     return 0
 
