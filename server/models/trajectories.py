@@ -183,8 +183,10 @@ class TrajectoryStore:
         for kept in self._entries.values():
             if kept.setting != setting or kept.embedding.shape != embedding.shape:
                 continue
-            similarity = 1.0 if kept.prompt == prompt else float(torch.dot(kept.embedding, embedding))
-            if best is None or similarity >= best[1]:
+            same = kept.prompt == prompt
+            similarity = 1.0 if same else min(float(torch.dot(kept.embedding, embedding)), 1.0)
+            # The same prompt first, then the most similar; of equals, the latest kept.
+            if best is None or (similarity, same) >= (best[1], best[0].prompt == prompt):
                 best = (kept, similarity)
         if best is not None:
             self._entries.get(best[0].request_id)  # now the most recently used
