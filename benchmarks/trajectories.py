@@ -3,9 +3,9 @@
 Starts ``python -m server serve`` on ``shapes-flux`` (loopback) and replays a stream of 48 prompts, one
 at a time, at the served defaults, each with a seed of its own: 12 new scenes, and after each its
 follow-ups, interleaved at random: the same text again, the scene said in another phrasing, and the scene
-with one attribute changed (foreground, background, position or shape, in turn). The stream runs twice
-on fresh servers: uncached from noise, then with ``"reuse": {"similar": {}}`` under the model's
-calibrated rule. Per prompt it records the client wall time, the steps skipped and the earlier request,
+with one attribute changed (foreground, background, position or shape, in turn). Each prompt runs
+uncached from noise and then with ``"reuse": {"similar": {}}`` under the model's calibrated rule, back to
+back on one server (its prompt cache off, so that neither encodes for the other). Per prompt it records the client wall time, the steps skipped and the earlier request,
 the PSNR against the prompt's own uncached output (its seed), the PSNR against its uncached output from
 the noise it resumed (the earlier request's seed), and what the shape detector reads from both outputs.
 
@@ -21,10 +21,12 @@ import base64
 import io
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -158,23 +160,20 @@ def _read(pixels: np.ndarray, wanted: dict[str, str]) -> dict[str, str | None]:
 
 
 def replay(items: Sequence[Item], torch_threads: int) -> list[Served]:
+    """Each prompt uncached and then with reuse, back to back on one server, so that both times are taken
+    under the same load; the uncached requests keep no trajectory, and the prompt cache is off so that
+    neither encodes for the other."""
     bodies = [{"model": MODEL, "prompt": item.prompt, "seed": item.seed} for item in items]
-    with tempfile.TemporaryDirectory() as cache:
+    served: list[Served] = []
+    with tempfile.TemporaryDirectory() as cache, _environment(DITCACHE_TEXT_CACHE_MB="0"):
         process, base_url = start_server(Path(cache), 4, torch_threads, models=[MODEL])
         try:
             with httpx.Client(base_url=base_url, timeout=300) as client:
-                uncached = [_post(client, body) for body in bodies]
-        finally:
-            stop_server(process)
-        process, base_url = start_server(Path(cache), 4, torch_threads, models=[MODEL])
-        try:
-            with httpx.Client(base_url=base_url, timeout=300) as client:
-                reused = [_post(client, {**body, "reuse": {"similar": {}}}) for body in bodies]
-                ids = {answer["request_id"]: index for index, (_, answer) in enumerate(reused)}
-                served: list[Served] = []
-                for index, (item, (plain_ms, plain), (reuse_ms, answer)) in enumerate(
-                    zip(items, uncached, reused, strict=True)
-                ):
+                ids: dict[str, int] = {}
+                for index, (item, body) in enumerate(zip(items, bodies, strict=True)):
+                    plain_ms, plain = _post(client, body)
+                    reuse_ms, answer = _post(client, {**body, "reuse": {"similar": {}}})
+                    ids[answer["request_id"]] = index
                     wanted = detector.parse_prompt(item.prompt)
                     own, out = _pixels(plain), _pixels(answer)
                     row = Served(
@@ -193,12 +192,26 @@ def replay(items: Sequence[Item], torch_threads: int) -> list[Served]:
                         row.similarity = trajectory["similarity"]
                         row.source = ids[trajectory["request_id"]]
                         # What this prompt makes from the noise it resumed: the earlier request's seed.
-                        _, same_noise = _post(client, {**bodies[index], "seed": items[row.source].seed})
+                        _, same_noise = _post(client, {**body, "seed": items[row.source].seed})
                         row.psnr_same_noise = _psnr(out, _pixels(same_noise))
                     served.append(row)
         finally:
             stop_server(process)
     return served
+
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # -- the report -------------------------------------------------------------------------------------------
@@ -274,7 +287,7 @@ def report(rows: Sequence[Served], rule: dict[str, Any] | None) -> str:
         "",
         "`python -m benchmarks.trajectories` (see its docstring): `shapes-flux` at its served defaults "
         f"(20 steps, true CFG 3), {total['prompts']} prompts one at a time, each with its own seed, uncached "
-        'and then with `"reuse": {"similar": {}}` on a fresh server.',
+        'and then with `"reuse": {"similar": {}}` back to back on one server (the prompt cache off).',
         "",
     ]
     if rule is not None:

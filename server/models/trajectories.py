@@ -133,8 +133,8 @@ DEFAULT_RULE = TrajectoryRule(())
 class ResumeLimits:
     """What a request allows of a start along another's trajectory, on top of the model's rule."""
 
-    # Start from noise under this similarity.
-    min_similarity: float = 0.0
+    # Start from noise under this similarity; None: wherever the rule allows.
+    min_similarity: float | None = None
     # Skip at most this many steps; None: as many as the rule allows.
     max_skipped_steps: int | None = None
 
@@ -219,9 +219,10 @@ class TrajectoryRun:
     request_id: str
     prompt: str
     steps: int
-    # Whether it may start from a kept trajectory, at least this similar, skipping at most this many steps.
+    # Whether it may start from a kept trajectory, at least this similar (None: any the rule allows; a
+    # cosine can be negative), skipping at most this many steps.
     resume: bool
-    min_similarity: float = 0.0
+    min_similarity: float | None = None
     max_skipped_steps: int | None = None
     # Whether it keeps its own (when it runs every step).
     keep: bool = True
@@ -251,7 +252,7 @@ class TrajectoryRun:
             return
         kept, similarity = found
         same_prompt = kept.prompt == self.prompt
-        if similarity < self.min_similarity:
+        if self.min_similarity is not None and similarity < self.min_similarity:
             return
         allowed = math.floor(self.store.rule.share(similarity, same_prompt=same_prompt) * self.steps)
         if self.max_skipped_steps is not None:

@@ -299,7 +299,7 @@ class Generations:
         if not isinstance(body.reuse, str):
             _check_similar(model, params)
             knobs = body.reuse.similar
-            similar = ResumeLimits(knobs.min_similarity or 0.0, knobs.max_skipped_steps)
+            similar = ResumeLimits(knobs.min_similarity, knobs.max_skipped_steps)
         return Prepared(
             request_id=request_id,
             model=model,
