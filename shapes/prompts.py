@@ -82,7 +82,7 @@ class PromptSet:
 
 
 # What the shipped calibration measures: every phrasing, a seed of its own.
-CALIBRATION = PromptSet("calibration", 4_242, 48, tuple(PHRASINGS))
+CALIBRATION = PromptSet("calibration", 4_242, 192, tuple(PHRASINGS))
 # What the quality benchmark checks targets on: none of them shares a seed with the calibration, and
 # each leans on other phrasings.
 HELD_OUT: tuple[PromptSet, ...] = (
