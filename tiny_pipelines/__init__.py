@@ -84,7 +84,7 @@ def merge(recipe: Recipe, overrides: Recipe) -> Recipe:
 
 
 # Name -> (module, attribute prefix); the module's RECIPE, build and SMALL_CALL, prefixed where one
-# module holds two variants (Wan 2.1 and Wan 2.2).
+# module holds two variants (Wan 2.1 and Wan 2.2, for text and for images).
 _MODULES: Mapping[str, tuple[str, str]] = MappingProxyType(
     {
         "flux": ("flux", ""),
@@ -110,6 +110,7 @@ _MODULES: Mapping[str, tuple[str, str]] = MappingProxyType(
         "hunyuan_video15": ("hunyuan_video15", ""),
         "ltx2": ("ltx2", ""),
         "wan_i2v": ("wan_i2v", ""),
+        "wan22_i2v": ("wan_i2v", "WAN22_"),
         "cogvideox_i2v": ("cogvideox_i2v", ""),
     }
 )
@@ -117,7 +118,7 @@ _MODULES: Mapping[str, tuple[str, str]] = MappingProxyType(
 TINY_PIPELINE_NAMES: tuple[str, ...] = tuple(_MODULES)
 # Those whose pipeline needs an image besides the prompt (image-to-video checkpoints): a call of one
 # passes ``image`` on top of its SMALL_CALL.
-IMAGE_TO_VIDEO_NAMES: tuple[str, ...] = ("wan_i2v", "cogvideox_i2v")
+IMAGE_TO_VIDEO_NAMES: tuple[str, ...] = ("wan_i2v", "wan22_i2v", "cogvideox_i2v")
 
 
 def tiny_pipeline(name: str) -> TinyPipeline:

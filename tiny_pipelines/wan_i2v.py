@@ -1,5 +1,5 @@
-"""Tiny WanImageToVideoPipeline (Wan 2.1 I2V): the tiny Wan with a CLIP vision encoder and an image-conditioned
-transformer.
+"""Tiny WanImageToVideoPipeline: Wan 2.1 I2V (the tiny Wan with a CLIP vision encoder and an
+image-conditioned transformer) and Wan 2.2 I2V A14B (two such experts without the image encoder, below).
 
 Wan 2.1's image-to-video checkpoints are weights of their own, not the text model's: the transformer takes the
 noise, a mask of the frames given and the VAE latents of the image (2 x latent channels + the VAE's 4x
@@ -90,3 +90,43 @@ def build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeli
         scheduler=UniPCMultistepScheduler(**recipe["scheduler"]),
     )
     return WanImageToVideoPipeline(**modules)
+
+
+# Wan 2.2 I2V A14B: two experts split at boundary_ratio, as the text A14B, and no image encoder: its
+# transformer has no image attention (image_dim None), the image conditions through its latents alone, so
+# the checkpoint's image_encoder and image_processor are None and the pipeline skips encoding the image.
+WAN22_RECIPE: Mapping[str, Mapping[str, Any]] = {
+    "transformer": {**WAN_TRANSFORMER, "in_channels": 2 * LATENT_CHANNELS + _MASK_CHANNELS},
+    "transformer_2": {**WAN_TRANSFORMER, "in_channels": 2 * LATENT_CHANNELS + _MASK_CHANNELS},
+    "vae": WAN_RECIPE["vae"],
+    "text_encoder": T5_ENCODER,
+    # The I2V A14B's shift and boundary: with 2 steps the timesteps are 999 and 833, with 4 steps 999, 937,
+    # 833 and 625, so half the steps go to each expert.
+    "scheduler": {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 5.0},
+    "pipeline": {"boundary_ratio": 0.9},
+}
+
+WAN22_SMALL_CALL: Mapping[str, Any] = SMALL_CALL
+
+
+def wan22_build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeline:
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = t5_tokenizer()
+    # One seed stream per component name, so the two experts start from different weights.
+    modules = seeded(
+        seed,
+        {
+            "transformer": lambda: WanTransformer3DModel(**recipe["transformer"]),
+            "transformer_2": lambda: WanTransformer3DModel(**recipe["transformer_2"]),
+            "vae": lambda: AutoencoderKLWan(**recipe["vae"]),
+            "text_encoder": lambda: UMT5EncoderModel(
+                UMT5Config(**t5_config(tokenizer, recipe["text_encoder"]))
+            ),
+        },
+    )
+    modules.update(tokenizer=tokenizer, scheduler=UniPCMultistepScheduler(**recipe["scheduler"]))
+    # image_encoder and image_processor stay at their default, None, as in the published checkpoint.
+    return WanImageToVideoPipeline(**modules, **recipe["pipeline"])

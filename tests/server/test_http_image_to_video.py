@@ -1,8 +1,8 @@
-"""Image-to-video models: Wan 2.1 and CogVideoX image-to-video checkpoints served from their folders, over
-real HTTP.
+"""Image-to-video models: Wan 2.1, Wan 2.2 A14B and CogVideoX image-to-video checkpoints served from their
+folders, over real HTTP.
 
-Their pipelines are weights of their own (Wan's transformer attends to the image's CLIP tokens,
-CogVideoX's takes its latents beside the noise), so a folder whose pipeline is one of them is a model that
+Their pipelines are weights of their own (Wan 2.1's transformer attends to the image's CLIP tokens, Wan
+2.2's two experts and CogVideoX's transformer take its latents beside the noise), so a folder whose pipeline is one of them is a model that
 makes videos from images and nothing else: its card's one task is ``image_to_video``, and a request
 without an image is refused naming ``image``. What the server answers uncached is what a direct call of
 the same diffusers pipeline, loaded from the same folder, gives for the same image and seed, frame for
@@ -48,11 +48,26 @@ class Family:
     pipeline_class: str
     # Transformer calls per step: Wan runs its two CFG branches as two calls, CogVideoX as one batch.
     calls_per_step: int
+    # Enough for every transformer to get steps: Wan 2.2 A14B's experts split them at its boundary, and each
+    # needs two of its own for a cache method to reuse the first.
+    steps: int = STEPS
+    # Guarded TaylorSeer's: each expert is guarded by itself and predicts from its own third step.
+    guarded_steps: int = GUARDED_STEPS
+    # The transformers the direct call runs (Wan 2.2's high- and low-noise experts).
+    transformers: tuple[str, ...] = ("transformer",)
 
 
 FAMILIES: Mapping[str, Family] = MappingProxyType(
     {
         "wan_i2v": Family("WanImageToVideoPipeline", calls_per_step=2),
+        # 4 steps are 999, 937, 833 and 625 at its shift, 2 per expert about its boundary of 900; 6 are 3 each.
+        "wan22_i2v": Family(
+            "WanImageToVideoPipeline",
+            calls_per_step=2,
+            steps=4,
+            guarded_steps=6,
+            transformers=("transformer", "transformer_2"),
+        ),
         "cogvideox_i2v": Family("CogVideoXImageToVideoPipeline", calls_per_step=1),
     }
 )
@@ -110,7 +125,7 @@ def _body(name: str, **fields: Any) -> dict[str, Any]:
         "model": name,
         "prompt": PROMPT,
         "seed": SEED,
-        "steps": STEPS,
+        "steps": FAMILIES[name].steps,
         "guidance_scale": GUIDANCE,
         "fps": FPS,
         "output_format": VIDEO_FORMAT,
@@ -139,23 +154,43 @@ def test_each_card_lists_image_to_video_alone(client: httpx.Client, folders: Map
 def test_the_video_is_the_direct_call_of_the_pipeline(
     server: LiveServer, client: httpx.Client, folders: Mapping[str, Path], name: str
 ) -> None:
+    family = FAMILIES[name]
     answer = _generate(client, _body(name))
     size = _size(name)
     assert (answer["task"], answer["num_frames"]) == ("image_to_video", size["num_frames"])
-    assert len(answer["timings"]["denoising_steps"]) == STEPS
-    pipeline = direct_pipeline(FAMILIES[name].pipeline_class, folders[name])
+    assert len(answer["timings"]["denoising_steps"]) == family.steps
+    pipeline = direct_pipeline(family.pipeline_class, folders[name])
     # The server fixture set the process to one thread: the direct call sums in the server's order.
     assert torch.get_num_threads() == 1
-    frames = pipeline(
-        image=IMAGE,
-        prompt=PROMPT,
-        **size,
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
-        num_videos_per_prompt=1,
-        generator=torch.Generator("cpu").manual_seed(SEED),
-        output_type="pil",
-    ).frames[0]
+    calls = dict.fromkeys(family.transformers, 0)
+
+    def counter(transformer: str) -> Any:
+        def count(*_: Any) -> None:
+            calls[transformer] += 1
+
+        return count
+
+    hooks = [
+        getattr(pipeline, transformer).register_forward_hook(counter(transformer)) for transformer in calls
+    ]
+    try:
+        frames = pipeline(
+            image=IMAGE,
+            prompt=PROMPT,
+            **size,
+            num_inference_steps=family.steps,
+            guidance_scale=GUIDANCE,
+            num_videos_per_prompt=1,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+            output_type="pil",
+        ).frames[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # Every transformer the family has runs in the direct call (both of Wan 2.2's experts), and the steps'
+    # calls are theirs.
+    assert all(count > 0 for count in calls.values()), calls
+    assert sum(calls.values()) == family.steps * family.calls_per_step, calls
     # The server's deterministic encoder on the direct call's frames: equal frames, equal files.
     assert b64_items(answer) == [media.encode_video(frames, VIDEO_FORMAT, FPS)]
     # The image conditions the video.
@@ -170,7 +205,8 @@ def test_each_cache_method_reuses(client: httpx.Client, name: str, method: str) 
     assert set(card["cache_methods"]) <= {"none", *POLICIES}
     if method not in card["cache_methods"]:
         pytest.skip(f"{name} does not list {method}")
-    steps = GUARDED_STEPS if method == "guarded_taylorseer" else STEPS
+    family = FAMILIES[name]
+    steps = family.guarded_steps if method == "guarded_taylorseer" else family.steps
     answer = _generate(client, _body(name, steps=steps, cache={"method": method, **POLICIES[method]}))
     stats = answer["cache"]
     assert (answer["task"], stats["method"]) == ("image_to_video", method)
@@ -178,7 +214,8 @@ def test_each_cache_method_reuses(client: httpx.Client, name: str, method: str) 
     if method == "guarded_taylorseer":
         assert stats["denoiser_calls"] >= steps, stats
     else:
-        assert stats["denoiser_calls"] == steps * FAMILIES[name].calls_per_step, stats
+        # Over every transformer (Wan 2.2's two experts summed).
+        assert stats["denoiser_calls"] == steps * family.calls_per_step, stats
 
 
 @pytest.mark.parametrize("name", NAMES)
