@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from tiny_pipelines.seeding import seeded
@@ -51,24 +52,34 @@ RECIPE: Mapping[str, Mapping[str, Any]] = {
 SMALL_CALL: Mapping[str, Any] = {"width": 32, "height": 32, "num_frames": 5}
 
 
-def build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeline:
+def components(
+    recipe: Mapping[str, Mapping[str, Any]], seed: int, **more: Callable[[], Any]
+) -> dict[str, Any]:
+    """A Wan pipeline's components from ``recipe``, each seeded by its name: every transformer it names
+    (``transformer``, and Wan 2.2's second expert ``transformer_2``), the VAE, the UMT5 text encoder and
+    ``more``; with the tokenizer and the UniPC scheduler."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-    from diffusers.pipelines.wan.pipeline_wan import WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
     tokenizer = t5_tokenizer()
-    modules = seeded(
-        seed,
-        {
-            "transformer": lambda: WanTransformer3DModel(**recipe["transformer"]),
-            "vae": lambda: AutoencoderKLWan(**recipe["vae"]),
-            "text_encoder": lambda: UMT5EncoderModel(
-                UMT5Config(**t5_config(tokenizer, recipe["text_encoder"]))
-            ),
-        },
+    makers: dict[str, Callable[[], Any]] = {
+        name: functools.partial(WanTransformer3DModel, **recipe[name])
+        for name in ("transformer", "transformer_2")
+        if name in recipe
+    }
+    makers["vae"] = functools.partial(AutoencoderKLWan, **recipe["vae"])
+    makers["text_encoder"] = lambda: UMT5EncoderModel(
+        UMT5Config(**t5_config(tokenizer, recipe["text_encoder"]))
     )
+    modules = seeded(seed, {**makers, **more})
     modules.update(tokenizer=tokenizer, scheduler=UniPCMultistepScheduler(**recipe["scheduler"]))
-    return WanPipeline(**modules)
+    return modules
+
+
+def build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeline:
+    from diffusers.pipelines.wan.pipeline_wan import WanPipeline
+
+    return WanPipeline(**components(recipe, seed))
 
 
 # Wan 2.2 A14B: the same transformer twice, a high-noise expert (``transformer``) for timesteps at or above
@@ -90,22 +101,7 @@ WAN22_SMALL_CALL: Mapping[str, Any] = {"width": 64, "height": 64, "num_frames": 
 
 
 def wan22_build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeline:
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from diffusers.pipelines.wan.pipeline_wan import WanPipeline
-    from transformers import UMT5Config, UMT5EncoderModel
 
-    tokenizer = t5_tokenizer()
     # One seed stream per component name, so the two experts start from different weights.
-    modules = seeded(
-        seed,
-        {
-            "transformer": lambda: WanTransformer3DModel(**recipe["transformer"]),
-            "transformer_2": lambda: WanTransformer3DModel(**recipe["transformer_2"]),
-            "vae": lambda: AutoencoderKLWan(**recipe["vae"]),
-            "text_encoder": lambda: UMT5EncoderModel(
-                UMT5Config(**t5_config(tokenizer, recipe["text_encoder"]))
-            ),
-        },
-    )
-    modules.update(tokenizer=tokenizer, scheduler=UniPCMultistepScheduler(**recipe["scheduler"]))
-    return WanPipeline(**modules, **recipe["pipeline"])
+    return WanPipeline(**components(recipe, seed), **recipe["pipeline"])

@@ -13,10 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from tiny_pipelines.seeding import seeded
-from tiny_pipelines.text_encoders import T5_ENCODER, t5_config
-from tiny_pipelines.tokenizers import t5_tokenizer
-from tiny_pipelines.wan import LATENT_CHANNELS
+from tiny_pipelines.text_encoders import T5_ENCODER
+from tiny_pipelines.wan import LATENT_CHANNELS, components
 from tiny_pipelines.wan import RECIPE as WAN_RECIPE
 from tiny_pipelines.wan import TRANSFORMER as WAN_TRANSFORMER
 
@@ -62,33 +60,15 @@ SMALL_CALL: Mapping[str, Any] = {"width": 32, "height": 32, "num_frames": 5}
 
 
 def build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeline:
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        CLIPVisionModel,
-        UMT5Config,
-        UMT5EncoderModel,
-    )
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
-    tokenizer = t5_tokenizer()
-    modules = seeded(
+    modules = components(
+        recipe,
         seed,
-        {
-            "transformer": lambda: WanTransformer3DModel(**recipe["transformer"]),
-            "vae": lambda: AutoencoderKLWan(**recipe["vae"]),
-            "text_encoder": lambda: UMT5EncoderModel(
-                UMT5Config(**t5_config(tokenizer, recipe["text_encoder"]))
-            ),
-            "image_encoder": lambda: CLIPVisionModel(CLIPVisionConfig(**recipe["image_encoder"])),
-        },
+        image_encoder=lambda: CLIPVisionModel(CLIPVisionConfig(**recipe["image_encoder"])),
     )
-    modules.update(
-        tokenizer=tokenizer,
-        image_processor=CLIPImageProcessorPil(**recipe["image_processor"]),
-        scheduler=UniPCMultistepScheduler(**recipe["scheduler"]),
-    )
+    modules["image_processor"] = CLIPImageProcessorPil(**recipe["image_processor"])
     return WanImageToVideoPipeline(**modules)
 
 
@@ -110,23 +90,8 @@ WAN22_SMALL_CALL: Mapping[str, Any] = SMALL_CALL
 
 
 def wan22_build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeline:
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
-    from transformers import UMT5Config, UMT5EncoderModel
 
-    tokenizer = t5_tokenizer()
-    # One seed stream per component name, so the two experts start from different weights.
-    modules = seeded(
-        seed,
-        {
-            "transformer": lambda: WanTransformer3DModel(**recipe["transformer"]),
-            "transformer_2": lambda: WanTransformer3DModel(**recipe["transformer_2"]),
-            "vae": lambda: AutoencoderKLWan(**recipe["vae"]),
-            "text_encoder": lambda: UMT5EncoderModel(
-                UMT5Config(**t5_config(tokenizer, recipe["text_encoder"]))
-            ),
-        },
-    )
-    modules.update(tokenizer=tokenizer, scheduler=UniPCMultistepScheduler(**recipe["scheduler"]))
-    # image_encoder and image_processor stay at their default, None, as in the published checkpoint.
-    return WanImageToVideoPipeline(**modules, **recipe["pipeline"])
+    # One seed stream per component name, so the two experts start from different weights. image_encoder
+    # and image_processor stay at their default, None, as in the published checkpoint.
+    return WanImageToVideoPipeline(**components(recipe, seed), **recipe["pipeline"])
