@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from benchmarks.edits import psnr
 from benchmarks.load import start_server, stop_server
 from benchmarks.naming import db_text, json_safe
 from server.models.calibration import load_calibration, psnr_from_json
@@ -140,11 +141,6 @@ def _pixels(answer: dict[str, Any]) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
 def _post(client: httpx.Client, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     started = time.perf_counter()
     response = client.post("/v1/generations", json=body)
@@ -181,7 +177,7 @@ def replay(items: Sequence[Item], torch_threads: int) -> list[Served]:
                         plain_ms,
                         reuse_ms,
                         steps=answer["steps"],
-                        psnr_own=_psnr(out, own),
+                        psnr_own=psnr(out, own),
                         wanted=wanted,
                         read_uncached=_read(own, wanted),
                         read_reuse=_read(out, wanted),
@@ -193,7 +189,7 @@ def replay(items: Sequence[Item], torch_threads: int) -> list[Served]:
                         row.source = ids[trajectory["request_id"]]
                         # What this prompt makes from the noise it resumed: the earlier request's seed.
                         _, same_noise = _post(client, {**body, "seed": items[row.source].seed})
-                        row.psnr_same_noise = _psnr(out, _pixels(same_noise))
+                        row.psnr_same_noise = psnr(out, _pixels(same_noise))
                     served.append(row)
         finally:
             stop_server(process)

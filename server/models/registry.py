@@ -351,7 +351,7 @@ def load_model(
         stages.attach(each)
     calibration = _calibration(name, spec, builtin, cache_dir)
     trajectories, trajectory_probe = None, None
-    if trajectory_cache_bytes > 0 and resumable(pipeline) and spec_of_call.steps_observed_by == "callback":
+    if trajectory_cache_bytes > 0 and resumable(pipeline, spec_of_call.steps_observed_by):
         # Outside the cache engines' dispatch: a skipped step never reaches a request's policy.
         trajectories = TrajectoryStore(trajectory_cache_bytes, calibration.trajectory_rule or DEFAULT_RULE)
         trajectory_probe = TrajectoryProbe(pipeline, denoisers)

@@ -67,10 +67,13 @@ _EULER_SCHEDULERS = frozenset({"FlowMatchEulerDiscreteScheduler"})
 KEPT_FRACTIONS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 
 
-def resumable(pipeline: DiffusionPipeline) -> bool:
+def resumable(pipeline: DiffusionPipeline, steps_observed_by: str) -> bool:
+    """Whether a run of ``pipeline`` can start from kept latents: a step callback to hand them over
+    (``steps_observed_by``, from its call spec), and steps that leave latents alone under a zero velocity."""
     scheduler = getattr(pipeline, "scheduler", None)
     return (
-        type(pipeline).__name__ in RESUMABLE_PIPELINES
+        steps_observed_by == "callback"
+        and type(pipeline).__name__ in RESUMABLE_PIPELINES
         and type(scheduler).__name__ in _EULER_SCHEDULERS
         and not getattr(getattr(scheduler, "config", None), "stochastic_sampling", False)
     )
@@ -176,11 +179,15 @@ class TrajectoryStore:
         size = sum(latents.numel() * latents.element_size() for latents in kept.latents.values())
         self._entries.put(kept.request_id, kept, size + kept.embedding.numel() * 4)
 
+    def kept(self) -> list[Kept]:
+        """Every trajectory kept, least recently used first."""
+        return self._entries.values()
+
     def nearest(self, setting: Hashable, prompt: str, embedding: torch.Tensor) -> tuple[Kept, float] | None:
         """The kept trajectory of this setting with the same prompt (the latest kept), or else the one
         whose prompt is most similar to ``embedding``, with its similarity."""
         best: tuple[Kept, float] | None = None
-        for kept in self._entries.values():
+        for kept in self.kept():
             if kept.setting != setting or kept.embedding.shape != embedding.shape:
                 continue
             same = kept.prompt == prompt
@@ -232,6 +239,10 @@ class TrajectoryRun:
     _start: torch.Tensor | None = None
     _step: int = 0
     _kept: dict[int, torch.Tensor] = field(default_factory=dict)
+    _keep_at: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        self._keep_at = frozenset(kept_steps(self.steps)) if self.keep else frozenset()
 
     def encoded(self, output: Any) -> None:
         if self.embedding is None:
@@ -270,7 +281,7 @@ class TrajectoryRun:
             if self._step == self.resumed.steps_skipped and self._start is not None and latents is not None:
                 return {"latents": self._start.to(device=latents.device, dtype=latents.dtype)}
             return {}
-        if self.keep and isinstance(latents, torch.Tensor) and self._step in kept_steps(self.steps):
+        if self._step in self._keep_at and isinstance(latents, torch.Tensor):
             self._kept[self._step] = latents.detach().to("cpu", copy=True)
         return {}
 

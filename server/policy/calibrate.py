@@ -46,6 +46,7 @@ from server.models.calibration import (
 from server.models.generation import GenerationParams, check_params, generate
 from server.models.registry import ResidentModel, calibration_path, load_model
 from server.policy import engine_config as policies
+from server.policy.fidelity import output_pixels, psnr_of
 from server.policy.resolve import PRESET_FLOORS
 from server.policy.trajectory_rule import calibrate_trajectories
 
@@ -200,9 +201,8 @@ def run_policy(
     with model.cache.session(config) as run:
         result = generate(model, params)
     elapsed = time.perf_counter() - started
-    frames = result.images or [frame for video in result.videos or [] for frame in video]
     estimate = run.stats.estimated_error if run.stats is not None else None
-    return np.stack([np.asarray(frame, dtype=np.float64) for frame in frames]), elapsed, estimate
+    return output_pixels(result), elapsed, estimate
 
 
 def params_for(model: ResidentModel, setting: Setting, prompt: str, seed: int) -> GenerationParams:
@@ -305,11 +305,6 @@ def run_setting(
 _BOUND_Z = 1.645
 
 
-def _psnr(squared: float, count: float) -> float:
-    mse = squared / count
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
 def psnr_bound(per_prompt_mse: Sequence[float]) -> float:
     """The pooled PSNR that other prompts like these keep with 95% confidence: from the upper bound of
     the mean squared error (the mean plus z standard errors over prompts). One prompt has no spread
@@ -318,7 +313,7 @@ def psnr_bound(per_prompt_mse: Sequence[float]) -> float:
     spread = (
         statistics.stdev(per_prompt_mse) / math.sqrt(len(per_prompt_mse)) if len(per_prompt_mse) > 1 else 0.0
     )
-    return _psnr(mean + _BOUND_Z * spread, 1.0)
+    return psnr_of(mean + _BOUND_Z * spread, 1.0)
 
 
 def curve_of(setting: Setting, rows: Mapping[str, Mapping[str, Sequence[float]]]) -> Curve | None:
@@ -330,7 +325,7 @@ def curve_of(setting: Setting, rows: Mapping[str, Mapping[str, Sequence[float]]]
         squared = sum(row[key][0] for row in rows.values())
         count = sum(row[key][1] for row in rows.values())
         per_prompt = [row[key][0] / row[key][1] for row in rows.values()]
-        psnrs = [_psnr(row[key][0], row[key][1]) for row in rows.values()]
+        psnrs = [psnr_of(row[key][0], row[key][1]) for row in rows.values()]
         policy = {"method": "none"} if key == "none" else json.loads(key)
         # The median over prompts of each prompt's own ratio: a burst of load from elsewhere during
         # one prompt's runs moves that prompt's ratio, not the curve.
@@ -340,7 +335,7 @@ def curve_of(setting: Setting, rows: Mapping[str, Mapping[str, Sequence[float]]]
         points.append(
             CurvePoint(
                 policy,
-                _psnr(squared, count),
+                psnr_of(squared, count),
                 speedup,
                 min(psnrs),
                 psnr_bound(per_prompt),
@@ -348,7 +343,7 @@ def curve_of(setting: Setting, rows: Mapping[str, Mapping[str, Sequence[float]]]
             )
         )
     estimates = [
-        (row[key][3], _psnr(row[key][0], row[key][1]))
+        (row[key][3], psnr_of(row[key][0], row[key][1]))
         for row in rows.values()
         for key in keys
         if len(row[key]) > 3 and row[key][3] is not None

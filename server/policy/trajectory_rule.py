@@ -11,7 +11,6 @@ prompt cost, nothing else. The rule then gives each similarity the largest share
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,12 +20,12 @@ from server.models.generation import GenerationParams, check_params, generate, t
 from server.models.registry import ResidentModel
 from server.models.trajectories import (
     KEPT_FRACTIONS,
-    Kept,
     TrajectoryRule,
     TrajectoryRun,
     TrajectoryStore,
     kept_steps,
 )
+from server.policy.fidelity import output_pixels, psnr_of
 
 __all__ = ["FLOOR_PSNR", "PairMeasure", "calibrate_trajectories", "fit_rule", "measure_pairs"]
 
@@ -56,14 +55,7 @@ class PairMeasure:
 
 
 def _pixels(model: ResidentModel, params: GenerationParams, trajectory: TrajectoryRun | None) -> np.ndarray:
-    result = generate(model, params, trajectory=trajectory)
-    frames = result.images or [frame for video in result.videos or [] for frame in video]
-    return np.stack([np.asarray(frame, dtype=np.float64) for frame in frames])
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return output_pixels(generate(model, params, trajectory=trajectory))
 
 
 def measure_pairs(
@@ -90,7 +82,6 @@ def measure_pairs(
             "or was loaded keeping none"
         )
     store = TrajectoryStore(_STORE_BYTES, _ANY)
-    kept: list[Kept] = []
     for index, prompt in enumerate(prompts):
         run = TrajectoryRun(
             store, trajectory_setting("", params(prompt, index)), f"p{index}", prompt, steps, resume=False
@@ -98,7 +89,8 @@ def measure_pairs(
         generate(model, params(prompt, index), trajectory=run)
         if run.embedding is None:
             raise ValueError(f"{type(model.pipeline).__name__}'s encode_prompt gave no embedding to compare")
-        kept.append(next(entry for entry in store._entries.values() if entry.request_id == f"p{index}"))
+    by_id = {entry.request_id: entry for entry in store.kept()}
+    kept = [by_id[f"p{index}"] for index in range(len(prompts))]
     embeddings = np.stack([entry.embedding.numpy() for entry in kept])
     similarity = embeddings @ embeddings.T
     rng = np.random.default_rng(0)
@@ -111,10 +103,11 @@ def measure_pairs(
         ]
         for j in chosen:
             reference = _pixels(model, params(prompts[j], i), None)
-            psnr: dict[int, float] = {}
+            # Only the first prompt's trajectory to start from; the resumed runs keep none.
+            alone = TrajectoryStore(_STORE_BYTES, _ANY)
+            alone.put(base)
+            by_step: dict[int, float] = {}
             for step in kept_steps(steps):
-                alone = TrajectoryStore(_STORE_BYTES, _ANY)
-                alone.put(base)
                 run = TrajectoryRun(
                     alone,
                     base.setting,
@@ -127,8 +120,8 @@ def measure_pairs(
                 )
                 resumed = _pixels(model, params(prompts[j], j), run)
                 assert run.resumed is not None and run.resumed.steps_skipped == step
-                psnr[step] = _psnr(resumed, reference)
-            pairs.append(PairMeasure(float(similarity[i, j]), psnr))
+                by_step[step] = psnr_of(float(((resumed - reference) ** 2).sum()), resumed.size)
+            pairs.append(PairMeasure(float(similarity[i, j]), by_step))
         log(f"  trajectories: prompt {i + 1}/{len(prompts)}")
     return pairs
 

@@ -553,7 +553,7 @@ def _check_similar(model: ResidentModel, params: GenerationParams) -> None:
     if model.trajectories is None:
         why = (
             "the server keeps none (trajectory_cache_mb is 0)"
-            if resumable(model.pipeline) and model.call_spec.steps_observed_by == "callback"
+            if resumable(model.pipeline, model.call_spec.steps_observed_by)
             else f"its pipeline ({type(model.pipeline).__name__}) cannot start from kept latents"
         )
         raise InvalidRequest(f"model {model.name!r} keeps no trajectories: {why}", param="reuse")

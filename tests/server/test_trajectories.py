@@ -103,7 +103,7 @@ def test_a_run_resumed_from_the_same_prompt_skips_steps_and_makes_what_the_kept_
     assert calls[0] == (STEPS - skipped) * passes
     assert np.array_equal(_pixels(resumed), _pixels(kept))
     # A resumed run does not keep its own: its early latents are another run's.
-    assert model.trajectories is not None and len(model.trajectories._entries.values()) == 1
+    assert model.trajectories is not None and len(model.trajectories.kept()) == 1
 
 
 def test_another_prompt_under_the_rule_runs_every_step_as_a_plain_call(model: ResidentModel) -> None:
@@ -116,7 +116,7 @@ def test_another_prompt_under_the_rule_runs_every_step_as_a_plain_call(model: Re
 
 def test_the_kept_latents_are_only_those_of_kept_steps(model: ResidentModel) -> None:
     assert model.trajectories is not None
-    for kept in model.trajectories._entries.values():
+    for kept in model.trajectories.kept():
         assert set(kept.latents) <= set(kept_steps(STEPS))
         assert all(latents.device.type == "cpu" for latents in kept.latents.values())
 
@@ -168,7 +168,7 @@ def test_the_nearest_is_of_the_same_setting_and_the_store_keeps_its_bound() -> N
     # A fourth goes over the bound: the least recently used ("a": "b" and "c" were found after it) leaves.
     store.put(_kept("d", "tenant-1", [0.0, 1.0]))
     assert store.bytes <= store.max_bytes
-    assert sorted(kept.request_id for kept in store._entries.values()) == ["b", "c", "d"]
+    assert sorted(kept.request_id for kept in store.kept()) == ["b", "c", "d"]
 
 
 def test_a_run_that_may_not_resume_never_looks(model: ResidentModel) -> None:
