@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import nn
 
+from .batching import BatchMember, current_member
 from .hooks import Tap
 from .targets import ModelLayout, scalar_timestep
 
@@ -216,6 +217,8 @@ class CacheSession:
             if foreseen is not None:
                 self._undispatched[block] = (offer, foreseen)
         self._state: dict[tuple[object, str], Any] = {}
+        # Per module: whether its forward may merge with other requests' (see _is_leaf).
+        self._leaves: dict[nn.Module, bool] = {}
         self._raw_timestep: Any = None
         # The run's first timestep argument, which sets the scale of a model whose family table gives none;
         # kept as passed and read only when a method asks for the timestep (reading syncs with the device).
@@ -329,7 +332,10 @@ class CacheSession:
         if role is Role.DENOISER:
             return self._dispatch_denoiser(module, forward, args, kwargs)
         offered = self._undispatched.get(module) if role is Role.BLOCK else None
-        if offered is not None:
+        member = current_member()
+        if member is not None and self._is_leaf(module, offered):
+            forward = self._merged(member, module, forward if offered is None else offered[0].call)
+        elif offered is not None:
             forward = functools.partial(self._run_offered, *offered)
         handler = self._handlers.get(module)
         if handler is None:
@@ -346,6 +352,32 @@ class CacheSession:
         if not computed:
             self._in_call_reuse = True
         return output
+
+    def _is_leaf(self, module: nn.Module, offered: tuple[UndispatchedBlock, Foreseen] | None) -> bool:
+        """Whether ``module``'s forward may run merged with other requests': this policy acts on nothing
+        inside it, so it can run with no session bound."""
+        if offered is not None:
+            return not offered[1]
+        leaf = self._leaves.get(module)
+        if leaf is None:
+            leaf = not any(inner in self._handlers for inner in module.modules() if inner is not module)
+            self._leaves[module] = leaf
+        return leaf
+
+    def _merged(
+        self, member: BatchMember, module: nn.Module, forward: Callable[..., Any]
+    ) -> Callable[..., Any]:
+        """``forward`` run by ``member``'s batch, with no session bound; this session counts the attention
+        inside as its dispatchers would have."""
+        attention = self.layout.attention_inside(module)
+        position = self.layout.position(module)
+
+        def merged(*args: Any, **kwargs: Any) -> Any:
+            output = member.batcher.run(member, module, position, _sessionless(forward), args, kwargs)
+            self._attention_computed += attention
+            return output
+
+        return merged
 
     def _run_offered(self, offer: UndispatchedBlock, foreseen: Foreseen, *args: Any, **kwargs: Any) -> Any:
         """A block's undispatched forward, its tapped modules decided before and recorded after."""
@@ -384,6 +416,9 @@ class CacheSession:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
+        member = current_member()
+        if member is not None:
+            member.enter_loop()
         raw = self.layout.timestep_from_call(args, kwargs)
         self._raw_timestep = raw
         if self._first_raw_timestep is None:
@@ -514,6 +549,19 @@ def bound(session: CacheSession) -> Iterator[CacheSession]:
     finally:
         _ACTIVE_SESSIONS.reset(token)
         session.close()
+
+
+def _sessionless(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` run with no session bound: a merged leaf's dispatchers inside pass every call through."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        token = _ACTIVE_SESSIONS.set(())
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            _ACTIVE_SESSIONS.reset(token)
+
+    return run
 
 
 @contextmanager

@@ -543,6 +543,28 @@ class ModelLayout:
         return frozenset(site.module for site in self.blocks)
 
     @functools.cached_property
+    def _order(self) -> dict[nn.Module, int]:
+        return {module: index for index, module in enumerate(self.denoiser.modules())}
+
+    def position(self, module: nn.Module) -> int:
+        """Where ``module`` runs in the denoiser's forward (its place in ``modules()``): calls nearer the
+        input have lower positions."""
+        return self._order.get(module, len(self._order))
+
+    def attention_inside(self, module: nn.Module) -> int:
+        """The attention sites strictly inside ``module``."""
+        found = self._attention_counts.get(module)
+        if found is None:
+            sites = self.attention_modules
+            found = sum(inner in sites for inner in module.modules() if inner is not module)
+            self._attention_counts[module] = found
+        return found
+
+    @functools.cached_property
+    def _attention_counts(self) -> dict[nn.Module, int]:
+        return {}
+
+    @functools.cached_property
     def block_names(self) -> frozenset[str]:
         return frozenset(site.name for site in self.blocks)
 

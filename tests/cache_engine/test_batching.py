@@ -1,0 +1,152 @@
+"""Merged forwards: requests running at once share their leaf forwards, each under its own policy.
+
+Each request runs its own pipeline (sharing the transformer) in its own thread, session and batch
+member. The members are admitted before any thread starts and the batcher waits for admitted members,
+so the requests start denoising together and merge from their first block on: which calls merge is
+decided by the requests' policies alone, not by the threads' timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+
+import cache_engine as ce
+from cache_engine.batching import BatchStats, ForwardBatcher
+from tests.cache_engine.pipelines import TinyPipeline, clone_with_shared_transformer
+from tests.cache_engine.support import LOCKSTEP_TIMEOUT, STEPS, our_config, run_with, tiny
+
+# Long enough for every admitted thread to reach its first block on a loaded machine.
+WAIT_FOR_ADMITTED_S = 60.0
+
+Job = tuple[TinyPipeline, object | None, int]
+
+
+def _policies(tp: TinyPipeline, engine: ce.CacheEngine) -> list[object | None]:
+    """Eight policies that reuse on ``tp`` (no policy among them), every method the model offers."""
+    candidates: list[object | None] = [
+        None,
+        our_config("first_block_cache", tp),
+        our_config("taylorseer", tp),
+        our_config("taylorseer_lite", tp),
+        our_config("pyramid_attention_broadcast", tp),
+        our_config("faster_cache", tp),
+        ce.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.5),
+        ce.SeaCacheConfig(threshold=0.3, retention_steps=1),
+        ce.TeaCacheConfig(rel_l1_thresh=0.5, coefficients=(1.0, 0.0), num_steps=STEPS),
+        ce.FirstBlockCacheConfig(threshold=0.2),
+    ]
+    fitting = []
+    for config in candidates:
+        try:
+            engine.check(config)
+        except (ValueError, ce.UnsupportedMethodError):
+            continue
+        fitting.append(config)
+    return fitting[:8]
+
+
+def _alone(engine: ce.CacheEngine, job: Job) -> tuple[torch.Tensor, ce.SessionStats]:
+    tp, config, seed = job
+    with engine.session(config) as session:
+        output = run_with(tp, seed=seed)
+    return output, session.stats
+
+
+def _merged(
+    engine: ce.CacheEngine, jobs: Sequence[Job], *, fail: int | None = None
+) -> list[tuple[torch.Tensor | BaseException, ce.SessionStats | None, BatchStats]]:
+    """Every job in its own thread and session, all admitted to one batcher before any starts."""
+    sizes: list[int] = []
+    batcher = ForwardBatcher(wait_s=WAIT_FOR_ADMITTED_S, on_run=sizes.append)
+    members = [batcher.admit() for _ in jobs]
+    results: dict[int, Any] = {}
+
+    def run(index: int) -> None:
+        tp, config, seed = jobs[index]
+        extra: dict[str, Any] = {}
+        if index == fail:
+            extra["callback_on_step_end"] = _raise_at_step(2)
+        stats = None
+        try:
+            with members[index].bound(), engine.session(config) as session:
+                output: torch.Tensor | BaseException = run_with(tp, seed=seed, **extra)
+                stats = session.stats
+        except RuntimeError as error:
+            output = error
+        results[index] = (output, stats, members[index].stats)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(LOCKSTEP_TIMEOUT)
+    assert batcher.members == 0
+    assert max(sizes) > 1
+    return [results[index] for index in range(len(jobs))]
+
+
+def _raise_at_step(step: int) -> Any:
+    def callback(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if index == step:
+            raise RuntimeError("this member fails")
+        return {}
+
+    return callback
+
+
+def _jobs(tp: TinyPipeline, policies: list[object | None]) -> list[Job]:
+    pipes = [tp] + [clone_with_shared_transformer(tp) for _ in policies[1:]]
+    return [
+        (pipe, config, index % 3) for index, (pipe, config) in enumerate(zip(pipes, policies, strict=True))
+    ]
+
+
+@pytest.mark.parametrize(("family", "cfg"), [("flux", "separate"), ("wan", "separate"), ("sd3", "batched")])
+def test_eight_policies_in_merged_forwards_give_what_each_gives_alone(family: str, cfg: str) -> None:
+    tp = tiny(family, cfg)
+    engine = ce.CacheEngine(tp.pipe.transformer)
+    try:
+        policies = _policies(tp, engine)
+        assert len(policies) == 8 and None in policies
+        jobs = _jobs(tp, policies)
+        alone = [_alone(engine, job) for job in jobs]
+        together = _merged(engine, jobs)
+    finally:
+        engine.close()
+
+    for (output, stats), (merged_output, merged_stats, batch) in zip(alone, together, strict=True):
+        assert isinstance(merged_output, torch.Tensor)
+        torch.testing.assert_close(merged_output, output, rtol=1e-4, atol=1e-5)
+        # The same cache decisions: every count as alone. A merged call's outputs are each member's own
+        # rows, copied compact, so a state that alone held views of a wider storage holds less.
+        assert merged_stats is not None
+        assert dataclasses.replace(merged_stats, peak_bytes=stats.peak_bytes) == stats
+        assert (
+            0 < merged_stats.peak_bytes <= stats.peak_bytes
+            or merged_stats.peak_bytes == stats.peak_bytes == 0
+        )
+        assert batch.runs > 0 and batch.largest > 1
+    # A real mix: the policies decided differently.
+    assert len({stats.blocks_computed for _, stats in alone}) > 2
+
+
+def test_a_member_that_fails_fails_alone() -> None:
+    tp = tiny("flux", "separate")
+    engine = ce.CacheEngine(tp.pipe.transformer)
+    try:
+        jobs = _jobs(tp, [None, our_config("first_block_cache", tp), None])
+        alone = [_alone(engine, job) for job in jobs]
+        together = _merged(engine, jobs, fail=1)
+    finally:
+        engine.close()
+    assert isinstance(together[1][0], RuntimeError)
+    for index in (0, 2):
+        merged_output = together[index][0]
+        assert isinstance(merged_output, torch.Tensor)
+        torch.testing.assert_close(merged_output, alone[index][0], rtol=1e-4, atol=1e-5)
