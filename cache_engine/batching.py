@@ -1,26 +1,32 @@
 """Merged forwards: the same module's calls from concurrent requests run as one batched call.
 
 Every request keeps its own pipeline call, thread and cache session, so its arguments, steps,
-callbacks and cache decisions are its own. What is merged is a *leaf*: the real forward of a block (or
-of an attention module, where the request's policy acts inside the block) that the request's own
-policy decided to compute. The calls of one leaf that are parked together are concatenated along the
-batch, run once, and split back; a request that reuses a cached output never parks, so each row's
-policy decides for that row alone.
+callbacks and cache decisions are its own. What is merged is a *leaf*: the real forward of a module
+that the request's policy decided to compute and acts on nothing inside of (a block, under a policy
+deciding per block or none; an attention module, under one acting on attention). The calls of one leaf
+parked together are concatenated along the batch, run once with no session bound, and split back; a
+request that reuses a cached output never parks, so each row's policy decides for that row alone.
 
-The requests of a batch move through the transformer in step: a parked call runs only once every
-request inside its denoising loop has parked too (or has stalled for ``stall_s``), and the call nearest
-the input runs first, so a request that fell behind catches up with the others and merges with them
-from there on. A request admitted but not yet denoising (encoding its prompt) is waited for at most
-``wait_s``.
+Scheduling, with one leaf running at a time:
+
+- a group runs once every request inside its denoising loop has parked, or once it holds ``QUORUM``
+  of them (so that a leaf runs while the others' code between leaves runs beside it), or once the
+  others stalled for ``stall_s``; a request admitted but not yet denoising is waited for ``wait_s``;
+- the largest group runs first, nearest the input among equals, and a call passed over
+  ``PASSED_OVER_AT_MOST`` times runs next whatever its group's size;
+- the requests whose calls were done resume one at a time (a baton passed at each park), so that
+  their code between leaves never contends for the interpreter lock.
 
 A merged call that raises is run again apart, call by call, so one bad member fails only itself.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import Context, ContextVar, copy_context
 from dataclasses import dataclass
@@ -30,14 +36,26 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["BatchMember", "BatchStats", "ForwardBatcher", "current_member"]
+# A parked call passed over this many times runs next, whatever the size of its group.
+PASSED_OVER_AT_MOST = 16
+# The share of the requests in their loops that a group must hold to run before all of them parked.
+QUORUM = 0.5
+
+__all__ = ["BatchMember", "BatchStats", "ForwardBatcher", "MergedCall", "current_member", "merged_calls"]
 
 _MEMBER: ContextVar[BatchMember | None] = ContextVar("cache_engine_batch_member", default=None)
+# The calls whose rows the merged leaf running in this thread holds, in row order.
+_MERGED: ContextVar[tuple[MergedCall, ...] | None] = ContextVar("cache_engine_merged_calls", default=None)
 
 
 def current_member() -> BatchMember | None:
     """The batch the request running in this thread or task belongs to; None: it runs alone."""
     return _MEMBER.get()
+
+
+def merged_calls() -> tuple[MergedCall, ...] | None:
+    """Inside a merged leaf's forward: the parked calls whose rows it holds, in row order."""
+    return _MERGED.get()
 
 
 @dataclass(frozen=True)
@@ -63,7 +81,7 @@ class BatchMember:
         # (the LoRA adapters a server applies by forward hooks, read from the caller's context).
         self.affinity = affinity
         self.in_loop = False
-        self.parked: _Call | None = None
+        self.parked: MergedCall | None = None
         self._runs = 0
         self._merged = 0
         self._sizes = 0
@@ -101,7 +119,7 @@ class BatchMember:
         self._largest = max(self._largest, size)
 
 
-class _Call:
+class MergedCall:
     """One parked leaf call: its arguments flattened, told apart into rows and shared values."""
 
     __slots__ = (
@@ -116,10 +134,13 @@ class _Call:
         "member",
         "module",
         "output",
+        "passed",
         "position",
+        "released",
         "rows",
         "spec",
         "structure",
+        "wake",
     )
 
     def __init__(
@@ -143,11 +164,14 @@ class _Call:
         self.leaves, self.structure = pytree.tree_flatten((args, kwargs))
         self.spec = tuple(_describe(leaf, rows) for leaf in self.leaves)
         self.arrived = time.monotonic()
+        self.wake = threading.Event()
+        self.passed = 0
+        self.released = False
         self.output: Any = None
         self.error: BaseException | None = None
         self.done = False
 
-    def merges_with(self, other: _Call) -> bool:
+    def merges_with(self, other: MergedCall) -> bool:
         if (
             other.module is not self.module
             or other.member.affinity != self.member.affinity
@@ -162,9 +186,51 @@ class _Call:
 
     def run_alone(self) -> None:
         try:
-            self.output = self.context.run(self.forward, *self.args, **self.kwargs)
+            self.output = self.context.run(_apart, self.forward, self.args, self.kwargs)
         except Exception as exc:
             self.error = exc
+
+    def run_in_context(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in this call's own context (its sessions, branch, adapters), outside any
+        batch."""
+        return self.context.run(_apart, function, args, {})
+
+
+def _apart(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    member, merged = _MEMBER.set(None), _MERGED.set(None)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        _MERGED.reset(merged)
+        _MEMBER.reset(member)
+
+
+def _together(
+    calls: tuple[MergedCall, ...], function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    member, merged = _MEMBER.set(None), _MERGED.set(calls)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        _MERGED.reset(merged)
+        _MEMBER.reset(member)
+
+
+def split_output(output: Any, rows: Sequence[int], *, copy: bool) -> list[Any]:
+    """A merged call's output split into each call's; ``copy``: each call's rows in storage of its own."""
+    total = sum(rows)
+    flat, structure = pytree.tree_flatten(output)
+    per_call: list[list[Any]] = [[] for _ in rows]
+    for leaf in flat:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
+            if leaf.shape[0] != total:
+                raise ValueError("a merged call returned a tensor without the batch's rows")
+            for pieces, piece in zip(per_call, leaf.split(list(rows)), strict=True):
+                pieces.append(piece.clone() if copy else piece)
+        else:
+            for pieces in per_call:
+                pieces.append(leaf)
+    return [pytree.tree_unflatten(pieces, structure) for pieces in per_call]
 
 
 def _describe(leaf: Any, rows: int) -> tuple[Any, ...]:
@@ -215,23 +281,26 @@ class ForwardBatcher:
         self.stall_s = stall_s
         self._arriving = arriving
         self._on_run = on_run
-        self._condition = threading.Condition()
+        self._lock = threading.Lock()
         self._members: list[BatchMember] = []
-        self._parked: list[_Call] = []
+        self._parked: list[MergedCall] = []
         self._busy = False
         self._last_event = time.monotonic()
+        # Calls done but not yet handed back, and the member running its code between leaves now.
+        self._resuming: deque[MergedCall] = deque()
+        self._baton: BatchMember | None = None
 
     def admit(self, affinity: Hashable = None) -> BatchMember:
         """A request that will run now; bind it with ``member.bound()`` in the thread that runs it."""
         member = BatchMember(self, affinity)
-        with self._condition:
+        with self._lock:
             self._members.append(member)
             self._event()
         return member
 
     @property
     def members(self) -> int:
-        with self._condition:
+        with self._lock:
             return len(self._members)
 
     def run(
@@ -243,30 +312,50 @@ class ForwardBatcher:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        """``forward(*args, **kwargs)`` for ``member``, merged with the same leaf's parked calls."""
+        """``forward(*args, **kwargs)`` for ``member``, merged with the same leaf's parked calls.
+
+        The thread whose park makes a group ready runs it, in the thread it parked in; the others sleep
+        until their call is done and the baton reaches them, or until they are woken to check whether a
+        group is ready (a member came or went, a wait ran out)."""
         rows = _rows(args, kwargs)
         if rows is None:
             return forward(*args, **kwargs)
-        call = _Call(member, module, position, forward, args, kwargs, rows)
-        with self._condition:
+        call = MergedCall(member, module, position, forward, args, kwargs, rows)
+        with self._lock:
             member.in_loop = True
             member.parked = call
             self._parked.append(call)
-            self._event()
-            while not call.done:
-                group = None if self._busy else self._next_group()
-                if group is None:
-                    self._condition.wait(None if self._busy else self._patience())
-                    continue
-                self._busy = True
-                self._condition.release()
-                try:
-                    self._execute(group)
-                finally:
-                    self._condition.acquire()
+            self._last_event = time.monotonic()
+            self._pass_baton(member)
+        while True:
+            with self._lock:
+                call.wake.clear()
+                if call.released:
+                    break
+                if call.done:
+                    group = None
+                    patience = None
+                else:
+                    group = None if self._busy else self._next_group()
+                    if group is not None:
+                        self._busy = True
+                    patience = None if group is not None else (None if self._busy else self._patience())
+            if group is None:
+                call.wake.wait(patience)
+                continue
+            try:
+                self._execute(group)
+            finally:
+                with self._lock:
                     self._busy = False
                     for done in group:
                         done.done = True
+                        if done is call:
+                            done.released = True
+                        else:
+                            self._resuming.append(done)
+                    if self._baton is None:
+                        self._pass_baton(None)
                     self._event()
         if call.error is not None:
             raise call.error
@@ -274,52 +363,98 @@ class ForwardBatcher:
 
     # -- choosing -----------------------------------------------------------------------------------
 
-    def _next_group(self) -> list[_Call] | None:
+    def _next_group(self) -> list[MergedCall] | None:
         """The calls to run now, or None to wait (``_patience`` says how long at most)."""
-        if not self._parked or self._patience() is not None:
+        if not self._parked:
             return None
-        first = min(self._parked, key=lambda call: call.position)
-        group = [call for call in self._parked if call is first or first.merges_with(call)]
-        for call in group:
+        groups = self._groups()
+        patience = self._patience()
+        if patience is not None:
+            running = sum(m.in_loop for m in self._members)
+            quorum = max(2, math.ceil(running * QUORUM))
+            if self._starting_wait() is not None or max(len(group) for group in groups) < quorum:
+                return None
+        chosen = max(
+            groups, key=lambda group: (max(call.passed for call in group) >= PASSED_OVER_AT_MOST, len(group))
+        )
+        for group in groups:
+            if group is not chosen:
+                for call in group:
+                    call.passed += 1
+        for call in chosen:
             self._parked.remove(call)
             call.member.parked = None
-        return group
+        return chosen
 
-    def _patience(self) -> float | None:
-        """Seconds left to wait for companions before running the parked calls; None: run now."""
-        now = time.monotonic()
-        waits = []
-        if any(m.in_loop and m.parked is None for m in self._members):
-            waits.append(self._last_event + self.stall_s - now)
+    def _groups(self) -> list[list[MergedCall]]:
+        groups: list[list[MergedCall]] = []
+        for call in sorted(self._parked, key=lambda parked: parked.position):
+            for group in groups:
+                if group[0].merges_with(call):
+                    group.append(call)
+                    break
+            else:
+                groups.append([call])
+        return groups
+
+    def _starting_wait(self) -> float | None:
         starting = any(not m.in_loop for m in self._members) or (
             self._arriving is not None and self._arriving()
         )
-        if starting and self.wait_s > 0:
-            waits.append(min(call.arrived for call in self._parked) + self.wait_s - now)
+        if not starting or self.wait_s <= 0:
+            return None
+        left = min(call.arrived for call in self._parked) + self.wait_s - time.monotonic()
+        return left if left > 0 else None
+
+    def _patience(self) -> float | None:
+        """Seconds left to wait for companions before running the parked calls; None: run now."""
+        waits = []
+        if any(m.in_loop and m.parked is None for m in self._members):
+            waits.append(self._last_event + self.stall_s - time.monotonic())
+        starting = self._starting_wait()
+        if starting is not None:
+            waits.append(starting)
         left = max(waits, default=0.0)
         return left if left > 0 else None
 
     def _event(self) -> None:
+        """Membership changed: a parked call may be able to run now, so its thread checks."""
         self._last_event = time.monotonic()
-        self._condition.notify_all()
+        if self._parked and not self._busy:
+            self._parked[0].wake.set()
 
     # -- membership ---------------------------------------------------------------------------------
 
     def _set_in_loop(self, member: BatchMember, in_loop: bool) -> None:
-        with self._condition:
+        with self._lock:
             member.in_loop = in_loop
+            self._pass_baton(member)
             self._event()
 
     def _leave(self, member: BatchMember) -> None:
-        with self._condition:
+        with self._lock:
             if member in self._members:
                 self._members.remove(member)
             member.in_loop = False
+            self._pass_baton(member)
             self._event()
+
+    def _pass_baton(self, holder: BatchMember | None) -> None:
+        """``holder`` no longer runs between two leaves: the next member whose call is done may go on.
+        One member at a time runs its code between leaves (while the leaves run on another core), so
+        that the members' Python never fights over the interpreter lock."""
+        if self._baton is not holder:
+            return
+        self._baton = None
+        if self._resuming:
+            call = self._resuming.popleft()
+            self._baton = call.member
+            call.released = True
+            call.wake.set()
 
     # -- running ------------------------------------------------------------------------------------
 
-    def _execute(self, group: list[_Call]) -> None:
+    def _execute(self, group: list[MergedCall]) -> None:
         if len(group) == 1:
             group[0].run_alone()
         else:
@@ -337,26 +472,14 @@ class ForwardBatcher:
         if self._on_run is not None:
             self._on_run(len(group))
 
-    def _merged(self, group: list[_Call]) -> list[Any]:
+    def _merged(self, group: list[MergedCall]) -> list[Any]:
         anchor = group[0]
         leaves = [
             torch.cat([call.leaves[index] for call in group]) if kind == "row" else leaf
             for index, ((kind, *_), leaf) in enumerate(zip(anchor.spec, anchor.leaves, strict=True))
         ]
         args, kwargs = pytree.tree_unflatten(leaves, anchor.structure)
-        output = anchor.context.run(anchor.forward, *args, **kwargs)
-        rows = [call.rows for call in group]
-        total = sum(rows)
-        flat, structure = pytree.tree_flatten(output)
-        per_call: list[list[Any]] = [[] for _ in group]
-        for leaf in flat:
-            if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
-                if leaf.shape[0] != total:
-                    raise ValueError("a merged leaf returned a tensor without the batch's rows")
-                # Copies, so that a row kept in a request's cache state holds only its own rows.
-                for pieces, piece in zip(per_call, leaf.split(rows), strict=True):
-                    pieces.append(piece.clone())
-            else:
-                for pieces in per_call:
-                    pieces.append(leaf)
-        return [pytree.tree_unflatten(pieces, structure) for pieces in per_call]
+        # A copy: the anchor's own context may be entered again inside, to run its handlers.
+        output = anchor.context.copy().run(_together, tuple(group), anchor.forward, args, kwargs)
+        # Copies, so that a row kept in a request's cache state holds only its own rows.
+        return split_output(output, [call.rows for call in group], copy=True)

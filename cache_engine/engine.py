@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from . import methods
+from .batching import merged_calls
 from .hooks import (
     DispatchHandle,
     install_dispatcher,
@@ -17,7 +18,16 @@ from .hooks import (
     undispatched_forward,
     undispatched_taps,
 )
-from .session import CacheSession, Plan, Role, UndispatchedBlock, active_session, bound, branch
+from .session import (
+    CacheSession,
+    Plan,
+    Role,
+    UndispatchedBlock,
+    active_session,
+    bound,
+    branch,
+    count_in_merged,
+)
 from .targets import ModelLayout, build_layout
 
 _ENGINE_ATTR = "_cache_engine"
@@ -141,6 +151,11 @@ class CacheEngine:
         def dispatch(
             module: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> Any:
+            merged = merged_calls()
+            if merged is not None:
+                output = forward(*args, **kwargs)
+                count_in_merged(self, merged, role)
+                return output
             session = active_session(self)
             if session is None:
                 session = self._ambient

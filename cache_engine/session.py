@@ -11,7 +11,7 @@ import dataclasses
 import enum
 import functools
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import nn
 
-from .batching import BatchMember, current_member
+from .batching import BatchMember, MergedCall, current_member
 from .hooks import Tap
 from .targets import ModelLayout, scalar_timestep
 
@@ -345,19 +345,25 @@ class CacheSession:
             call = ModuleCall(self, module, forward, args, kwargs)
             output = handler(call)
             computed = call.computed
+        self._count(role, computed)
+        return output
+
+    def _count(self, role: Role, computed: bool) -> None:
         if role is Role.BLOCK:
             self._blocks_computed += computed
         elif role is Role.ATTENTION:
             self._attention_computed += computed
         if not computed:
             self._in_call_reuse = True
-        return output
 
     def _is_leaf(self, module: nn.Module, offered: tuple[UndispatchedBlock, Foreseen] | None) -> bool:
         """Whether ``module``'s forward may run merged with other requests': this policy acts on nothing
-        inside it, so it can run with no session bound."""
+        inside it (nor in the slots of its undispatched forward)."""
         if offered is not None:
             return not offered[1]
+        return self._nothing_inside(module)
+
+    def _nothing_inside(self, module: nn.Module) -> bool:
         leaf = self._leaves.get(module)
         if leaf is None:
             leaf = not any(inner in self._handlers for inner in module.modules() if inner is not module)
@@ -367,15 +373,11 @@ class CacheSession:
     def _merged(
         self, member: BatchMember, module: nn.Module, forward: Callable[..., Any]
     ) -> Callable[..., Any]:
-        """``forward`` run by ``member``'s batch, with no session bound; this session counts the attention
-        inside as its dispatchers would have."""
-        attention = self.layout.attention_inside(module)
+        """``forward`` run by ``member``'s batch, merged with other requests' calls of ``module``."""
         position = self.layout.position(module)
 
         def merged(*args: Any, **kwargs: Any) -> Any:
-            output = member.batcher.run(member, module, position, _sessionless(forward), args, kwargs)
-            self._attention_computed += attention
-            return output
+            return member.batcher.run(member, module, position, forward, args, kwargs)
 
         return merged
 
@@ -551,17 +553,13 @@ def bound(session: CacheSession) -> Iterator[CacheSession]:
         session.close()
 
 
-def _sessionless(forward: Callable[..., Any]) -> Callable[..., Any]:
-    """``forward`` run with no session bound: a merged leaf's dispatchers inside pass every call through."""
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        token = _ACTIVE_SESSIONS.set(())
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            _ACTIVE_SESSIONS.reset(token)
-
-    return run
+def count_in_merged(owner: object, calls: Sequence[MergedCall], role: Role) -> None:
+    """A dispatched module ran inside a merged leaf, for the rows of ``calls``: each of their sessions
+    counts it as computed, as its own dispatcher would have (none of their policies acts inside a leaf)."""
+    for call in calls:
+        session = call.run_in_context(active_session, owner)
+        if session is not None:
+            session._count(role, True)
 
 
 @contextmanager
