@@ -9,9 +9,9 @@ request that reuses a cached output never parks, so each row's policy decides fo
 
 Scheduling, with one leaf running at a time:
 
-- a group runs once every request inside its denoising loop has parked, or once it holds ``QUORUM``
-  of them (so that a leaf runs while the others' code between leaves runs beside it), or once the
-  others stalled for ``stall_s``; a request admitted but not yet denoising is waited for ``wait_s``;
+- the parked calls run once every request inside its denoising loop has parked (or the others stalled
+  for ``stall_s``), so that the requests move through the transformer in step; a request admitted but
+  not yet denoising is waited for at most ``wait_s``;
 - the largest group runs first, nearest the input among equals, and a call passed over
   ``PASSED_OVER_AT_MOST`` times runs next whatever its group's size;
 - the requests whose calls were done resume one at a time (a baton passed at each park), so that
@@ -22,7 +22,6 @@ A merged call that raises is run again apart, call by call, so one bad member fa
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
@@ -38,8 +37,6 @@ from torch.utils import _pytree as pytree
 
 # A parked call passed over this many times runs next, whatever the size of its group.
 PASSED_OVER_AT_MOST = 16
-# The share of the requests in their loops that a group must hold to run before all of them parked.
-QUORUM = 0.5
 
 __all__ = ["BatchMember", "BatchStats", "ForwardBatcher", "MergedCall", "current_member", "merged_calls"]
 
@@ -82,6 +79,9 @@ class BatchMember:
         self.affinity = affinity
         self.in_loop = False
         self.parked: MergedCall | None = None
+        # time.monotonic() since which it has been running its own code (not parked); past ``stall_s``
+        # the others stop waiting for it until it parks again.
+        self.running_since = time.monotonic()
         self._runs = 0
         self._merged = 0
         self._sizes = 0
@@ -285,7 +285,6 @@ class ForwardBatcher:
         self._members: list[BatchMember] = []
         self._parked: list[MergedCall] = []
         self._busy = False
-        self._last_event = time.monotonic()
         # Calls done but not yet handed back, and the member running its code between leaves now.
         self._resuming: deque[MergedCall] = deque()
         self._baton: BatchMember | None = None
@@ -325,7 +324,6 @@ class ForwardBatcher:
             member.in_loop = True
             member.parked = call
             self._parked.append(call)
-            self._last_event = time.monotonic()
             self._pass_baton(member)
         while True:
             with self._lock:
@@ -348,8 +346,10 @@ class ForwardBatcher:
             finally:
                 with self._lock:
                     self._busy = False
+                    now = time.monotonic()
                     for done in group:
                         done.done = True
+                        done.member.running_since = now
                         if done is call:
                             done.released = True
                         else:
@@ -367,13 +367,9 @@ class ForwardBatcher:
         """The calls to run now, or None to wait (``_patience`` says how long at most)."""
         if not self._parked:
             return None
+        if self._patience() is not None:
+            return None
         groups = self._groups()
-        patience = self._patience()
-        if patience is not None:
-            running = sum(m.in_loop for m in self._members)
-            quorum = max(2, math.ceil(running * QUORUM))
-            if self._starting_wait() is not None or max(len(group) for group in groups) < quorum:
-                return None
         chosen = max(
             groups, key=lambda group: (max(call.passed for call in group) >= PASSED_OVER_AT_MOST, len(group))
         )
@@ -408,9 +404,14 @@ class ForwardBatcher:
 
     def _patience(self) -> float | None:
         """Seconds left to wait for companions before running the parked calls; None: run now."""
-        waits = []
-        if any(m.in_loop and m.parked is None for m in self._members):
-            waits.append(self._last_event + self.stall_s - time.monotonic())
+        now = time.monotonic()
+        # The requests running their own code inside their loops: each parks within a block, unless it
+        # is held up (a slow step callback); past ``stall_s`` it is not waited for.
+        waits = [
+            member.running_since + self.stall_s - now
+            for member in self._members
+            if member.in_loop and member.parked is None
+        ]
         starting = self._starting_wait()
         if starting is not None:
             waits.append(starting)
@@ -419,7 +420,6 @@ class ForwardBatcher:
 
     def _event(self) -> None:
         """Membership changed: a parked call may be able to run now, so its thread checks."""
-        self._last_event = time.monotonic()
         if self._parked and not self._busy:
             self._parked[0].wake.set()
 
@@ -428,6 +428,7 @@ class ForwardBatcher:
     def _set_in_loop(self, member: BatchMember, in_loop: bool) -> None:
         with self._lock:
             member.in_loop = in_loop
+            member.running_since = time.monotonic()
             self._pass_baton(member)
             self._event()
 

@@ -150,3 +150,44 @@ def test_a_member_that_fails_fails_alone() -> None:
         merged_output = together[index][0]
         assert isinstance(merged_output, torch.Tensor)
         torch.testing.assert_close(merged_output, alone[index][0], rtol=1e-4, atol=1e-5)
+
+
+class _FailsOnMergedRows(torch.nn.Module):
+    """A leaf that cannot run more rows than one request's: a fake, since the failure it stands for (a
+    merged forward running out of device memory) cannot be provoked on a CPU."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.shape[0] > 1:
+            raise torch.OutOfMemoryError("the merged rows do not fit")
+        if float(hidden_states.sum()) < 0:
+            raise ValueError("this request's own rows fail")
+        return hidden_states * 2
+
+
+def test_a_merged_call_that_raises_runs_again_apart() -> None:
+    """Each request then gets what it gets alone: its output, or its own error."""
+    leaf = _FailsOnMergedRows()
+    sizes: list[int] = []
+    batcher = ForwardBatcher(wait_s=WAIT_FOR_ADMITTED_S, on_run=sizes.append)
+    inputs = [torch.full((1, 4), 1.0), torch.full((1, 4), -1.0), torch.full((1, 4), 3.0)]
+    members = [batcher.admit() for _ in inputs]
+    outcomes: dict[int, torch.Tensor | BaseException] = {}
+
+    def run(index: int) -> None:
+        with members[index].bound() as member:
+            try:
+                outcomes[index] = batcher.run(member, leaf, 0, leaf.forward, (inputs[index],), {})
+            except (ValueError, torch.OutOfMemoryError) as error:
+                outcomes[index] = error
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(LOCKSTEP_TIMEOUT)
+    # The three were merged, and that call raised: each then ran alone.
+    assert sizes == [3]
+    assert torch.equal(outcomes[0], inputs[0] * 2)
+    assert isinstance(outcomes[1], ValueError)
+    assert torch.equal(outcomes[2], inputs[2] * 2)
+    assert all(member.stats.largest == 3 for member in members)
