@@ -200,6 +200,7 @@ def start_server(
     models: Sequence[str] = DEFAULT_MODELS,
     replicas: int = 1,
     backend: str = "local",
+    extra: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     command = [
@@ -212,6 +213,7 @@ def start_server(
     command += ["--replicas", str(replicas)]
     if backend == "ray":
         command += ["--backend", "ray"]
+    command += list(extra)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}"

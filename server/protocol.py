@@ -658,6 +658,13 @@ class ReusedTrajectory(Response):
     )
 
 
+class MergedForwards(Response):
+    runs: int = Field(description="the transformer forwards (blocks, or attention calls) this request ran")
+    merged: int = Field(description="of them, those that ran in one batch with other requests'")
+    mean: float = Field(description="the mean number of requests in the forwards it ran in (1: alone)")
+    largest: int = Field(description="the most requests in one of them")
+
+
 class _ResultFields(Response):
     model: str
     # A default only for answers a job store kept from before tasks existed.
@@ -681,6 +688,11 @@ class _ResultFields(Response):
         default=None,
         description='with "reuse": {"similar": ...}, the earlier request this one started from, when one was '
         "similar enough",
+    )
+    batch: MergedForwards | None = Field(
+        default=None,
+        description="how this request's transformer forwards were merged with other requests' (a server "
+        "with max_batch above 1); null when its model copy runs one generation at a time",
     )
 
 

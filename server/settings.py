@@ -87,6 +87,20 @@ class Settings(BaseSettings):
         default=None,
         description="diffusers attention backend (native, flash, sage, ...), checked at start-up",
     )
+    max_batch: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="generations a model copy runs at once; their transformer forwards are merged into "
+        "batched ones, each request keeping its own cache policy (1: one at a time)",
+    )
+    batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=10_000,
+        description="with max_batch above 1, how long a forward waits for requests taken from the queue "
+        "that have not started denoising (0: merge whoever is ready)",
+    )
     queue_size: int = Field(default=16, ge=1, le=10_000, description="requests waiting per model")
     loras: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -201,6 +215,11 @@ class Settings(BaseSettings):
             )
         if self.ray_max_replicas < self.ray_min_replicas:
             raise ValueError("ray_max_replicas must be at least ray_min_replicas")
+        if "batch_wait_ms" in given and self.max_batch == 1:
+            raise ValueError("batch_wait_ms: only with max_batch above 1 (nothing is merged at 1)")
+        if self.max_batch > 1 and self.compile:
+            # A compiled block would be compiled again for every batch size a merged forward brings.
+            raise ValueError("max_batch above 1 and compile do not go together yet: merge uncompiled")
         keys = [secret.get_secret_value() for secret in self.api_keys.values()]
         if self.api_key is not None:
             keys.append(self.api_key.get_secret_value())

@@ -8,6 +8,7 @@ the output is the one a direct call of the pipeline with the same arguments and 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Hashable, Mapping
 from contextlib import nullcontext
@@ -321,15 +322,19 @@ def generate(
     on_step_end: Callable[[int], None] | None = None,
     trajectory: TrajectoryRun | None = None,
     tenant: str = "",
+    own_scheduler: bool = False,
 ) -> GenerationResult:
     """Run one generation of ``params.n`` images or videos, checked beforehand by ``check_params``.
 
     ``on_step_end(step_index)`` runs after each denoising step; what it raises stops the pipeline and
     propagates out of here. With ``trajectory`` (a text task, on a model that keeps trajectories), the
     run may start from a similar earlier prompt's kept latents, and keeps its own. ``tenant`` names whose
-    kept prompt embeddings it may use.
+    kept prompt embeddings it may use. ``own_scheduler``: run on a copy of the pipeline with schedulers of
+    its own, for a generation running beside others on the same model copy.
     """
     pipeline: Any = task_of(model, params).pipeline
+    if own_scheduler:
+        pipeline = with_own_schedulers(pipeline)
     kwargs = call_arguments(model, params)
     tallied = model.prompt_cache.tally(tenant) if model.prompt_cache is not None else nullcontext(None)
     adapted = (
@@ -366,6 +371,18 @@ def generate(
         sounds=sounds,
         resumed=None if trajectory is None else trajectory.resumed,
     )
+
+
+def with_own_schedulers(pipeline: Any) -> Any:
+    """``pipeline`` sharing every module but its schedulers, which keep one call's state (the step index,
+    the sigmas, a solver's history); the pipeline's own per-call attributes land on the copy too."""
+    from diffusers import SchedulerMixin
+
+    shell = copy.copy(pipeline)
+    for name, component in pipeline.components.items():
+        if isinstance(component, SchedulerMixin):
+            shell.__dict__[name] = copy.deepcopy(component)
+    return shell
 
 
 def trajectory_setting(tenant: str, params: GenerationParams) -> Hashable:

@@ -57,6 +57,9 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
                     max_queue=settings.queue_size,
                     retry_after_s=settings.retry_after_s,
                     replica=replica_id,
+                    max_batch=settings.max_batch,
+                    batch_wait_ms=settings.batch_wait_ms,
+                    on_merged_run=metrics.merged_run(model.name),
                 )
                 copies.append(Replica(id=replica_id, device=device, model=model, worker=worker))
         name = copies[0].model.name

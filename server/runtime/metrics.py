@@ -28,6 +28,7 @@ several apps in one process (the tests) count apart.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from prometheus_client import (
@@ -107,6 +108,14 @@ class Metrics:
             ["model", "method", "result"],
             registry=registry,
         )
+        self.merged_batch = Histogram(
+            "ditcache_merged_batch_size",
+            "Requests in each merged transformer forward (a block or attention call) of a model copy "
+            "serving with max_batch above 1; 1: it ran alone",
+            ["model"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=registry,
+        )
         self.cache_peak_bytes = Histogram(
             "ditcache_cache_peak_bytes",
             "Most memory a generation's cache state held at once",
@@ -179,6 +188,11 @@ class Metrics:
 
     def watch_trajectories(self, model: str, replica: str, store: SizedCache) -> None:
         self.trajectory_cache_bytes.labels(model, replica).set_function(lambda: store.bytes)
+
+    def merged_run(self, model: str) -> Callable[[int], None]:
+        """What a model copy's batcher tells of each forward it runs: the requests in it."""
+        histogram = self.merged_batch.labels(model)
+        return histogram.observe
 
     def steps_skipped(self, model: str, steps: int) -> None:
         self.trajectory_steps_skipped.labels(model).inc(steps)

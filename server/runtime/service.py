@@ -19,6 +19,7 @@ import anyio.to_thread
 from PIL import Image
 
 from cache_engine import CacheConfig, SessionStats, UnsupportedMethodError
+from cache_engine.batching import BatchStats
 from server.errors import (
     Conflict,
     DeadlineExceeded,
@@ -111,6 +112,8 @@ class Finished:
     reused_from: str | None = None
     # The earlier request whose trajectory it started from; None: it started from noise.
     resumed: Resumed | None = None
+    # How its transformer forwards merged with others'; None: its model copy runs one at a time.
+    batch: BatchStats | None = None
 
 
 class Generations:
@@ -428,6 +431,7 @@ class Generations:
             stats=outcome.stats,
             text_cache=result.text_cache,
             resumed=result.resumed,
+            batch=outcome.batch,
         )
 
     def reused(self, prepared: Prepared) -> Finished | None:

@@ -24,6 +24,7 @@ from server.protocol import (
     JobView,
     LoraChoice,
     MediaItem,
+    MergedForwards,
     ModelCard,
     ReplicaView,
     ReusedTrajectory,
@@ -111,6 +112,7 @@ def generation_response(finished: Finished) -> GenerationResponse:
         text_cache=_text_cache(finished),
         reused_from=finished.reused_from,
         reused_trajectory=_reused_trajectory(finished),
+        batch=_batch(finished),
     )
 
 
@@ -131,6 +133,7 @@ def images_response(finished: Finished) -> ImagesResponse:
         text_cache=_text_cache(finished),
         reused_from=finished.reused_from,
         reused_trajectory=_reused_trajectory(finished),
+        batch=_batch(finished),
     )
 
 
@@ -144,6 +147,11 @@ def _reused_trajectory(finished: Finished) -> ReusedTrajectory | None:
         steps_skipped=resumed.steps_skipped,
         same_prompt=resumed.same_prompt,
     )
+
+
+def _batch(finished: Finished) -> MergedForwards | None:
+    batch = finished.batch
+    return None if batch is None else MergedForwards(**batch.as_dict())
 
 
 def _text_cache(finished: Finished) -> TextCacheStats | None:

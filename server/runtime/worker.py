@@ -1,8 +1,12 @@
-"""One worker thread per resident model, fed by a bounded queue.
+"""One worker per resident model copy, fed by a bounded queue.
 
-The worker is the only code that runs its model's pipeline, so the text encoding, denoising and
-decoding of one request never interleave with another's. Cancellation and deadlines are checked by
-the step callback between denoising steps; raising from that callback stops the pipeline.
+The worker is the only code that runs its model's pipeline. With ``max_batch`` 1 it runs one
+generation at a time, on one thread, so the text encoding, denoising and decoding of one request never
+interleave with another's. With ``max_batch`` N, N threads each run a generation, and the model copy's
+``ForwardBatcher`` merges their transformer forwards (``cache_engine.batching``): each still runs its
+own pipeline call under its own cache session, on its own copy of the scheduler. Cancellation and
+deadlines are checked by the step callback between denoising steps; raising from that callback stops
+the pipeline (of that request only).
 
 A generation that raises (an out-of-memory error, any exception from the pipeline) fails only its
 own task: the cache session is discarded by its context manager, and the loop takes the next task.
@@ -16,11 +20,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from cache_engine import CacheConfig, SessionStats
+from cache_engine.batching import BatchMember, BatchStats, ForwardBatcher
 from server.errors import (
     DeadlineExceeded,
     GenerationCancelled,
@@ -47,6 +53,8 @@ class Outcome:
     run_ms: float
     # time.perf_counter() when the result was ready: where encoding's time starts.
     finished_at: float
+    # How its transformer forwards were merged with other requests'; None: the worker runs one at a time.
+    batch: BatchStats | None = None
 
 
 class _StopRequested(Exception):
@@ -81,6 +89,8 @@ class Task:
     trajectory: TrajectoryRun | None = None
     # Whose request it is: the prompt embeddings it may reuse are that tenant's.
     tenant: str = ""
+    # Its place in the worker's merged forwards, from the moment a thread takes it; None: it runs alone.
+    member: BatchMember | None = None
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -98,24 +108,42 @@ class Task:
 
 class Worker:
     def __init__(
-        self, model: ResidentModel, *, max_queue: int, retry_after_s: int = 1, replica: str = "0"
+        self,
+        model: ResidentModel,
+        *,
+        max_queue: int,
+        retry_after_s: int = 1,
+        replica: str = "0",
+        max_batch: int = 1,
+        batch_wait_ms: float = 0.0,
+        on_merged_run: Callable[[int], None] | None = None,
     ) -> None:
         self.model = model
         self.max_queue = max_queue
         self.retry_after_s = retry_after_s
         self.replica = replica
+        self.max_batch = max_batch
         self._queue: deque[Task] = deque()
-        self._running: Task | None = None
+        self._running: list[Task] = []
         self._condition = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"worker-{model.name}-{replica}", daemon=True)
+        self.batcher = (
+            ForwardBatcher(wait_s=batch_wait_ms / 1000, arriving=self._arriving, on_run=on_merged_run)
+            if max_batch > 1
+            else None
+        )
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"worker-{model.name}-{replica}-{index}", daemon=True)
+            for index in range(max_batch)
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return all(thread.is_alive() for thread in self._threads) and not self._stopping
 
     @property
     def queue_depth(self) -> int:
@@ -124,13 +152,17 @@ class Worker:
 
     @property
     def busy(self) -> int:
-        """1 while a task runs, else 0."""
+        """The tasks running now (at most ``max_batch``)."""
         with self._condition:
-            return int(self._running is not None)
+            return len(self._running)
 
     def idle(self) -> bool:
         with self._condition:
-            return self._running is None and not self._queue
+            return not self._running and not self._queue
+
+    def _arriving(self) -> bool:
+        # Read without the lock: the batcher asks while holding its own, which submit never takes.
+        return bool(self._queue) and len(self._running) < self.max_batch
 
     def submit(self, task: Task) -> None:
         with self._condition:
@@ -169,7 +201,7 @@ class Worker:
     def cancel_all(self, reason: ServerError) -> None:
         """Drop every queued task and stop the running one at its next step, all answering ``reason``."""
         with self._condition:
-            tasks = [*self._queue, *([self._running] if self._running is not None else [])]
+            tasks = [*self._queue, *self._running]
         for task in tasks:
             self.cancel(task, reason)
 
@@ -178,12 +210,13 @@ class Worker:
             self._stopping = True
             waiting = list(self._queue)
             self._queue.clear()
-            if self._running is not None:
-                self._running.cancel_requested.set()
+            for running in self._running:
+                running.cancel_requested.set()
             self._condition.notify_all()
         for task in waiting:
             task.future.set_exception(Unavailable("the server is shutting down"))
-        self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
@@ -193,13 +226,19 @@ class Worker:
                 if self._stopping:
                     return
                 task = self._queue.popleft()
-                self._running = task
+                self._running.append(task)
+                if self.batcher is not None:
+                    # Admitted here, with the queue's lock held, so that the requests taken together
+                    # are all waited for before the first of them runs a forward.
+                    task.member = self.batcher.admit(affinity=task.params.loras)
             try:
                 with bound_request_id(task.request_id):
-                    self._run(task)
+                    member = task.member.bound() if task.member is not None else nullcontext()
+                    with member:
+                        self._run(task)
             finally:
                 with self._condition:
-                    self._running = None
+                    self._running.remove(task)
 
     def _run(self, task: Task) -> None:
         started = time.perf_counter()
@@ -215,6 +254,9 @@ class Worker:
 
         def on_step_end(step: int) -> None:
             task.steps_done = step + 1
+            if task.member is not None and step + 1 >= total_steps:
+                # Decoding comes next: the others' forwards no longer wait for this request's.
+                task.member.leave_loop()
             task.poll()
             if task.cancel_requested.is_set() or task.expired():
                 raise _StopRequested
@@ -231,6 +273,7 @@ class Worker:
                     on_step_end=on_step_end,
                     trajectory=task.trajectory,
                     tenant=task.tenant,
+                    own_scheduler=task.member is not None,
                 )
             stats = run.stats
         except Exception as exc:
@@ -244,6 +287,7 @@ class Worker:
                 queue_wait_ms=queue_wait_ms,
                 run_ms=(finished - started) * 1000,
                 finished_at=finished,
+                batch=task.member.stats if task.member is not None else None,
             )
         )
 

@@ -142,6 +142,8 @@ def test_replicas_means_the_copies_that_serve_on_either_backend() -> None:
         (["--backend", "local", "--ray-num-gpus", "1"], "ray_num_gpus"),
         (["--backend", "ray", "--replicas", "2", "--ray-max-replicas", "4"], "not both"),
         (["--backend", "ray", "--ray-min-replicas", "3", "--ray-max-replicas", "2"], "at least"),
+        (["--batch-wait-ms", "5"], "batch_wait_ms"),
+        (["--max-batch", "4", "--compile"], "compile"),
     ],
 )
 def test_a_combination_that_means_nothing_is_refused_at_start(flags: list[str], named: str) -> None:
