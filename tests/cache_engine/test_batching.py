@@ -187,7 +187,8 @@ def test_a_merged_call_that_raises_runs_again_apart() -> None:
         thread.join(LOCKSTEP_TIMEOUT)
     # The three were merged, and that call raised: each then ran alone.
     assert sizes == [3]
-    assert torch.equal(outcomes[0], inputs[0] * 2)
-    assert isinstance(outcomes[1], ValueError)
-    assert torch.equal(outcomes[2], inputs[2] * 2)
+    first, second, third = outcomes[0], outcomes[1], outcomes[2]
+    assert isinstance(first, torch.Tensor) and torch.equal(first, inputs[0] * 2)
+    assert isinstance(second, ValueError)
+    assert isinstance(third, torch.Tensor) and torch.equal(third, inputs[2] * 2)
     assert all(member.stats.largest == 3 for member in members)
