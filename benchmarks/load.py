@@ -38,12 +38,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from benchmarks.merged import MergedReport
 
 _POLICIES: tuple[dict[str, Any] | None, ...] = (
     None,
@@ -51,9 +54,13 @@ _POLICIES: tuple[dict[str, Any] | None, ...] = (
     {"method": "taylorseer", "cache_interval": 2, "disable_cache_before_step": 1},
     {"preset": "fast"},
     {"method": "pyramid_attention_broadcast", "spatial_attention_block_skip_range": 2},
+    {"method": "dbcache", "residual_diff_threshold": 0.2},
+    {"method": "teacache", "rel_l1_thresh": 0.4},
 )
 _READY_TIMEOUT_S = 300.0
-_REQUEST_TIMEOUT_S = 120.0
+# Whether an answer (200) to the mix's body at an index is the one expected of it.
+Check = Callable[[int, httpx.Response], bool]
+REQUEST_TIMEOUT_S = 120.0
 
 
 # Per model: the fields every body of the mix has (model, size, steps); the rest of the model's call
@@ -154,7 +161,7 @@ class Report:
         )
 
 
-def _level_json(level: Level) -> dict[str, Any]:
+def level_json(level: Level) -> dict[str, Any]:
     return {
         "concurrency": level.concurrency,
         "ok": level.ok,
@@ -266,7 +273,10 @@ async def run_level(
     count: int,
     retries: int,
     stop_at: float,
+    same: Check | None = None,
 ) -> None:
+    """``count`` bodies drawn in turn, ``level.concurrency`` at a time; an answer is checked by ``same``
+    (default: its media are ``expected``'s, byte for byte)."""
     semaphore = asyncio.Semaphore(level.concurrency)
 
     async def one(index: int) -> None:
@@ -297,7 +307,8 @@ async def run_level(
                 return
             level.latencies_ms.append((time.perf_counter() - started) * 1000)
             level.ok += 1
-            if media_of(response) != expected[which]:
+            matches = same(which, response) if same is not None else media_of(response) == expected[which]
+            if not matches:
                 level.mismatches += 1
 
     started = time.perf_counter()
@@ -313,7 +324,7 @@ async def drive(
     bodies = mix(args.quick, args.models)
     stop_at = time.monotonic() + args.time_limit
     limits = httpx.Limits(max_connections=max(args.levels) + 1)
-    async with httpx.AsyncClient(base_url=base_url, timeout=_REQUEST_TIMEOUT_S, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
         if expected is None:
             expected = await references(client, bodies)
         levels = []
@@ -353,6 +364,15 @@ def _parser() -> argparse.ArgumentParser:
         help="N > 1: run against 1 and N replicas per model, with the ratio",
     )
     parser.add_argument(
+        "--max-batch",
+        type=lambda text: [int(part) for part in text.split(",")],
+        default=None,
+        help="e.g. 1,8: one server per value, measured in turn over --rounds rounds (benchmarks.merged)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="with --max-batch: rounds per server (default 3)"
+    )
+    parser.add_argument(
         "--backend",
         choices=["local", "ray"],
         default="local",
@@ -361,12 +381,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: Sequence[str] | None = None) -> Report:
+def run(argv: Sequence[str] | None = None) -> Report | MergedReport:
     args = _parser().parse_args(argv)
     if args.levels is None:
         args.levels = [1, 2] if args.quick else [1, 4, 8]
     if args.requests is None:
         args.requests = 6 if args.quick else 40
+    if args.max_batch is not None:
+        from benchmarks.merged import compare
+
+        if args.replicas != 1 or args.backend != "local":
+            _parser().error(
+                "--max-batch compares one local replica per value: no --replicas, no --backend ray"
+            )
+        with tempfile.TemporaryDirectory() as scratch:
+            merged = compare(args, args.cache_dir or Path(scratch))
+        if args.json is not None:
+            args.json.write_text(json.dumps(merged.as_json(), indent=2))
+        return merged
     with tempfile.TemporaryDirectory() as scratch:
         cache_dir = args.cache_dir or Path(scratch)
 
@@ -399,7 +431,7 @@ def run(argv: Sequence[str] | None = None) -> Report:
                     "ratios": report.ratios(),
                     "baseline": None
                     if report.baseline is None
-                    else [_level_json(level) for level in report.baseline],
+                    else [level_json(level) for level in report.baseline],
                     "levels": [
                         {
                             "concurrency": level.concurrency,
@@ -427,9 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = run(argv)
     print(f"serial references: {report.references} bodies")
     print(report.markdown())
-    for level in report.levels:
-        for sample in level.error_samples[:3]:
-            print(f"concurrency {level.concurrency}: {sample}", file=sys.stderr)
+    if isinstance(report, Report):
+        for level in report.levels:
+            for sample in level.error_samples[:3]:
+                print(f"concurrency {level.concurrency}: {sample}", file=sys.stderr)
     print(f"errors: {report.errors}, mismatches: {report.mismatches}")
     return 0 if report.errors == 0 and report.mismatches == 0 else 1
 

@@ -17,6 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
+from benchmarks.merged import same_decisions
+
 from .conftest import LiveServer, b64_items, decode_image, gated, live_server, wait_until
 
 MAX_BATCH = 8
@@ -103,7 +105,7 @@ def test_eight_policies_merged_answer_what_each_answers_alone(server: LiveServer
     for one, merged in zip(alone, together, strict=True):
         batch = merged.json()["batch"]
         assert batch["largest"] > 1 and batch["merged"] > 0 and batch["mean"] > 1
-        assert _decisions(merged.json()["cache"]) == _decisions(one.json()["cache"])
+        assert same_decisions(_decisions(merged.json()["cache"]), _decisions(one.json()["cache"]))
         assert merged.json()["cache"]["peak_bytes"] <= one.json()["cache"]["peak_bytes"]
         # Latents within 1e-4 of the alone ones: decoded, at most a level apart here and there.
         difference = np.abs(_pixels(merged) - _pixels(one))
