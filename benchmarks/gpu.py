@@ -196,7 +196,17 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the interleaving order")
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
-    return parser.parse_args(argv)
+    merged = parser.add_argument_group("merged forwards (--merged, benchmarks.gpu_merged)")
+    merged.add_argument(
+        "--merged", action="store_true", help="one at a time against --max-batch merged, FLUX"
+    )
+    merged.add_argument("--max-batch", type=int, default=8)
+    merged.add_argument("--requests", type=int, default=16)
+    merged.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
+    args = parser.parse_args(argv)
+    if not args.merged and ("--max-batch" in (argv or sys.argv) or "--sizes" in (argv or sys.argv)):
+        parser.error("--max-batch and --sizes are for --merged")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[compiled.FamilyResult]:
@@ -207,6 +217,14 @@ def main(argv: Sequence[str] | None = None) -> list[compiled.FamilyResult]:
             "benchmarks.gpu needs a CUDA device; on a CPU run python -m benchmarks.engine --compile"
         )
     backend = pick_backend(args.attention_backend, device)
+    if args.merged:
+        from benchmarks import gpu_merged
+
+        gpu_merged.main(
+            args,
+            functools.partial(build, "flux", device=device, steps=args.steps, wan=args.wan, backend=backend),
+        )
+        return []
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

@@ -381,24 +381,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: Sequence[str] | None = None) -> Report | MergedReport:
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     args = _parser().parse_args(argv)
     if args.levels is None:
         args.levels = [1, 2] if args.quick else [1, 4, 8]
     if args.requests is None:
         args.requests = 6 if args.quick else 40
-    if args.max_batch is not None:
-        from benchmarks.merged import compare
+    if args.max_batch is not None and (args.replicas != 1 or args.backend != "local"):
+        _parser().error("--max-batch compares one local replica per value: no --replicas, no --backend ray")
+    return args
 
-        if args.replicas != 1 or args.backend != "local":
-            _parser().error(
-                "--max-batch compares one local replica per value: no --replicas, no --backend ray"
-            )
-        with tempfile.TemporaryDirectory() as scratch:
-            merged = compare(args, args.cache_dir or Path(scratch))
-        if args.json is not None:
-            args.json.write_text(json.dumps(merged.as_json(), indent=2))
-        return merged
+
+def run_merged(argv: Sequence[str] | None = None) -> MergedReport:
+    """``--max-batch``: one server per value, against the first (``benchmarks.merged``)."""
+    from benchmarks.merged import compare
+
+    args = _arguments(argv)
+    if args.max_batch is None:
+        _parser().error("run_merged needs --max-batch")
+    with tempfile.TemporaryDirectory() as scratch:
+        merged = compare(args, args.cache_dir or Path(scratch))
+    if args.json is not None:
+        args.json.write_text(json.dumps(merged.as_json(), indent=2))
+    return merged
+
+
+def run(argv: Sequence[str] | None = None) -> Report:
+    args = _arguments(argv)
+    if args.max_batch is not None:
+        _parser().error("--max-batch runs through run_merged")
     with tempfile.TemporaryDirectory() as scratch:
         cache_dir = args.cache_dir or Path(scratch)
 
@@ -456,7 +467,9 @@ def run(argv: Sequence[str] | None = None) -> Report | MergedReport:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    report = run(argv)
+    report: Report | MergedReport = (
+        run_merged(argv) if _parser().parse_args(argv).max_batch is not None else run(argv)
+    )
     print(f"serial references: {report.references} bodies")
     print(report.markdown())
     if isinstance(report, Report):

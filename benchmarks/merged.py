@@ -44,8 +44,12 @@ class Served:
     max_batch: int
     # Per concurrency level, one Level per round.
     rounds: dict[int, list[load.Level]] = field(default_factory=dict)
-    # The mean requests per merged forward, over every answer.
-    batch_means: list[float] = field(default_factory=list)
+    # Per concurrency level, each answer's mean requests per merged forward.
+    batch_means: dict[int, list[float]] = field(default_factory=dict)
+
+    def batch_mean(self, concurrency: int) -> float:
+        means = self.batch_means.get(concurrency, [])
+        return statistics.mean(means) if means else 1.0
 
     def median(self, concurrency: int, measure: str) -> float:
         levels = self.rounds[concurrency]
@@ -94,6 +98,7 @@ class MergedReport:
                             "throughput_ratio": self.ratio(served, concurrency, "throughput"),
                             "p50_ms_median": served.median(concurrency, "p50"),
                             "p50_ratio": self.ratio(served, concurrency, "p50"),
+                            "requests_per_merged_forward": served.batch_mean(concurrency),
                             "rounds": [load.level_json(level) for level in served.rounds[concurrency]],
                         }
                         for concurrency in self.levels
@@ -112,14 +117,13 @@ class MergedReport:
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for served in self.served:
-            mean = statistics.mean(served.batch_means) if served.batch_means else 1.0
             for concurrency in self.levels:
                 levels = served.rounds[concurrency]
                 lines.append(
                     f"| {served.max_batch} | {concurrency} | {served.median(concurrency, 'throughput'):.2f} "
                     f"| {self.ratio(served, concurrency, 'throughput'):.2f}x "
                     f"| {served.median(concurrency, 'p50'):.0f} | {self.ratio(served, concurrency, 'p50'):.2f}x "
-                    f"| {mean:.2f} | {sum(level.errors for level in levels)} "
+                    f"| {served.batch_mean(concurrency):.2f} | {sum(level.errors for level in levels)} "
                     f"| {sum(level.mismatches for level in levels)} |"
                 )
         return "\n".join(lines)
@@ -159,12 +163,12 @@ def _close(media: list[bytes], reference: list[bytes]) -> bool:
     return True
 
 
-def _checker(references: Sequence[Reference], exact: bool, served: Served) -> load.Check:
+def _checker(references: Sequence[Reference], exact: bool, served: Served, concurrency: int) -> load.Check:
     def same(which: int, response: httpx.Response) -> bool:
         answer = response.json()
         batch = answer.get("batch")
         if batch is not None:
-            served.batch_means.append(float(batch["mean"]))
+            served.batch_means.setdefault(concurrency, []).append(float(batch["mean"]))
         media = load.media_of(response)
         reference = references[which]
         if exact:
@@ -215,7 +219,7 @@ def compare(args: argparse.Namespace, cache_dir: Path) -> MergedReport:
         for _ in range(args.rounds):
             for concurrency in args.levels:
                 for served, _, base_url in servers:
-                    same = _checker(references, served.max_batch == 1, served)
+                    same = _checker(references, served.max_batch == 1, served, concurrency)
                     level = asyncio.run(_level(base_url, args, bodies, concurrency, same))
                     served.rounds.setdefault(concurrency, []).append(level)
     finally:
