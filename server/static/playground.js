@@ -732,6 +732,11 @@ function numbers(run, baseline, quality) {
   } else {
     rows.push(["cache", "not reported (the server runs without cache hooks)"]);
   }
+  const batch = run.result.batch;
+  if (batch) {
+    // The server merges concurrent requests' transformer forwards (--max-batch): how this one's ran.
+    rows.push(["merged forwards", `${batch.merged} of ${batch.runs}, ${batch.mean.toFixed(2)} requests each on average, at most ${batch.largest}`]);
+  }
   if (run.cache) rows.push(["PSNR", quality]);
   rows.push(["seed", String(run.result.seed)]);
   rows.push(["request id", run.result.request_id]);
