@@ -216,8 +216,9 @@ def _together(
         _MEMBER.reset(member)
 
 
-def split_output(output: Any, rows: Sequence[int], *, copy: bool) -> list[Any]:
-    """A merged call's output split into each call's; ``copy``: each call's rows in storage of its own."""
+def _split_output(output: Any, rows: Sequence[int]) -> list[Any]:
+    """A merged call's output split into each call's, each call's rows copied into storage of its own
+    (so that a row kept in a request's cache state holds only its own rows)."""
     total = sum(rows)
     flat, structure = pytree.tree_flatten(output)
     per_call: list[list[Any]] = [[] for _ in rows]
@@ -226,7 +227,7 @@ def split_output(output: Any, rows: Sequence[int], *, copy: bool) -> list[Any]:
             if leaf.shape[0] != total:
                 raise ValueError("a merged call returned a tensor without the batch's rows")
             for pieces, piece in zip(per_call, leaf.split(list(rows)), strict=True):
-                pieces.append(piece.clone() if copy else piece)
+                pieces.append(piece.clone())
         else:
             for pieces in per_call:
                 pieces.append(leaf)
@@ -501,5 +502,4 @@ class ForwardBatcher:
         args, kwargs = pytree.tree_unflatten(leaves, anchor.structure)
         # A copy: the anchor's own context may be entered again inside, to run its handlers.
         output = anchor.context.copy().run(_together, tuple(group), anchor.forward, args, kwargs)
-        # Copies, so that a row kept in a request's cache state holds only its own rows.
-        return split_output(output, [call.rows for call in group], copy=True)
+        return _split_output(output, [call.rows for call in group])
