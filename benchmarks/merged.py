@@ -27,7 +27,17 @@ import httpx
 import numpy as np
 from PIL import Image, ImageSequence
 
-from benchmarks import load
+from benchmarks.served import (
+    REQUEST_TIMEOUT_S,
+    Check,
+    Level,
+    level_json,
+    media_of,
+    mix,
+    run_level,
+    start_server,
+    stop_server,
+)
 
 # Pixel levels a merged answer may differ by, anywhere (its latents are within 1e-4 of the alone ones).
 PIXEL_TOLERANCE = 2
@@ -43,7 +53,7 @@ class Reference:
 class Served:
     max_batch: int
     # Per concurrency level, one Level per round.
-    rounds: dict[int, list[load.Level]] = field(default_factory=dict)
+    rounds: dict[int, list[Level]] = field(default_factory=dict)
     # Per concurrency level, each answer's mean requests per merged forward.
     batch_means: dict[int, list[float]] = field(default_factory=dict)
 
@@ -99,7 +109,7 @@ class MergedReport:
                             "p50_ms_median": served.median(concurrency, "p50"),
                             "p50_ratio": self.ratio(served, concurrency, "p50"),
                             "requests_per_merged_forward": served.batch_mean(concurrency),
-                            "rounds": [load.level_json(level) for level in served.rounds[concurrency]],
+                            "rounds": [level_json(level) for level in served.rounds[concurrency]],
                         }
                         for concurrency in self.levels
                     ],
@@ -163,13 +173,13 @@ def _close(media: list[bytes], reference: list[bytes]) -> bool:
     return True
 
 
-def _checker(references: Sequence[Reference], exact: bool, served: Served, concurrency: int) -> load.Check:
+def _checker(references: Sequence[Reference], exact: bool, served: Served, concurrency: int) -> Check:
     def same(which: int, response: httpx.Response) -> bool:
         answer = response.json()
         batch = answer.get("batch")
         if batch is not None:
             served.batch_means.setdefault(concurrency, []).append(float(batch["mean"]))
-        media = load.media_of(response)
+        media = media_of(response)
         reference = references[which]
         if exact:
             return media == reference.media
@@ -179,12 +189,12 @@ def _checker(references: Sequence[Reference], exact: bool, served: Served, concu
 
 
 async def _references(base_url: str, bodies: Sequence[dict[str, Any]]) -> list[Reference]:
-    async with httpx.AsyncClient(base_url=base_url, timeout=load.REQUEST_TIMEOUT_S) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S) as client:
         found = []
         for body in bodies:
             response = await client.post("/v1/generations", json=body)
             response.raise_for_status()
-            found.append(Reference(load.media_of(response), _decisions(response.json())))
+            found.append(Reference(media_of(response), _decisions(response.json())))
         return found
 
 
@@ -193,27 +203,25 @@ async def _level(
     args: argparse.Namespace,
     bodies: Sequence[dict[str, Any]],
     concurrency: int,
-    same: load.Check,
-) -> load.Level:
+    same: Check,
+) -> Level:
     limits = httpx.Limits(max_connections=concurrency + 1)
-    async with httpx.AsyncClient(base_url=base_url, timeout=load.REQUEST_TIMEOUT_S, limits=limits) as client:
-        level = load.Level(concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        level = Level(concurrency)
         stop_at = time.monotonic() + args.time_limit
-        await load.run_level(client, bodies, [], level, args.requests, args.retries, stop_at, same=same)
+        await run_level(client, bodies, [], level, args.requests, args.retries, stop_at, same=same)
         return level
 
 
 def compare(args: argparse.Namespace, cache_dir: Path) -> MergedReport:
     """Every ``args.max_batch`` server, the first one's serial answers as the references."""
-    bodies = load.mix(args.quick, args.models)
+    bodies = mix(args.quick, args.models)
     queue = max(args.queue_size, max(args.levels))
     servers = []
     try:
         for max_batch in args.max_batch:
             extra = ["--max-batch", str(max_batch)]
-            process, base_url = load.start_server(
-                cache_dir, queue, args.torch_threads, args.models, extra=extra
-            )
+            process, base_url = start_server(cache_dir, queue, args.torch_threads, args.models, extra=extra)
             servers.append((Served(max_batch), process, base_url))
         references = asyncio.run(_references(servers[0][2], bodies))
         for _ in range(args.rounds):
@@ -224,5 +232,5 @@ def compare(args: argparse.Namespace, cache_dir: Path) -> MergedReport:
                     served.rounds.setdefault(concurrency, []).append(level)
     finally:
         for _, process, _ in servers:
-            load.stop_server(process)
+            stop_server(process)
     return MergedReport(list(args.levels), [served for served, _, _ in servers], len(references))

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from pydantic import TypeAdapter
 
-from benchmarks import load
+from benchmarks.served import mix
 from cache_engine import batching
 from server.models.generation import GenerationParams, generate
 from server.models.registry import load_model
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = load_model(args.model, cache_dir=args.cache_dir)
-    bodies = load.mix(False, [args.model])
+    bodies = mix(False, [args.model])
     bodies = [bodies[index % len(bodies)] for index in range(args.requests)]
     _leaf_share(model, bodies[:2])  # warm-up
     wall, leaves = _leaf_share(model, bodies)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import load
+from benchmarks import load, served
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_the_mix_is_deterministic_and_covers_policies_and_models() -> None:
     assert all("seed" in body for body in bodies)
     assert {body["model"] for body in bodies} == {"tiny-flux", "tiny-wan"}
     policies = {str(body.get("cache")) for body in bodies}
-    assert len(policies) == len(load._POLICIES)
+    assert len(policies) == len(served.POLICIES)
     assert load.mix(quick=False) == bodies
 
 
@@ -46,3 +46,28 @@ def test_replicas_run_measures_both_servers_against_one_reference(tmp_path: Path
     assert (report.errors, report.mismatches) == (0, 0)
     assert len(report.ratios()) == 1 and report.ratios()[0] > 0
     assert "2 replicas over 1" in report.markdown()
+
+
+@pytest.mark.slow
+def test_max_batch_run_checks_merged_answers_against_one_at_a_time(tmp_path: Path) -> None:
+    report = load.run_merged(
+        [
+            "--quick",
+            "--cache-dir",
+            str(tmp_path / "models"),
+            "--max-batch",
+            "1,3",
+            "--levels",
+            "1,3",
+            "--rounds",
+            "1",
+        ]
+    )
+    assert [served.max_batch for served in report.served] == [1, 3]
+    assert (report.errors, report.mismatches) == (0, 0)
+    for served in report.served:
+        assert all(level.ok == level.sent == 6 for levels in served.rounds.values() for level in levels)
+    # The one-at-a-time server says nothing merged; the other says how its forwards ran.
+    assert report.served[0].batch_means == {}
+    assert all(mean >= 1 for means in report.served[1].batch_means.values() for mean in means)
+    assert report.markdown().count("\n") == 1 + 2 * 2
