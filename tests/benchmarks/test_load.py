@@ -63,10 +63,10 @@ def test_max_batch_run_checks_merged_answers_against_one_at_a_time(tmp_path: Pat
             "1",
         ]
     )
-    assert [served.max_batch for served in report.served] == [1, 3]
+    assert [server.max_batch for server in report.served] == [1, 3]
     assert (report.errors, report.mismatches) == (0, 0)
-    for served in report.served:
-        assert all(level.ok == level.sent == 6 for levels in served.rounds.values() for level in levels)
+    for server in report.served:
+        assert all(level.ok == level.sent == 6 for levels in server.rounds.values() for level in levels)
     # The one-at-a-time server says nothing merged; the other says how its forwards ran.
     assert report.served[0].batch_means == {}
     assert all(mean >= 1 for means in report.served[1].batch_means.values() for mean in means)
