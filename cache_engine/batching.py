@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import Context, ContextVar, copy_context
 from dataclasses import dataclass
@@ -72,11 +72,8 @@ class BatchStats:
 class BatchMember:
     """One request's place in a :class:`ForwardBatcher`, from its admission until it is done."""
 
-    def __init__(self, batcher: ForwardBatcher, affinity: Hashable) -> None:
+    def __init__(self, batcher: ForwardBatcher) -> None:
         self.batcher = batcher
-        # Requests merge only with requests of equal affinity: what their context changes inside a leaf
-        # (the LoRA adapters a server applies by forward hooks, read from the caller's context).
-        self.affinity = affinity
         self.in_loop = False
         self.parked: MergedCall | None = None
         # time.monotonic() since which it has been running its own code (not parked); past ``stall_s``
@@ -174,7 +171,6 @@ class MergedCall:
     def merges_with(self, other: MergedCall) -> bool:
         if (
             other.module is not self.module
-            or other.member.affinity != self.member.affinity
             or other.structure != self.structure
             or other.spec != self.spec
         ):
@@ -290,9 +286,9 @@ class ForwardBatcher:
         self._resuming: deque[MergedCall] = deque()
         self._baton: BatchMember | None = None
 
-    def admit(self, affinity: Hashable = None) -> BatchMember:
+    def admit(self) -> BatchMember:
         """A request that will run now; bind it with ``member.bound()`` in the thread that runs it."""
-        member = BatchMember(self, affinity)
+        member = BatchMember(self)
         with self._lock:
             self._members.append(member)
             self._event()

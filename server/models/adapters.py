@@ -7,8 +7,9 @@ adapter touches adds, for the request in progress only, each of its adapters' up
 ``B(A(x)) * (weight * alpha / rank)``, in the order the request names them, as PEFT does after
 diffusers' ``set_adapters``. The hooks are there only while some request with adapters runs: a
 module with a hook takes PyTorch's slower call path, which a request without adapters would otherwise
-pay on every module an adapter touches. (A model copy runs one generation at a time, on its worker, so
-no request runs through a module while its hooks come or go.)
+pay on every module an adapter touches. In a forward merged from several requests' (``--max-batch``),
+each request's adapters go to its own rows, so requests with different adapters, or none, share one
+forward.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 from torch.nn import functional
 from torch.utils.hooks import RemovableHandle
 
+from cache_engine.batching import MergedCall, merged_calls
 from server.errors import Conflict
 
 if TYPE_CHECKING:
@@ -210,19 +212,44 @@ class Adapters:
 
 
 def _adding(path: str) -> Any:
-    """The forward hook of the module at ``path``: the request's adapters' updates added to its output."""
+    """The forward hook of the module at ``path``: the request's adapters' updates added to its output;
+    inside a forward merged from several requests' (``--max-batch``), each request's to its own rows."""
 
     def add(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        calls = merged_calls()
+        if calls is not None:
+            return _added_per_request(path, calls, args[0], output)
         active = _ACTIVE.get()
-        if not active:
-            return None
-        x = args[0]
-        for adapter, weight in active:
-            pair = adapter.modules.get(path)
-            if pair is not None:
-                output = output + functional.linear(functional.linear(x, pair.down), pair.up) * (
-                    weight * pair.scaling
-                )
-        return output
+        return _added(path, active, args[0], output) if active else None
 
     return add
+
+
+def _added(
+    path: str, active: tuple[tuple[Adapter, float], ...], x: torch.Tensor, output: torch.Tensor
+) -> torch.Tensor:
+    for adapter, weight in active:
+        pair = adapter.modules.get(path)
+        if pair is not None:
+            output = output + functional.linear(functional.linear(x, pair.down), pair.up) * (
+                weight * pair.scaling
+            )
+    return output
+
+
+def _added_per_request(
+    path: str, calls: tuple[MergedCall, ...], x: torch.Tensor, output: torch.Tensor
+) -> torch.Tensor | None:
+    """Each merged request's adapters, read from its own context, on its own rows of ``output``."""
+    updated: torch.Tensor | None = None
+    start = 0
+    for call in calls:
+        rows = slice(start, start + call.rows)
+        start += call.rows
+        active = call.context.get(_ACTIVE, ())
+        if not active:
+            continue
+        if updated is None:
+            updated = output.clone()
+        updated[rows] = _added(path, active, x[rows], output[rows])
+    return updated

@@ -230,7 +230,7 @@ class Worker:
                 if self.batcher is not None:
                     # Admitted here, with the queue's lock held, so that the requests taken together
                     # are all waited for before the first of them runs a forward.
-                    task.member = self.batcher.admit(affinity=task.params.loras)
+                    task.member = self.batcher.admit()
             try:
                 with bound_request_id(task.request_id):
                     member = task.member.bound() if task.member is not None else nullcontext()

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,28 @@ def gated(server: LiveServer, model: str = "tiny-flux") -> Iterator[Gate]:
     finally:
         gate.open_all()
         handle.remove()
+
+
+def sent_together(
+    server: LiveServer, bodies: list[dict[str, Any]], model: str = "tiny-flux"
+) -> list[httpx.Response]:
+    """``bodies`` posted to /v1/generations at once, each held at its first denoiser call until all of
+    them are there: on a server merging forwards (with ``batch_wait_ms``), they denoise together."""
+    ids = [f"together-{index}" for index in range(len(bodies))]
+    with gated(server, model) as gate, ThreadPoolExecutor(len(bodies)) as pool:
+        for request_id in ids:
+            gate.hold(request_id)
+
+        def send(index: int) -> httpx.Response:
+            with server.client() as client:
+                return client.post(
+                    "/v1/generations", json=bodies[index], headers={"X-Request-Id": ids[index]}
+                )
+
+        futures = [pool.submit(send, index) for index in range(len(bodies))]
+        wait_until(lambda: all(gate.waiting(request_id) for request_id in ids), what="every request held")
+        gate.open_all()
+        return [future.result() for future in futures]
 
 
 # -- decoding what came back ---------------------------------------------------------------------------

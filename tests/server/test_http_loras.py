@@ -19,7 +19,15 @@ from PIL import Image
 
 from tiny_pipelines import tiny_pipeline
 
-from .conftest import LiveServer, b64_items, direct_pipeline, error_of, live_server, one_thread_server
+from .conftest import (
+    LiveServer,
+    b64_items,
+    direct_pipeline,
+    error_of,
+    live_server,
+    one_thread_server,
+    sent_together,
+)
 
 PROMPT = "a red circle on a blue background"
 BODY: dict[str, Any] = {"model": "flux", "prompt": PROMPT, "steps": 3, "seed": 9, "width": 32, "height": 32}
@@ -156,6 +164,36 @@ def test_concurrent_requests_with_different_adapters_never_mix(client: httpx.Cli
             pool.map(lambda i: (i % 4, _pixels(_generate(client, loras=choices[i % 4]))), range(8))
         )
     assert all(np.array_equal(pixels, alone[which]) for which, pixels in together)
+
+
+def test_requests_with_different_adapters_share_merged_forwards(
+    model_cache: Path, folder: Path, lora_folders: dict[str, Path]
+) -> None:
+    """On a server merging forwards, requests with different adapters, or none, run in one forward,
+    each request's adapters on its own rows: each gets its diffusers output."""
+    choices: list[list[tuple[str, float]]] = [
+        [],
+        [("outline", 1.0)],
+        [("warm", 0.7)],
+        [("outline", 0.8), ("warm", -0.5)],
+    ]
+    loras = [f"flux:{name}={path}" for name, path in lora_folders.items()]
+    for merging in one_thread_server(
+        model_cache, models=[str(folder)], loras=loras, max_batch=len(choices), batch_wait_ms=10_000
+    ):
+        bodies = [
+            {**BODY, "loras": [{"name": name, "scale": weight} for name, weight in chosen]}
+            for chosen in choices
+        ]
+        responses = sent_together(merging, bodies, "flux")
+    assert all(response.status_code == 200 for response in responses), [r.text for r in responses]
+    answers = [response.json() for response in responses]
+    for answer, chosen in zip(answers, choices, strict=True):
+        assert answer["batch"]["largest"] == len(choices) and answer["batch"]["merged"] > 0
+        difference = np.abs(
+            _pixels(answer).astype(np.int16) - _direct(folder, lora_folders, chosen).astype(np.int16)
+        )
+        assert difference.max() <= 2 and difference.mean() < 0.05
 
 
 @pytest.mark.parametrize(

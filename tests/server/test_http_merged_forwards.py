@@ -9,7 +9,6 @@ so they denoise together from their first block on, whatever the threads' timing
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 
 from benchmarks.merged import same_decisions
 
-from .conftest import LiveServer, b64_items, decode_image, gated, live_server, wait_until
+from .conftest import LiveServer, b64_items, decode_image, gated, live_server, sent_together, wait_until
 
 MAX_BATCH = 8
 STEPS = 6
@@ -62,25 +61,6 @@ def server(model_cache: Path) -> Iterator[LiveServer]:
     )
 
 
-def _together(server: LiveServer, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
-    """``bodies`` sent at once, each held at its first denoiser call until all of them are there."""
-    ids = [f"merged-{index}" for index in range(len(bodies))]
-    with gated(server) as gate, ThreadPoolExecutor(len(bodies)) as pool:
-        for request_id in ids:
-            gate.hold(request_id)
-
-        def send(index: int) -> httpx.Response:
-            with server.client() as client:
-                return client.post(
-                    "/v1/generations", json=bodies[index], headers={"X-Request-Id": ids[index]}
-                )
-
-        futures = [pool.submit(send, index) for index in range(len(bodies))]
-        wait_until(lambda: all(gate.waiting(request_id) for request_id in ids), what="every request held")
-        gate.open_all()
-        return [future.result() for future in futures]
-
-
 def _pixels(response: httpx.Response) -> np.ndarray:
     return np.asarray(decode_image(b64_items(response.json())[0]), dtype=np.int16)
 
@@ -100,7 +80,7 @@ def test_eight_policies_merged_answer_what_each_answers_alone(server: LiveServer
     # One at a time, nothing merges.
     assert all(response.json()["batch"]["largest"] == 1 for response in alone)
 
-    together = _together(server, bodies)
+    together = sent_together(server, bodies)
     assert all(response.status_code == 200 for response in together), [r.text for r in together]
     for one, merged in zip(alone, together, strict=True):
         batch = merged.json()["batch"]
