@@ -169,11 +169,7 @@ class MergedCall:
         self.done = False
 
     def merges_with(self, other: MergedCall) -> bool:
-        if (
-            other.module is not self.module
-            or other.structure != self.structure
-            or other.spec != self.spec
-        ):
+        if other.module is not self.module or other.structure != self.structure or other.spec != self.spec:
             return False
         return all(
             kind == "row" or _same(mine, theirs)
