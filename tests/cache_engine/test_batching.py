@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
 import cache_engine as ce
 from cache_engine.batching import BatchStats, ForwardBatcher
@@ -49,6 +50,26 @@ def _policies(tp: TinyPipeline, engine: ce.CacheEngine) -> list[object | None]:
             continue
         fitting.append(config)
     return fitting[:8]
+
+
+def _every_method(tp: TinyPipeline) -> list[object | None]:
+    """A policy of each of the engine's methods that reuses on ``tp``, beside no policy."""
+    return [
+        None,
+        our_config("first_block_cache", tp),
+        our_config("taylorseer", tp),
+        our_config("pyramid_attention_broadcast", tp),
+        our_config("faster_cache", tp),
+        ce.DBCacheConfig(
+            Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.5, max_warmup_steps=1
+        ),
+        ce.SeaCacheConfig(threshold=0.3, retention_steps=1),
+        ce.TeaCacheConfig(rel_l1_thresh=0.5, coefficients=(1.0, 0.0), num_steps=STEPS),
+        ce.MagCacheConfig(
+            threshold=0.5, mag_ratios=tuple(FLUX_MAG_RATIOS.tolist()), num_inference_steps=STEPS
+        ),
+        ce.GuardedTaylorSeerCacheConfig(step_tolerance=10.0, disable_cache_before_step=2, max_order=0),
+    ]
 
 
 def _alone(engine: ce.CacheEngine, job: Job) -> tuple[torch.Tensor, ce.SessionStats]:
@@ -134,6 +155,31 @@ def test_eight_policies_in_merged_forwards_give_what_each_gives_alone(family: st
         assert batch.runs > 0 and batch.largest > 1
     # A real mix: the policies decided differently.
     assert len({stats.blocks_computed for _, stats in alone}) > 2
+
+
+def test_every_method_merged_on_flux_gives_what_it_gives_alone() -> None:
+    tp = tiny("flux", "separate")
+    engine = ce.CacheEngine(tp.pipe.transformer)
+    try:
+        policies = _every_method(tp)
+        for config in policies:
+            engine.check(config)
+        assert {ce.method_name(config) for config in policies if config is not None} == set(
+            ce.METHOD_NAMES
+        ) - {"none"}
+        jobs = _jobs(tp, policies)
+        alone = [_alone(engine, job) for job in jobs]
+        together = _merged(engine, jobs)
+    finally:
+        engine.close()
+    for (output, stats), (merged_output, merged_stats, batch) in zip(alone, together, strict=True):
+        assert isinstance(merged_output, torch.Tensor) and merged_stats is not None
+        torch.testing.assert_close(merged_output, output, rtol=1e-4, atol=1e-5)
+        assert dataclasses.replace(merged_stats, peak_bytes=0, estimated_error=None) == dataclasses.replace(
+            stats, peak_bytes=0, estimated_error=None
+        )
+        assert batch.largest > 1
+    assert all((stats.steps_cached > 0) for _, stats in alone[1:])
 
 
 def test_a_member_that_fails_fails_alone() -> None:
