@@ -330,8 +330,13 @@ class ForwardBatcher:
                 if call.released:
                     break
                 if call.done:
+                    # Waiting for the baton: a holder held up past ``stall_s`` (a slow step callback)
+                    # goes on without it.
                     group = None
-                    patience = None
+                    patience = self._baton_patience()
+                    if patience is None:
+                        self._pass_baton(self._baton)
+                        continue
                 else:
                     group = None if self._busy else self._next_group()
                     if group is not None:
@@ -452,6 +457,14 @@ class ForwardBatcher:
             self._pass_baton(member)
             self._event()
 
+    def _baton_patience(self) -> float | None:
+        """Seconds the baton's holder may still keep it; None: pass it on now."""
+        holder = self._baton
+        if holder is None:
+            return None
+        left = holder.running_since + self.stall_s - time.monotonic()
+        return left if left > 0 else None
+
     def _pass_baton(self, holder: BatchMember | None) -> None:
         """``holder`` no longer runs between two leaves: the next member whose call is done may go on.
         One member at a time runs its code between leaves (while the leaves run on another core), so
@@ -462,6 +475,7 @@ class ForwardBatcher:
         if self._resuming:
             call = self._resuming.popleft()
             self._baton = call.member
+            call.member.running_since = time.monotonic()
             call.released = True
             call.wake.set()
 

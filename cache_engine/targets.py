@@ -551,19 +551,6 @@ class ModelLayout:
         input have lower positions."""
         return self._order.get(module, len(self._order))
 
-    def attention_inside(self, module: nn.Module) -> int:
-        """The attention sites strictly inside ``module``."""
-        found = self._attention_counts.get(module)
-        if found is None:
-            sites = self.attention_modules
-            found = sum(inner in sites for inner in module.modules() if inner is not module)
-            self._attention_counts[module] = found
-        return found
-
-    @functools.cached_property
-    def _attention_counts(self) -> dict[nn.Module, int]:
-        return {}
-
     @functools.cached_property
     def block_names(self) -> frozenset[str]:
         return frozenset(site.name for site in self.blocks)

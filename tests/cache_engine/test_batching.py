@@ -80,11 +80,16 @@ def _alone(engine: ce.CacheEngine, job: Job) -> tuple[torch.Tensor, ce.SessionSt
 
 
 def _merged(
-    engine: ce.CacheEngine, jobs: Sequence[Job], *, fail: int | None = None
+    engine: ce.CacheEngine,
+    jobs: Sequence[Job],
+    *,
+    fail: int | None = None,
+    callbacks: dict[int, Any] | None = None,
+    stall_s: float = 0.5,
 ) -> list[tuple[torch.Tensor | BaseException, ce.SessionStats | None, BatchStats]]:
     """Every job in its own thread and session, all admitted to one batcher before any starts."""
     sizes: list[int] = []
-    batcher = ForwardBatcher(wait_s=WAIT_FOR_ADMITTED_S, on_run=sizes.append)
+    batcher = ForwardBatcher(wait_s=WAIT_FOR_ADMITTED_S, stall_s=stall_s, on_run=sizes.append)
     members = [batcher.admit() for _ in jobs]
     results: dict[int, Any] = {}
 
@@ -93,6 +98,8 @@ def _merged(
         extra: dict[str, Any] = {}
         if index == fail:
             extra["callback_on_step_end"] = _raise_at_step(2)
+        if callbacks and index in callbacks:
+            extra["callback_on_step_end"] = callbacks[index]
         stats = None
         try:
             with members[index].bound(), engine.session(config) as session:
@@ -180,6 +187,37 @@ def test_every_method_merged_on_flux_gives_what_it_gives_alone() -> None:
         )
         assert batch.largest > 1
     assert all((stats.steps_cached > 0) for _, stats in alone[1:])
+
+
+def test_a_member_held_up_between_steps_holds_nobody_up() -> None:
+    """A request whose step callback waits for the others to finish (a slow callback, at its worst) is
+    waited for at most stall_s: the others go on without it, and finish."""
+    tp = tiny("flux", "separate")
+    engine = ce.CacheEngine(tp.pipe.transformer)
+    others_done = threading.Event()
+    finished: list[int] = []
+
+    def held(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if index == 1:
+            assert others_done.wait(LOCKSTEP_TIMEOUT), "the others never finished"
+        return {}
+
+    def counted(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if index == STEPS - 1:
+            finished.append(index)
+            if len(finished) == 2:
+                others_done.set()
+        return {}
+
+    try:
+        jobs = _jobs(tp, [None, our_config("first_block_cache", tp), None])
+        alone = [_alone(engine, job) for job in jobs]
+        together = _merged(engine, jobs, callbacks={0: held, 1: counted, 2: counted}, stall_s=0.05)
+    finally:
+        engine.close()
+    for (output, _), (merged_output, _, _) in zip(alone, together, strict=True):
+        assert isinstance(merged_output, torch.Tensor)
+        torch.testing.assert_close(merged_output, output, rtol=1e-4, atol=1e-5)
 
 
 def test_a_member_that_fails_fails_alone() -> None:
