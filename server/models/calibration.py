@@ -154,6 +154,9 @@ class Calibration:
     method_values: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
     # How far a prompt may start along a similar earlier prompt's trajectory; None: not calibrated.
     trajectory_rule: TrajectoryRule | None = None
+    # The LoRA adapter (name, scale) the model was measured with (`ditcache calibrate --lora`); None: the
+    # base model.
+    adapter: tuple[str, float] | None = None
 
     def choose(self, min_psnr: float, steps: int, guidance: bool) -> Choice | None:
         """The fastest point meeting ``min_psnr`` on the curve nearest to (steps, guidance); None
@@ -176,6 +179,7 @@ class Calibration:
             "prompts": self.prompts,
             "method_values": {method: dict(values) for method, values in self.method_values.items()},
             "trajectory_rule": None if self.trajectory_rule is None else self.trajectory_rule.to_json(),
+            "adapter": None if self.adapter is None else {"name": self.adapter[0], "scale": self.adapter[1]},
             "curves": [
                 {
                     "steps": curve.steps,
@@ -255,6 +259,9 @@ def from_json(data: Mapping[str, Any]) -> Calibration:
         trajectory_rule=None
         if data.get("trajectory_rule") is None
         else TrajectoryRule.from_json(data["trajectory_rule"]),
+        adapter=None
+        if data.get("adapter") is None
+        else (str(data["adapter"]["name"]), float(data["adapter"]["scale"])),
     )
 
 

@@ -108,6 +108,25 @@ class ResidentModel:
     # Trajectories kept for similar later prompts, and what resumes one; None: none are kept.
     trajectories: TrajectoryStore | None = None
     trajectory_probe: TrajectoryProbe | None = None
+    # Where `ditcache calibrate --lora` writes the calibrations of this model with an adapter applied.
+    cache_dir: Path | None = None
+
+    def adapter_calibration(self, loras: tuple[tuple[str, float], ...]) -> Calibration | None:
+        """The calibration measured with exactly ``loras`` (one adapter, at its scale), if the operator
+        ran ``ditcache calibrate --lora`` for it; None otherwise."""
+        if (
+            len(loras) != 1
+            or self.cache_dir is None
+            or self.adapters is None
+            or loras[0][0] not in self.adapters
+        ):
+            return None
+        path = calibration_path(self.cache_dir, self.name, loras[0][0])
+        try:
+            found = _read_calibration(path, path.stat().st_mtime_ns)
+        except FileNotFoundError:
+            return None
+        return found if found is not None and found.adapter == loras[0] else None
 
     @property
     def task_names(self) -> tuple[Task, ...]:
@@ -243,9 +262,20 @@ def own_memory(pipeline: DiffusionPipeline) -> None:
 CALIBRATION_FILE = "calibration.json"
 
 
-def calibration_path(cache_dir: Path, name: str) -> Path:
-    """Where ``ditcache calibrate`` writes a model's calibration, and where the server looks first."""
-    return cache_dir / "calibrations" / f"{name}.json"
+@functools.lru_cache(maxsize=64)
+def _read_calibration(path: Path, mtime_ns: int) -> Calibration | None:
+    """The calibration at ``path`` as of ``mtime_ns``: read once per version of the file."""
+    try:
+        return load_calibration(path)
+    except ValueError:
+        logger.warning("could not read %s; requests with its adapter are outside calibration", path)
+        return None
+
+
+def calibration_path(cache_dir: Path, name: str, adapter: str | None = None) -> Path:
+    """Where ``ditcache calibrate`` writes a model's calibration (with ``adapter``: the model's with that
+    LoRA adapter applied), and where the server looks first."""
+    return cache_dir / "calibrations" / (f"{name}.json" if adapter is None else f"{name}+{adapter}.json")
 
 
 def _calibration(name: str, spec: str, builtin: BuiltinModel | None, cache_dir: Path) -> Calibration:
@@ -369,6 +399,7 @@ def load_model(
         presets=_presets(family, kind, cache, builtin.presets() if builtin and builtin.presets else None),
         call_kwargs=builtin.call_kwargs if builtin else MappingProxyType({}),
         calibration=calibration,
+        cache_dir=cache_dir,
         size_multiple=geometry.size_multiple(pipeline, spec_of_call),
         frame_step=geometry.frame_step(pipeline, spec_of_call) if kind == "video" else 1,
         weight_bytes=sum(acceleration.weight_bytes(denoiser) for denoiser in denoisers),

@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -385,10 +386,18 @@ def calibrate(
     policies: Sequence[Mapping[str, Any]] | None = None,
     log: Callable[[str], None] = print,
     advance: Callable[[], None] = lambda: None,
+    adapter: tuple[str, float] | None = None,
 ) -> Calibration:
     """Run the sweep (resuming from ``out``'s work file) and write the calibration to ``out``.
 
-    ``advance`` is called once per prompt of each setting, measured now or found done."""
+    ``advance`` is called once per prompt of each setting, measured now or found done. With ``adapter``
+    (name, scale), a LoRA adapter the model holds, every run applies it: the calibration is the adapted
+    model's."""
+    applied: AbstractContextManager[None] = nullcontext()
+    if adapter is not None:
+        if model.adapters is None or adapter[0] not in model.adapters:
+            raise ValueError(f"{model.name} holds no adapter {adapter[0]!r}")
+        applied = model.adapters.applied([adapter])
     work_path = out.with_suffix(".work.json")
     work: dict[str, Any] = json.loads(work_path.read_text()) if work_path.exists() else {}
     measured = work.get("prompts", [])
@@ -403,37 +412,41 @@ def calibrate(
         work_path.write_text(json.dumps(work))
 
     stop_at = time.monotonic() + time_limit_s
-    existing = load_calibration(out) if out.exists() else model.calibration
+    # An adapter's calibration starts from nothing measured: the base model's curves are not its own.
+    base = model.calibration if adapter is None else Calibration(model=model.name, prompts=0)
+    existing = load_calibration(out) if out.exists() else base
     method_values: dict[str, Mapping[str, Any]] = dict(existing.method_values)
-    if not method_values and settings:
-        # The longest run samples the ratio curve most finely; shorter runs resample it.
-        fit_at = max(settings, key=lambda setting: (setting.steps, setting.guidance))
-        log(f"fitting per-checkpoint values at {fit_at.key} on {min(FIT_PROMPTS, len(prompts))} prompts")
-        method_values = dict(fit_method_values(model, fit_at, prompts[:FIT_PROMPTS], log))
     curves = tuple(existing.curves)
-    for setting in settings:
-        log(f"calibrating {model.name} at {setting.key} on {len(prompts)} prompts")
-        run_setting(
-            model,
-            setting,
-            prompts,
-            policies or target_policies(),
-            method_values,
-            work,
-            stop_at=stop_at,
-            save=save,
-            log=log,
-            advance=advance,
-        )
-        curve = curve_of(setting, work.get(setting.key, {}))
-        if curve is not None:
-            curves = merged(curves, curve)
+    with applied:
+        if not method_values and settings:
+            # The longest run samples the ratio curve most finely; shorter runs resample it.
+            fit_at = max(settings, key=lambda setting: (setting.steps, setting.guidance))
+            log(f"fitting per-checkpoint values at {fit_at.key} on {min(FIT_PROMPTS, len(prompts))} prompts")
+            method_values = dict(fit_method_values(model, fit_at, prompts[:FIT_PROMPTS], log))
+        for setting in settings:
+            log(f"calibrating {model.name} at {setting.key} on {len(prompts)} prompts")
+            run_setting(
+                model,
+                setting,
+                prompts,
+                policies or target_policies(),
+                method_values,
+                work,
+                stop_at=stop_at,
+                save=save,
+                log=log,
+                advance=advance,
+            )
+            curve = curve_of(setting, work.get(setting.key, {}))
+            if curve is not None:
+                curves = merged(curves, curve)
     calibration = Calibration(
         model=model.name,
         prompts=len(prompts),
         curves=curves,
         method_values=method_values,
         trajectory_rule=existing.trajectory_rule,
+        adapter=adapter,
     )
     calibration.save(out)
     return calibration
@@ -478,6 +491,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"on up to {TRAJECTORY_PROMPTS} of the prompts at the first step count and guidance scale, and keep "
         "the policy curves",
     )
+    parser.add_argument(
+        "--lora",
+        default=None,
+        metavar="NAME=SOURCE",
+        help="calibrate the model with this LoRA adapter applied (SOURCE a file, a folder or a hub id); "
+        "the server uses it for requests naming NAME alone, at --lora-scale "
+        "(default out: <cache-dir>/calibrations/<model>+<NAME>.json)",
+    )
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="the adapter's scale (default 1)")
     parser.add_argument("--time-limit", type=float, default=3600.0, help="seconds in all (default 3600)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -510,7 +532,8 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps or [model.defaults.steps]
     scales = args.guidance_scale or sorted({model.defaults.guidance_scale, 1.0})
     settings = [Setting(s, g) for s in steps for g in scales]
-    out = args.out or calibration_path(args.cache_dir, model.name)
+    adapter = _adapter(model, args)
+    out = args.out or calibration_path(args.cache_dir, model.name, None if adapter is None else adapter[0])
     prompts = prompts_of(args)
     if args.trajectories:
         return _run_trajectories(model, out, prompts[:TRAJECTORY_PROMPTS], steps[0], scales[0])
@@ -527,6 +550,7 @@ def run(args: argparse.Namespace) -> int:
             time_limit_s=args.time_limit,
             log=bar.write if terminal else lambda line: print(line, file=sys.stderr, flush=True),
             advance=bar.update,
+            adapter=adapter,
         )
     for curve in calibration.curves:
         best = {floor: curve.fastest(floor) for floor in PRESET_FLOORS.values()}
@@ -536,6 +560,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"{curve.steps} steps, guidance {curve.guidance_scale:g}: {shown}")
     print(f"wrote {out}")
     return 0
+
+
+def _adapter(model: ResidentModel, args: argparse.Namespace) -> tuple[str, float] | None:
+    """The adapter ``--lora NAME=SOURCE`` names, loaded into ``model``; None without ``--lora``."""
+    if args.lora is None:
+        return None
+    name, separator, source = args.lora.partition("=")
+    if not separator or not name or not source:
+        raise SystemExit(f"--lora {args.lora!r}: expected NAME=SOURCE")
+    if args.trajectories:
+        raise SystemExit("--lora calibrates the adapted model's policies, not the trajectory rule")
+    if model.adapters is None:
+        raise SystemExit(f"{model.name} ({type(model.pipeline).__name__}) takes no LoRA adapters")
+    try:
+        model.adapters.load(name, source)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    return name, args.lora_scale
 
 
 def _run_trajectories(

@@ -49,10 +49,11 @@ def resolve(
     spec: CacheSpec | None,
     steps: int,
     guidance_scale: float,
-    adapters: tuple[str, ...] = (),
+    loras: tuple[tuple[str, float], ...] = (),
 ) -> Resolved:
     """The engine config ``spec`` runs on ``model`` at ``steps`` and ``guidance_scale``, with the LoRA
-    ``adapters`` the request applies (a calibration measured the model without them).
+    adapters (name, scale) the request applies: a target or preset uses the calibration measured with
+    them (``ditcache calibrate --lora``) where there is one, else the base model's, saying so.
 
     Raises InvalidRequest naming the field: a preset the model lacks, a target on a model with no
     calibration, a value the engine refuses.
@@ -60,10 +61,10 @@ def resolve(
     if spec is None or isinstance(spec, NoCache):
         return Resolved(None)
     if isinstance(spec, CacheTarget):
-        return _chosen(model, spec.target.min_psnr, "cache.target", steps, guidance_scale, adapters)
+        return _chosen(model, spec.target.min_psnr, "cache.target", steps, guidance_scale, loras)
     if isinstance(spec, CachePreset):
         if model.calibration.curves:
-            return _chosen(model, PRESET_FLOORS[spec.preset], "cache.preset", steps, guidance_scale, adapters)
+            return _chosen(model, PRESET_FLOORS[spec.preset], "cache.preset", steps, guidance_scale, loras)
         if spec.preset not in model.presets:
             raise InvalidRequest(f"this model has no preset {spec.preset!r}", param="cache.preset")
         return Resolved(model.presets[spec.preset], param="cache.preset")
@@ -113,9 +114,11 @@ def _chosen(
     param: str,
     steps: int,
     guidance_scale: float,
-    adapters: tuple[str, ...] = (),
+    loras: tuple[tuple[str, float], ...] = (),
 ) -> Resolved:
-    choice = model.calibration.choose(floor, steps, guidance_scale > 1)
+    adapted = model.adapter_calibration(loras)
+    calibration = adapted or model.calibration
+    choice = calibration.choose(floor, steps, guidance_scale > 1)
     if choice is None:
         raise InvalidRequest(
             f"model {model.name!r} has no calibration to choose a policy from; "
@@ -135,14 +138,16 @@ def _chosen(
         "calibrated": {
             "steps": curve.steps,
             "guidance_scale": curve.guidance_scale,
-            "prompts": model.calibration.prompts,
+            "prompts": calibration.prompts,
         },
         # The request's setting is not the calibrated one (its steps and guidance, or adapters the
-        # calibration ran without): the numbers are the nearest curve's, measured on the base model.
-        "outside_calibration": not choice.exact or bool(adapters),
+        # calibration ran without): the numbers are the nearest curve's, measured without them.
+        "outside_calibration": not choice.exact or (bool(loras) and adapted is None),
     }
-    if adapters:
-        promise["adapters"] = list(adapters)
+    if adapted is not None and adapted.adapter is not None:
+        promise["calibrated"]["adapter"] = {"name": adapted.adapter[0], "scale": adapted.adapter[1]}
+    if loras:
+        promise["adapters"] = [name for name, _ in loras]
     fields = {name: value for name, value in point.policy.items() if name != "method"}
     method = str(point.policy["method"])
     fit = curve.estimate if method == "guarded_taylorseer" else None

@@ -324,8 +324,7 @@ class Generations:
         self, body: GenerationRequest, model: ResidentModel, params: GenerationParams
     ) -> Resolved:
         # Image-to-image runs strength x steps steps: the run fields and a target count those.
-        adapters = tuple(name for name, _ in params.loras)
-        resolved = resolve(model, body.cache, params.steps_run, params.guidance_scale, adapters)
+        resolved = resolve(model, body.cache, params.steps_run, params.guidance_scale, params.loras)
         config = resolved.config
         if config is None:
             return resolved

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.models.calibration import load_calibration
 from server.models.registry import calibration_path, load_model
@@ -273,3 +274,80 @@ def test_the_model_card_shows_what_each_preset_runs_on_a_calibrated_model(server
     assert fast.status_code == 200, fast.text
     ran = {key: value for key, value in fast.json()["cache_policy"].items() if key != "target"}
     assert ran == cards["tiny-flux"]["presets"]["fast"]
+
+
+@pytest.fixture(scope="module")
+def adapter_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter of the tiny Flux as diffusers writes one, with seeded random pairs."""
+    from diffusers import FluxPipeline
+
+    from tiny_pipelines import tiny_pipeline
+
+    transformer = tiny_pipeline("flux").build().transformer
+    generator = torch.Generator().manual_seed(7)
+    state = {}
+    for path, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and path.endswith(("attn.to_q", "attn.to_v")):
+            state[f"{path}.lora_A.weight"] = torch.randn(4, module.in_features, generator=generator) * 0.3
+            state[f"{path}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=generator) * 0.3
+    target = tmp_path_factory.mktemp("calibrated-lora")
+    FluxPipeline.save_lora_weights(target, transformer_lora_layers=state)
+    return target
+
+
+@pytest.fixture(scope="module")
+def adapted(calibrated: Path, adapter_folder: Path) -> Path:
+    """``calibrated``, plus the tiny Flux's calibration with the adapter ``style`` applied."""
+    model = load_model("tiny-flux", cache_dir=calibrated)
+    assert model.adapters is not None
+    model.adapters.load("style", str(adapter_folder))
+    calibrate.calibrate(
+        model,
+        [calibrate.Setting(4, 1.0)],
+        calibrate.calibration_prompts(2),
+        calibration_path(calibrated, model.name, "style"),
+        time_limit_s=600,
+        policies=POLICIES,
+        log=lambda line: None,
+        adapter=("style", 1.0),
+    )
+    return calibrated
+
+
+def test_a_calibration_with_an_adapter_is_the_adapted_models(adapted: Path) -> None:
+    base = load_calibration(calibration_path(adapted, "tiny-flux"))
+    with_adapter = load_calibration(calibration_path(adapted, "tiny-flux", "style"))
+    assert base.adapter is None and with_adapter.adapter == ("style", 1.0)
+    # Its own measurement: the one setting it ran, not the base model's curves.
+    assert [(curve.steps, curve.guidance) for curve in with_adapter.curves] == [(4, False)]
+    base_curve = next(curve for curve in base.curves if not curve.guidance)
+    assert [point.psnr for point in with_adapter.curves[0].points] != [
+        point.psnr for point in base_curve.points
+    ]
+
+
+def test_a_target_with_a_calibrated_adapter_uses_its_calibration(adapted: Path, adapter_folder: Path) -> None:
+    with_adapter = load_calibration(calibration_path(adapted, "tiny-flux", "style"))
+    body = {"model": "tiny-flux", "prompt": "a cat", "steps": 4, "guidance_scale": 1.0, "seed": 1}
+    target = {"cache": {"target": {"min_psnr": 20.0}}}
+    for served in live_server(adapted, models=["tiny-flux"], loras=[f"tiny-flux:style={adapter_folder}"]):
+        with served.client() as client:
+            answers = [
+                client.post("/v1/generations", json={**body, **target, "loras": loras})
+                for loras in ([{"name": "style"}], [{"name": "style", "scale": 0.5}], [])
+            ]
+    assert all(answer.status_code == 200 for answer in answers), [answer.text for answer in answers]
+    calibrated, other_scale, base = (answer.json()["cache_policy"] for answer in answers)
+    expected = with_adapter.curves[0].fastest(20.0)
+    assert expected is not None and calibrated["method"] == expected.policy["method"]
+    assert calibrated["target"]["outside_calibration"] is False
+    assert calibrated["target"]["calibrated"]["adapter"] == {"name": "style", "scale": 1.0}
+    # Another scale is not what was measured: the base model's numbers, said to be outside.
+    assert other_scale["target"]["outside_calibration"] is True
+    assert "adapter" not in other_scale["target"]["calibrated"]
+    assert base["target"]["outside_calibration"] is False and "adapter" not in base["target"]["calibrated"]
+
+
+def test_calibrating_with_an_adapter_needs_name_and_source(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="NAME=SOURCE"):
+        calibrate.main(["--model", "tiny-flux", "--cache-dir", str(tmp_path), "--lora", "style"])
