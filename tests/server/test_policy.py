@@ -162,7 +162,7 @@ def test_a_target_under_adapters_says_it_is_outside_the_calibration(model_cache:
     shapes = load_model("shapes-flux", cache_dir=model_cache)
     body = GenerationRequest.model_validate({"prompt": "p", "cache": {"target": {"min_psnr": 30}}})
     plain = resolve.resolve(shapes, body.cache, steps=20, guidance_scale=3.0)
-    adapted = resolve.resolve(shapes, body.cache, steps=20, guidance_scale=3.0, adapters=("style",))
+    adapted = resolve.resolve(shapes, body.cache, steps=20, guidance_scale=3.0, loras=(("style", 1.0),))
     assert plain.promise is not None and plain.promise["outside_calibration"] is False
     assert adapted.promise is not None and adapted.promise["outside_calibration"] is True
     assert adapted.promise["adapters"] == ["style"] and adapted.config == plain.config
