@@ -177,29 +177,21 @@ class MergedCall:
         )
 
     def run_alone(self) -> None:
+        """The call's forward on its own rows, in its own context (its sessions, branch, adapters)."""
         try:
-            self.output = self.context.run(_apart, self.forward, self.args, self.kwargs)
+            self.output = self.context.run(_holding, None, self.forward, self.args, self.kwargs)
         except Exception as exc:
             self.error = exc
 
-    def run_in_context(self, function: Callable[..., Any], *args: Any) -> Any:
-        """``function(*args)`` in this call's own context (its sessions, branch, adapters), outside any
-        batch."""
-        return self.context.run(_apart, function, args, {})
 
-
-def _apart(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    member, merged = _MEMBER.set(None), _MERGED.set(None)
-    try:
-        return function(*args, **kwargs)
-    finally:
-        _MERGED.reset(merged)
-        _MEMBER.reset(member)
-
-
-def _together(
-    calls: tuple[MergedCall, ...], function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+def _holding(
+    calls: tuple[MergedCall, ...] | None,
+    function: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> Any:
+    """``function`` run by the batch itself, never parking: for the rows of ``calls`` merged, or (None)
+    for one call's own."""
     member, merged = _MEMBER.set(None), _MERGED.set(calls)
     try:
         return function(*args, **kwargs)
@@ -506,6 +498,5 @@ class ForwardBatcher:
             for index, ((kind, *_), leaf) in enumerate(zip(anchor.spec, anchor.leaves, strict=True))
         ]
         args, kwargs = pytree.tree_unflatten(leaves, anchor.structure)
-        # A copy: the anchor's own context may be entered again inside, to run its handlers.
-        output = anchor.context.copy().run(_together, tuple(group), anchor.forward, args, kwargs)
+        output = anchor.context.run(_holding, tuple(group), anchor.forward, args, kwargs)
         return _split_output(output, [call.rows for call in group])

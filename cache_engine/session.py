@@ -536,7 +536,11 @@ def _attributes(value: object) -> list[object]:
 
 def active_session(owner: object | None = None) -> CacheSession | None:
     """The innermost bound session, or the innermost one of ``owner`` when it is given."""
-    for session in reversed(_ACTIVE_SESSIONS.get()):
+    return _innermost(_ACTIVE_SESSIONS.get(), owner)
+
+
+def _innermost(sessions: tuple[CacheSession, ...], owner: object | None) -> CacheSession | None:
+    for session in reversed(sessions):
         if owner is None or session.owner is owner:
             return session
     return None
@@ -557,7 +561,8 @@ def count_in_merged(owner: object, calls: Sequence[MergedCall], role: Role) -> N
     """A dispatched module ran inside a merged leaf, for the rows of ``calls``: each of their sessions
     counts it as computed, as its own dispatcher would have (none of their policies acts inside a leaf)."""
     for call in calls:
-        session = call.run_in_context(active_session, owner)
+        # Read from the context the call parked in, without entering it.
+        session = _innermost(call.context.get(_ACTIVE_SESSIONS, ()), owner)
         if session is not None:
             session._count(role, True)
 
