@@ -218,6 +218,12 @@ def _split_output(output: Any, rows: Sequence[int]) -> list[Any]:
     return [pytree.tree_unflatten(pieces, structure) for pieces in per_call]
 
 
+def _left(deadline: float) -> float | None:
+    """Seconds until ``deadline`` (``time.monotonic()``); None once it has passed."""
+    left = deadline - time.monotonic()
+    return left if left > 0 else None
+
+
 def _describe(leaf: Any, rows: int) -> tuple[Any, ...]:
     if isinstance(leaf, torch.Tensor):
         kind = "row" if leaf.dim() >= 1 and leaf.shape[0] == rows else "shared"
@@ -329,11 +335,16 @@ class ForwardBatcher:
                     if patience is None:
                         self._pass_baton(self._baton)
                         continue
+                elif self._busy:
+                    # The runner's end wakes a parked call to look again.
+                    group, patience = None, None
                 else:
-                    group = None if self._busy else self._next_group()
+                    # Read once: a wait that ran out between two readings would otherwise be waited for
+                    # without end.
+                    patience = self._patience()
+                    group = self._take_group() if patience is None else None
                     if group is not None:
                         self._busy = True
-                    patience = None if group is not None else (None if self._busy else self._patience())
             if group is None:
                 call.wake.wait(patience)
                 continue
@@ -352,6 +363,7 @@ class ForwardBatcher:
                             self._resuming.append(done)
                     if self._baton is None:
                         self._pass_baton(None)
+                    self._watch_baton()
                     self._event()
         if call.error is not None:
             raise call.error
@@ -372,12 +384,9 @@ class ForwardBatcher:
 
     # -- choosing -----------------------------------------------------------------------------------
 
-    def _next_group(self) -> list[MergedCall] | None:
-        """The calls to run now, or None to wait (``_patience`` says how long at most)."""
-        if not self._parked:
-            return None
-        if self._patience() is not None:
-            return None
+    def _take_group(self) -> list[MergedCall]:
+        """The parked calls to run now, taken out: the largest group, unless a call was passed over
+        ``PASSED_OVER_AT_MOST`` times."""
         groups = self._groups()
         chosen = max(
             groups, key=lambda group: (max(call.passed for call in group) >= PASSED_OVER_AT_MOST, len(group))
@@ -408,24 +417,20 @@ class ForwardBatcher:
         )
         if not starting or self.wait_s <= 0:
             return None
-        left = min(call.arrived for call in self._parked) + self.wait_s - time.monotonic()
-        return left if left > 0 else None
+        return _left(min(call.arrived for call in self._parked) + self.wait_s)
 
     def _patience(self) -> float | None:
         """Seconds left to wait for companions before running the parked calls; None: run now."""
-        now = time.monotonic()
         # The requests running their own code inside their loops: each parks within a block, unless it
         # is held up (a slow step callback); past ``stall_s`` it is not waited for.
-        waits = [
-            member.running_since + self.stall_s - now
+        deadlines = [
+            member.running_since + self.stall_s
             for member in self._members
             if member.in_loop and member.parked is None
         ]
         starting = self._starting_wait()
-        if starting is not None:
-            waits.append(starting)
-        left = max(waits, default=0.0)
-        return left if left > 0 else None
+        waits = [wait for wait in (_left(max(deadlines, default=0.0)), starting) if wait is not None]
+        return max(waits, default=None)
 
     def _event(self) -> None:
         """Membership changed: a parked call may be able to run now, so its thread checks."""
@@ -452,10 +457,7 @@ class ForwardBatcher:
     def _baton_patience(self) -> float | None:
         """Seconds the baton's holder may still keep it; None: pass it on now."""
         holder = self._baton
-        if holder is None:
-            return None
-        left = holder.running_since + self.stall_s - time.monotonic()
-        return left if left > 0 else None
+        return None if holder is None else _left(holder.running_since + self.stall_s)
 
     def _pass_baton(self, holder: BatchMember | None) -> None:
         """``holder`` no longer runs between two leaves: the next member whose call is done may go on.
@@ -470,6 +472,13 @@ class ForwardBatcher:
             call.member.running_since = time.monotonic()
             call.released = True
             call.wake.set()
+            self._watch_baton()
+
+    def _watch_baton(self) -> None:
+        """The next call in line for the baton watches its holder (``_baton_patience``), so that a
+        holder held up does not hold the line for ever."""
+        if self._resuming and self._baton is not None:
+            self._resuming[0].wake.set()
 
     # -- running ------------------------------------------------------------------------------------
 
