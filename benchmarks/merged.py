@@ -139,9 +139,11 @@ class MergedReport:
         return "\n".join(lines)
 
 
-def _decisions(answer: dict[str, Any]) -> dict[str, Any]:
-    cache = answer.get("cache") or {}
-    return {key: value for key, value in cache.items() if key != "peak_bytes"}
+def decisions(cache: dict[str, Any] | None) -> dict[str, Any]:
+    """What an answer's ``cache`` decided: every count, not the bytes its state held (a merged call's
+    outputs are each request's own rows, copied compact, so a state keeping views of a wider storage
+    alone holds less merged)."""
+    return {key: value for key, value in (cache or {}).items() if key != "peak_bytes"}
 
 
 def same_decisions(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
@@ -183,7 +185,9 @@ def _checker(references: Sequence[Reference], exact: bool, served: Served, concu
         reference = references[which]
         if exact:
             return media == reference.media
-        return same_decisions(_decisions(answer), reference.decisions) and _close(media, reference.media)
+        return same_decisions(decisions(answer.get("cache")), reference.decisions) and _close(
+            media, reference.media
+        )
 
     return same
 
@@ -194,7 +198,7 @@ async def _references(base_url: str, bodies: Sequence[dict[str, Any]]) -> list[R
         for body in bodies:
             response = await client.post("/v1/generations", json=body)
             response.raise_for_status()
-            found.append(Reference(media_of(response), _decisions(response.json())))
+            found.append(Reference(media_of(response), decisions(response.json().get("cache"))))
         return found
 
 

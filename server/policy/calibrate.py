@@ -521,6 +521,7 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    lora = _lora_spec(args)
     model = load_model(
         args.model,
         device=args.device,
@@ -532,7 +533,7 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps or [model.defaults.steps]
     scales = args.guidance_scale or sorted({model.defaults.guidance_scale, 1.0})
     settings = [Setting(s, g) for s in steps for g in scales]
-    adapter = _adapter(model, args)
+    adapter = None if lora is None else _loaded_adapter(model, *lora, args.lora_scale)
     out = args.out or calibration_path(args.cache_dir, model.name, None if adapter is None else adapter[0])
     prompts = prompts_of(args)
     if args.trajectories:
@@ -562,8 +563,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _adapter(model: ResidentModel, args: argparse.Namespace) -> tuple[str, float] | None:
-    """The adapter ``--lora NAME=SOURCE`` names, loaded into ``model``; None without ``--lora``."""
+def _lora_spec(args: argparse.Namespace) -> tuple[str, str] | None:
+    """``--lora NAME=SOURCE`` as (name, source), checked before any model loads; None without it."""
     if args.lora is None:
         return None
     name, separator, source = args.lora.partition("=")
@@ -571,13 +572,18 @@ def _adapter(model: ResidentModel, args: argparse.Namespace) -> tuple[str, float
         raise SystemExit(f"--lora {args.lora!r}: expected NAME=SOURCE")
     if args.trajectories:
         raise SystemExit("--lora calibrates the adapted model's policies, not the trajectory rule")
+    return name, source
+
+
+def _loaded_adapter(model: ResidentModel, name: str, source: str, scale: float) -> tuple[str, float]:
+    """Adapter ``name`` read from ``source`` into ``model``, as (name, scale) for the calibration."""
     if model.adapters is None:
         raise SystemExit(f"{model.name} ({type(model.pipeline).__name__}) takes no LoRA adapters")
     try:
         model.adapters.load(name, source)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
-    return name, args.lora_scale
+    return name, scale
 
 
 def _run_trajectories(

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.merged import same_decisions
+from benchmarks.merged import decisions, same_decisions
 
 from .conftest import LiveServer, b64_items, decode_image, gated, live_server, sent_together, wait_until
 
@@ -65,13 +65,6 @@ def _pixels(response: httpx.Response) -> np.ndarray:
     return np.asarray(decode_image(b64_items(response.json())[0]), dtype=np.int16)
 
 
-def _decisions(cache: dict[str, Any]) -> dict[str, Any]:
-    """What the cache decided: every count, not the bytes its state held (a merged call's outputs are
-    each request's own rows, copied compact, so a state keeping views of a wider storage alone holds
-    less merged)."""
-    return {key: value for key, value in cache.items() if key != "peak_bytes"}
-
-
 def test_eight_policies_merged_answer_what_each_answers_alone(server: LiveServer) -> None:
     bodies = [_body(index, policy) for index, policy in enumerate(POLICIES)]
     with server.client() as client:
@@ -85,7 +78,7 @@ def test_eight_policies_merged_answer_what_each_answers_alone(server: LiveServer
     for one, merged in zip(alone, together, strict=True):
         batch = merged.json()["batch"]
         assert batch["largest"] > 1 and batch["merged"] > 0 and batch["mean"] > 1
-        assert same_decisions(_decisions(merged.json()["cache"]), _decisions(one.json()["cache"]))
+        assert same_decisions(decisions(merged.json()["cache"]), decisions(one.json()["cache"]))
         assert merged.json()["cache"]["peak_bytes"] <= one.json()["cache"]["peak_bytes"]
         # Latents within 1e-4 of the alone ones: decoded, at most a level apart here and there.
         difference = np.abs(_pixels(merged) - _pixels(one))
