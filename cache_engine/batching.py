@@ -1,11 +1,12 @@
 """Merged forwards: the same module's calls from concurrent requests run as one batched call.
 
 Every request keeps its own pipeline call, thread and cache session, so its arguments, steps,
-callbacks and cache decisions are its own. What is merged is a *leaf*: the real forward of a module
-that the request's policy decided to compute and acts on nothing inside of (a block, under a policy
-deciding per block or none; an attention module, under one acting on attention). The calls of one leaf
-parked together are concatenated along the batch, run once with no session bound, and split back; a
-request that reuses a cached output never parks, so each row's policy decides for that row alone.
+callbacks and cache decisions are its own. What is merged is a *leaf*: the real forward of a transformer
+block that the request's policy decided to compute (or of a module outside the blocks that a policy acts
+on). The calls of one leaf parked together are concatenated along the batch, run once, and split back;
+a request that reuses a block's cached output never parks. Inside a merged block, each request's policy
+still decides for its own rows at every module it acts on (an attention it reuses, say), through the
+sessions' ``dispatch_in_merged``: so each row's policy decides for that row alone.
 
 Scheduling, with one leaf running at a time:
 
@@ -38,7 +39,19 @@ from torch.utils import _pytree as pytree
 # A parked call passed over this many times runs next, whatever the size of its group.
 PASSED_OVER_AT_MOST = 16
 
-__all__ = ["BatchMember", "BatchStats", "ForwardBatcher", "MergedCall", "current_member", "merged_calls"]
+__all__ = [
+    "BatchMember",
+    "BatchStats",
+    "ForwardBatcher",
+    "MergedCall",
+    "current_member",
+    "join_rows",
+    "leading_rows",
+    "merged_calls",
+    "run_for_rows",
+    "split_rows",
+    "take_rows",
+]
 
 _MEMBER: ContextVar[BatchMember | None] = ContextVar("cache_engine_batch_member", default=None)
 # The calls whose rows the merged leaf running in this thread holds, in row order.
@@ -75,6 +88,8 @@ class BatchMember:
     def __init__(self, batcher: ForwardBatcher) -> None:
         self.batcher = batcher
         self.in_loop = False
+        # Past its last denoiser call (decoding): never waited for as one about to start.
+        self.loop_done = False
         self.parked: MergedCall | None = None
         # time.monotonic() since which it has been running its own code (not parked); past ``stall_s``
         # the others stop waiting for it until it parks again.
@@ -91,6 +106,7 @@ class BatchMember:
 
     def leave_loop(self) -> None:
         """The request's last denoiser call is over (it decodes next): nobody waits for it any more."""
+        self.loop_done = True
         if self.in_loop:
             self.batcher._set_in_loop(self, False)
 
@@ -137,6 +153,7 @@ class MergedCall:
         "rows",
         "spec",
         "structure",
+        "undo",
         "wake",
     )
 
@@ -167,6 +184,9 @@ class MergedCall:
         self.output: Any = None
         self.error: BaseException | None = None
         self.done = False
+        # What a merged run of this call changed in its request's own state, to take back (in reverse)
+        # if the merged run fails and the call runs again apart.
+        self.undo: list[Callable[[], None]] = []
 
     def merges_with(self, other: MergedCall) -> bool:
         if other.module is not self.module or other.structure != self.structure or other.spec != self.spec:
@@ -175,6 +195,11 @@ class MergedCall:
             kind == "row" or _same(mine, theirs)
             for (kind, *_), mine, theirs in zip(self.spec, self.leaves, other.leaves, strict=True)
         )
+
+    def rollback(self) -> None:
+        """Take back what a failed merged run of this call changed in its request's state."""
+        while self.undo:
+            self.undo.pop()()
 
     def run_alone(self) -> None:
         """The call's forward on its own rows, in its own context (its sessions, branch, adapters)."""
@@ -200,7 +225,47 @@ def _holding(
         _MEMBER.reset(member)
 
 
-def _split_output(output: Any, rows: Sequence[int]) -> list[Any]:
+def run_for_rows(
+    calls: tuple[MergedCall, ...], function: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """``function`` run inside a merged leaf on the rows of ``calls`` only (some of the leaf's calls)."""
+    merged = _MERGED.set(calls)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        _MERGED.reset(merged)
+
+
+def take_rows(
+    args: tuple[Any, ...], kwargs: dict[str, Any], rows: Sequence[int], taken: Sequence[int]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Merged arguments cut down to the rows of the calls at indices ``taken`` (each call holding
+    ``rows[i]`` rows, in order); an argument without the batch's rows is shared as it is."""
+    total = sum(rows)
+    starts = [sum(rows[:index]) for index in range(len(rows))]
+    flat, structure = pytree.tree_flatten((args, kwargs))
+    cut = [
+        torch.cat([leaf[starts[index] : starts[index] + rows[index]] for index in taken])
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1 and leaf.shape[0] == total
+        else leaf
+        for leaf in flat
+    ]
+    taken_args, taken_kwargs = pytree.tree_unflatten(cut, structure)
+    return taken_args, taken_kwargs
+
+
+def join_rows(outputs: Sequence[Any]) -> Any:
+    """Per-call outputs of one structure joined into the merged call's, along the batch."""
+    flats = [pytree.tree_flatten(output) for output in outputs]
+    structure = flats[0][1]
+    joined = [
+        torch.cat(leaves) if isinstance(leaves[0], torch.Tensor) and leaves[0].dim() >= 1 else leaves[0]
+        for leaves in zip(*(flat for flat, _ in flats), strict=True)
+    ]
+    return pytree.tree_unflatten(joined, structure)
+
+
+def split_rows(output: Any, rows: Sequence[int]) -> list[Any]:
     """A merged call's output split into each call's, each call's rows copied into storage of its own
     (so that a row kept in a request's cache state holds only its own rows)."""
     total = sum(rows)
@@ -243,7 +308,7 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
-def _rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+def leading_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
     """The call's batch: the leading size of its first tensor argument (its hidden states)."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
@@ -307,7 +372,7 @@ class ForwardBatcher:
         The thread whose park makes a group ready runs it, in the thread it parked in; the others sleep
         until their call is done and the baton reaches them, or until they are woken to check whether a
         group is ready (a member came or went, a wait ran out)."""
-        rows = _rows(args, kwargs)
+        rows = leading_rows(args, kwargs)
         if rows is None:
             return forward(*args, **kwargs)
         if self._alone(member):
@@ -315,7 +380,8 @@ class ForwardBatcher:
             member._ran_in(1)
             if self._on_run is not None:
                 self._on_run(1)
-            return forward(*args, **kwargs)
+            # Run as the batch runs a leaf: the modules inside it are part of it, not leaves of their own.
+            return _holding(None, forward, args, kwargs)
         call = MergedCall(member, module, position, forward, args, kwargs, rows)
         with self._lock:
             member.in_loop = True
@@ -412,7 +478,7 @@ class ForwardBatcher:
         return groups
 
     def _starting_wait(self) -> float | None:
-        starting = any(not m.in_loop for m in self._members) or (
+        starting = any(not m.in_loop and not m.loop_done for m in self._members) or (
             self._arriving is not None and self._arriving()
         )
         if not starting or self.wait_s <= 0:
@@ -491,6 +557,7 @@ class ForwardBatcher:
             except Exception:
                 # Whichever member made it fail fails alone; the others get what they would alone.
                 for call in group:
+                    call.rollback()
                     call.run_alone()
             else:
                 for call, output in zip(group, outputs, strict=True):
@@ -508,4 +575,4 @@ class ForwardBatcher:
         ]
         args, kwargs = pytree.tree_unflatten(leaves, anchor.structure)
         output = anchor.context.run(_holding, tuple(group), anchor.forward, args, kwargs)
-        return _split_output(output, [call.rows for call in group])
+        return split_rows(output, [call.rows for call in group])

@@ -26,7 +26,7 @@ from .session import (
     active_session,
     bound,
     branch,
-    count_in_merged,
+    dispatch_in_merged,
 )
 from .targets import ModelLayout, build_layout
 
@@ -153,9 +153,7 @@ class CacheEngine:
         ) -> Any:
             merged = merged_calls()
             if merged is not None:
-                output = forward(*args, **kwargs)
-                count_in_merged(self, merged, role)
-                return output
+                return dispatch_in_merged(self, merged, role, module, forward, args, kwargs)
             session = active_session(self)
             if session is None:
                 session = self._ambient

@@ -11,7 +11,8 @@ import dataclasses
 import enum
 import functools
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -21,7 +22,16 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import nn
 
-from .batching import BatchMember, MergedCall, current_member
+from .batching import (
+    BatchMember,
+    MergedCall,
+    current_member,
+    join_rows,
+    leading_rows,
+    run_for_rows,
+    split_rows,
+    take_rows,
+)
 from .hooks import Tap
 from .targets import ModelLayout, scalar_timestep
 
@@ -217,8 +227,6 @@ class CacheSession:
             if foreseen is not None:
                 self._undispatched[block] = (offer, foreseen)
         self._state: dict[tuple[object, str], Any] = {}
-        # Per module: whether its forward may merge with other requests' (see _is_leaf).
-        self._leaves: dict[nn.Module, bool] = {}
         self._raw_timestep: Any = None
         # The run's first timestep argument, which sets the scale of a model whose family table gives none;
         # kept as passed and read only when a method asks for the timestep (reading syncs with the device).
@@ -231,6 +239,9 @@ class CacheSession:
         self._timestep: float | None = None
         self._timestep_ready = False
         self._in_call_reuse = False
+        # Per module inside a merged leaf that failed: the output this session's policy gave it there
+        # (its state already moved on), and whether it was computed; the leaf's run apart takes them.
+        self._settled: dict[nn.Module, tuple[Any, bool]] = {}
         self._denoiser_calls = 0
         self._calls_with_reuse = 0
         self._blocks_computed = 0
@@ -331,6 +342,11 @@ class CacheSession:
     ) -> Any:
         if role is Role.DENOISER:
             return self._dispatch_denoiser(module, forward, args, kwargs)
+        settled = self._settled.pop(module, None)
+        if settled is not None:
+            output, computed = settled
+            self._count(role, computed)
+            return output
         offered = self._undispatched.get(module) if role is Role.BLOCK else None
         member = current_member()
         if member is not None and self._is_leaf(module, offered):
@@ -357,18 +373,26 @@ class CacheSession:
             self._in_call_reuse = True
 
     def _is_leaf(self, module: nn.Module, offered: tuple[UndispatchedBlock, Foreseen] | None) -> bool:
-        """Whether ``module``'s forward may run merged with other requests': this policy acts on nothing
-        inside it (nor in the slots of its undispatched forward)."""
+        """Whether ``module``'s forward may run merged with other requests': always, but for a block whose
+        undispatched forward has slots this policy acts on. Inside a merged forward, the policy still
+        decides for this request's rows at every module it acts on (``dispatch_in_merged``)."""
         if offered is not None:
             return not offered[1]
-        return self._nothing_inside(module)
+        return module not in _ROWS_NOT_KEPT or not any(
+            inner in self._handlers for inner in module.modules() if inner is not module
+        )
 
-    def _nothing_inside(self, module: nn.Module) -> bool:
-        leaf = self._leaves.get(module)
-        if leaf is None:
-            leaf = not any(inner in self._handlers for inner in module.modules() if inner is not module)
-            self._leaves[module] = leaf
-        return leaf
+    def _undo_point(self) -> Callable[[], None]:
+        """What puts this session's counters back as they are now."""
+        counters = (self._blocks_computed, self._attention_computed, self._in_call_reuse)
+
+        def restore() -> None:
+            self._blocks_computed, self._attention_computed, self._in_call_reuse = counters
+
+        return restore
+
+    def _settle(self, module: nn.Module, output: Any, computed: bool) -> None:
+        self._settled[module] = (output, computed)
 
     def _merged(
         self, member: BatchMember, module: nn.Module, forward: Callable[..., Any]
@@ -436,6 +460,7 @@ class CacheSession:
             self._previous_timestep = timestep
         self._timestep_ready = False
         self._in_call_reuse = False
+        self._settled.clear()
         blocks_before = self._blocks_computed
         attention_before = self._attention_computed
         handler = self._handlers.get(module)
@@ -557,14 +582,95 @@ def bound(session: CacheSession) -> Iterator[CacheSession]:
         session.close()
 
 
-def count_in_merged(owner: object, calls: Sequence[MergedCall], role: Role) -> None:
-    """A dispatched module ran inside a merged leaf, for the rows of ``calls``: each of their sessions
-    counts it as computed, as its own dispatcher would have (none of their policies acts inside a leaf)."""
-    for call in calls:
-        # Read from the context the call parked in, without entering it.
-        session = _innermost(call.context.get(_ACTIVE_SESSIONS, ()), owner)
-        if session is not None:
-            session._count(role, True)
+def dispatch_in_merged(
+    owner: object,
+    calls: tuple[MergedCall, ...],
+    role: Role,
+    module: nn.Module,
+    forward: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """A dispatched module inside a merged leaf, for the rows of ``calls``: each request's policy decides
+    for its own rows, as its own dispatcher would have, and each session records and counts its own.
+
+    The rows of requests whose policies do not act on the module, or decide beforehand to compute it (a
+    foreseeing handler), run together; a foreseeing handler's replay takes the place of its rows; any
+    other handler is called on its request's rows alone (FasterCache, which reads the call's batch)."""
+    # Read from the context each call parked in, without entering it.
+    sessions = [_innermost(call.context.get(_ACTIVE_SESSIONS, ()), owner) for call in calls]
+    handlers = [None if session is None else session._handlers.get(module) for session in sessions]
+    for call, session in zip(calls, sessions, strict=True):
+        if session is not None and not call.undo:
+            call.undo.append(session._undo_point())
+    if not any(handlers):
+        output = forward(*args, **kwargs)
+        for session in sessions:
+            if session is not None:
+                session._count(role, True)
+        return output
+    rows = [call.rows for call in calls]
+    if leading_rows(args, kwargs) != sum(rows):
+        # The block hands this module another batch (frames folded into it): no request's rows can be
+        # told apart here. Its calls run apart, and from now on it merges only where nothing acts inside.
+        _ROWS_NOT_KEPT.add(calls[0].module)
+        raise RowsNotKept(f"{type(module).__name__} is not called on its block's rows")
+    outputs: list[Any] = [None] * len(calls)
+    computed = [True] * len(calls)
+    together: list[int] = []
+    for index, (call, session, handler) in enumerate(zip(calls, sessions, handlers, strict=True)):
+        if session is None or handler is None:
+            together.append(index)
+        elif isinstance(handler, ForeseeingHandler):
+            with _as_in(call):
+                outputs[index] = handler.decide(session, module)
+            computed[index] = outputs[index] is None
+            if computed[index]:
+                together.append(index)
+    if together:
+        taken = (args, kwargs) if len(together) == len(calls) else take_rows(args, kwargs, rows, together)
+        ran = run_for_rows(tuple(calls[index] for index in together), forward, *taken[0], **taken[1])
+        for index, piece in zip(together, split_rows(ran, [rows[index] for index in together]), strict=True):
+            outputs[index] = piece
+    for index, (call, session, handler) in enumerate(zip(calls, sessions, handlers, strict=True)):
+        if session is None or handler is None:
+            if session is not None:
+                session._count(role, True)
+            continue
+        with _as_in(call):
+            if isinstance(handler, ForeseeingHandler):
+                handler.record(session, module, outputs[index], computed[index])
+            else:
+                own_args, own_kwargs = take_rows(args, kwargs, rows, [index])
+                own = ModuleCall(
+                    session, module, functools.partial(run_for_rows, (call,), forward), own_args, own_kwargs
+                )
+                outputs[index] = handler(own)
+                computed[index] = own.computed
+        session._count(role, computed[index])
+        call.undo.append(functools.partial(session._settle, module, outputs[index], computed[index]))
+    return join_rows(outputs)
+
+
+class RowsNotKept(RuntimeError):
+    """A module inside a merged leaf is called on another batch than the leaf's rows."""
+
+
+# Blocks inside which a module is called on another batch than the block's: a policy acting inside
+# them cannot decide per request there, so such a block merges whole only where no policy acts inside.
+_ROWS_NOT_KEPT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+@contextmanager
+def _as_in(call: MergedCall) -> Iterator[None]:
+    """The branch and loop position ``call``'s request was at when it parked, for its handler's decision."""
+    branch_token = _BRANCH.set(call.context.get(_BRANCH))
+    position_token = _LOOP_POSITION.set(call.context.get(_LOOP_POSITION, MappingProxyType({})))
+    try:
+        yield
+    finally:
+        _LOOP_POSITION.reset(position_token)
+        _BRANCH.reset(branch_token)
 
 
 @contextmanager

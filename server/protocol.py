@@ -659,7 +659,7 @@ class ReusedTrajectory(Response):
 
 
 class MergedForwards(Response):
-    runs: int = Field(description="the transformer forwards (blocks, or attention calls) this request ran")
+    runs: int = Field(description="the transformer forwards (blocks) this request ran")
     merged: int = Field(description="of them, those that ran in one batch with other requests'")
     mean: float = Field(description="the mean number of requests in the forwards it ran in (1: alone)")
     largest: int = Field(description="the most requests in one of them")

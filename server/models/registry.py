@@ -34,6 +34,7 @@ from server.models.call_specs import CallSpec, UnservablePipeline, call_spec
 from server.models.limits import Kind, ModelDefaults, ModelLimits
 from server.models.presets import PRESET_NAMES
 from server.models.prompt_cache import PromptCache
+from server.models.shared_components import serialize_shared_components
 from server.models.stages import StageProbe
 from server.models.tasks import Task, TaskPipeline, image_tasks, text_tasks
 from server.models.trajectories import DEFAULT_RULE, TrajectoryProbe, TrajectoryStore, resumable
@@ -372,6 +373,9 @@ def load_model(
         raise ModelLoadError(f"{spec!r} cannot be served: {exc}") from exc
     prompt_cache = PromptCache(text_cache_bytes) if text_cache_bytes > 0 else None
     pipelines = [pipeline, *(task.pipeline for task in tasks.values() if task.pipeline is not pipeline)]
+    for each in pipelines:
+        # The generations running at once on this copy (--max-batch) share its tokenizers and autoencoders.
+        serialize_shared_components(each)
     if prompt_cache is not None:
         # Under the stage timing, which then counts a hit's time as the encoding it replaced.
         for each in pipelines:

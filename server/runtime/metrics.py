@@ -110,7 +110,7 @@ class Metrics:
         )
         self.merged_batch = Histogram(
             "ditcache_merged_batch_size",
-            "Requests in each merged transformer forward (a block or attention call) of a model copy "
+            "Requests in each merged transformer forward (a block) of a model copy "
             "serving with max_batch above 1; 1: it ran alone",
             ["model"],
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),

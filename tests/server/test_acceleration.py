@@ -13,7 +13,6 @@ import importlib.util
 from pathlib import Path
 from typing import Any, get_args
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -28,7 +27,7 @@ from server.ops import acceleration
 from server.ops.acceleration import Acceleration, AccelerationError
 from server.settings import Settings
 from tests.cache_engine.support import small_flux
-from tests.server.conftest import LiveServer, live_server
+from tests.server.conftest import LiveServer, generated, live_server
 
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 needs_torchao = pytest.mark.skipif(
@@ -236,15 +235,8 @@ def test_the_model_card_and_the_answer_show_weights_and_cache_memory(int8_server
     with int8_server.client() as client:
         card = client.get("/v1/models").json()["data"][0]
         body = {"model": "tiny-flux", "prompt": "a red circle", "steps": 4}
-        answer = _generate(client, {**body, "cache": {"method": "first_block_cache", "threshold": 0.5}})
+        answer = generated(client, {**body, "cache": {"method": "first_block_cache", "threshold": 0.5}})
         metrics = client.get("/metrics").text
     assert 0 < card["weight_bytes"] < 1_000_000  # tiny-flux: 2.4 MB in float32
     assert answer["cache"]["peak_bytes"] > 0
     assert 'ditcache_cache_peak_bytes_max{method="first_block_cache",model="tiny-flux"}' in metrics
-
-
-def _generate(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
-    response = client.post("/v1/generations", json=body)
-    assert response.status_code == 200, response.text
-    answer: dict[str, Any] = response.json()
-    return answer

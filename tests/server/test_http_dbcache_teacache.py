@@ -11,18 +11,11 @@ from cache_engine import TeaCacheConfig
 from server.policy import engine_config as policy
 from server.protocol import GenerationRequest
 
-from .conftest import error_of
+from .conftest import error_of, generated
 
 STEPS = 6
 FLUX = {"model": "tiny-flux", "prompt": "a red circle on a blue background", "steps": STEPS, "seed": 1}
 WAN = {"model": "tiny-wan", "prompt": "a bird flying", "steps": STEPS, "seed": 1, "output_format": "gif"}
-
-
-def _generate(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
-    response = client.post("/v1/generations", json=body)
-    assert response.status_code == 200, response.text
-    result: dict[str, Any] = response.json()
-    return result
 
 
 def test_models_list_both_methods(client: httpx.Client) -> None:
@@ -50,7 +43,7 @@ def test_models_list_both_methods(client: httpx.Client) -> None:
     ],
 )
 def test_each_runs_on_tiny_flux_and_reuses_blocks(client: httpx.Client, cache: dict[str, Any]) -> None:
-    result = _generate(client, {**FLUX, "cache": cache})
+    result = generated(client, {**FLUX, "cache": cache})
     stats = result["cache"]
     assert stats["method"] == cache["method"] == result["cache_policy"]["method"]
     assert stats["denoiser_calls"] == STEPS
@@ -87,7 +80,7 @@ def test_teacache_needs_coefficients_where_the_paper_gives_none(client: httpx.Cl
     assert response.status_code == 422, response.text
     error = error_of(response)
     assert error["param"] == "cache.coefficients" and "coefficients" in error["message"]
-    result = _generate(
+    result = generated(
         client, {**WAN, "cache": {"method": "teacache", "rel_l1_thresh": 10.0, "coefficients": [1, 0]}}
     )
     assert result["cache"]["steps_cached"] > 0

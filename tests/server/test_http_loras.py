@@ -189,7 +189,8 @@ def test_requests_with_different_adapters_share_merged_forwards(
     assert all(response.status_code == 200 for response in responses), [r.text for r in responses]
     answers = [response.json() for response in responses]
     for answer, chosen in zip(answers, choices, strict=True):
-        assert answer["batch"]["largest"] == len(choices) and answer["batch"]["merged"] > 0
+        # Every choice differs, so a forward shared with any other request is shared across adapters.
+        assert answer["batch"]["largest"] > 1 and answer["batch"]["merged"] > 0
         difference = np.abs(
             _pixels(answer).astype(np.int16) - _direct(folder, lora_folders, chosen).astype(np.int16)
         )

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import LiveServer, b64_items, live_server, metric
+from .conftest import LiveServer, b64_items, generated, live_server, metric
 
 BODY: dict[str, Any] = {
     "model": "tiny-flux",
@@ -35,13 +35,6 @@ def keeping_none(model_cache: Path) -> Iterator[LiveServer]:
     yield from live_server(model_cache, models=["tiny-flux"], result_cache_mb=0)
 
 
-def _generate(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
-    response = client.post("/v1/generations", json=body)
-    assert response.status_code == 200, response.text
-    answer: dict[str, Any] = response.json()
-    return answer
-
-
 def _png_b64(seed: int) -> str:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -54,8 +47,8 @@ def test_an_identical_request_gets_the_same_bytes_and_names_the_request_it_came_
 ) -> None:
     body = {**BODY, "prompt": "a green square"}
     before = metric(client, "ditcache_generations_total", model="tiny-flux", method="none", outcome="reused")
-    first = _generate(client, body)
-    again = _generate(client, body)
+    first = generated(client, body)
+    again = generated(client, body)
     assert first["reused_from"] is None
     assert again["reused_from"] == first["request_id"] != again["request_id"]
     assert b64_items(again) == b64_items(first)
@@ -85,30 +78,30 @@ def test_an_identical_request_gets_the_same_bytes_and_names_the_request_it_came_
     ],
 )
 def test_anything_that_changes_the_bytes_misses(client: httpx.Client, change: dict[str, Any]) -> None:
-    _generate(client, BODY)
-    changed = _generate(client, {**BODY, **change})
+    generated(client, BODY)
+    changed = generated(client, {**BODY, **change})
     assert changed["reused_from"] is None
 
 
 def test_the_image_a_request_starts_from_is_part_of_what_matches(client: httpx.Client) -> None:
     body = {**BODY, "image": _png_b64(2), "strength": 0.5}
-    first = _generate(client, body)
-    assert _generate(client, body)["reused_from"] == first["request_id"]
-    assert _generate(client, {**body, "image": _png_b64(3)})["reused_from"] is None
+    first = generated(client, body)
+    assert generated(client, body)["reused_from"] == first["request_id"]
+    assert generated(client, {**body, "image": _png_b64(3)})["reused_from"] is None
 
 
 def test_without_a_seed_or_without_leave_nothing_is_reused(client: httpx.Client) -> None:
     unseeded = {key: value for key, value in BODY.items() if key != "seed"}
-    assert [_generate(client, unseeded)["reused_from"] for _ in range(2)] == [None, None]
-    _generate(client, BODY)
-    assert _generate(client, {**BODY, "reuse": "none"})["reused_from"] is None
+    assert [generated(client, unseeded)["reused_from"] for _ in range(2)] == [None, None]
+    generated(client, BODY)
+    assert generated(client, {**BODY, "reuse": "none"})["reused_from"] is None
     without_field = {key: value for key, value in BODY.items() if key != "reuse"}
-    assert _generate(client, without_field)["reused_from"] is None
+    assert generated(client, without_field)["reused_from"] is None
 
 
 def test_a_job_identical_to_an_earlier_request_is_done_as_it_is_created(client: httpx.Client) -> None:
     body = {**BODY, "prompt": "a blue star"}
-    first = _generate(client, body)
+    first = generated(client, body)
     job = client.post("/v1/jobs", json=body)
     assert job.status_code == 202
     view = client.get(f"/v1/jobs/{job.json()['id']}").json()
@@ -119,6 +112,6 @@ def test_a_job_identical_to_an_earlier_request_is_done_as_it_is_created(client: 
 
 def test_a_server_that_keeps_no_results_computes_every_request(keeping_none: LiveServer) -> None:
     with keeping_none.client() as client:
-        answers = [_generate(client, BODY) for _ in range(2)]
+        answers = [generated(client, BODY) for _ in range(2)]
     assert [answer["reused_from"] for answer in answers] == [None, None]
     assert b64_items(answers[0]) == b64_items(answers[1])

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import LiveServer, b64_items, error_of, live_server, metric
+from .conftest import LiveServer, b64_items, error_of, generated, live_server, metric
 
 KEYS = {"team-a": "key-of-team-a", "team-b": "key-of-team-b"}
 SIMILAR: dict[str, Any] = {"similar": {}}
@@ -35,22 +35,15 @@ def team_b(server: LiveServer) -> Iterator[httpx.Client]:
         yield client
 
 
-def _generate(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
-    response = client.post("/v1/generations", json=body)
-    assert response.status_code == 200, response.text
-    answer: dict[str, Any] = response.json()
-    return answer
-
-
 def test_a_similar_prompt_starts_from_the_earlier_trajectory_and_says_which(
     team_a: httpx.Client,
 ) -> None:
     body = {**BODY, "prompt": "a yellow star"}
     skipped_before = metric(team_a, "ditcache_trajectory_steps_skipped_total", model="tiny-flux")
-    first = _generate(team_a, {**body, "seed": 1})
+    first = generated(team_a, {**body, "seed": 1})
     assert first["reused_trajectory"] is None
     assert metric(team_a, "ditcache_trajectory_cache_bytes", model="tiny-flux", replica="0") > 0
-    again = _generate(team_a, {**body, "seed": 2})
+    again = generated(team_a, {**body, "seed": 2})
     reused = again["reused_trajectory"]
     assert reused["request_id"] == first["request_id"]
     assert reused["similarity"] == 1.0 and reused["same_prompt"]
@@ -65,32 +58,32 @@ def test_a_similar_prompt_starts_from_the_earlier_trajectory_and_says_which(
 
 def test_a_request_may_bound_the_steps_it_skips(team_a: httpx.Client) -> None:
     body = {**BODY, "prompt": "a green triangle"}
-    _generate(team_a, {**body, "seed": 1})
-    bounded = _generate(team_a, {**body, "seed": 2, "reuse": {"similar": {"max_skipped_steps": 1}}})
+    generated(team_a, {**body, "seed": 1})
+    bounded = generated(team_a, {**body, "seed": 2, "reuse": {"similar": {"max_skipped_steps": 1}}})
     assert bounded["reused_trajectory"]["steps_skipped"] == 1
-    floor = _generate(team_a, {**body, "seed": 3, "reuse": {"similar": {"max_skipped_steps": 0}}})
+    floor = generated(team_a, {**body, "seed": 3, "reuse": {"similar": {"max_skipped_steps": 0}}})
     assert floor["reused_trajectory"] is None
 
 
 def test_another_tenant_never_starts_from_it(team_a: httpx.Client, team_b: httpx.Client) -> None:
     body = {**BODY, "prompt": "a blue square"}
-    first = _generate(team_a, {**body, "seed": 1})
-    theirs = _generate(team_b, {**body, "seed": 1})
+    first = generated(team_a, {**body, "seed": 1})
+    theirs = generated(team_b, {**body, "seed": 1})
     assert theirs["reused_trajectory"] is None
     # Same prompt, same seed, computed from its own noise: the same image as team A's first.
     assert b64_items(theirs) == b64_items(first)
     # Nor did team A's prompt embeddings answer team B's encodings.
     assert theirs["text_cache"]["hits"] == 0
-    mine = _generate(team_a, {**body, "seed": 5})
+    mine = generated(team_a, {**body, "seed": 5})
     assert mine["reused_trajectory"]["request_id"] == first["request_id"]
     assert mine["text_cache"]["hits"] > 0
 
 
 def test_another_tenant_never_gets_its_kept_result(team_a: httpx.Client, team_b: httpx.Client) -> None:
     body = {"model": "tiny-flux", "prompt": "a white circle", "steps": 2, "seed": 4, "reuse": "exact"}
-    first = _generate(team_a, body)
-    assert _generate(team_b, body)["reused_from"] is None
-    assert _generate(team_a, body)["reused_from"] == first["request_id"]
+    first = generated(team_a, body)
+    assert generated(team_b, body)["reused_from"] is None
+    assert generated(team_a, body)["reused_from"] == first["request_id"]
 
 
 def test_another_tenants_job_is_no_job(team_a: httpx.Client, team_b: httpx.Client) -> None:
