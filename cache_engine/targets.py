@@ -143,6 +143,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         kind="video",
         block_lists_cached_apart=True,
         teacache_coefficients=_TEACACHE_HUNYUAN_VIDEO,
+        # The image-to-video pipeline's true CFG calls the denoiser twice per step, naming neither pass.
+        unnamed_passes=True,
     ),
     FamilySpec(
         "ltx",
@@ -609,15 +611,31 @@ class ModelLayout:
         if scale is None:
             start = value if first is None else first
             scale = 1000.0 if abs(start) <= 1.0 + 1e-6 else 1.0
+        if _per_token(raw):
+            # Wan 2.2 TI2V holds the image's tokens at 0 (clean, they condition) and denoises the others at
+            # the step's timestep: the step's is its noisiest token's, on the scale where time falls.
+            tokens = self.family.timestep_offset + scale * raw.reshape(raw.shape[0], -1)[0].float()
+            return float(tokens.max().item())
         return self.family.timestep_offset + scale * value
 
 
+def _per_token(raw: Any) -> bool:
+    """Whether a timestep argument holds one per token (batch, tokens) rather than one per row."""
+    return isinstance(raw, torch.Tensor) and raw.ndim > 1 and raw[0].numel() > 1
+
+
 def scalar_timestep(raw: Any) -> float | None:
-    """A timestep argument as one number: its first element where it holds one per row or token."""
+    """A timestep argument as one number: its first element where it holds one per row; where it holds one
+    per token, the first row's largest in size (tokens held at 0 beside it tell nothing of the scale)."""
     if raw is None:
         return None
     if isinstance(raw, torch.Tensor):
-        return float(raw.reshape(-1)[0].item()) if raw.numel() else None
+        if not raw.numel():
+            return None
+        if _per_token(raw):
+            row = raw.reshape(raw.shape[0], -1)[0]
+            return float(row[row.abs().argmax()].item())
+        return float(raw.reshape(-1)[0].item())
     return float(raw)
 
 
@@ -729,6 +747,15 @@ _Argument = Callable[[str], Any]
 def _adaln_zero(block: Any, argument: _Argument) -> torch.Tensor:
     # Flux, HunyuanVideo and SD3 blocks: AdaLayerNormZero returns (modulated, gates and shifts...).
     modulated: torch.Tensor = block.norm1(argument("hidden_states"), emb=argument("temb"))[0]
+    return modulated
+
+
+def _token_replace(block: Any, argument: _Argument) -> torch.Tensor:
+    # HunyuanVideo-I2V's blocks: the first latent frame's tokens (the image's) are modulated at timestep 0,
+    # the others at the step's, in one tensor.
+    modulated: torch.Tensor = block.norm1(
+        argument("hidden_states"), argument("temb"), argument("token_replace_emb"), argument("num_tokens")
+    )[0]
     return modulated
 
 
@@ -845,6 +872,7 @@ def _basic(block: Any, argument: _Argument) -> torch.Tensor:
 _MODULATED_INPUTS: Mapping[str, Callable[[Any, _Argument], torch.Tensor]] = {
     "FluxTransformerBlock": _adaln_zero,
     "HunyuanVideoTransformerBlock": _adaln_zero,
+    "HunyuanVideoTokenReplaceTransformerBlock": _token_replace,
     "JointTransformerBlock": _adaln_zero,
     "MochiTransformerBlock": _mochi,
     "CogVideoXBlock": _joint_norm,

@@ -84,7 +84,8 @@ def merge(recipe: Recipe, overrides: Recipe) -> Recipe:
 
 
 # Name -> (module, attribute prefix); the module's RECIPE, build and SMALL_CALL, prefixed where one
-# module holds two variants (Wan 2.1 and Wan 2.2, for text and for images).
+# module holds several variants (Wan 2.1, Wan 2.2 A14B and Wan 2.2 TI2V 5B, for text and for images, the
+# 5B's two pipelines from one recipe; HunyuanVideo-I2V's two conditionings).
 _MODULES: Mapping[str, tuple[str, str]] = MappingProxyType(
     {
         "flux": ("flux", ""),
@@ -96,6 +97,7 @@ _MODULES: Mapping[str, tuple[str, str]] = MappingProxyType(
         "cogvideox": ("cogvideox", ""),
         "wan": ("wan", ""),
         "wan22": ("wan", "WAN22_"),
+        "wan22_5b": ("wan", "TI2V_"),
         "hunyuan_video": ("hunyuan_video", ""),
         "ltx": ("ltx", ""),
         "z_image": ("z_image", ""),
@@ -111,14 +113,24 @@ _MODULES: Mapping[str, tuple[str, str]] = MappingProxyType(
         "ltx2": ("ltx2", ""),
         "wan_i2v": ("wan_i2v", ""),
         "wan22_i2v": ("wan_i2v", "WAN22_"),
+        "wan22_ti2v": ("wan_i2v", "TI2V_"),
         "cogvideox_i2v": ("cogvideox_i2v", ""),
+        "hunyuan_video_i2v": ("hunyuan_video_i2v", ""),
+        "hunyuan_video_i2v_33ch": ("hunyuan_video_i2v", "CONCAT_"),
     }
 )
 
 TINY_PIPELINE_NAMES: tuple[str, ...] = tuple(_MODULES)
 # Those whose pipeline needs an image besides the prompt (image-to-video checkpoints): a call of one
 # passes ``image`` on top of its SMALL_CALL.
-IMAGE_TO_VIDEO_NAMES: tuple[str, ...] = ("wan_i2v", "wan22_i2v", "cogvideox_i2v")
+IMAGE_TO_VIDEO_NAMES: tuple[str, ...] = (
+    "wan_i2v",
+    "wan22_i2v",
+    "wan22_ti2v",
+    "cogvideox_i2v",
+    "hunyuan_video_i2v",
+    "hunyuan_video_i2v_33ch",
+)
 
 
 def tiny_pipeline(name: str) -> TinyPipeline:

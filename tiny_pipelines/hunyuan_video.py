@@ -71,9 +71,13 @@ RECIPE: Mapping[str, Mapping[str, Any]] = {
 }
 
 
-def llama_tokenizer(words: Iterable[str] = ()) -> LlamaTokenizerFast:
+def llama_tokenizer(
+    words: Iterable[str] = (), *, template: str | None = None, special_tokens: Iterable[str] = ()
+) -> LlamaTokenizerFast:
     """A Llama tokenizer (BPE with byte fallback over "▁"-marked words) in which each word of WORDS and of
-    the pipeline's prompt template is one token.
+    the pipeline's prompt template (``template``; by default the text-to-video pipeline's) is one token,
+    and each of ``special_tokens`` too, besides the chat markers (the image-to-video template's
+    ``<image>``).
 
     It is built through the class's own constructor, the way ``from_pretrained`` rebuilds it, so that a
     saved copy tokenizes the same. (A byte-level Llama 3 vocabulary would not survive the reload: this
@@ -83,8 +87,11 @@ def llama_tokenizer(words: Iterable[str] = ()) -> LlamaTokenizerFast:
     from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
     from transformers import LlamaTokenizerFast
 
-    template = str(DEFAULT_PROMPT_TEMPLATE["template"])
-    template_words = re.findall(r"[A-Za-z]+", re.sub(r"<\|\w+\|>", " ", template))
+    specials = [*LLAMA_SPECIAL_TOKENS, *special_tokens]
+    template = str(DEFAULT_PROMPT_TEMPLATE["template"]) if template is None else template
+    for token in specials:
+        template = template.replace(token, " ")
+    template_words = re.findall(r"[A-Za-z]+", template)
     all_words = dict.fromkeys([*WORDS, *template_words, *words])
     forms = [form for word in all_words for form in ("▁" + word, word)] + ["\n\n", "{}"]
 
@@ -108,7 +115,7 @@ def llama_tokenizer(words: Iterable[str] = ()) -> LlamaTokenizerFast:
             eos_token=LLAMA_EOS,
             pad_token=LLAMA_EOS,
             add_bos_token=True,
-            extra_special_tokens=list(LLAMA_SPECIAL_TOKENS),
+            extra_special_tokens=specials,
             # The pipeline crops the template off the front of the sequence, so padding goes at the end.
             padding_side="right",
         )

@@ -1,4 +1,5 @@
-"""Tiny WanPipeline (Wan 2.1): 4 blocks, a UMT5 text encoder, a causal 3D VAE."""
+"""Tiny WanPipeline: Wan 2.1 (4 blocks, a UMT5 text encoder, a causal 3D VAE), Wan 2.2 A14B (two such
+experts) and Wan 2.2 TI2V 5B (one transformer on a 48-channel VAE, a timestep per token), below."""
 
 from __future__ import annotations
 
@@ -104,4 +105,44 @@ def wan22_build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> Diffusion
     from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 
     # One seed stream per component name, so the two experts start from different weights.
+    return WanPipeline(**components(recipe, seed), **recipe["pipeline"])
+
+
+# Wan 2.2 TI2V 5B: one transformer on the 48-channel VAE (16x spatial: 2x2 pixel patches, then 8x, with
+# residual down- and upsampling), no image encoder, and expand_timesteps: the transformer gets one timestep
+# per token. The published checkpoint is this WanPipeline, whose tokens all denoise at the step's timestep;
+# its image-to-video pipeline (tiny_pipelines.wan_i2v) is built from the same recipe, the same components,
+# and holds the image's first latent frame at 0.
+TI2V_LATENT_CHANNELS = 48
+TI2V_RECIPE: Mapping[str, Mapping[str, Any]] = {
+    "transformer": {**TRANSFORMER, "in_channels": TI2V_LATENT_CHANNELS, "out_channels": TI2V_LATENT_CHANNELS},
+    "vae": {
+        "base_dim": 8,
+        "z_dim": TI2V_LATENT_CHANNELS,
+        "dim_mult": [1, 1, 1, 1],
+        "num_res_blocks": 1,
+        "temperal_downsample": [False, True, True],
+        "is_residual": True,
+        # 2x2 pixel patches as 4 x 3 channels in and out.
+        "in_channels": 12,
+        "out_channels": 12,
+        "patch_size": 2,
+        "scale_factor_spatial": 16,
+        "scale_factor_temporal": 4,
+        "latents_mean": [round(0.02 * i - 0.45, 2) for i in range(TI2V_LATENT_CHANNELS)],
+        "latents_std": [round(0.8 + 0.01 * i, 2) for i in range(TI2V_LATENT_CHANNELS)],
+    },
+    "text_encoder": T5_ENCODER,
+    # The TI2V 5B's shift.
+    "scheduler": {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 5.0},
+    "pipeline": {"expand_timesteps": True},
+}
+
+# Multiples of 32 pixels (16x VAE, 2x2 patches): 5 frames of 64x64 -> 2 latent frames of 4x4, a 2x2 token grid.
+TI2V_SMALL_CALL: Mapping[str, Any] = {"width": 64, "height": 64, "num_frames": 5}
+
+
+def ti2v_build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeline:
+    from diffusers.pipelines.wan.pipeline_wan import WanPipeline
+
     return WanPipeline(**components(recipe, seed), **recipe["pipeline"])

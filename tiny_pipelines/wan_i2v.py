@@ -1,5 +1,7 @@
 """Tiny WanImageToVideoPipeline: Wan 2.1 I2V (the tiny Wan with a CLIP vision encoder and an
-image-conditioned transformer) and Wan 2.2 I2V A14B (two such experts without the image encoder, below).
+image-conditioned transformer), Wan 2.2 I2V A14B (two such experts without the image encoder) and Wan 2.2
+TI2V 5B (its text-to-video checkpoint's components, tiny_pipelines.wan, the image as the first latent frame),
+below.
 
 Wan 2.1's image-to-video checkpoints are weights of their own, not the text model's: the transformer takes the
 noise, a mask of the frames given and the VAE latents of the image (2 x latent channels + the VAE's 4x
@@ -16,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from tiny_pipelines.text_encoders import T5_ENCODER
 from tiny_pipelines.wan import LATENT_CHANNELS, components
 from tiny_pipelines.wan import RECIPE as WAN_RECIPE
+from tiny_pipelines.wan import TI2V_RECIPE as TI2V_RECIPE
+from tiny_pipelines.wan import TI2V_SMALL_CALL as TI2V_SMALL_CALL
 from tiny_pipelines.wan import TRANSFORMER as WAN_TRANSFORMER
 
 if TYPE_CHECKING:
@@ -94,4 +98,13 @@ def wan22_build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> Diffusion
 
     # One seed stream per component name, so the two experts start from different weights. image_encoder
     # and image_processor stay at their default, None, as in the published checkpoint.
+    return WanImageToVideoPipeline(**components(recipe, seed), **recipe["pipeline"])
+
+
+# Wan 2.2 TI2V 5B: the text-to-video checkpoint's recipe (tiny_pipelines.wan), the same components in
+# WanImageToVideoPipeline: with expand_timesteps, the image's latents are the first latent frame, whose
+# tokens the transformer gets at timestep 0, one timestep per token.
+def ti2v_build(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeline:
+    from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
+
     return WanImageToVideoPipeline(**components(recipe, seed), **recipe["pipeline"])

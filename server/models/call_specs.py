@@ -88,6 +88,9 @@ class CallSpec:
     # The transformer computes its default size alone (CogVideoX-5b-I2V's positional embeddings are learned
     # for it, and another size fails inside it): another size is refused.
     fixed_size: bool = False
+    # Leading frames the pipeline drops from the video it decodes (HunyuanVideo-I2V-33ch drops the first 4):
+    # it is asked for that many more, so that the video has the frames requested.
+    frames_dropped: int = 0
     # Known variants whose model card says otherwise than the pipeline's signature.
     default_steps: int | None = None
     default_guidance: float | None = None
@@ -175,6 +178,10 @@ _SPECS: Mapping[str, CallSpec] = MappingProxyType(
             "guidance_scale", True, temporal_packing=2, inputs=("image",)
         ),
         "WanImageToVideoPipeline": _video("guidance_scale", True, inputs=("image",)),
+        # HunyuanVideo-I2V: guidance embedded as in the text model (without it, true CFG: see below).
+        "HunyuanVideoImageToVideoPipeline": _video(
+            "guidance_scale", False, guidance_kind="embedded", inputs=("image",)
+        ),
         # guidance_scale is embedded; the negative prompt would need true CFG on top (true_cfg_scale),
         # which the request cannot ask for.
         "HunyuanVideoPipeline": _video("guidance_scale", False, guidance_kind="embedded"),
@@ -251,17 +258,35 @@ def _variant(name: str, spec: CallSpec, pipeline: DiffusionPipeline) -> CallSpec
             default_steps=4,
             default_guidance=1.0,
         )
+    if name == "HunyuanVideoImageToVideoPipeline":
+        return _hunyuan_video_i2v(spec, config)
     if name in ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline") and getattr(
         config, "use_learned_positional_embeddings", False
     ):
         return dataclasses.replace(spec, fixed_size=True)
     vae_config = getattr(getattr(pipeline, "vae", None), "config", None)
-    if name == "WanPipeline" and getattr(vae_config, "z_dim", None) == 48:
-        # Wan 2.2 TI2V 5B (its 16x VAE has 48 channels): 121 frames of 1280x704 at 24 fps.
+    if name in ("WanPipeline", "WanImageToVideoPipeline") and getattr(vae_config, "z_dim", None) == 48:
+        # Wan 2.2 TI2V 5B, text or image to video (its 16x VAE has 48 channels): 121 frames of 1280x704 at
+        # 24 fps.
         return dataclasses.replace(spec, default_size=(1280, 704), default_frames=121, default_fps=24)
     if name == "Flux2KleinPipeline" and getattr(pipeline, "config", {}).get("is_distilled", False):
         # Step-distilled Klein ignores guidance_scale; asking for it is refused rather than dropped.
         return dataclasses.replace(spec, guidance_argument=None, guidance_kind="none")
+    return spec
+
+
+def _hunyuan_video_i2v(spec: CallSpec, config: Any) -> CallSpec:
+    """HunyuanVideo-I2V (``token_replace``, guidance embedded) or HunyuanVideo-I2V-33ch (``latent_concat``),
+    told apart by the transformer's config."""
+    if not getattr(config, "guidance_embeds", True):
+        # Without guidance embedding (the 33ch checkpoint), guidance_scale reaches nothing: the request's
+        # guidance is true CFG against a negative prompt, one extra pass per step.
+        spec = dataclasses.replace(
+            spec, guidance_argument="true_cfg_scale", guidance_kind="cfg", negative_prompt=True
+        )
+    if getattr(config, "image_condition_type", None) == "latent_concat":
+        # The pipeline cuts the first 4 decoded frames (video[:, :, 4:]), whatever the VAE's compression.
+        spec = dataclasses.replace(spec, frames_dropped=4)
     return spec
 
 

@@ -277,7 +277,9 @@ def call_arguments(model: ResidentModel, params: GenerationParams) -> dict[str, 
         spec.per_prompt_argument: params.n,
     }
     if model.kind == "video":
-        kwargs["num_frames"] = params.num_frames
+        frames = params.num_frames
+        # A pipeline that drops leading frames is asked for them on top, to return the frames requested.
+        kwargs["num_frames"] = frames if frames is None else frames + spec.frames_dropped
     if spec.guidance_argument is not None:
         kwargs[spec.guidance_argument] = params.guidance_scale
     negative_prompt = params.negative_prompt

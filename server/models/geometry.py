@@ -105,6 +105,12 @@ def _default_frames(pipeline: DiffusionPipeline) -> int:
     return sample_frames if isinstance(sample_frames, int) else 49
 
 
+def _frames(pipeline: DiffusionPipeline, spec: CallSpec) -> int:
+    """The default clip: a pipeline that drops leading frames of what it decodes (HunyuanVideo-I2V-33ch)
+    makes its own default that much shorter."""
+    return spec.default_frames or _default_frames(pipeline) - spec.frames_dropped
+
+
 def defaults(pipeline: DiffusionPipeline, spec: CallSpec) -> ModelDefaults:
     """The call the pipeline makes when a request leaves a field out: its signature, its configs, and the
     known variants' model cards."""
@@ -120,7 +126,7 @@ def defaults(pipeline: DiffusionPipeline, spec: CallSpec) -> ModelDefaults:
     return ModelDefaults(
         width=width,
         height=height,
-        num_frames=(spec.default_frames or _default_frames(pipeline)) if video else None,
+        num_frames=_frames(pipeline, spec) if video else None,
         steps=steps if isinstance(steps, int) else 50,
         guidance_scale=float(guidance) if isinstance(guidance, (int, float)) else 1.0,
         fps=(fps if isinstance(fps, int) else _FALLBACK_FPS) if video else None,

@@ -39,9 +39,23 @@ STRENGTH_TASKS: tuple[Task, ...] = ("image_to_image", "inpainting")
 # diffusers' default for its image-to-image and inpainting pipelines.
 DEFAULT_STRENGTH = 0.6
 
-# Per text pipeline class, the diffusers classes of its image-conditioned tasks. Each pair is tested end
-# to end (the direct call's output, over HTTP); a class that is not here has no such task.
-_IMAGE_TASKS: Mapping[str, Mapping[Task, str]] = {
+
+@dataclass(frozen=True)
+class _Only:
+    """A task's diffusers class that only some checkpoints of the text pipeline can run: those whose
+    pipeline config sets ``flag``."""
+
+    class_name: str
+    flag: str
+
+    def fits(self, pipeline: DiffusionPipeline) -> bool:
+        return bool(pipeline.config.get(self.flag, False))
+
+
+# Per text pipeline class, the diffusers classes of its image-conditioned tasks, or the checkpoints of it
+# that have one. Each pair is tested end to end (the direct call's output, over HTTP); a class that is not
+# here has no such task.
+_IMAGE_TASKS: Mapping[str, Mapping[Task, str | _Only]] = {
     "FluxPipeline": {"image_to_image": "FluxImg2ImgPipeline", "inpainting": "FluxInpaintPipeline"},
     "StableDiffusion3Pipeline": {
         "image_to_image": "StableDiffusion3Img2ImgPipeline",
@@ -53,14 +67,25 @@ _IMAGE_TASKS: Mapping[str, Mapping[Task, str]] = {
     },
     # LTX conditions its first latent frame on the image, with the text model's own transformer.
     "LTXPipeline": {"image_to_video": "LTXImageToVideoPipeline"},
+    # So does a Wan checkpoint with expand_timesteps (Wan 2.2 TI2V 5B), and no other: its transformer takes a
+    # timestep per token, and WanImageToVideoPipeline puts the image's latents in the first latent frame at
+    # timestep 0, an input the text model's transformer takes as it is. Without expand_timesteps (Wan 2.1,
+    # Wan 2.2 A14B) the pipeline gives the transformer a mask of the frames given and the image's latents
+    # beside the noise (36 channels where a text-to-video transformer takes 16): only the transformer of an
+    # image-to-video checkpoint takes that.
+    "WanPipeline": {"image_to_video": _Only("WanImageToVideoPipeline", flag="expand_timesteps")},
 }
 # Edit models: their own pipeline edits the request's images (in context, at no strength), as many as
 # the model takes (FLUX.2 conditions on up to 10 reference images).
 _EDIT_MODELS: Mapping[str, int] = {"FluxKontextPipeline": 1, "Flux2Pipeline": 10, "Flux2KleinPipeline": 10}
 # Image-to-video models: checkpoints of their own (Wan 2.1's transformer attends to the image's CLIP tokens,
-# CogVideoX's takes its latents beside the noise), whose pipeline animates the request's image and cannot
-# run without one: image_to_video is all they do.
-_IMAGE_TO_VIDEO_MODELS: tuple[str, ...] = ("WanImageToVideoPipeline", "CogVideoXImageToVideoPipeline")
+# CogVideoX's takes its latents beside the noise, HunyuanVideo's LLaVA reads the image with the prompt),
+# whose pipeline animates the request's image and cannot run without one: image_to_video is all they do.
+_IMAGE_TO_VIDEO_MODELS: tuple[str, ...] = (
+    "WanImageToVideoPipeline",
+    "CogVideoXImageToVideoPipeline",
+    "HunyuanVideoImageToVideoPipeline",
+)
 # What a request fills in each task's call, besides strength.
 _INPUTS: Mapping[Task, tuple[str, ...]] = {
     "image_to_image": ("image",),
@@ -92,13 +117,16 @@ def text_tasks(kind: Kind, spec: CallSpec) -> tuple[Task, ...]:
 def task_pipelines() -> dict[str, str]:
     """Each image-conditioned pipeline class served, with how: the task of a text pipeline it is built
     for, or an edit model served as one."""
-    served = {
-        task_class: f"{task.replace('_', '-')} of `{text_class}`"
-        for text_class, tasks in _IMAGE_TASKS.items()
-        for task, task_class in tasks.items()
-    }
-    served.update({name: "an edit model" for name in _EDIT_MODELS})
+    served = {name: "an edit model" for name in _EDIT_MODELS}
     served.update({name: "an image-to-video model" for name in _IMAGE_TO_VIDEO_MODELS})
+    for text_class, tasks in _IMAGE_TASKS.items():
+        for task, entry in tasks.items():
+            how = f"{task.replace('_', '-')} of `{text_class}`"
+            if isinstance(entry, _Only):
+                how += f" with `{entry.flag}`"
+            name = _class_name(entry)
+            # WanImageToVideoPipeline is both an image-to-video model and Wan 2.2 TI2V 5B's task.
+            served[name] = f"{served[name]} and as {how}" if name in served else how
     return served
 
 
@@ -115,8 +143,10 @@ def image_tasks(pipeline: DiffusionPipeline, spec: CallSpec) -> dict[Task, TaskP
     if name in _IMAGE_TO_VIDEO_MODELS:
         video_spec = task_call_spec(pipeline, spec, _INPUTS["image_to_video"], strength=False)
         tasks["image_to_video"] = TaskPipeline("image_to_video", pipeline, video_spec)
-    for task, class_name in _IMAGE_TASKS.get(name, {}).items():
-        task_pipeline = _on_the_same_components(pipeline, getattr(diffusers, class_name))
+    for task, entry in _IMAGE_TASKS.get(name, {}).items():
+        if isinstance(entry, _Only) and not entry.fits(pipeline):
+            continue
+        task_pipeline = _on_the_same_components(pipeline, getattr(diffusers, _class_name(entry)))
         task_pipeline.set_progress_bar_config(disable=True)
         tasks[task] = TaskPipeline(
             task,
@@ -124,6 +154,10 @@ def image_tasks(pipeline: DiffusionPipeline, spec: CallSpec) -> dict[Task, TaskP
             task_call_spec(task_pipeline, spec, _INPUTS[task], strength=task in STRENGTH_TASKS),
         )
     return tasks
+
+
+def _class_name(entry: str | _Only) -> str:
+    return entry.class_name if isinstance(entry, _Only) else entry
 
 
 def _on_the_same_components(pipeline: DiffusionPipeline, cls: type[DiffusionPipeline]) -> DiffusionPipeline:

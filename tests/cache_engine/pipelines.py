@@ -28,6 +28,9 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from tiny_pipelines import tiny_pipeline
 
 FAMILIES: tuple[str, ...] = ("flux", "cogvideox", "wan", "hunyuan_video", "ltx", "sd3", "cogview4", "pixart")
+# Built like the families above, for the tests that name them, but not run through every test of the
+# engine: Wan 2.2 TI2V 5B (a timestep per token).
+OTHER_FAMILIES: tuple[str, ...] = ("wan22_5b",)
 
 CFG_MODES: tuple[str, ...] = ("distilled", "batched", "separate")
 
@@ -70,6 +73,22 @@ class FamilyInfo:
         return self.cfg_modes[0]
 
 
+# Wan's layout, which Wan 2.2 TI2V 5B (a timestep per token) shares.
+_WAN = FamilyInfo(
+    pipeline_class="WanPipeline",
+    transformer_class="WanTransformer3DModel",
+    timestep_kwarg="timestep",
+    timestep_scale=1000,
+    output_layout="BCFHW",
+    block_lists=("blocks",),
+    attention_modules=("blocks.{i}.attn1", "blocks.{i}.attn2"),
+    transformer_positional=(),
+    block_outputs=("hidden_states",),
+    blocks_positional=True,
+    cfg_modes=("separate", "distilled"),
+    cache_contexts={"separate": ("cond", "uncond"), "distilled": ("cond",)},
+)
+
 FAMILY_INFO: dict[str, FamilyInfo] = {
     "flux": FamilyInfo(
         pipeline_class="FluxPipeline",
@@ -99,20 +118,9 @@ FAMILY_INFO: dict[str, FamilyInfo] = {
         cfg_modes=("batched", "distilled"),
         cache_contexts={"batched": ("cond_uncond",), "distilled": ("cond_uncond",)},
     ),
-    "wan": FamilyInfo(
-        pipeline_class="WanPipeline",
-        transformer_class="WanTransformer3DModel",
-        timestep_kwarg="timestep",
-        timestep_scale=1000,
-        output_layout="BCFHW",
-        block_lists=("blocks",),
-        attention_modules=("blocks.{i}.attn1", "blocks.{i}.attn2"),
-        transformer_positional=(),
-        block_outputs=("hidden_states",),
-        blocks_positional=True,
-        cfg_modes=("separate", "distilled"),
-        cache_contexts={"separate": ("cond", "uncond"), "distilled": ("cond",)},
-    ),
+    "wan": _WAN,
+    # Wan 2.2 TI2V 5B's text-to-video: Wan's layout, with a timestep per token (expand_timesteps).
+    "wan22_5b": _WAN,
     "hunyuan_video": FamilyInfo(
         pipeline_class="HunyuanVideoPipeline",
         transformer_class="HunyuanVideoTransformer3DModel",
@@ -222,6 +230,8 @@ CALLS: dict[str, FamilyCall] = {
     ),
     "cogvideox": FamilyCall("cogvideox", width=64, num_frames=9, text_dim="text_embed_dim", guidance=6.0),
     "wan": FamilyCall("wan", width=64, num_frames=9, text_dim="text_dim"),
+    # Its VAE compresses 16x in space: 128 px make an 8x8 latent, 4x4 tokens after 2x2 patching.
+    "wan22_5b": FamilyCall("wan22_5b", width=128, num_frames=9, text_dim="text_dim"),
     # Guidance is embedded (the released model is guidance-distilled); ``separate`` adds true CFG.
     "hunyuan_video": FamilyCall(
         "hunyuan_video",

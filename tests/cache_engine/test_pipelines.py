@@ -20,6 +20,7 @@ from tests.cache_engine.pipelines import (
     FAMILIES,
     FAMILY_INFO,
     NUM_INFERENCE_STEPS,
+    OTHER_FAMILIES,
     TinyPipeline,
     build,
     clone_with_shared_transformer,
@@ -110,7 +111,7 @@ def traced_run(tp: TinyPipeline) -> tuple[torch.Tensor, Trace]:
 
 
 def test_family_table_is_complete() -> None:
-    assert set(FAMILY_INFO) == set(FAMILIES)
+    assert set(FAMILY_INFO) == {*FAMILIES, *OTHER_FAMILIES}
     for info in FAMILY_INFO.values():
         assert set(info.cfg_modes) <= set(CFG_MODES)
         assert set(info.cache_contexts) == set(info.cfg_modes)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers.models import DiTTransformer2DModel
 
 import cache_engine as ce
+from cache_engine.targets import FAMILIES as FAMILY_TABLE
 from cache_engine.targets import GENERIC_FAMILY, build_layout
 from tests.cache_engine.pipelines import FAMILIES, FAMILY_INFO, build, run
 from tests.cache_engine.support import seeded_model
+
+FAMILY_BY_NAME = {spec.name: spec for spec in FAMILY_TABLE}
 
 
 def _count(transformer: torch.nn.Module, list_name: str) -> int:
@@ -113,6 +118,20 @@ def test_flux_timestep_is_rescaled() -> None:
     layout = build_layout(build("flux").pipe.transformer)
     assert layout.to_denoising_timestep(torch.tensor([0.25, 0.25])) == 250.0
     assert layout.to_denoising_timestep(0.5) == 500.0
+
+
+def test_a_timestep_per_token_is_the_noisiest_tokens() -> None:
+    """Wan 2.2 TI2V passes one timestep per token, the image's first latent frame held at 0 (clean): the
+    step's timestep is that of the tokens it denoises, whichever way the family's time runs."""
+    per_token = torch.tensor([[0.0] * 4 + [900.0] * 4])
+    wan = build_layout(build("wan").pipe.transformer)
+    assert wan.to_denoising_timestep(per_token) == 900.0
+    assert wan.to_denoising_timestep(per_token.expand(2, -1)) == 900.0
+    # One per row stays the first row's.
+    assert wan.to_denoising_timestep(torch.tensor([900.0, 900.0])) == 900.0
+    # Time rising from 0 at pure noise to 1 (Lumina 2's): the clean tokens sit at 1.
+    lumina = dataclasses.replace(wan, family=FAMILY_BY_NAME["lumina2"])
+    assert lumina.to_denoising_timestep(torch.tensor([[1.0] * 4 + [0.3] * 4])) == pytest.approx(700.0)
 
 
 def test_unknown_family_falls_back_to_the_reference_name_patterns() -> None:

@@ -126,6 +126,48 @@ def test_the_signal_is_what_the_first_block_feeds_its_attention(family: str) -> 
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
+def test_the_signal_of_hunyuan_video_i2vs_token_replace_block_is_what_it_feeds_its_attention() -> None:
+    """HunyuanVideo-I2V's blocks modulate the image's tokens (the first latent frame) at timestep 0 and the
+    rest at the step's: the recomputed input is still bit for bit what the first attention receives."""
+    from tiny_pipelines import tiny_pipeline
+
+    transformer = tiny_pipeline("hunyuan_video_i2v").build().transformer
+    layout = build_layout(transformer)
+    site: BlockSite = runs(layout)[0][0]
+    assert type(site.module).__name__ == "HunyuanVideoTokenReplaceTransformerBlock"
+    attention = next(a.module for a in layout.attention if a.name.startswith(f"{site.name}."))
+    ours: list[torch.Tensor] = []
+    theirs: list[torch.Tensor] = []
+
+    def at_block(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ours.append(modulated_input(site, args, kwargs))
+
+    def at_attention(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        theirs.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    config = transformer.config
+    generator = torch.Generator().manual_seed(0)
+    handles = [
+        site.module.register_forward_pre_hook(at_block, with_kwargs=True),
+        attention.register_forward_pre_hook(at_attention, with_kwargs=True),
+    ]
+    try:
+        with torch.no_grad():
+            transformer(
+                hidden_states=torch.randn(1, config.in_channels, 2, 8, 8, generator=generator),
+                timestep=torch.tensor([900.0]),
+                encoder_hidden_states=torch.randn(1, 6, config.text_embed_dim, generator=generator),
+                encoder_attention_mask=torch.ones(1, 6),
+                pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=generator),
+                guidance=torch.tensor([3000.0]),
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(ours) == len(theirs) == 1
+    assert torch.equal(ours[0], theirs[0])
+
+
 # -- decisions ----------------------------------------------------------------------------------------
 
 

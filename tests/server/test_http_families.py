@@ -86,6 +86,8 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
         "cogvideox": Family("cogvideox", "CogVideoXPipeline", "guidance_scale", negative_prompt=True),
         "wan": Family("wan", "WanPipeline", "guidance_scale", negative_prompt=True),
         "wan22": Family("wan22", "WanPipeline", "guidance_scale", negative_prompt=True, steps=4),
+        # Wan 2.2 TI2V 5B: one transformer on a 48-channel VAE, given one timestep per token.
+        "wan22_5b": Family("wan22_5b", "WanPipeline", "guidance_scale", negative_prompt=True),
         # Embedded guidance; a negative prompt would need true CFG on top, which a request cannot ask for.
         "hunyuan_video": Family(
             "hunyuan_video", "HunyuanVideoPipeline", "guidance_scale", negative_prompt=False
@@ -576,6 +578,38 @@ def test_wan22_runs_both_experts(references: References) -> None:
     calls = references["wan22"].denoiser_calls
     assert set(calls) == {"transformer", "transformer_2"}
     assert calls["transformer"] > 0 and calls["transformer_2"] > 0
+
+
+def test_wan22_5bs_card_has_the_5bs_defaults_and_geometry(client: httpx.Client) -> None:
+    """Its 48-channel VAE makes it the TI2V 5B: 121 frames of 1280x704 at 24 fps, sizes a multiple of 32
+    (16x VAE, 2x2 patches); Wan 2.1's card keeps its pipeline's defaults."""
+    card = client.get("/v1/models/wan22_5b").json()
+    defaults = card["defaults"]
+    assert (defaults["width"], defaults["height"]) == (1280, 704)
+    assert (defaults["num_frames"], defaults["fps"]) == (121, 24)
+    assert (card["size_multiple"], card["frame_step"], card["limits"]["max_frames"]) == (32, 4, 121)
+    wan = client.get("/v1/models/wan").json()
+    assert (wan["defaults"]["width"], wan["defaults"]["num_frames"], wan["size_multiple"]) == (832, 81, 16)
+    # A size the 16x VAE and its patches cannot take is refused, naming it.
+    response = client.post("/v1/generations", json=body("wan22_5b", width=48))
+    assert response.status_code == 422 and error_of(response)["param"] == "width", response.text
+
+
+def test_wan22_5bs_timestep_per_token_reaches_the_policy_as_the_steps(client: httpx.Client) -> None:
+    """The 5B's transformer gets one timestep per token (every token at the step's, with no image): a policy
+    reads the step's own, so a method's timestep window acts on the steps inside it. 6 steps are 999, 961,
+    909, 833, 714 and 501 at its shift, 2 steps 999 and 833."""
+    # PAB's default window (100, 800) holds the last two of 6 steps and none of 2.
+    pab = {"method": "pyramid_attention_broadcast", "spatial_attention_block_skip_range": 2}
+    assert generate(client, body("wan22_5b", steps=6, cache=pab))["cache"]["attention_reused"] > 0
+    assert generate(client, body("wan22_5b", steps=2, cache=pab))["cache"]["attention_reused"] == 0
+    # FasterCache's default windows end at 681 (attention) and 641 (the unconditional pass): only the last
+    # of 6 steps is inside them, and a step at 999 is never.
+    faster = {"method": "faster_cache", "unconditional_batch_skip_range": 2}
+    stats = generate(client, body("wan22_5b", steps=6, cache=faster))["cache"]
+    assert stats["attention_reused"] > 0 or stats["blocks_reused"] > 0, stats
+    stats = generate(client, body("wan22_5b", steps=2, cache=faster))["cache"]
+    assert stats["attention_reused"] == stats["blocks_reused"] == 0, stats
 
 
 # -- not servable -----------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
-"""Image-to-video models: Wan 2.1, Wan 2.2 A14B and CogVideoX image-to-video checkpoints served from their
-folders, over real HTTP.
+"""Image-to-video models: Wan 2.1, Wan 2.2 A14B and TI2V 5B, CogVideoX and HunyuanVideo image-to-video
+checkpoints served from their folders, over real HTTP.
 
 Their pipelines are weights of their own (Wan 2.1's transformer attends to the image's CLIP tokens, Wan
-2.2's two experts and CogVideoX's transformer take its latents beside the noise), so a folder whose pipeline is one of them is a model that
-makes videos from images and nothing else: its card's one task is ``image_to_video``, and a request
-without an image is refused naming ``image``. What the server answers uncached is what a direct call of
-the same diffusers pipeline, loaded from the same folder, gives for the same image and seed, frame for
-frame; every cache method the card lists reuses something on it.
+2.2's two experts and CogVideoX's transformer take its latents beside the noise, Wan 2.2 TI2V's as its
+first latent frame, HunyuanVideo's LLaVA reads
+the image with the prompt and its transformer takes the image's latents in the first frame's tokens or
+beside the noise), so a folder whose pipeline is one of them is a model that makes videos from images and
+nothing else: its card's one task is ``image_to_video``, and a request without an image is refused naming
+``image``. What the server answers uncached is what a direct call of the same diffusers pipeline, loaded
+from the same folder, gives for the same image and seed, frame for frame; every cache method the card
+lists reuses something on it.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from PIL import Image
 from server.models import media
 from tiny_pipelines import IMAGE_TO_VIDEO_NAMES, tiny_pipeline
 
-from .conftest import LiveServer, b64_items, direct_pipeline, error_of, one_thread_server
+from .conftest import LiveServer, b64_items, direct_pipeline, error_of, generated, one_thread_server
 from .test_http_families import GUARDED_STEPS, POLICIES
 
 PROMPT = "a red cat walking in the snow"
@@ -46,8 +49,15 @@ class Family:
     of the server."""
 
     pipeline_class: str
-    # Transformer calls per step: Wan runs its two CFG branches as two calls, CogVideoX as one batch.
+    # Transformer calls per step: Wan runs its two CFG branches as two calls, CogVideoX as one batch,
+    # HunyuanVideo-I2V embeds its guidance (one call) and the 33ch checkpoint runs true CFG (two).
     calls_per_step: int
+    # What the direct call passes for the request's guidance_scale: HunyuanVideo-I2V-33ch has no guidance
+    # embedding, so its guidance is true CFG against the empty prompt.
+    guidance: tuple[tuple[str, Any], ...] = (("guidance_scale", GUIDANCE),)
+    # Leading frames the pipeline drops from what it decodes (the 33ch checkpoint's first 4): the direct
+    # call asks for them on top of the video's.
+    frames_dropped: int = 0
     # Enough for every transformer to get steps: Wan 2.2 A14B's experts split them at its boundary, and each
     # needs two of its own for a cache method to reuse the first.
     steps: int = STEPS
@@ -68,7 +78,16 @@ FAMILIES: Mapping[str, Family] = MappingProxyType(
             guarded_steps=6,
             transformers=("transformer", "transformer_2"),
         ),
+        # One transformer taking a timestep per token (the image's first latent frame at 0).
+        "wan22_ti2v": Family("WanImageToVideoPipeline", calls_per_step=2),
         "cogvideox_i2v": Family("CogVideoXImageToVideoPipeline", calls_per_step=1),
+        "hunyuan_video_i2v": Family("HunyuanVideoImageToVideoPipeline", calls_per_step=1),
+        "hunyuan_video_i2v_33ch": Family(
+            "HunyuanVideoImageToVideoPipeline",
+            calls_per_step=2,
+            guidance=(("true_cfg_scale", GUIDANCE), ("negative_prompt", "")),
+            frames_dropped=4,
+        ),
     }
 )
 NAMES = tuple(FAMILIES)
@@ -135,13 +154,6 @@ def _body(name: str, **fields: Any) -> dict[str, Any]:
     }
 
 
-def _generate(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
-    response = client.post("/v1/generations", json=body)
-    assert response.status_code == 200, response.text
-    answer: dict[str, Any] = response.json()
-    return answer
-
-
 def test_each_card_lists_image_to_video_alone(client: httpx.Client, folders: Mapping[str, Path]) -> None:
     cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
     assert set(cards) == set(FAMILIES)
@@ -155,7 +167,7 @@ def test_the_video_is_the_direct_call_of_the_pipeline(
     server: LiveServer, client: httpx.Client, folders: Mapping[str, Path], name: str
 ) -> None:
     family = FAMILIES[name]
-    answer = _generate(client, _body(name))
+    answer = generated(client, _body(name))
     size = _size(name)
     assert (answer["task"], answer["num_frames"]) == ("image_to_video", size["num_frames"])
     assert len(answer["timings"]["denoising_steps"]) == family.steps
@@ -177,9 +189,9 @@ def test_the_video_is_the_direct_call_of_the_pipeline(
         frames = pipeline(
             image=IMAGE,
             prompt=PROMPT,
-            **size,
+            **{**size, "num_frames": size["num_frames"] + family.frames_dropped},
             num_inference_steps=family.steps,
-            guidance_scale=GUIDANCE,
+            **dict(family.guidance),
             num_videos_per_prompt=1,
             generator=torch.Generator("cpu").manual_seed(SEED),
             output_type="pil",
@@ -191,10 +203,12 @@ def test_the_video_is_the_direct_call_of_the_pipeline(
     # calls are theirs.
     assert all(count > 0 for count in calls.values()), calls
     assert sum(calls.values()) == family.steps * family.calls_per_step, calls
+    # The frames asked for, after any the pipeline drops.
+    assert len(frames) == size["num_frames"]
     # The server's deterministic encoder on the direct call's frames: equal frames, equal files.
     assert b64_items(answer) == [media.encode_video(frames, VIDEO_FORMAT, FPS)]
     # The image conditions the video.
-    other = _generate(client, _body(name, image=_b64(IMAGE.rotate(90))))
+    other = generated(client, _body(name, image=_b64(IMAGE.rotate(90))))
     assert b64_items(other) != b64_items(answer)
 
 
@@ -207,7 +221,7 @@ def test_each_cache_method_reuses(client: httpx.Client, name: str, method: str) 
         pytest.skip(f"{name} does not list {method}")
     family = FAMILIES[name]
     steps = family.guarded_steps if method == "guarded_taylorseer" else family.steps
-    answer = _generate(client, _body(name, steps=steps, cache={"method": method, **POLICIES[method]}))
+    answer = generated(client, _body(name, steps=steps, cache={"method": method, **POLICIES[method]}))
     stats = answer["cache"]
     assert (answer["task"], stats["method"]) == ("image_to_video", method)
     assert stats["blocks_reused"] > 0 or stats["attention_reused"] > 0, stats
@@ -244,10 +258,36 @@ def test_cogvideox_i2v_refuses_a_size_its_learned_embeddings_do_not_cover(client
     assert sized_by_image.status_code == 422 and error_of(sized_by_image)["param"] == "image"
     # Wan's transformer has no such embeddings: another size is made.
     wan = _size("wan_i2v")
-    answer = _generate(client, _body("wan_i2v", width=2 * wan["width"]))
+    answer = generated(client, _body("wan_i2v", width=2 * wan["width"]))
     (item,) = b64_items(answer)
     with Image.open(io.BytesIO(item)) as video:
         assert video.size == (2 * wan["width"], wan["height"])
+
+
+def test_wan22_ti2vs_timestep_per_token_reaches_the_policy_as_the_steps(client: httpx.Client) -> None:
+    """Wan 2.2 TI2V's transformer gets one timestep per token, the image's tokens at 0: a policy reads the
+    step's own. PAB's default window (100, 800) holds the later of 6 steps (999 ... 501 at its shift), so it
+    broadcasts there; read as the image tokens' 0, it would never have."""
+    policy = {"method": "pyramid_attention_broadcast", "spatial_attention_block_skip_range": 2}
+    answer = generated(client, _body("wan22_ti2v", steps=6, cache=policy))
+    assert answer["cache"]["attention_reused"] > 0, answer["cache"]
+    # Outside the window, at every step of a 2-step run (999 and 833), it broadcasts nothing.
+    answer = generated(client, _body("wan22_ti2v", steps=2, cache=policy))
+    assert answer["cache"]["attention_reused"] == 0, answer["cache"]
+
+
+def test_hunyuan_video_i2v_33ch_is_asked_for_the_frames_it_drops(client: httpx.Client) -> None:
+    """Its pipeline drops the first 4 frames it decodes: its clips are 4 frames shorter than the pipeline's
+    (129 by default, its longest), and a request for one frame gets one."""
+    card = client.get("/v1/models/hunyuan_video_i2v_33ch").json()
+    assert card["defaults"]["num_frames"] == card["limits"]["max_frames"] == 129 - 4
+    answer = generated(client, _body("hunyuan_video_i2v_33ch", num_frames=1))
+    assert answer["num_frames"] == 1
+    (item,) = b64_items(answer)
+    with Image.open(io.BytesIO(item)) as video:
+        assert getattr(video, "n_frames", 1) == 1
+    # The token_replace checkpoint drops none.
+    assert client.get("/v1/models/hunyuan_video_i2v").json()["defaults"]["num_frames"] == 129
 
 
 @pytest.mark.parametrize("name", NAMES)

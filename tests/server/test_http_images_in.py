@@ -26,7 +26,15 @@ from PIL import Image
 
 from tiny_pipelines import tiny_pipeline
 
-from .conftest import LiveServer, b64_items, direct_pipeline, error_of, live_server, one_thread_server
+from .conftest import (
+    LiveServer,
+    b64_items,
+    direct_pipeline,
+    error_of,
+    generated,
+    live_server,
+    one_thread_server,
+)
 
 PROMPT = "a red circle on a blue background"
 STEPS = 6
@@ -127,13 +135,6 @@ def _body(**fields: Any) -> dict[str, Any]:
     return {"model": "flux", "prompt": PROMPT, "steps": STEPS, "seed": 7, **fields}
 
 
-def _generate(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
-    response = client.post("/v1/generations", json=body)
-    assert response.status_code == 200, response.text
-    answer: dict[str, Any] = response.json()
-    return answer
-
-
 def _pixels(answer: dict[str, Any]) -> np.ndarray:
     (item,) = b64_items(answer)
     with Image.open(io.BytesIO(item)) as image:
@@ -179,11 +180,11 @@ def test_each_familys_tasks_are_the_direct_calls_of_its_pipelines(
     family = FAMILIES[name]
     image = _b64(_png(IMAGE))
     fields = {"model": name, "guidance_scale": family.guidance_scale, "image": image}
-    edited = _generate(client, _body(**fields, strength=0.5))
+    edited = generated(client, _body(**fields, strength=0.5))
     assert np.array_equal(
         _pixels(edited), _direct(folders[name], family.image_to_image, family=name, image=IMAGE, strength=0.5)
     )
-    inpainted = _generate(client, _body(**fields, mask=_b64(_png(MASK)), strength=0.8))
+    inpainted = generated(client, _body(**fields, mask=_b64(_png(MASK)), strength=0.8))
     assert inpainted["task"] == "inpainting"
     painted = Image.new("L", (WIDTH, HEIGHT), 0)
     painted.paste(255, (0, 0, WIDTH // 2, HEIGHT))
@@ -200,7 +201,7 @@ def test_each_familys_tasks_are_the_direct_calls_of_its_pipelines(
 def test_image_to_image_is_the_direct_call_of_diffusers_pipeline(
     server: LiveServer, client: httpx.Client, folder: Path
 ) -> None:
-    answer = _generate(client, _body(image=_b64(_png(IMAGE)), strength=0.5))
+    answer = generated(client, _body(image=_b64(_png(IMAGE)), strength=0.5))
     assert (answer["task"], answer["strength"], answer["width"], answer["height"]) == (
         "image_to_image",
         0.5,
@@ -219,7 +220,7 @@ def test_inpainting_is_the_direct_call_with_the_mask_read_as_openai_writes_it(
 ) -> None:
     # A data URL works as well as bare base64.
     image = "data:image/png;base64," + _b64(_png(IMAGE))
-    answer = _generate(client, _body(image=image, mask=_b64(_png(MASK)), strength=0.8))
+    answer = generated(client, _body(image=image, mask=_b64(_png(MASK)), strength=0.8))
     assert answer["task"] == "inpainting"
     assert len(answer["timings"]["denoising_steps"]) == 5
     # diffusers paints where its mask is white: the transparent half.
@@ -235,10 +236,10 @@ def test_inpainting_is_the_direct_call_with_the_mask_read_as_openai_writes_it(
 
 def test_the_image_sets_the_size_down_to_the_models_multiple(client: httpx.Client) -> None:
     multiple = client.get("/v1/models/flux").json()["size_multiple"]
-    answer = _generate(client, _body(image=_b64(_png(_picture(WIDTH + multiple - 1, HEIGHT + 1)))))
+    answer = generated(client, _body(image=_b64(_png(_picture(WIDTH + multiple - 1, HEIGHT + 1)))))
     assert (answer["width"], answer["height"]) == (WIDTH, HEIGHT)
     assert answer["strength"] == 0.6  # diffusers' default
-    given = _generate(client, _body(image=_b64(_png(IMAGE)), width=WIDTH * 2, height=HEIGHT))
+    given = generated(client, _body(image=_b64(_png(IMAGE)), width=WIDTH * 2, height=HEIGHT))
     assert (given["width"], given["height"]) == (WIDTH * 2, HEIGHT)
 
 
@@ -250,12 +251,12 @@ def test_every_cache_policy_acts_on_the_image_tasks(client: httpx.Client) -> Non
         ("inpainting", {"image": _b64(_png(IMAGE)), "mask": _b64(_png(MASK)), "strength": 1.0}),
     ):
         for method, policy in card["method_defaults"].items():
-            answer = _generate(client, _body(steps=steps, cache=policy, **fields))
+            answer = generated(client, _body(steps=steps, cache=policy, **fields))
             assert answer["task"] == task
             assert answer["cache"]["method"] == method
             assert answer["cache"]["denoiser_calls"] == steps, (task, method)
         # A policy that reuses whatever it can: the image tasks run on the cached transformer.
-        loose = _generate(
+        loose = generated(
             client, _body(steps=steps, cache={"method": "first_block_cache", "threshold": 10.0}, **fields)
         )
         assert loose["cache"]["steps_cached"] > 0, task
@@ -272,10 +273,10 @@ def test_a_cache_policy_acts_on_sd3_inpainting(client: httpx.Client) -> None:
         "strength": 1.0,
     }
     for method, policy in client.get("/v1/models/sd3").json()["method_defaults"].items():
-        answer = _generate(client, _body(steps=steps, cache=policy, **fields))
+        answer = generated(client, _body(steps=steps, cache=policy, **fields))
         assert (answer["task"], answer["cache"]["method"]) == ("inpainting", method)
         assert answer["cache"]["denoiser_calls"] == steps, method
-    loose = _generate(
+    loose = generated(
         client, _body(steps=steps, cache={"method": "first_block_cache", "threshold": 10.0}, **fields)
     )
     assert loose["cache"]["steps_cached"] > 0
@@ -285,12 +286,12 @@ def test_a_cache_policy_acts_on_sd3_inpainting(client: httpx.Client) -> None:
 
 
 def test_the_least_strength_still_runs_a_step(client: httpx.Client) -> None:
-    answer = _generate(client, _body(steps=4, image=_b64(_png(IMAGE)), strength=0.01))
+    answer = generated(client, _body(steps=4, image=_b64(_png(IMAGE)), strength=0.01))
     assert len(answer["timings"]["denoising_steps"]) == 1
 
 
 def test_run_fields_count_the_steps_that_run(client: httpx.Client) -> None:
-    answer = _generate(
+    answer = generated(
         client, _body(steps=10, image=_b64(_png(IMAGE)), strength=0.5, cache={"method": "sea_cache"})
     )
     assert answer["cache_policy"]["num_inference_steps"] == 5
@@ -308,7 +309,7 @@ def test_a_job_with_an_image_counts_its_steps_and_answers_as_the_sync_call(clien
         pytest.fail("the job did not finish")
     assert view["status"] == "succeeded", view
     assert view["progress"] == {"step": 3, "total_steps": 3}
-    assert b64_items(view["result"]) == b64_items(_generate(client, body))
+    assert b64_items(view["result"]) == b64_items(generated(client, body))
 
 
 def _bomb() -> bytes:
@@ -489,10 +490,10 @@ def test_an_edit_model_edits_the_image_as_a_direct_call_does(
     server: LiveServer, client: httpx.Client, kontext_folder: Path
 ) -> None:
     body = _body(model="kontext", width=WIDTH, height=HEIGHT)
-    plain = _generate(client, body)
+    plain = generated(client, body)
     assert plain["task"] == "text_to_image"
     assert np.array_equal(_pixels(plain), _kontext(kontext_folder))
-    edited = _generate(client, {**body, "image": _b64(_png(IMAGE))})
+    edited = generated(client, {**body, "image": _b64(_png(IMAGE))})
     assert (edited["task"], edited["strength"]) == ("edit", None)
     # No strength: every step runs.
     assert len(edited["timings"]["denoising_steps"]) == STEPS
@@ -554,7 +555,7 @@ def test_a_video_model_animates_an_image_as_a_direct_call_does(
             assert client.get("/v1/models/ltx").json()["tasks"] == ["text_to_video", "image_to_video"]
             start = _picture(VIDEO["width"], VIDEO["height"], seed=3)
             body = {"model": "ltx", "prompt": PROMPT, "seed": 7, "output_format": "webp", **VIDEO}
-            answer = _generate(client, {**body, "image": _b64(_png(start))})
+            answer = generated(client, {**body, "image": _b64(_png(start))})
             refused = client.post(
                 "/v1/generations", json={**body, "image": _b64(_png(start)), "strength": 0.5}
             )
@@ -602,7 +603,7 @@ def test_shapes_flux_edits_as_its_direct_call_and_a_target_counts_the_steps_that
         "seed": 5,
     }
     with shapes.client() as client:
-        edited = _generate(client, {**body, "image": _b64(_png(scene)), "strength": 0.8})
+        edited = generated(client, {**body, "image": _b64(_png(scene)), "strength": 0.8})
         from openai import OpenAI
 
         sdk = OpenAI(base_url=f"{shapes.base_url}/v1", api_key="unused", max_retries=0)
@@ -613,7 +614,7 @@ def test_shapes_flux_edits_as_its_direct_call_and_a_target_counts_the_steps_that
             response_format="b64_json",
             extra_body={"seed": 5, "strength": 0.8},
         )
-        targeted = _generate(
+        targeted = generated(
             client,
             {**body, "image": _b64(_png(scene)), "strength": 0.5, "cache": {"target": {"min_psnr": 30}}},
         )
@@ -682,7 +683,7 @@ def test_flux2_edits_from_several_images_as_its_direct_call_does(model_cache: Pa
     for served in one_thread_server(model_cache, models=[str(folder)]):
         with served.client() as client:
             assert client.get("/v1/models/flux2").json()["tasks"] == ["text_to_image", "edit"]
-            answer = _generate(client, {**body, "image": [_b64(_png(first)), _b64(_png(second))]})
+            answer = generated(client, {**body, "image": [_b64(_png(first)), _b64(_png(second))]})
             too_many = client.post("/v1/generations", json={**body, "image": [_b64(_png(first))] * 11})
             bad_second = client.post("/v1/generations", json={**body, "image": [_b64(_png(first)), "nope"]})
             # FLUX.2 takes images of 64 px a side or more: the pipeline's own check, before the queue.
