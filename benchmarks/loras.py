@@ -16,8 +16,10 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,7 +84,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("| --- | ---: | ---: |")
     for name, values in times.items():
         print(f"| {name} | {statistics.median(values):.1f} | {statistics.median(values) / base:.3f} |")
+    layer, update = layer_and_update_us(width=128, tokens=80, rank=args.rank)
+    print(
+        f"\nOne {128}-wide linear layer over 80 tokens (an attention projection of shapes-flux): {layer:.1f} us; "
+        f"the rank-{args.rank} update added to it, as the adapter's hook computes it: {update:.1f} us "
+        f"({update / layer:.0%}, for {2 * args.rank / 128:.0%} of the layer's multiply-adds)"
+    )
     return 0
+
+
+def layer_and_update_us(width: int, tokens: int, rank: int, repeats: int = 20_000) -> tuple[float, float]:
+    """Microseconds per call of a ``width``-square linear layer on ``tokens`` rows, and of a rank-``rank``
+    update added to its output (down, up, scaled, summed: what ``server.models.adapters`` runs)."""
+    from torch.nn import functional
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, tokens, width, generator=generator)
+    weight, bias = torch.randn(width, width, generator=generator), torch.randn(width, generator=generator)
+    down, up = torch.randn(rank, width, generator=generator), torch.randn(width, rank, generator=generator)
+    output = functional.linear(x, weight, bias)
+
+    def per_call(run: Any) -> float:
+        for _ in range(repeats // 10):
+            run()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        return (time.perf_counter() - start) / repeats * 1e6
+
+    with torch.no_grad():
+        layer = per_call(lambda: functional.linear(x, weight, bias))
+        update = per_call(lambda: output + functional.linear(functional.linear(x, down), up) * 0.5)
+    return layer, update
 
 
 if __name__ == "__main__":

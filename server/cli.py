@@ -18,13 +18,14 @@ from server.settings import Settings, load_settings
 # Settings with no flag. A key on the command line shows in the process list (use DITCACHE_API_KEY);
 # per-model limits are nested (environment or config file); retry_after_s never had one.
 _NO_FLAG = frozenset({"api_key", "api_keys", "admin_key", "model_limits", "retry_after_s"})
-# Flags not spelled like their field: a list takes one item per (repeated) flag, and the hooks, on by
-# default, can only be turned off.
+# Flags not spelled like their field: a list takes one item per (repeated) flag, and the hooks and the
+# shipped adapters, on by default, can only be turned off.
 _FLAG_NAMES = {
     "models": "--model",
     "cors_origins": "--cors-origin",
     "loras": "--lora",
     "install_cache_hooks": "--no-cache-hooks",
+    "builtin_loras": "--no-builtin-loras",
 }
 _METAVARS = {"models": "SPEC", "cors_origins": "ORIGIN", "device": "DEVICE", "loras": "MODEL:NAME=SOURCE"}
 

@@ -107,6 +107,11 @@ class Settings(BaseSettings):
         description="LoRA adapters kept resident, each MODEL:NAME=SOURCE (a file, a folder or a hub id), "
         "chosen per request by name",
     )
+    builtin_loras: bool = Field(
+        default=True,
+        description="false: leave out the adapters that ship beside an embedded model (shapes-flux's "
+        "'outline'); they are left out anyway under compile, which serves no adapters",
+    )
     max_loras_per_request: int = Field(default=4, ge=1, le=32, description="adapters one request may name")
     max_loras: int = Field(
         default=16, ge=0, le=1024, description="adapters a model may hold, all sources together"

@@ -38,6 +38,10 @@ POSITIONS: dict[str, tuple[str, tuple[float, float]]] = {
     "top": ("at the top", (32.0, 19.0)),
     "bottom": ("at the bottom", (32.0, 45.0)),
 }
+# The stroke of an outlined shape (the trained adapter's style), in 64-px units. Through the shipped
+# VAE (25 dB on outlined scenes, against 31 dB on filled ones) a large shape stays hollow at 3 px;
+# a small one's inside blurs.
+OUTLINE_WIDTH = 3.0
 COLOUR_JITTER = 12
 POSITION_JITTER = 3.0
 # Each optional phrase is left out this often; the image still has a size and a position.
@@ -147,16 +151,21 @@ def outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, flo
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(scene: Scene) -> np.ndarray:
-    """The scene as a (64, 64, 3) uint8 array."""
+def render(scene: Scene, *, outlined: bool = False) -> np.ndarray:
+    """The scene as a (64, 64, 3) uint8 array; ``outlined`` draws the shape's edge only, the inside left
+    the background's colour."""
     big = Image.new("RGB", (SIZE * _SUPERSAMPLE, SIZE * _SUPERSAMPLE), scene.bg_rgb)
     polygon = [
         (x * _SUPERSAMPLE, y * _SUPERSAMPLE) for x, y in outline(scene.shape, scene.cx, scene.cy, scene.r)
     ]
-    ImageDraw.Draw(big).polygon(polygon, fill=scene.fg_rgb)
+    draw = ImageDraw.Draw(big)
+    if outlined:
+        draw.polygon(polygon, outline=scene.fg_rgb, width=round(OUTLINE_WIDTH * _SUPERSAMPLE))
+    else:
+        draw.polygon(polygon, fill=scene.fg_rgb)
     return np.asarray(big.resize((SIZE, SIZE), Image.Resampling.BOX))
 
 
-def render_batch(batch: Sequence[Scene]) -> np.ndarray:
+def render_batch(batch: Sequence[Scene], *, outlined: bool = False) -> np.ndarray:
     """(n, 64, 64, 3) uint8."""
-    return np.stack([render(scene) for scene in batch])
+    return np.stack([render(scene, outlined=outlined) for scene in batch])

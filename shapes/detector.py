@@ -116,6 +116,36 @@ def detect(image: np.ndarray) -> Detection:
     )
 
 
+def hollow_share(image: np.ndarray) -> float:
+    """How much of the object's area shows the background: 0 for a filled shape, about half for one
+    drawn as an outline.
+
+    The object's area is its foreground pixels (as ``detect`` finds them) and everything they enclose,
+    that is, every pixel the border cannot reach without crossing the foreground.
+    """
+    pixels = image.astype(np.float64)
+    border = np.zeros(pixels.shape[:2], dtype=bool)
+    border[:2], border[-2:], border[:, :2], border[:, -2:] = True, True, True, True
+    bg_rgb = np.median(pixels[border], axis=0)
+    distance = np.sqrt(((pixels - bg_rgb) ** 2).sum(axis=-1))
+    foreground = distance > max(25.0, 0.5 * float(np.percentile(distance, 99.5)))
+    if foreground.sum() < 4:
+        return 0.0
+    outside = border & ~foreground
+    while True:
+        grown = outside.copy()
+        grown[1:] |= outside[:-1]
+        grown[:-1] |= outside[1:]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= ~foreground
+        if (grown == outside).all():
+            break
+        outside = grown
+    enclosed = ~outside & ~foreground
+    return float(enclosed.sum() / (~outside).sum())
+
+
 _POSITION_WORDS = {
     "left": "left",
     "right": "right",

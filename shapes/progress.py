@@ -29,6 +29,18 @@ def cosine_lr(peak: float, warmup: int, step: int, progress: float) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def clipped_step(
+    optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor, smoothed: float
+) -> float:
+    """One optimiser step on ``loss``, its gradients clipped to norm 1; returns the loss's running mean
+    (``smoothed``, nan before the first step)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    return loss.item() if math.isnan(smoothed) else 0.98 * smoothed + 0.02 * loss.item()
+
+
 class Stop:
     """Set by SIGTERM / SIGINT while training, so the loop stops at a step boundary and saves."""
 

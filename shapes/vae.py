@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from shapes import dataset
 from shapes.options import Options
-from shapes.progress import Stop, atomic_save, cosine_lr, log
+from shapes.progress import Stop, atomic_save, clipped_step, cosine_lr, log
 from tiny_pipelines.flux import IMAGE_VAE
 
 if TYPE_CHECKING:
@@ -131,11 +131,7 @@ def _fit(
             group["lr"] = cosine_lr(peak_lr, 50, step, elapsed / seconds)
         x = to_pixels(dataset.render_batch([dataset.sample_scene(rng) for _ in range(opts.batch)]))
         loss = loss_of(x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        smoothed = loss.item() if math.isnan(smoothed) else 0.98 * smoothed + 0.02 * loss.item()
+        smoothed = clipped_step(optimizer, params, loss, smoothed)
         step += 1
         if step % opts.log_every == 0:
             log(f"{name} step {step} loss {smoothed:.4f} ({elapsed:.0f}s)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -52,6 +52,8 @@ class BuiltinModel:
     sample_size: int | None = None
     # Cache presets measured on this model, replacing its family's (keyed like PRESET_NAMES).
     presets: Callable[[], Mapping[str, Any]] | None = None
+    # LoRA adapters trained for this model, shipped beside it: name to the folder diffusers wrote.
+    adapters: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))
 
     def build(self, seed: int = DEFAULT_SEED) -> DiffusionPipeline:
         """The pipeline in memory, with weights drawn from ``seed`` (same seed, same bits)."""
@@ -93,6 +95,9 @@ def materialize(model: BuiltinModel, cache_dir: Path, *, seed: int = DEFAULT_SEE
 
 # Trained here on 64x64 renders of coloured shapes (``python -m shapes.train``; docs/shapes-model.md).
 SHAPES_FLUX_FOLDER = Path(__file__).resolve().parents[1] / "assets" / "shapes-flux"
+# A rank-16 adapter trained on the same captions with the shapes drawn as outlines (``python -m
+# shapes.adapter``; docs/shapes-model.md): the effect is one the base model never learned.
+SHAPES_FLUX_OUTLINE_FOLDER = SHAPES_FLUX_FOLDER.with_name("shapes-flux-outline")
 
 
 def _load_shipped(recipe: Mapping[str, Mapping[str, Any]], seed: int) -> DiffusionPipeline:
@@ -151,6 +156,7 @@ BUILTIN_MODELS: Mapping[str, BuiltinModel] = MappingProxyType(
             folder=SHAPES_FLUX_FOLDER,
             sample_size=16,
             presets=_shapes_flux_presets,
+            adapters=MappingProxyType({"outline": SHAPES_FLUX_OUTLINE_FOLDER}),
         ),
         "tiny-flux": BuiltinModel(
             name="tiny-flux",

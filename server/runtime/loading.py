@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from server.models.limits import ModelLimits
@@ -89,17 +90,25 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
 
 
 def _load_adapters(settings: Settings, replicas: dict[str, list[Replica]]) -> None:
-    """Each ``--lora MODEL:NAME=SOURCE`` into every replica of its model; raises ValueError at start."""
+    """The adapters that ship beside an embedded model, then each ``--lora MODEL:NAME=SOURCE``, into
+    every replica of its model; raises ValueError at start."""
     from server.models.adapters import AdapterError
 
     if settings.loras and settings.compile:
         # The adapters' hooks sit on linear modules inside the compiled blocks.
         raise ValueError("loras and compile do not go together yet: serve the adapters uncompiled")
+    asked = []
     for spec in settings.loras:
         model_name, _, rest = spec.partition(":")
         name, _, source = rest.partition("=")
         if model_name not in replicas:
             raise ValueError(f"--lora {spec!r} names no served model; served: {', '.join(replicas)}")
+        asked.append((model_name, name, source))
+    sources = {name: copies[0].model.source for name, copies in replicas.items()}
+    # An operator's own adapter of a shipped one's name takes its place.
+    named = {(model_name, name) for model_name, name, _ in asked}
+    shipped = [spec for spec in shipped_adapters(settings, sources) if spec[:2] not in named]
+    for model_name, name, source in [*shipped, *asked]:
         for replica in replicas[model_name]:
             adapters = replica.model.adapters
             if adapters is None:
@@ -110,6 +119,22 @@ def _load_adapters(settings: Settings, replicas: dict[str, list[Replica]]) -> No
                 adapters.load(name, source)
             except AdapterError as exc:
                 raise ValueError(str(exc)) from exc
+
+
+def shipped_adapters(settings: Settings, sources: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """(model, name, source) of each adapter shipped beside a served embedded model (``sources``: each
+    served model's source, as its card gives it), unless turned off or compiling, which serves none: an
+    operator who did not ask for them is not refused."""
+    from server.models.builtin import BUILTIN_MODELS
+
+    if not settings.builtin_loras or settings.compile:
+        return []
+    return [
+        (name, adapter, str(folder))
+        for name, source in sources.items()
+        if source == f"builtin:{name}"
+        for adapter, folder in BUILTIN_MODELS[name].adapters.items()
+    ]
 
 
 def _warm_up(model: ResidentModel, metrics: Metrics) -> None:

@@ -293,8 +293,39 @@ function applyModel() {
   const frames = video ? `, frames 1 + ${model.frame_step}k up to ${limits.max_frames}` : "";
   $("#limits").textContent = `Sizes in multiples of ${multiple}, up to ${limits.max_width}x${limits.max_height} and ${limits.max_pixels} pixels; steps up to ${limits.max_steps}${frames}.`;
   page.sizeTouched = false;
+  applyAdapters(model);
   applyImageControls();
   for (const slot of document.querySelectorAll("#policy-list .policy")) fillPolicyKinds(slot);
+}
+
+// A checkbox and a scale for each adapter on the model's card.
+function applyAdapters(model) {
+  const adapters = model.adapters || [];
+  $("#adapters").hidden = adapters.length === 0;
+  $("#adapter-list").replaceChildren(...adapters.map((adapter) => {
+    const label = document.createElement("label");
+    label.className = "adapter";
+    label.dataset.name = adapter.name;
+    label.title = `rank ${adapter.rank}, ${adapter.modules} modules`;
+    const use = document.createElement("input");
+    use.type = "checkbox";
+    use.className = "adapter-use";
+    const scale = numberInput({ type: "number", minimum: -8, maximum: 8 }, 1, "1");
+    scale.className = "adapter-scale";
+    scale.step = "0.1";
+    scale.setAttribute("aria-label", `${adapter.name} scale`);
+    label.append(use, ` ${adapter.name} `, scale);
+    return label;
+  }));
+}
+
+function readAdapters() {
+  return [...document.querySelectorAll("#adapter-list .adapter")]
+    .filter((label) => $(".adapter-use", label).checked)
+    .map((label) => {
+      const scale = $(".adapter-scale", label).value;
+      return { name: label.dataset.name, scale: scale === "" ? 1 : Number(scale) };
+    });
 }
 
 function readRequest() {
@@ -313,6 +344,8 @@ function readRequest() {
   };
   if (model.kind === "video") body.num_frames = number("num_frames");
   if ($("#negative_prompt").value !== "") body.negative_prompt = $("#negative_prompt").value;
+  const loras = readAdapters();
+  if (loras.length) body.loras = loras;
   // What the image controls hold, where the model shows them. A mask or a strength goes as given,
   // image or not: where it cannot apply, the server's 422 says so, and the field is outlined.
   if (!$("#image-input").hidden) {
@@ -737,6 +770,8 @@ function numbers(run, baseline, quality) {
     // The server merges concurrent requests' transformer forwards (--max-batch): how this one's ran.
     rows.push(["merged forwards", `${batch.merged} of ${batch.runs}, ${batch.mean.toFixed(2)} requests each on average, at most ${batch.largest}`]);
   }
+  const loras = run.result.loras || [];
+  if (loras.length) rows.push(["adapters", loras.map((lora) => `${lora.name} ×${lora.scale}`).join(", ")]);
   if (run.cache) rows.push(["PSNR", quality]);
   rows.push(["seed", String(run.result.seed)]);
   rows.push(["request id", run.result.request_id]);

@@ -227,6 +227,32 @@ def test_two_policies_on_the_default_model_beside_the_uncached_image(
     assert any(path.endswith("/events") for path in chromium.paths)
 
 
+def test_the_default_models_adapter_goes_into_every_column(page: Any, server: LiveServer) -> None:
+    """shapes-flux holds its outline adapter (as `make serve` has it): chosen once, with a scale, it goes
+    into every column's request, and each card says so."""
+    assert page.locator("#adapters").is_visible()
+    adapter = page.locator('#adapter-list .adapter[data-name="outline"]')
+    adapter.locator(".adapter-use").check()
+    adapter.locator(".adapter-scale").fill("0.8")
+    page.locator("#policy-list .policy .remove-policy").nth(1).click()
+    page.locator("#run").click()
+    page.locator('.card[data-status="succeeded"]').nth(1).wait_for(state="attached", timeout=60_000)
+    for title in ("uncached", "preset fast"):
+        assert _term(_card(page, title), "adapters") == "outline ×0.8"
+
+    # The uncached column is what the API gives for the same request with the adapter.
+    body = page.evaluate("() => readRequest()")
+    assert body["loras"] == [{"name": "outline", "scale": 0.8}]
+    with server.client(headers=AUTH) as client:
+        direct = client.post("/v1/generations", json=body, headers={"Accept": "image/png"})
+    assert direct.status_code == 200 and direct.content == _media_bytes(_card(page, "uncached"))
+
+    # A model without adapters shows no choice, and its requests name none.
+    page.locator("#model").select_option("tiny-wan")
+    assert not page.locator("#adapters").is_visible()
+    assert "loras" not in page.evaluate("() => readRequest()")
+
+
 def test_a_bad_field_shows_the_servers_422_and_marks_the_field(page: Any) -> None:
     page.locator("#steps").fill("1000")
     policies = page.locator("#policy-list .policy")
