@@ -127,12 +127,16 @@ class Profile:
 
         Work is counted in batch rows, so a call made on half the batch (FasterCache dropping the
         unconditional half) counts as half a call; time is assumed linear in the batch.
+
+        It is the whole less the shares skipped, so that a run that skips nothing needs exactly all of it
+        (the shares and the rest are medians over several runs, and need not add up to 1 to the last bit).
         """
-        total = self.rest
+        skipped = 0.0
         for name, share in self.shares.items():
             done = base.rows[name]
-            total += share * (run.rows[name] / done if done else 1.0)
-        return total
+            if done:
+                skipped += share * (1.0 - run.rows[name] / done)
+        return 1.0 - skipped
 
 
 def profile(probes: Probes, runs: Sequence[Callable[[], float]]) -> Profile:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import engine, report
+from benchmarks.probes import Counts, Profile
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +117,15 @@ def _markdown_tables(text: str) -> list[list[list[str]]]:
             tables.append(current)
             current = []
     return tables
+
+
+def test_a_run_that_skips_nothing_needs_all_of_the_time_to_the_last_bit() -> None:
+    """The shares and the rest are medians over separate runs: they need not add up to 1, and the
+    fraction a run needs must not depend on that."""
+    profile = Profile(
+        shares={"a": 0.3, "b": 0.6000000000000001}, rest=0.0999, block_share=0.9, attention_share=0.3
+    )
+    base = Counts(calls={"a": 4, "b": 4}, rows={"a": 8, "b": 8})
+    assert profile.ideal_fraction(base, base) == 1.0
+    half_of_b = Counts(calls={"a": 4, "b": 2}, rows={"a": 8, "b": 4})
+    assert profile.ideal_fraction(base, half_of_b) == pytest.approx(0.7)
