@@ -149,6 +149,11 @@ _SPECS: Mapping[str, CallSpec] = MappingProxyType(
             area_argument="max_area",
             fixed_arguments=MappingProxyType({"_auto_resize": False}),
         ),
+        # An inpainting model (server.models.tasks): FLUX.1 Fill's transformer takes the masked image's
+        # latents and the mask beside the noise, so its pipeline needs both.
+        "FluxFillPipeline": _image(
+            "guidance_scale", False, guidance_kind="embedded", packing=2, inputs=("image", "mask_image")
+        ),
         "Flux2Pipeline": _image(
             "guidance_scale", False, guidance_kind="embedded", packing=2, optional_inputs=("image",)
         ),
@@ -290,13 +295,18 @@ def _hunyuan_video_i2v(spec: CallSpec, config: Any) -> CallSpec:
     return spec
 
 
+# A pipeline that takes images is served only as a task or model whose inputs are tested (docs/edits.md).
+_UNTESTED_CONDITIONING = (
+    "{name} takes {needs}: of the image-conditioned pipelines, only the tasks and models listed in "
+    "docs/edits.md are served"
+)
+
+
 def _derived(name: str, accepted: Mapping[str, inspect.Parameter]) -> CallSpec:
     """A spec for a pipeline class the table does not know, read from what its __call__ takes."""
     needs = [input_name for input_name in _CONDITIONING_INPUTS if input_name in accepted]
     if needs:
-        raise UnservablePipeline(
-            f"{name} takes {', '.join(needs)}: only text-to-image and text-to-video pipelines are served"
-        )
+        raise UnservablePipeline(_UNTESTED_CONDITIONING.format(name=name, needs=", ".join(needs)))
     guidance = next((arg for arg in ("true_cfg_scale", "guidance_scale") if arg in accepted), None)
     return CallSpec(
         kind="video" if "num_frames" in accepted else "image",
@@ -318,6 +328,4 @@ def _check(name: str, spec: CallSpec, accepted: Mapping[str, inspect.Parameter])
         if arg in accepted and arg not in spec.optional_inputs and arg not in spec.inputs
     ]
     if needs:
-        raise UnservablePipeline(
-            f"{name} takes {', '.join(needs)}: only text-to-image and text-to-video pipelines are served"
-        )
+        raise UnservablePipeline(_UNTESTED_CONDITIONING.format(name=name, needs=", ".join(needs)))

@@ -220,7 +220,8 @@ def _check_task(model: ResidentModel, params: GenerationParams) -> None:
                 raise InvalidGenerationParams(f"{name} applies to a request with an image", param=name)
         if not text_tasks(model.kind, model.call_spec):
             raise InvalidGenerationParams(
-                f"{model.name} ({type(model.pipeline).__name__}) makes a video from an image: it needs one",
+                f"{model.name} ({type(model.pipeline).__name__}) needs an image: it does "
+                f"{', '.join(model.task_names)}",
                 param="image",
             )
         return
@@ -230,8 +231,10 @@ def _check_task(model: ResidentModel, params: GenerationParams) -> None:
         raise InvalidGenerationParams(
             f"{model.name} ({type(model.pipeline).__name__}) has no {str(task).replace('_', '-')} pipeline; "
             f"it does: {does}",
-            # A model that takes an image, just not a mask: the mask is at fault.
-            param="mask" if task == "inpainting" and model.tasks else "image",
+            # A model that takes an image, just not a mask (or only with one): the mask is at fault.
+            param="mask"
+            if (task == "inpainting" and model.tasks) or "inpainting" in model.tasks
+            else "image",
         )
     # A pipeline that checks its images itself (FLUX.2's is at least 64 px a side) checks them here, so
     # that an image it refuses is a 422 before the queue, not a failure inside the run.

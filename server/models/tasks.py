@@ -3,8 +3,8 @@ pipeline built on the model's resident components (as ``from_pipe`` builds it, w
 second copy of its weights.
 
 The transformers are the model's own, so every cache policy acts on a task as it does on the model's
-text pipeline. An edit or image-to-video model's task is its own pipeline; an image-to-video model's
-pipeline needs the image, so it has no text task.
+text pipeline. An edit, image-to-video or inpainting model's task is its own pipeline; an image-to-video
+or inpainting model's pipeline needs the image (and the mask), so it has no text task.
 """
 
 from __future__ import annotations
@@ -65,6 +65,10 @@ _IMAGE_TASKS: Mapping[str, Mapping[Task, str | _Only]] = {
         "image_to_image": "QwenImageImg2ImgPipeline",
         "inpainting": "QwenImageInpaintPipeline",
     },
+    # Kontext and FLUX.2 Klein inpaint with their own transformer, the image noised to a strength behind the
+    # mask; their edit stays the model's own pipeline.
+    "FluxKontextPipeline": {"inpainting": "FluxKontextInpaintPipeline"},
+    "Flux2KleinPipeline": {"inpainting": "Flux2KleinInpaintPipeline"},
     # LTX conditions its first latent frame on the image, with the text model's own transformer.
     "LTXPipeline": {"image_to_video": "LTXImageToVideoPipeline"},
     # So does a Wan checkpoint with expand_timesteps (Wan 2.2 TI2V 5B), and no other: its transformer takes a
@@ -86,6 +90,9 @@ _IMAGE_TO_VIDEO_MODELS: tuple[str, ...] = (
     "CogVideoXImageToVideoPipeline",
     "HunyuanVideoImageToVideoPipeline",
 )
+# Inpainting models: checkpoints whose transformer takes the masked image's latents and the mask beside the
+# noise (FLUX.1 Fill), so their pipeline cannot run without an image and a mask: inpainting is all they do.
+_INPAINTING_MODELS: tuple[str, ...] = ("FluxFillPipeline",)
 # What a request fills in each task's call, besides strength.
 _INPUTS: Mapping[Task, tuple[str, ...]] = {
     "image_to_image": ("image",),
@@ -102,6 +109,9 @@ class TaskPipeline:
     call_spec: CallSpec
     # The images one request may bring.
     max_images: int = 1
+    # The strength a request that gives none runs at: the task pipeline's own default (0.6 for most, 1 for
+    # an inpainting model's or Kontext's, 0.8 for FLUX.2 Klein's), as a direct call without it would.
+    default_strength: float = DEFAULT_STRENGTH
 
 
 def text_task(kind: Kind) -> Task:
@@ -119,6 +129,7 @@ def task_pipelines() -> dict[str, str]:
     for, or an edit model served as one."""
     served = {name: "an edit model" for name in _EDIT_MODELS}
     served.update({name: "an image-to-video model" for name in _IMAGE_TO_VIDEO_MODELS})
+    served.update({name: "an inpainting model" for name in _INPAINTING_MODELS})
     for text_class, tasks in _IMAGE_TASKS.items():
         for task, entry in tasks.items():
             how = f"{task.replace('_', '-')} of `{text_class}`"
@@ -143,6 +154,11 @@ def image_tasks(pipeline: DiffusionPipeline, spec: CallSpec) -> dict[Task, TaskP
     if name in _IMAGE_TO_VIDEO_MODELS:
         video_spec = task_call_spec(pipeline, spec, _INPUTS["image_to_video"], strength=False)
         tasks["image_to_video"] = TaskPipeline("image_to_video", pipeline, video_spec)
+    if name in _INPAINTING_MODELS:
+        inpainting_spec = task_call_spec(pipeline, spec, _INPUTS["inpainting"], strength=True)
+        tasks["inpainting"] = TaskPipeline(
+            "inpainting", pipeline, inpainting_spec, default_strength=_default_strength(pipeline)
+        )
     for task, entry in _IMAGE_TASKS.get(name, {}).items():
         if isinstance(entry, _Only) and not entry.fits(pipeline):
             continue
@@ -152,8 +168,15 @@ def image_tasks(pipeline: DiffusionPipeline, spec: CallSpec) -> dict[Task, TaskP
             task,
             task_pipeline,
             task_call_spec(task_pipeline, spec, _INPUTS[task], strength=task in STRENGTH_TASKS),
+            default_strength=_default_strength(task_pipeline),
         )
     return tasks
+
+
+def _default_strength(pipeline: DiffusionPipeline) -> float:
+    parameter = inspect.signature(pipeline.__call__).parameters.get("strength")
+    default = None if parameter is None else parameter.default
+    return float(default) if isinstance(default, (int, float)) else DEFAULT_STRENGTH
 
 
 def _class_name(entry: str | _Only) -> str:

@@ -43,6 +43,7 @@ from server.models.prompt_cache import Tally
 from server.models.registry import ResidentModel
 from server.models.stages import StageTimings
 from server.models.tasks import DEFAULT_STRENGTH, STRENGTH_TASKS, image_task
+from server.models.tasks import Task as TaskName
 from server.models.trajectories import Resumed, ResumeLimits, TrajectoryRun, resumable
 from server.policy import engine_config as policy
 from server.policy.resolve import Resolved, resolve
@@ -270,7 +271,7 @@ class Generations:
             mask=mask,
             strength=body.strength
             if task not in STRENGTH_TASKS or body.strength is not None
-            else DEFAULT_STRENGTH,
+            else _default_strength(model, task),
             task=task,
             loras=tuple((choice.name, choice.scale) for choice in body.loras),
         )
@@ -528,6 +529,13 @@ def _uploads(body: GenerationRequest, model: ResidentModel) -> tuple[list[Image.
     except uploads.InvalidUpload as exc:
         raise InvalidRequest(str(exc), param=exc.param) from exc
     return decoded, mask
+
+
+def _default_strength(model: ResidentModel, task: TaskName | None) -> float:
+    """The strength a request that gives none runs ``task`` at: its pipeline's own default (a task the
+    model lacks is refused after this, naming the field)."""
+    pipeline = model.tasks.get(task) if task is not None else None
+    return DEFAULT_STRENGTH if pipeline is None else pipeline.default_strength
 
 
 def _snapped(side: int, model: ResidentModel, param: str) -> int:

@@ -352,7 +352,12 @@ function readRequest() {
     const { image, mask } = page.inputs;
     if (image) body.image = inputUrl("image", image);
     if (mask && !$("#mask").hidden) body.mask = inputUrl("mask", mask);
-    if (!$("#strength-field").hidden) body.strength = number("strength");
+    // A strength only where the task the request runs takes one: an edit model inpaints behind a mask
+    // at a strength, and edits without one at none.
+    const masked = body.mask !== undefined;
+    if (!$("#strength-field").hidden && STRENGTH_TASKS.includes(imageTask(model, masked))) {
+      body.strength = number("strength");
+    }
   }
   for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
   return body;
@@ -364,9 +369,17 @@ function takes(model, tasks) {
   return (model.tasks || []).some((task) => tasks.includes(task));
 }
 
+// The task a request with an image runs on the model, as the server picks it: inpainting with a mask,
+// else a video from the image, else an edit model's edit, else image-to-image.
+function imageTask(model, masked) {
+  if (masked) return "inpainting";
+  if (model.kind === "video") return "image_to_video";
+  return (model.tasks || []).includes("edit") ? "edit" : "image_to_image";
+}
+
 // The image controls the model's card calls for: an image for any task that takes one, a mask for
 // inpainting, a strength for image-to-image and inpainting (an edit, or an image animated into a
-// video, takes none).
+// video, takes none: an edit model with an inpainting pipeline shows it, and sends it with a mask).
 function applyImageControls() {
   const model = currentModel();
   $("#image-input").hidden = !takes(model, IMAGE_TASKS);

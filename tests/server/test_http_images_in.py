@@ -115,13 +115,39 @@ def kontext_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def fill_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An inpainting model: FLUX.1 Fill on the tiny Flux's components, its transformer taking the noise's
+    packed latents (32 channels), the masked image's (32) and the mask's (4x4 pixels per latent pixel,
+    packed 2x2: 64) beside each other, with its guidance embedded as FLUX.1 Fill-dev's is."""
+    import inspect
+
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel
+
+    from tiny_pipelines.flux import RECIPE
+
+    path = tmp_path_factory.mktemp("images-in-fill") / "fill"
+    components = tiny_pipeline("flux").build().components
+    torch.manual_seed(3)
+    transformer: Any = FluxTransformer2DModel(
+        **{**RECIPE["transformer"], "in_channels": 128, "out_channels": 32, "guidance_embeds": True}
+    )
+    takes = inspect.signature(FluxFillPipeline.__init__).parameters
+    kept = {name: component for name, component in components.items() if name in takes}
+    pipeline: Any = FluxFillPipeline(**{**kept, "transformer": transformer.eval()})
+    pipeline.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def folder(folders: dict[str, Path]) -> Path:
     return folders["flux"]
 
 
 @pytest.fixture(scope="module")
-def server(model_cache: Path, folders: dict[str, Path], kontext_folder: Path) -> Iterator[LiveServer]:
-    models = [*(str(path) for path in folders.values()), str(kontext_folder), "tiny-wan"]
+def server(
+    model_cache: Path, folders: dict[str, Path], kontext_folder: Path, fill_folder: Path
+) -> Iterator[LiveServer]:
+    models = [*(str(path) for path in folders.values()), str(kontext_folder), str(fill_folder), "tiny-wan"]
     yield from one_thread_server(model_cache, models=models)
 
 
@@ -170,7 +196,8 @@ def test_each_card_lists_its_tasks(client: httpx.Client) -> None:
     for name in FAMILIES:
         assert cards[name]["tasks"] == ["text_to_image", "image_to_image", "inpainting"]
     assert cards["tiny-wan"]["tasks"] == ["text_to_video"]
-    assert cards["kontext"]["tasks"] == ["text_to_image", "edit"]
+    assert cards["kontext"]["tasks"] == ["text_to_image", "edit", "inpainting"]
+    assert cards["fill"]["tasks"] == ["inpainting"]
 
 
 @pytest.mark.parametrize("name", [name for name in FAMILIES if name != "flux"])
@@ -464,12 +491,12 @@ def test_an_edit_must_be_a_multipart_body(client: httpx.Client) -> None:
 # -- an edit model ----------------------------------------------------------------------------------------
 
 
-def _kontext(folder: Path, **arguments: Any) -> np.ndarray:
-    """diffusers' FluxKontextPipeline from the folder, called as documented, its output's area bounded
-    to the size asked and its image taken at its own size (max_area and _auto_resize would otherwise
-    rescale both to a megapixel)."""
+def _kontext(folder: Path, pipeline_class: str = "FluxKontextPipeline", **arguments: Any) -> np.ndarray:
+    """diffusers' Kontext pipeline (or its inpainting one) from the folder, called as documented, its
+    output's area bounded to the size asked and its image taken at its own size (max_area and _auto_resize
+    would otherwise rescale both to a megapixel); an inpainting laid over the image outside its mask."""
 
-    pipeline = direct_pipeline("FluxKontextPipeline", folder)
+    pipeline = direct_pipeline(pipeline_class, folder)
     output = pipeline(
         prompt=PROMPT,
         height=HEIGHT,
@@ -483,7 +510,17 @@ def _kontext(folder: Path, **arguments: Any) -> np.ndarray:
         output_type="pil",
         **arguments,
     )
-    return np.asarray(output.images[0].convert("RGB"))
+    image = output.images[0]
+    if "mask_image" in arguments:
+        image = pipeline.image_processor.apply_overlay(arguments["mask_image"], arguments["image"], image)
+    return np.asarray(image.convert("RGB"))
+
+
+def _painted(width: int = WIDTH, height: int = HEIGHT) -> Image.Image:
+    """MASK as diffusers reads a mask: white where it paints (the transparent left half)."""
+    painted = Image.new("L", (width, height), 0)
+    painted.paste(255, (0, 0, width // 2, height))
+    return painted
 
 
 def test_an_edit_model_edits_the_image_as_a_direct_call_does(
@@ -514,14 +551,80 @@ def test_an_edit_model_edits_the_image_as_a_direct_call_does(
     assert np.array_equal(_pixels({"data": [{"b64_json": answer.data[0].b64_json}]}), expected)
 
 
+def test_an_edit_takes_no_strength(client: httpx.Client) -> None:
+    response = client.post(
+        "/v1/generations", json=_body(model="kontext", image=_b64(_png(IMAGE)), strength=0.5)
+    )
+    assert response.status_code == 422 and error_of(response)["param"] == "strength", response.text
+
+
+def test_an_edit_model_inpaints_behind_a_mask_as_its_inpainting_pipeline_does(
+    client: httpx.Client, kontext_folder: Path
+) -> None:
+    """Kontext's inpainting pipeline, on the model's own components: without a strength it runs at the
+    pipeline's own default (1: every step), with one at that strength."""
+    body = _body(model="kontext", width=WIDTH, height=HEIGHT, image=_b64(_png(IMAGE)), mask=_b64(_png(MASK)))
+    whole = generated(client, body)
+    assert (whole["task"], whole["strength"]) == ("inpainting", 1.0)
+    assert len(whole["timings"]["denoising_steps"]) == STEPS
+    inpainting = "FluxKontextInpaintPipeline"
+    expected = _kontext(kontext_folder, inpainting, image=IMAGE, mask_image=_painted())
+    assert np.array_equal(_pixels(whole), expected)
+    half = generated(client, {**body, "strength": 0.5})
+    assert len(half["timings"]["denoising_steps"]) == STEPS // 2
+    expected = _kontext(kontext_folder, inpainting, image=IMAGE, mask_image=_painted(), strength=0.5)
+    pixels, source = _pixels(half), np.asarray(IMAGE)
+    assert np.array_equal(pixels, expected)
+    assert np.array_equal(pixels[:, WIDTH // 2 :], source[:, WIDTH // 2 :])
+
+
+# -- an inpainting model ----------------------------------------------------------------------------------
+
+
+def test_an_inpainting_model_inpaints_as_a_direct_call_does(client: httpx.Client, fill_folder: Path) -> None:
+    """FLUX.1 Fill: its own pipeline, at its own defaults (strength 1, guidance 30, embedded), the image
+    kept outside the mask."""
+    card = client.get("/v1/models/fill").json()
+    assert card["defaults"]["guidance_scale"] == 30.0
+    body = {"model": "fill", "prompt": PROMPT, "steps": STEPS, "seed": 7, "image": _b64(_png(IMAGE))}
+    answer = generated(client, {**body, "mask": _b64(_png(MASK))})
+    assert (answer["task"], answer["strength"]) == ("inpainting", 1.0)
+    pipeline = direct_pipeline("FluxFillPipeline", fill_folder)
+    output = pipeline(
+        prompt=PROMPT,
+        image=IMAGE,
+        mask_image=_painted(),
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=STEPS,
+        num_images_per_prompt=1,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="pil",
+    ).images[0]
+    expected = np.asarray(pipeline.image_processor.apply_overlay(_painted(), IMAGE, output).convert("RGB"))
+    pixels, source = _pixels(answer), np.asarray(IMAGE)
+    assert np.array_equal(pixels, expected)
+    assert np.array_equal(pixels[:, WIDTH // 2 :], source[:, WIDTH // 2 :])
+    assert not np.array_equal(pixels[:, : WIDTH // 2], source[:, : WIDTH // 2])
+    # A policy acts on it as on any Flux.
+    loose = {"method": "first_block_cache", "threshold": 10.0}
+    cached = generated(client, {**body, "mask": _b64(_png(MASK)), "cache": loose})
+    assert cached["cache"]["steps_cached"] > 0, cached["cache"]
+
+
 @pytest.mark.parametrize(
-    ("fields", "param"), [({"strength": 0.5}, "strength"), ({"mask": _b64(_png(MASK))}, "mask")]
+    ("fields", "param"),
+    [({}, "image"), ({"image": _b64(_png(IMAGE))}, "mask")],
+    ids=["no image", "no mask"],
 )
-def test_an_edit_model_takes_no_strength_and_no_mask(
+def test_an_inpainting_model_needs_an_image_and_a_mask(
     client: httpx.Client, fields: dict[str, Any], param: str
 ) -> None:
-    response = client.post("/v1/generations", json=_body(model="kontext", image=_b64(_png(IMAGE)), **fields))
+    response = client.post(
+        "/v1/generations", json={"model": "fill", "prompt": PROMPT, "steps": STEPS, **fields}
+    )
     assert response.status_code == 422 and error_of(response)["param"] == param, response.text
+    assert "inpainting" in error_of(response)["message"]
 
 
 # -- a video from an image ---------------------------------------------------------------------------------
@@ -682,8 +785,18 @@ def test_flux2_edits_from_several_images_as_its_direct_call_does(model_cache: Pa
     }
     for served in one_thread_server(model_cache, models=[str(folder)]):
         with served.client() as client:
-            assert client.get("/v1/models/flux2").json()["tasks"] == ["text_to_image", "edit"]
+            assert client.get("/v1/models/flux2").json()["tasks"] == ["text_to_image", "edit", "inpainting"]
             answer = generated(client, {**body, "image": [_b64(_png(first)), _b64(_png(second))]})
+            inpainted = generated(
+                client,
+                {
+                    **body,
+                    "width": 64,
+                    "height": 64,
+                    "image": _b64(_png(first)),
+                    "mask": _b64(_png(_mask(64, 64))),
+                },
+            )
             too_many = client.post("/v1/generations", json={**body, "image": [_b64(_png(first))] * 11})
             bad_second = client.post("/v1/generations", json={**body, "image": [_b64(_png(first)), "nope"]})
             # FLUX.2 takes images of 64 px a side or more: the pipeline's own check, before the queue.
@@ -707,3 +820,23 @@ def test_flux2_edits_from_several_images_as_its_direct_call_does(model_cache: Pa
         output_type="pil",
     ).images[0]
     assert np.array_equal(_pixels(answer), np.asarray(expected.convert("RGB")))
+    # Behind a mask, FLUX.2 Klein's inpainting pipeline on the same components, at its own default
+    # strength (0.8: 1 of 2 steps).
+    assert (inpainted["task"], inpainted["strength"]) == ("inpainting", 0.8)
+    inpainting = direct_pipeline("Flux2KleinInpaintPipeline", folder)
+    painted = inpainting(
+        image=first,
+        mask_image=_painted(64, 64),
+        prompt=PROMPT,
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        num_images_per_prompt=1,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="pil",
+    ).images[0]
+    painted = inpainting.image_processor.apply_overlay(_painted(64, 64), first, painted)
+    pixels = _pixels(inpainted)
+    assert np.array_equal(pixels, np.asarray(painted.convert("RGB")))
+    assert np.array_equal(pixels[:, 32:], np.asarray(first)[:, 32:])

@@ -477,9 +477,9 @@ def test_the_image_controls_follow_the_models_tasks(page: Any, tmp_path: Path) -
     assert _visible(page) == (True, True, True)  # shapes-flux: image-to-image and inpainting
     page.locator("#model").select_option("tiny-wan")
     assert _visible(page) == (False, False, False)
-    # An edit model takes an image, but neither a mask nor a strength.
+    # An edit model takes an image, and inpaints behind a mask at a strength.
     page.locator("#model").select_option("kontext")
-    assert _visible(page) == (True, False, False)
+    assert _visible(page) == (True, True, True)
 
     page.locator("#model").select_option("tiny-flux")
     page.locator("#strength").fill("0.5")
@@ -494,8 +494,12 @@ def test_the_image_controls_follow_the_models_tasks(page: Any, tmp_path: Path) -
     request = page.evaluate("() => readRequest()")
     assert not {"image", "mask", "strength"} & set(request)
     assert (request["width"], request["height"]) == (32, 32)
-    # ...and the edit model the image alone.
+    # ...and the edit model, with the mask, an inpainting at the strength; without it, the image alone (an
+    # edit takes no strength).
     page.locator("#model").select_option("kontext")
+    request = page.evaluate("() => readRequest()")
+    assert {"image", "mask", "strength"} <= set(request) and not {"width", "height"} & set(request)
+    page.locator("#mask .drop-clear").click()
     request = page.evaluate("() => readRequest()")
     assert "image" in request and not {"mask", "strength", "width", "height"} & set(request)
 
