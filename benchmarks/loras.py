@@ -1,12 +1,14 @@
 """What LoRA adapters cost: ``python -m benchmarks.loras``.
 
-Loads ``shapes-flux`` three times through the server's own loading (``load_model``): one copy holding two
+Loads ``shapes-flux`` four times through the server's own loading (``load_model``): two copies holding two
 rank-``--rank`` adapters (seeded random pairs on every linear module of its attention and feed-forward
-layers, written as diffusers writes adapters and read back as the server reads them), two holding none
-(the second shows how far two copies with nothing to tell them apart differ: the noise floor).
-Then ``-n`` rounds at the served defaults, each round running, back to back so that a shared machine's
-drift falls on all alike (and starting with another each round): the bare copy; the adapted copy
-without adapters, with one, with two. Prints
+layers, written as diffusers writes adapters and read back as the server reads them), one at the served
+default, where a request folds its adapters into weights of its own, and one that never folds (what every
+module past the fold budget, and every merged forward, does: the update added to the shared weight's
+product); two holding none (the second shows how far two copies with nothing to tell them apart differ:
+the noise floor). Then ``-n`` rounds at the served defaults, each round running, back to back so that a
+shared machine's drift falls on all alike (and starting with another each round): the bare copy; the
+adapted copy without adapters, with one, with two; the other adapted copy with one and with two. Prints
 the median denoising time of each and its ratio to the bare copy's.
 """
 
@@ -56,16 +58,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A second bare copy: how far two copies of one model differ with nothing to tell them apart.
         control = load_model("shapes-flux", cache_dir=root)
         adapted = load_model("shapes-flux", cache_dir=root)
-        assert adapted.adapters is not None
+        added = load_model("shapes-flux", cache_dir=root, lora_fold_bytes=0)
         for index, name in enumerate(("first", "second")):
             write_adapter(adapted, root / name, args.rank, seed=index)
-            adapted.adapters.load(name, str(root / name))
+            for model in (adapted, added):
+                assert model.adapters is not None
+                model.adapters.load(name, str(root / name))
+        one, two = (("first", 1.0),), (("first", 1.0), ("second", 0.5))
         runs = {
             "no adapter, model holding none": (bare, ()),
             "no adapter, another copy holding none": (control, ()),
             "no adapter, model holding two": (adapted, ()),
-            "one adapter": (adapted, (("first", 1.0),)),
-            "two adapters": (adapted, (("first", 1.0), ("second", 0.5))),
+            "one adapter, folded": (adapted, one),
+            "two adapters, folded": (adapted, two),
+            "one adapter, added": (added, one),
+            "two adapters, added": (added, two),
         }
         times: dict[str, list[float]] = {name: [] for name in runs}
         prompts = [scene.caption for scene in dataset.scenes(args.n, 20_261_209)]
@@ -87,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     layer, update = layer_and_update_us(width=128, tokens=80, rank=args.rank)
     print(
         f"\nOne {128}-wide linear layer over 80 tokens (an attention projection of shapes-flux): {layer:.1f} us; "
-        f"the rank-{args.rank} update added to it, as the adapter's hook computes it: {update:.1f} us "
+        f"the rank-{args.rank} update added to it, as an unfolded module computes it: {update:.1f} us "
         f"({update / layer:.0%}, for {2 * args.rank / 128:.0%} of the layer's multiply-adds)"
     )
     return 0

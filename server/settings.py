@@ -116,6 +116,13 @@ class Settings(BaseSettings):
     max_loras: int = Field(
         default=16, ge=0, le=1024, description="adapters a model may hold, all sources together"
     )
+    lora_fold_mb: float = Field(
+        default=64.0,
+        ge=0,
+        description="what one request running alone may fold its adapters into, in MiB: a private copy of "
+        "each weight they touch, with their update added, runs one product per step instead of the shared "
+        "weight's and the update's; past it, and in merged forwards, the update is added (0: never fold)",
+    )
     lora_dir: Path | None = Field(
         default=None,
         description="where the admin endpoints may read adapters from: a source is a path under it",

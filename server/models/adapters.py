@@ -10,6 +10,13 @@ module with a hook takes PyTorch's slower call path, which a request without ada
 pay on every module an adapter touches. In a forward merged from several requests' (``--max-batch``),
 each request's adapters go to its own rows, so requests with different adapters, or none, share one
 forward.
+
+A request running alone may instead fold its adapters into a weight of its own, ``W + sum(B @ A x
+weight x scaling)`` (what diffusers' ``fuse_lora`` writes into the shared weight, here kept by the request
+and dropped with it), and run the module as one product. On a narrow layer the two small products of an
+update cost as much as the layer itself, whatever their arithmetic; folded, they cost nothing per step.
+The folded weights of one request take at most ``fold_bytes``; the modules past that, and every module in
+a merged forward, add the update instead.
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.nn import functional
-from torch.utils.hooks import RemovableHandle
 
 from cache_engine.batching import MergedCall, merged_calls
 from server.errors import Conflict
@@ -70,18 +76,55 @@ class Adapter:
         )
 
 
-# The adapters of the request in progress, with their weights, in the order it names them.
-_ACTIVE: ContextVar[tuple[tuple[Adapter, float], ...]] = ContextVar("ditcache_active_adapters", default=())
+# What one request folds its adapters into, when it runs alone, by default: enough for every module of a
+# small model, a few modules of a large one (a FLUX projection is 18 MiB in bfloat16).
+DEFAULT_FOLD_BYTES = 64 * 2**20
+
+
+class _Applied:
+    """The adapters of one request in progress, with their weights in the order it names them, and the
+    weights it folded them into: owned by the request, dropped with it."""
+
+    def __init__(self, adapters: tuple[tuple[Adapter, float], ...], fold_bytes: int) -> None:
+        self.adapters = adapters
+        self._bytes_left = fold_bytes
+        # Per module path: its folded weight, or None where it is not folded (over the budget, or a
+        # weight that is not a plain tensor, as a quantized one).
+        self._folded: dict[str, torch.Tensor | None] = {}
+
+    def folded(self, path: str, module: nn.Linear) -> torch.Tensor | None:
+        if path in self._folded:
+            return self._folded[path]
+        pairs = [(pair, scale) for adapter, scale in self.adapters if (pair := adapter.modules.get(path))]
+        weight = module.weight
+        size = weight.numel() * weight.element_size()
+        folded = None
+        # A module none of the request's adapters touch (another adapter's) is not copied.
+        plain = type(weight.data) is torch.Tensor and weight.is_floating_point()
+        if pairs and plain and size <= self._bytes_left:
+            self._bytes_left -= size
+            with torch.no_grad():
+                folded = weight.detach().clone()
+                for pair, scale in pairs:
+                    folded += (pair.up @ pair.down) * (scale * pair.scaling)
+        self._folded[path] = folded
+        return folded
+
+
+# The adapters of the request in progress; None: it has none.
+_ACTIVE: ContextVar[_Applied | None] = ContextVar("ditcache_active_adapters", default=None)
 
 
 class Adapters:
     """One resident model's adapters, and the hooks that apply them per request."""
 
-    def __init__(self, pipeline: DiffusionPipeline) -> None:
+    def __init__(self, pipeline: DiffusionPipeline, *, fold_bytes: int = DEFAULT_FOLD_BYTES) -> None:
         self.pipeline = pipeline
         self.transformer: nn.Module = pipeline.transformer
+        # What one request running alone may fold its adapters into (0: it never folds).
+        self.fold_bytes = fold_bytes
         self._adapters: dict[str, Adapter] = {}
-        self._hooks: dict[str, RemovableHandle] = {}
+        self._hooks: dict[str, _Hook] = {}
         # Requests running with adapters: the hooks stay while there is one.
         self._users = 0
         # Per adapter name, the requests running with it: a removal waits for them.
@@ -125,7 +168,9 @@ class Adapters:
             gone = [name for name, _ in chosen if name not in self._adapters]
             if gone:
                 raise AdapterGone(f"adapter {gone[0]!r} was removed while this request waited", param="loras")
-            active = tuple((self._adapters[name], weight) for name, weight in chosen)
+            active = _Applied(
+                tuple((self._adapters[name], weight) for name, weight in chosen), self.fold_bytes
+            )
             if not self._users:
                 for adapter in self._adapters.values():
                     self._hook(adapter)
@@ -142,8 +187,8 @@ class Adapters:
                 for name, _ in chosen:
                     self._in_use[name] -= 1
                 if not self._users:
-                    for handle in self._hooks.values():
-                        handle.remove()
+                    for hook in self._hooks.values():
+                        hook.remove()
                     self._hooks.clear()
                 self._lock.notify_all()
 
@@ -158,7 +203,7 @@ class Adapters:
     def _hook(self, adapter: Adapter) -> None:
         for path in adapter.modules:
             if path not in self._hooks:
-                self._hooks[path] = self.transformer.get_submodule(path).register_forward_hook(_adding(path))
+                self._hooks[path] = _Hook(path, self.transformer.get_submodule(path))
 
     def _adapter(
         self, name: str, source: str, state: Mapping[str, torch.Tensor], alphas: Mapping[str, Any]
@@ -211,18 +256,44 @@ class Adapters:
         )
 
 
-def _adding(path: str) -> Any:
-    """The forward hook of the module at ``path``: the request's adapters' updates added to its output;
-    inside a forward merged from several requests' (``--max-batch``), each request's to its own rows."""
+class _Hook:
+    """The forward of the module at ``path`` while requests with adapters run: the request's adapters on
+    its output (folded into its weight where the request folds them); inside a forward merged from
+    several requests' (``--max-batch``), each request's updates on its own rows.
 
-    def add(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
-        calls = merged_calls()
-        if calls is not None:
-            return _added_per_request(path, calls, args[0], output)
-        active = _ACTIVE.get()
-        return _added(path, active, args[0], output) if active else None
+    It takes the place of the module's forward (an instance attribute over the class's), rather than
+    being a forward hook, so that a folded module runs one product instead of the shared one and a
+    correction."""
 
-    return add
+    def __init__(self, path: str, module: nn.Module) -> None:
+        assert isinstance(module, nn.Linear)
+        self._module = module
+        # A forward set on the instance already (an offloading hook's) runs under this one, and comes back.
+        self._own = module.__dict__.get("forward")
+        base = module.forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            calls = merged_calls()
+            if calls is not None:
+                output = base(x)
+                updated = _added_per_request(path, calls, x, output)
+                return output if updated is None else updated
+            applied = _ACTIVE.get()
+            if applied is None:
+                return base(x)
+            folded = applied.folded(path, module)
+            if folded is not None:
+                return functional.linear(x, folded, module.bias)
+            return _added(path, applied.adapters, x, base(x))
+
+        # Set on the instance: a plain attribute, which nn.Module's __call__ finds before the class's.
+        setattr(module, "forward", forward)  # noqa: B010
+
+    def remove(self) -> None:
+        if self._own is None:
+            del self._module.forward
+        else:
+            setattr(self._module, "forward", self._own)  # noqa: B010
 
 
 def _added(
@@ -246,10 +317,10 @@ def _added_per_request(
     for call in calls:
         rows = slice(start, start + call.rows)
         start += call.rows
-        active = call.context.get(_ACTIVE, ())
-        if not active:
+        active = call.context.get(_ACTIVE)
+        if active is None:
             continue
         if updated is None:
             updated = output.clone()
-        updated[rows] = _added(path, active, x[rows], output[rows])
+        updated[rows] = _added(path, active.adapters, x[rows], output[rows])
     return updated

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from server.models import geometry
-from server.models.adapters import Adapters
+from server.models.adapters import DEFAULT_FOLD_BYTES, Adapters
 from server.models.builtin import BUILTIN_MODEL_NAMES, BUILTIN_MODELS, BuiltinModel, materialize
 from server.models.caching import ModelCache
 from server.models.calibration import Calibration, load_calibration
@@ -310,6 +310,7 @@ def load_model(
     accelerate: Acceleration | None = None,
     text_cache_bytes: int = 0,
     trajectory_cache_bytes: int = 0,
+    lora_fold_bytes: int = DEFAULT_FOLD_BYTES,
 ) -> ResidentModel:
     """Load ``spec`` onto ``device`` with a cache engine per transformer; raises ModelLoadError.
 
@@ -318,7 +319,8 @@ def load_model(
     the engines wrap them (``server.ops.acceleration``); compiled models still need a warm-up.
     ``text_cache_bytes`` bounds the prompt embeddings kept across requests (0: none are kept), and
     ``trajectory_cache_bytes`` the trajectories kept for similar prompts (0, or a pipeline that cannot
-    resume one: none are kept).
+    resume one: none are kept). ``lora_fold_bytes`` bounds the weights one request with adapters may
+    fold them into (``server.models.adapters``).
     """
     from cache_engine import CacheEngine
     from cache_engine.targets import build_layout, family_for
@@ -410,7 +412,9 @@ def load_model(
         acceleration=accelerate,
         tasks=tasks,
         prompt_cache=prompt_cache,
-        adapters=Adapters(pipeline) if hasattr(type(pipeline), "lora_state_dict") else None,
+        adapters=Adapters(pipeline, fold_bytes=lora_fold_bytes)
+        if hasattr(type(pipeline), "lora_state_dict")
+        else None,
         trajectories=trajectories,
         trajectory_probe=trajectory_probe,
     )

@@ -49,6 +49,7 @@ def load_generations(settings: Settings, metrics: Metrics) -> Generations:
                     accelerate=accelerate,
                     text_cache_bytes=int(settings.text_cache_mb * 2**20),
                     trajectory_cache_bytes=int(settings.trajectory_cache_mb * 2**20),
+                    lora_fold_bytes=int(settings.lora_fold_mb * 2**20),
                 )
                 if accelerate.compile:
                     _warm_up(model, metrics)

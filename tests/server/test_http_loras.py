@@ -138,9 +138,30 @@ def test_the_hooks_are_there_only_while_a_request_with_adapters_runs(
     generations = server.runtime.generations
     assert generations is not None
     transformer = generations.models["flux"].pipeline.transformer
-    assert not any(
-        module._forward_hooks for module in transformer.modules() if isinstance(module, torch.nn.Linear)
-    )
+    linears = [module for module in transformer.modules() if isinstance(module, torch.nn.Linear)]
+    assert not any(module._forward_hooks or "forward" in vars(module) for module in linears)
+
+
+@pytest.mark.parametrize("fold_mb", [0.0, 0.05], ids=["never folded", "partly folded"])
+def test_adapters_added_rather_than_folded_give_diffusers_output(
+    model_cache: Path, folder: Path, lora_folders: dict[str, Path], fold_mb: float
+) -> None:
+    """A request folds its adapters into weights of its own while they fit ``lora_fold_mb`` (the
+    module-wide server folds them all: a tiny Flux projection is 16 KiB); past it, each module adds the
+    low-rank update to the shared weight's product instead. Either way, or both in one request, the output
+    is diffusers'; the shared weights never change."""
+    chosen = [("outline", 0.8), ("warm", -0.5)]
+    loras = [f"flux:{name}={path}" for name, path in lora_folders.items()]
+    for served in one_thread_server(model_cache, models=[str(folder)], loras=loras, lora_fold_mb=fold_mb):
+        generations = served.runtime.generations
+        assert generations is not None
+        transformer = generations.models["flux"].pipeline.transformer
+        before = {name: tensor.clone() for name, tensor in transformer.state_dict().items()}
+        with served.client() as client:
+            answer = _generate(client, loras=[{"name": name, "scale": weight} for name, weight in chosen])
+        after = transformer.state_dict()
+        assert all(torch.equal(before[name], after[name]) for name in before)
+    assert np.array_equal(_pixels(answer), _direct(folder, lora_folders, chosen))
 
 
 def test_adapters_change_the_output_and_every_cache_policy_still_acts(client: httpx.Client) -> None:
