@@ -2,12 +2,11 @@
 
 An adapter is read with diffusers' own ``lora_state_dict`` of the pipeline's class (so the formats it
 reads, the community ones it converts included, are read here), and kept as its low-rank pairs per
-linear module of the transformer. The shared weights never change: a forward hook on each module some
-adapter touches adds, for the request in progress only, each of its adapters' update
-``B(A(x)) * (weight * alpha / rank)``, in the order the request names them, as PEFT does after
-diffusers' ``set_adapters``. The hooks are there only while some request with adapters runs: a
-module with a hook takes PyTorch's slower call path, which a request without adapters would otherwise
-pay on every module an adapter touches. In a forward merged from several requests' (``--max-batch``),
+linear module of the transformer. The shared weights never change: the forward of each module some
+adapter touches is replaced by one that adds, for the request in progress only, each of its adapters'
+update ``B(A(x)) * (weight * alpha / rank)``, in the order the request names them, as PEFT does after
+diffusers' ``set_adapters``. These forwards are there only while some request with adapters runs: a
+request without adapters would otherwise pay a Python call on every module an adapter touches. In a forward merged from several requests' (``--max-batch``),
 each request's adapters go to its own rows, so requests with different adapters, or none, share one
 forward.
 
