@@ -63,6 +63,13 @@ def _mask(width: int = WIDTH, height: int = HEIGHT) -> Image.Image:
     return mask
 
 
+def _painted(width: int = WIDTH, height: int = HEIGHT) -> Image.Image:
+    """MASK as diffusers reads a mask: white where it paints (the transparent left half)."""
+    painted = Image.new("L", (width, height), 0)
+    painted.paste(255, (0, 0, width // 2, height))
+    return painted
+
+
 IMAGE = _picture()
 MASK = _mask()
 
@@ -167,10 +174,17 @@ def _pixels(answer: dict[str, Any]) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def _direct(folder: Path, pipeline_class: str, *, family: str = "flux", **arguments: Any) -> np.ndarray:
-    """diffusers' own task pipeline, loaded from the folder, called as its documentation shows; an
-    inpainting laid over the image outside its mask with diffusers' ``apply_overlay``, as its
-    documentation shows too."""
+def _direct(
+    folder: Path,
+    pipeline_class: str,
+    *,
+    family: str = "flux",
+    guidance: Mapping[str, Any] | None = None,
+    **arguments: Any,
+) -> np.ndarray:
+    """diffusers' own task pipeline, loaded from the folder, called as its documentation shows, with the
+    family's guidance unless ``guidance`` says otherwise; an inpainting laid over the image outside its
+    mask with diffusers' ``apply_overlay``, as its documentation shows too."""
 
     pipeline = direct_pipeline(pipeline_class, folder)
     assert torch.get_num_threads() == 1
@@ -180,7 +194,7 @@ def _direct(folder: Path, pipeline_class: str, *, family: str = "flux", **argume
         width=WIDTH,
         num_inference_steps=STEPS,
         num_images_per_prompt=1,
-        **FAMILIES[family].guidance,
+        **(FAMILIES[family].guidance if guidance is None else guidance),
         generator=torch.Generator("cpu").manual_seed(7),
         output_type="pil",
         **arguments,
@@ -213,10 +227,8 @@ def test_each_familys_tasks_are_the_direct_calls_of_its_pipelines(
     )
     inpainted = generated(client, _body(**fields, mask=_b64(_png(MASK)), strength=0.8))
     assert inpainted["task"] == "inpainting"
-    painted = Image.new("L", (WIDTH, HEIGHT), 0)
-    painted.paste(255, (0, 0, WIDTH // 2, HEIGHT))
     expected = _direct(
-        folders[name], family.inpainting, family=name, image=IMAGE, mask_image=painted, strength=0.8
+        folders[name], family.inpainting, family=name, image=IMAGE, mask_image=_painted(), strength=0.8
     )
     pixels, source = _pixels(inpainted), np.asarray(IMAGE)
     assert np.array_equal(pixels, expected)
@@ -251,9 +263,7 @@ def test_inpainting_is_the_direct_call_with_the_mask_read_as_openai_writes_it(
     assert answer["task"] == "inpainting"
     assert len(answer["timings"]["denoising_steps"]) == 5
     # diffusers paints where its mask is white: the transparent half.
-    painted = Image.new("L", (WIDTH, HEIGHT), 0)
-    painted.paste(255, (0, 0, WIDTH // 2, HEIGHT))
-    expected = _direct(folder, "FluxInpaintPipeline", image=IMAGE, mask_image=painted, strength=0.8)
+    expected = _direct(folder, "FluxInpaintPipeline", image=IMAGE, mask_image=_painted(), strength=0.8)
     assert np.array_equal(_pixels(answer), expected)
     # What lies outside the mask is the image's own, to the pixel; inside, it was painted.
     pixels, source = _pixels(answer), np.asarray(IMAGE)
@@ -422,9 +432,7 @@ def test_the_openai_sdk_edits_an_image_and_inpaints_behind_a_mask(server: LiveSe
         extra_body={**ours, "strength": 0.8},
     )
     assert inpainted.model_dump()["task"] == "inpainting"
-    painted = Image.new("L", (WIDTH, HEIGHT), 0)
-    painted.paste(255, (0, 0, WIDTH // 2, HEIGHT))
-    expected = _direct(folder, "FluxInpaintPipeline", image=IMAGE, mask_image=painted, strength=0.8)
+    expected = _direct(folder, "FluxInpaintPipeline", image=IMAGE, mask_image=_painted(), strength=0.8)
     assert inpainted.data is not None
     assert np.array_equal(_pixels({"data": [{"b64_json": inpainted.data[0].b64_json}]}), expected)
 
@@ -516,13 +524,6 @@ def _kontext(folder: Path, pipeline_class: str = "FluxKontextPipeline", **argume
     return np.asarray(image.convert("RGB"))
 
 
-def _painted(width: int = WIDTH, height: int = HEIGHT) -> Image.Image:
-    """MASK as diffusers reads a mask: white where it paints (the transparent left half)."""
-    painted = Image.new("L", (width, height), 0)
-    painted.paste(255, (0, 0, width // 2, height))
-    return painted
-
-
 def test_an_edit_model_edits_the_image_as_a_direct_call_does(
     server: LiveServer, client: httpx.Client, kontext_folder: Path
 ) -> None:
@@ -589,19 +590,8 @@ def test_an_inpainting_model_inpaints_as_a_direct_call_does(client: httpx.Client
     body = {"model": "fill", "prompt": PROMPT, "steps": STEPS, "seed": 7, "image": _b64(_png(IMAGE))}
     answer = generated(client, {**body, "mask": _b64(_png(MASK))})
     assert (answer["task"], answer["strength"]) == ("inpainting", 1.0)
-    pipeline = direct_pipeline("FluxFillPipeline", fill_folder)
-    output = pipeline(
-        prompt=PROMPT,
-        image=IMAGE,
-        mask_image=_painted(),
-        height=HEIGHT,
-        width=WIDTH,
-        num_inference_steps=STEPS,
-        num_images_per_prompt=1,
-        generator=torch.Generator("cpu").manual_seed(7),
-        output_type="pil",
-    ).images[0]
-    expected = np.asarray(pipeline.image_processor.apply_overlay(_painted(), IMAGE, output).convert("RGB"))
+    # Its guidance left to its own default, as the request leaves it.
+    expected = _direct(fill_folder, "FluxFillPipeline", guidance={}, image=IMAGE, mask_image=_painted())
     pixels, source = _pixels(answer), np.asarray(IMAGE)
     assert np.array_equal(pixels, expected)
     assert np.array_equal(pixels[:, WIDTH // 2 :], source[:, WIDTH // 2 :])
@@ -807,36 +797,32 @@ def test_flux2_edits_from_several_images_as_its_direct_call_does(model_cache: Pa
     assert too_many.status_code == 422 and error_of(too_many)["param"] == "image"
     assert bad_second.status_code == 422 and error_of(bad_second)["param"] == "image.1"
     assert small.status_code == 422 and error_of(small)["param"] == "image.1"
-    pipeline = direct_pipeline("Flux2KleinPipeline", folder)
-    expected = pipeline(
-        image=[first, second],
-        prompt=PROMPT,
-        width=32,
-        height=32,
-        num_inference_steps=2,
-        guidance_scale=3.0,
-        num_images_per_prompt=1,
-        generator=torch.Generator("cpu").manual_seed(7),
-        output_type="pil",
-    ).images[0]
-    assert np.array_equal(_pixels(answer), np.asarray(expected.convert("RGB")))
+    expected = _klein(folder, "Flux2KleinPipeline", 32, image=[first, second])
+    assert np.array_equal(_pixels(answer), expected)
     # Behind a mask, FLUX.2 Klein's inpainting pipeline on the same components, at its own default
     # strength (0.8: 1 of 2 steps).
     assert (inpainted["task"], inpainted["strength"]) == ("inpainting", 0.8)
-    inpainting = direct_pipeline("Flux2KleinInpaintPipeline", folder)
-    painted = inpainting(
-        image=first,
-        mask_image=_painted(64, 64),
+    pixels = _pixels(inpainted)
+    expected = _klein(folder, "Flux2KleinInpaintPipeline", 64, image=first, mask_image=_painted(64, 64))
+    assert np.array_equal(pixels, expected)
+    assert np.array_equal(pixels[:, 32:], np.asarray(first)[:, 32:])
+
+
+def _klein(folder: Path, pipeline_class: str, side: int, **arguments: Any) -> np.ndarray:
+    """A FLUX.2 Klein pipeline from the folder, called as documented at ``side`` x ``side``; an inpainting
+    laid over the image outside its mask."""
+    pipeline = direct_pipeline(pipeline_class, folder)
+    image = pipeline(
         prompt=PROMPT,
-        width=64,
-        height=64,
+        width=side,
+        height=side,
         num_inference_steps=2,
         guidance_scale=3.0,
         num_images_per_prompt=1,
         generator=torch.Generator("cpu").manual_seed(7),
         output_type="pil",
+        **arguments,
     ).images[0]
-    painted = inpainting.image_processor.apply_overlay(_painted(64, 64), first, painted)
-    pixels = _pixels(inpainted)
-    assert np.array_equal(pixels, np.asarray(painted.convert("RGB")))
-    assert np.array_equal(pixels[:, 32:], np.asarray(first)[:, 32:])
+    if "mask_image" in arguments:
+        image = pipeline.image_processor.apply_overlay(arguments["mask_image"], arguments["image"], image)
+    return np.asarray(image.convert("RGB"))
