@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import imageio_ffmpeg
+import numpy as np
 import pytest
 import torch
 import uvicorn
@@ -272,6 +273,13 @@ def sent_together(
 
 def b64_items(body: dict[str, Any]) -> list[bytes]:
     return [base64.b64decode(item["b64_json"]) for item in body["data"]]
+
+
+def pixels_of(answer: dict[str, Any]) -> np.ndarray:
+    """The one image of a JSON answer, as RGB pixels."""
+    (item,) = b64_items(answer)
+    with Image.open(io.BytesIO(item)) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def decode_image(data: bytes) -> Image.Image:

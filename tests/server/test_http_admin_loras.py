@@ -3,7 +3,6 @@ on how many a model holds, and a removal that waits for the requests running wit
 
 from __future__ import annotations
 
-import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +12,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tiny_pipelines import tiny_pipeline
 
-from .conftest import LiveServer, b64_items, error_of, gated, live_server, wait_until
+from .conftest import LiveServer, b64_items, error_of, gated, live_server, pixels_of, wait_until
 
 ADMIN = "admin-secret"
 HEADERS = {"Authorization": f"Bearer {ADMIN}"}
@@ -59,12 +57,6 @@ def _add(client: httpx.Client, name: str, source: str, **headers: str) -> httpx.
     )
 
 
-def _pixels(answer: dict[str, Any]) -> np.ndarray:
-    (item,) = b64_items(answer)
-    with Image.open(io.BytesIO(item)) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 def test_an_adapter_is_added_used_and_removed_while_serving(client: httpx.Client) -> None:
     base = client.post("/v1/generations", json=BODY).json()
     added = _add(client, "style", "style")
@@ -72,7 +64,7 @@ def test_an_adapter_is_added_used_and_removed_while_serving(client: httpx.Client
     assert added.json()["name"] == "style" and added.json()["rank"] == 4
     assert [a["name"] for a in client.get("/v1/models/tiny-flux").json()["adapters"]] == ["style"]
     styled = client.post("/v1/generations", json={**BODY, "loras": [{"name": "style"}]})
-    assert styled.status_code == 200 and not np.array_equal(_pixels(styled.json()), _pixels(base))
+    assert styled.status_code == 200 and not np.array_equal(pixels_of(styled.json()), pixels_of(base))
     assert _add(client, "style", "other").status_code == 409
     removed = client.delete("/v1/admin/models/tiny-flux/loras/style", headers=HEADERS)
     assert removed.status_code == 200 and removed.json() == {"removed": "style"}

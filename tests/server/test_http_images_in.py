@@ -34,6 +34,7 @@ from .conftest import (
     generated,
     live_server,
     one_thread_server,
+    pixels_of,
 )
 
 PROMPT = "a red circle on a blue background"
@@ -158,20 +159,8 @@ def server(
     yield from one_thread_server(model_cache, models=models)
 
 
-@pytest.fixture(scope="module")
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
-
-
 def _body(**fields: Any) -> dict[str, Any]:
     return {"model": "flux", "prompt": PROMPT, "steps": STEPS, "seed": 7, **fields}
-
-
-def _pixels(answer: dict[str, Any]) -> np.ndarray:
-    (item,) = b64_items(answer)
-    with Image.open(io.BytesIO(item)) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def _direct(
@@ -223,14 +212,15 @@ def test_each_familys_tasks_are_the_direct_calls_of_its_pipelines(
     fields = {"model": name, "guidance_scale": family.guidance_scale, "image": image}
     edited = generated(client, _body(**fields, strength=0.5))
     assert np.array_equal(
-        _pixels(edited), _direct(folders[name], family.image_to_image, family=name, image=IMAGE, strength=0.5)
+        pixels_of(edited),
+        _direct(folders[name], family.image_to_image, family=name, image=IMAGE, strength=0.5),
     )
     inpainted = generated(client, _body(**fields, mask=_b64(_png(MASK)), strength=0.8))
     assert inpainted["task"] == "inpainting"
     expected = _direct(
         folders[name], family.inpainting, family=name, image=IMAGE, mask_image=_painted(), strength=0.8
     )
-    pixels, source = _pixels(inpainted), np.asarray(IMAGE)
+    pixels, source = pixels_of(inpainted), np.asarray(IMAGE)
     assert np.array_equal(pixels, expected)
     # Outside the mask the image is kept, to the pixel; inside, it was painted.
     assert np.array_equal(pixels[:, WIDTH // 2 :], source[:, WIDTH // 2 :])
@@ -251,7 +241,7 @@ def test_image_to_image_is_the_direct_call_of_diffusers_pipeline(
     assert len(answer["timings"]["denoising_steps"]) == 3
     assert answer["cache"]["denoiser_calls"] == 3
     expected = _direct(folder, "FluxImg2ImgPipeline", image=IMAGE, strength=0.5)
-    assert np.array_equal(_pixels(answer), expected)
+    assert np.array_equal(pixels_of(answer), expected)
 
 
 def test_inpainting_is_the_direct_call_with_the_mask_read_as_openai_writes_it(
@@ -264,9 +254,9 @@ def test_inpainting_is_the_direct_call_with_the_mask_read_as_openai_writes_it(
     assert len(answer["timings"]["denoising_steps"]) == 5
     # diffusers paints where its mask is white: the transparent half.
     expected = _direct(folder, "FluxInpaintPipeline", image=IMAGE, mask_image=_painted(), strength=0.8)
-    assert np.array_equal(_pixels(answer), expected)
+    assert np.array_equal(pixels_of(answer), expected)
     # What lies outside the mask is the image's own, to the pixel; inside, it was painted.
-    pixels, source = _pixels(answer), np.asarray(IMAGE)
+    pixels, source = pixels_of(answer), np.asarray(IMAGE)
     assert np.array_equal(pixels[:, WIDTH // 2 :], source[:, WIDTH // 2 :])
     assert not np.array_equal(pixels[:, : WIDTH // 2], source[:, : WIDTH // 2])
 
@@ -318,7 +308,7 @@ def test_a_cache_policy_acts_on_sd3_inpainting(client: httpx.Client) -> None:
     )
     assert loose["cache"]["steps_cached"] > 0
     # Cached, the image outside the mask still comes back as it was.
-    pixels, source = _pixels(loose), np.asarray(IMAGE)
+    pixels, source = pixels_of(loose), np.asarray(IMAGE)
     assert np.array_equal(pixels[:, WIDTH // 2 :], source[:, WIDTH // 2 :])
 
 
@@ -421,7 +411,7 @@ def test_the_openai_sdk_edits_an_image_and_inpaints_behind_a_mask(server: LiveSe
     answer = edited.model_dump()
     assert (answer["task"], answer["size"], answer["seed"]) == ("image_to_image", f"{WIDTH}x{HEIGHT}", 7)
     expected = _direct(folder, "FluxImg2ImgPipeline", image=IMAGE, strength=0.5)
-    assert np.array_equal(_pixels({"data": [{"b64_json": edited.data[0].b64_json}]}), expected)
+    assert np.array_equal(pixels_of({"data": [{"b64_json": edited.data[0].b64_json}]}), expected)
 
     inpainted = sdk.images.edit(
         model="flux",
@@ -434,7 +424,7 @@ def test_the_openai_sdk_edits_an_image_and_inpaints_behind_a_mask(server: LiveSe
     assert inpainted.model_dump()["task"] == "inpainting"
     expected = _direct(folder, "FluxInpaintPipeline", image=IMAGE, mask_image=_painted(), strength=0.8)
     assert inpainted.data is not None
-    assert np.array_equal(_pixels({"data": [{"b64_json": inpainted.data[0].b64_json}]}), expected)
+    assert np.array_equal(pixels_of({"data": [{"b64_json": inpainted.data[0].b64_json}]}), expected)
 
 
 def _edit(client: httpx.Client, files: list[tuple[str, Any]], **fields: str) -> httpx.Response:
@@ -530,13 +520,13 @@ def test_an_edit_model_edits_the_image_as_a_direct_call_does(
     body = _body(model="kontext", width=WIDTH, height=HEIGHT)
     plain = generated(client, body)
     assert plain["task"] == "text_to_image"
-    assert np.array_equal(_pixels(plain), _kontext(kontext_folder))
+    assert np.array_equal(pixels_of(plain), _kontext(kontext_folder))
     edited = generated(client, {**body, "image": _b64(_png(IMAGE))})
     assert (edited["task"], edited["strength"]) == ("edit", None)
     # No strength: every step runs.
     assert len(edited["timings"]["denoising_steps"]) == STEPS
     expected = _kontext(kontext_folder, image=IMAGE)
-    assert np.array_equal(_pixels(edited), expected)
+    assert np.array_equal(pixels_of(edited), expected)
 
     from openai import OpenAI
 
@@ -549,7 +539,7 @@ def test_an_edit_model_edits_the_image_as_a_direct_call_does(
         extra_body={"seed": 7, "steps": STEPS},
     )
     assert answer.data is not None and answer.model_dump()["task"] == "edit"
-    assert np.array_equal(_pixels({"data": [{"b64_json": answer.data[0].b64_json}]}), expected)
+    assert np.array_equal(pixels_of({"data": [{"b64_json": answer.data[0].b64_json}]}), expected)
 
 
 def test_an_edit_takes_no_strength(client: httpx.Client) -> None:
@@ -570,11 +560,11 @@ def test_an_edit_model_inpaints_behind_a_mask_as_its_inpainting_pipeline_does(
     assert len(whole["timings"]["denoising_steps"]) == STEPS
     inpainting = "FluxKontextInpaintPipeline"
     expected = _kontext(kontext_folder, inpainting, image=IMAGE, mask_image=_painted())
-    assert np.array_equal(_pixels(whole), expected)
+    assert np.array_equal(pixels_of(whole), expected)
     half = generated(client, {**body, "strength": 0.5})
     assert len(half["timings"]["denoising_steps"]) == STEPS // 2
     expected = _kontext(kontext_folder, inpainting, image=IMAGE, mask_image=_painted(), strength=0.5)
-    pixels, source = _pixels(half), np.asarray(IMAGE)
+    pixels, source = pixels_of(half), np.asarray(IMAGE)
     assert np.array_equal(pixels, expected)
     assert np.array_equal(pixels[:, WIDTH // 2 :], source[:, WIDTH // 2 :])
 
@@ -592,7 +582,7 @@ def test_an_inpainting_model_inpaints_as_a_direct_call_does(client: httpx.Client
     assert (answer["task"], answer["strength"]) == ("inpainting", 1.0)
     # Its guidance left to its own default, as the request leaves it.
     expected = _direct(fill_folder, "FluxFillPipeline", guidance={}, image=IMAGE, mask_image=_painted())
-    pixels, source = _pixels(answer), np.asarray(IMAGE)
+    pixels, source = pixels_of(answer), np.asarray(IMAGE)
     assert np.array_equal(pixels, expected)
     assert np.array_equal(pixels[:, WIDTH // 2 :], source[:, WIDTH // 2 :])
     assert not np.array_equal(pixels[:, : WIDTH // 2], source[:, : WIDTH // 2])
@@ -727,9 +717,11 @@ def test_shapes_flux_edits_as_its_direct_call_and_a_target_counts_the_steps_that
         generator=torch.Generator("cpu").manual_seed(5),
         output_type="pil",
     ).images[0]
-    assert np.array_equal(_pixels(edited), np.asarray(expected.convert("RGB")))
+    assert np.array_equal(pixels_of(edited), np.asarray(expected.convert("RGB")))
     assert through_sdk.data is not None
-    assert np.array_equal(_pixels({"data": [{"b64_json": through_sdk.data[0].b64_json}]}), _pixels(edited))
+    assert np.array_equal(
+        pixels_of({"data": [{"b64_json": through_sdk.data[0].b64_json}]}), pixels_of(edited)
+    )
     # Half of 20 steps run: the target chose from the nearest calibrated curve, and says it is not the
     # setting calibrated.
     promise = targeted["cache_policy"]["target"]
@@ -798,11 +790,11 @@ def test_flux2_edits_from_several_images_as_its_direct_call_does(model_cache: Pa
     assert bad_second.status_code == 422 and error_of(bad_second)["param"] == "image.1"
     assert small.status_code == 422 and error_of(small)["param"] == "image.1"
     expected = _klein(folder, "Flux2KleinPipeline", 32, image=[first, second])
-    assert np.array_equal(_pixels(answer), expected)
+    assert np.array_equal(pixels_of(answer), expected)
     # Behind a mask, FLUX.2 Klein's inpainting pipeline on the same components, at its own default
     # strength (0.8: 1 of 2 steps).
     assert (inpainted["task"], inpainted["strength"]) == ("inpainting", 0.8)
-    pixels = _pixels(inpainted)
+    pixels = pixels_of(inpainted)
     expected = _klein(folder, "Flux2KleinInpaintPipeline", 64, image=first, mask_image=_painted(64, 64))
     assert np.array_equal(pixels, expected)
     assert np.array_equal(pixels[:, 32:], np.asarray(first)[:, 32:])

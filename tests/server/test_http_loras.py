@@ -5,7 +5,6 @@ base model's."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +14,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tiny_pipelines import tiny_pipeline
 
@@ -26,6 +24,7 @@ from .conftest import (
     error_of,
     live_server,
     one_thread_server,
+    pixels_of,
     sent_together,
 )
 
@@ -75,12 +74,6 @@ def server(model_cache: Path, folder: Path, lora_folders: dict[str, Path]) -> It
     yield from one_thread_server(model_cache, models=[str(folder)], loras=loras)
 
 
-def _pixels(answer: dict[str, Any]) -> np.ndarray:
-    (item,) = b64_items(answer)
-    with Image.open(io.BytesIO(item)) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 def _generate(client: httpx.Client, **fields: Any) -> dict[str, Any]:
     response = client.post("/v1/generations", json={**BODY, **fields})
     assert response.status_code == 200, response.text
@@ -128,7 +121,7 @@ def test_a_requests_adapters_give_diffusers_output(
 ) -> None:
     answer = _generate(client, loras=[{"name": name, "scale": weight} for name, weight in chosen])
     assert answer["loras"] == [{"name": name, "scale": weight} for name, weight in chosen]
-    assert np.array_equal(_pixels(answer), _direct(folder, lora_folders, chosen))
+    assert np.array_equal(pixels_of(answer), _direct(folder, lora_folders, chosen))
 
 
 def test_the_hooks_are_there_only_while_a_request_with_adapters_runs(
@@ -161,12 +154,12 @@ def test_adapters_added_rather_than_folded_give_diffusers_output(
             answer = _generate(client, loras=[{"name": name, "scale": weight} for name, weight in chosen])
         after = transformer.state_dict()
         assert all(torch.equal(before[name], after[name]) for name in before)
-    assert np.array_equal(_pixels(answer), _direct(folder, lora_folders, chosen))
+    assert np.array_equal(pixels_of(answer), _direct(folder, lora_folders, chosen))
 
 
 def test_adapters_change_the_output_and_every_cache_policy_still_acts(client: httpx.Client) -> None:
     base, adapted = _generate(client), _generate(client, loras=[{"name": "outline"}])
-    assert not np.array_equal(_pixels(base), _pixels(adapted))
+    assert not np.array_equal(pixels_of(base), pixels_of(adapted))
     for method, policy in client.get("/v1/models/flux").json()["method_defaults"].items():
         answer = _generate(client, loras=[{"name": "warm"}], cache=policy)
         assert answer["cache"]["method"] == method and answer["loras"] == [{"name": "warm", "scale": 1.0}]
@@ -179,10 +172,10 @@ def test_concurrent_requests_with_different_adapters_never_mix(client: httpx.Cli
         [{"name": "warm"}],
         [{"name": "outline"}, {"name": "warm", "scale": 0.5}],
     ]
-    alone = [_pixels(_generate(client, loras=loras)) for loras in choices]
+    alone = [pixels_of(_generate(client, loras=loras)) for loras in choices]
     with ThreadPoolExecutor(8) as pool:
         together = list(
-            pool.map(lambda i: (i % 4, _pixels(_generate(client, loras=choices[i % 4]))), range(8))
+            pool.map(lambda i: (i % 4, pixels_of(_generate(client, loras=choices[i % 4]))), range(8))
         )
     assert all(np.array_equal(pixels, alone[which]) for which, pixels in together)
 
@@ -213,7 +206,7 @@ def test_requests_with_different_adapters_share_merged_forwards(
         # Every choice differs, so a forward shared with any other request is shared across adapters.
         assert answer["batch"]["largest"] > 1 and answer["batch"]["merged"] > 0
         difference = np.abs(
-            _pixels(answer).astype(np.int16) - _direct(folder, lora_folders, chosen).astype(np.int16)
+            pixels_of(answer).astype(np.int16) - _direct(folder, lora_folders, chosen).astype(np.int16)
         )
         assert difference.max() <= 2 and difference.mean() < 0.05
 

@@ -4,23 +4,20 @@ when compiling (which serves no adapters)."""
 
 from __future__ import annotations
 
-import io
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from server.models.builtin import SHAPES_FLUX_FOLDER, SHAPES_FLUX_OUTLINE_FOLDER
 from server.runtime.loading import shipped_adapters
 from server.settings import Settings
 
-from .conftest import LiveServer, b64_items, direct_pipeline, live_server, one_thread_server
+from .conftest import LiveServer, direct_pipeline, live_server, one_thread_server, pixels_of
 
 PROMPT = "a large red circle on a blue background"
 STEPS = 6
@@ -29,18 +26,6 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def server(model_cache: Path) -> Iterator[LiveServer]:
     yield from one_thread_server(model_cache, models=["shapes-flux"])
-
-
-@pytest.fixture(scope="module")
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
-
-
-def _pixels(answer: dict[str, Any]) -> np.ndarray:
-    (item,) = b64_items(answer)
-    with Image.open(io.BytesIO(item)) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def test_the_default_server_holds_the_outline_adapter(client: httpx.Client) -> None:
@@ -73,7 +58,7 @@ def test_a_request_with_it_gives_what_diffusers_loads_from_the_same_file(client:
         max_sequence_length=16,
         generator=torch.Generator("cpu").manual_seed(3),
     ).images[0]
-    assert np.array_equal(_pixels(response.json()), np.asarray(direct.convert("RGB")))
+    assert np.array_equal(pixels_of(response.json()), np.asarray(direct.convert("RGB")))
 
 
 def test_no_builtin_loras_leaves_it_out(model_cache: Path) -> None:

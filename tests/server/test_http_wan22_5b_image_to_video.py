@@ -55,12 +55,6 @@ def server(model_cache: Path, folders: Mapping[str, Path]) -> Iterator[LiveServe
     yield from one_thread_server(model_cache, models=[str(folder) for folder in folders.values()])
 
 
-@pytest.fixture(scope="module")
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
-
-
 def _body(name: str = "wan22_5b", **fields: Any) -> dict[str, Any]:
     return {
         "model": name,
